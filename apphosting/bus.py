@@ -1,0 +1,214 @@
+"""NATS JetStream: the streams, subjects and consumers that carry requests, jobs and status events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+# Placement requests, scheduler-bound: one subject, a work queue.
+REQUESTS_STREAM = "APPHOSTING_REQUESTS"
+PLACEMENT_SUBJECT = "apphosting.requests.placement"
+# Provisioning jobs, addressed to the provisioners of one location: apphosting.jobs.<location id>.
+JOBS_STREAM = "APPHOSTING_JOBS"
+JOBS_SUBJECTS = "apphosting.jobs.*"
+# Status events, from the scheduler and the provisioners: apphosting.events.<deployment id>.
+EVENTS_STREAM = "APPHOSTING_EVENTS"
+EVENTS_SUBJECTS = "apphosting.events.*"
+# Core NATS (not stored): every API replica announces what it applied, so all replicas' watches hear it.
+CHANGES_SUBJECTS = "apphosting.changes.*"
+
+SCHEDULER_CONSUMER = "scheduler"
+API_EVENTS_CONSUMER = "api-events"
+
+# Redelivery: a handler that neither acks nor reports progress within ACK_WAIT gets its message
+# again, after these pauses; MAX_DELIVER bounds it so a poison message cannot loop for ever.
+ACK_WAIT = 30.0
+MAX_DELIVER = 10
+BACKOFF = [1.0, 2.0, 5.0, 10.0, 30.0, 30.0, 60.0, 60.0, 120.0, 120.0]
+# Window in which JetStream drops a second publish with the same Nats-Msg-Id.
+DUPLICATE_WINDOW = 600.0
+WEEK = 7 * 24 * 3600.0
+
+
+def job_subject(location_id: str) -> str:
+    return f"apphosting.jobs.{location_id}"
+
+
+def event_subject(deployment_id: str) -> str:
+    return f"apphosting.events.{deployment_id}"
+
+
+def change_subject(deployment_id: str) -> str:
+    return f"apphosting.changes.{deployment_id}"
+
+
+def provisioner_consumer(location_id: str) -> str:
+    return f"provisioner-{location_id}"
+
+
+def _streams(storage: StorageType) -> list[StreamConfig]:
+    common: dict[str, Any] = {
+        "storage": storage,
+        "duplicate_window": DUPLICATE_WINDOW,
+        "discard": DiscardPolicy.OLD,
+    }
+    return [
+        # Work queues: a message is gone once its one consumer acked it.
+        StreamConfig(
+            name=REQUESTS_STREAM,
+            subjects=[PLACEMENT_SUBJECT],
+            retention=RetentionPolicy.WORK_QUEUE,
+            max_age=WEEK,
+            **common,
+        ),
+        StreamConfig(
+            name=JOBS_STREAM,
+            subjects=[JOBS_SUBJECTS],
+            retention=RetentionPolicy.WORK_QUEUE,
+            max_age=WEEK,
+            **common,
+        ),
+        # Kept for a week whether acked or not: the audit trail of what every worker reported.
+        StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=[EVENTS_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            max_age=WEEK,
+            **common,
+        ),
+    ]
+
+
+async def connect(url: str, name: str, **options: Any) -> Client:
+    """Connects with reconnects for ever: a process outlives NATS restarts instead of dying with them."""
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        allow_reconnect=True,
+        **options,
+    )
+
+
+async def ensure_streams(js: JetStreamContext, *, storage: StorageType = StorageType.FILE) -> None:
+    """Declares every stream; safe to run from every process at every start."""
+    for config in _streams(storage):
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)
+
+
+async def ensure_consumer(js: JetStreamContext, stream: str, durable: str, filter_subject: str) -> None:
+    config = ConsumerConfig(
+        durable_name=durable,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ACK_WAIT,
+        max_deliver=MAX_DELIVER,
+        backoff=BACKOFF,
+        filter_subject=filter_subject,
+        max_ack_pending=1000,
+    )
+    try:
+        await js.add_consumer(stream, config)
+    except BadRequestError:
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(stream, durable)
+        await js.add_consumer(stream, config)
+
+
+async def publish(js: JetStreamContext, subject: str, payload: bytes, msg_id: str) -> None:
+    """Publishes with Nats-Msg-Id, so a repeat (a retry, a resend after a crash) is stored once."""
+    await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=5.0)
+
+
+Handler = Callable[[Msg], Awaitable[None]]
+
+
+@dataclass
+class Consumer:
+    """Pulls from a durable consumer and runs a handler per message until stopped.
+
+    The handler acks (or naks, or terms) the message itself; when it raises, the message is
+    nak'ed with a delay and comes again, up to MAX_DELIVER times.
+    """
+
+    js: JetStreamContext
+    stream: str
+    durable: str
+    filter_subject: str
+    handler: Handler
+    batch: int = 32
+    concurrency: int = 1
+
+    def __post_init__(self) -> None:
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(self.concurrency)
+
+    async def run(self) -> None:
+        await ensure_consumer(self.js, self.stream, self.durable, self.filter_subject)
+        sub = await self.js.pull_subscribe(self.filter_subject, durable=self.durable, stream=self.stream)
+        try:
+            while not self._stopping.is_set():
+                want = max(1, min(self.batch, self.concurrency - len(self._tasks)))
+                try:
+                    msgs = await sub.fetch(want, timeout=1.0)
+                except (TimeoutError, NatsTimeoutError):
+                    continue
+                except Exception as exc:
+                    if self._stopping.is_set():
+                        break
+                    log.warning("fetch from %s/%s failed: %s", self.stream, self.durable, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in msgs:
+                    await self._slots.acquire()
+                    task = asyncio.create_task(self._handle(msg))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        finally:
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            await self.handler(msg)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            raise
+        except Exception:
+            log.exception("handler for %s failed; the message will be redelivered", msg.subject)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=1.0)
+        finally:
+            self._slots.release()
+
+    def stop(self) -> None:
+        self._stopping.set()

@@ -1,0 +1,70 @@
+"""The registry of locations (host clusters), loaded from a YAML file shared by the API and the scheduler."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_LOCATIONS_FILE = "locations.yaml"
+
+
+class Capacity(BaseModel):
+    """What a location can host in all: cpu cores, memory, storage and vCluster slots."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cpu: float = Field(gt=0)
+    memory_mb: int = Field(gt=0)
+    storage_gb: int = Field(gt=0)
+    vclusters: int = Field(gt=0)
+
+
+class LocationConfig(BaseModel):
+    """One host cluster and where it is."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    provider: str = Field(min_length=1)
+    region: str = Field(min_length=1)
+    geographic_region: str = Field(min_length=1)
+    capacity: Capacity
+    healthy: bool = True
+    # Added to the score: lets an operator prefer (or drain) a location without editing capacity.
+    weight: float = 0.0
+    # Access to the real cluster; a location without it is served by the simulated driver.
+    kubeconfig: str | None = None
+    context: str | None = None
+
+
+class LocationsFile(BaseModel):
+    """The whole file: a list of locations with unique ids."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    locations: tuple[LocationConfig, ...]
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> LocationsFile:
+        seen: set[str] = set()
+        for location in self.locations:
+            if location.id in seen:
+                raise ValueError(f"location id {location.id!r} is listed twice")
+            seen.add(location.id)
+        return self
+
+    @property
+    def geographic_regions(self) -> frozenset[str]:
+        return frozenset(location.geographic_region for location in self.locations)
+
+
+def load_locations(path: str | Path | None = None) -> LocationsFile:
+    """Reads a locations file; None reads the sample one shipped with the package."""
+    if path is None:
+        text = resources.files("apphosting").joinpath(DEFAULT_LOCATIONS_FILE).read_text()
+    else:
+        text = Path(path).read_text()
+    return LocationsFile.model_validate(yaml.safe_load(text))

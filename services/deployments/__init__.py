@@ -1,0 +1,1 @@
+"""The gRPC DeploymentService: API, validation, storage, watches and the outbox."""

@@ -1,0 +1,248 @@
+"""The API process: gRPC server, database, outbox relay, status-event consumer and watch fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, timedelta
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from apphosting import bus, db
+from apphosting.locations import load_locations
+from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN, Limits
+from apphosting.v1 import bus_pb2, deployments_pb2_grpc
+from apphosting.v1 import deployments_pb2 as pb
+from services.deployments.convert import STATUS_NAMES, has
+from services.deployments.servicer import DeploymentServicer, change_of
+from services.deployments.store import DeploymentStore, EventInput, RecordMissing, TransitionRejected
+from services.deployments.watch import WatchHub
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = "services.deployments:migrations"
+VERSION_TABLE = "alembic_version_deployments"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DeploymentService"].full_name
+
+_EVENT_FIELDS = (
+    "endpoint_url",
+    "error_message",
+    "provider",
+    "region",
+    "cluster_status",
+    "cluster_error",
+    "git_path",
+    "values_yaml",
+    "location_id",
+)
+
+
+@dataclass
+class ApiOptions:
+    listen: str = DEFAULT_LISTEN
+    database_url: str = DEFAULT_DATABASE_URL
+    # None: run without a bus (records are kept and sent once a bus is configured).
+    nats_url: str | None = "nats://127.0.0.1:4222"
+    locations_file: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    # Seconds in-flight RPCs get to finish on shutdown.
+    grace: float = 5.0
+    # Events kept per deployment for resuming watches.
+    event_history: int = 1000
+
+
+def event_input(event: bus_pb2.StatusEvent) -> EventInput:
+    return EventInput(
+        event_id=event.event_id,
+        status=STATUS_NAMES[event.status],
+        phase=event.phase,
+        message=event.message,
+        source=event.source,
+        simulated=event.simulated,
+        final=event.final,
+        time=event.time.ToDatetime(tzinfo=UTC) if event.HasField("time") else None,
+        fields={name: getattr(event, name) for name in _EVENT_FIELDS if has(event, name)},
+    )
+
+
+class ApiServer:
+    """One replica of the API; several may share a database and a NATS cluster."""
+
+    def __init__(self, options: ApiOptions) -> None:
+        self.options = options
+        self.engine = db.make_engine(options.database_url)
+        self.store = DeploymentStore(self.engine)
+        self.hub = WatchHub()
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._consumer: bus.Consumer | None = None
+        self._outbox_ready = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.store.outbox_written = self._outbox_ready.set
+
+    async def start(self) -> int:
+        await db.upgrade(self.engine, MIGRATIONS, VERSION_TABLE)
+        regions = load_locations(self.options.locations_file).geographic_regions
+        servicer = DeploymentServicer(
+            self.store, self.hub, limits=self.options.limits, regions=regions, announce=self.announce
+        )
+        server = grpc.aio.server()
+        deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self.port = server.add_insecure_port(self.options.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.options.listen}")
+        await server.start()
+        self._server = server
+        if self.options.nats_url is not None:
+            self._tasks.append(asyncio.create_task(self._bus(self.options.nats_url)))
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.options.grace)
+        if self._consumer is not None:
+            self._consumer.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._nc is not None and self._nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+        await self.engine.dispose()
+
+    async def wait(self) -> None:
+        await self._stopping.wait()
+
+    def announce(self, change: pb.WatchDeploymentsResponse) -> None:
+        """Hands an applied change to this replica's watches and, over NATS, to every other replica's."""
+        self.hub.notify(change)
+        if self._nc is not None and self._nc.is_connected:
+            task = asyncio.create_task(
+                self._nc.publish(bus.change_subject(change.deployment.id), change.SerializeToString())
+            )
+            self._tasks.append(task)
+            task.add_done_callback(self._tasks.remove)
+
+    async def _bus(self, url: str) -> None:
+        nc = await self._connect(url)
+        js = nc.jetstream()
+        await bus.ensure_streams(js)
+        self._js = js
+        await nc.subscribe(bus.CHANGES_SUBJECTS, cb=self._on_change)
+        self._consumer = bus.Consumer(
+            js,
+            bus.EVENTS_STREAM,
+            bus.API_EVENTS_CONSUMER,
+            bus.EVENTS_SUBJECTS,
+            self._on_event,
+            concurrency=16,
+        )
+        await asyncio.gather(self._consumer.run(), self._relay(js))
+
+    async def _connect(self, url: str) -> Client:
+        delay = 0.2
+        while True:
+            try:
+                # no_echo: this replica's own change announcements reach its watches directly.
+                nc = await bus.connect(url, "apphosting-api", no_echo=True, reconnected_cb=self._reconnected)
+                self._nc = nc
+                return nc
+            except Exception as exc:
+                log.warning("NATS at %s unreachable (%s); requests are kept until it is back", url, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _reconnected(self) -> None:
+        # Announcements from other replicas may have been missed while away.
+        self.hub.resync()
+        self._outbox_ready.set()
+
+    async def _relay(self, js: JetStreamContext) -> None:
+        """Sends outbox rows in order; each is marked sent only after JetStream stored it."""
+        while True:
+            rows = await self.store.unsent()
+            if not rows:
+                self._outbox_ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._outbox_ready.wait(), timeout=1.0)
+                continue
+            sent: list[int] = []
+            try:
+                for row in rows:
+                    await bus.publish(js, row.subject, row.payload, row.id)
+                    sent.append(row.seq)
+            except Exception as exc:
+                log.warning("outbox relay paused: %s", exc)
+                await asyncio.sleep(0.5)
+            finally:
+                await self.store.mark_sent(sent)
+
+    async def _on_change(self, msg: Msg) -> None:
+        self.hub.notify(pb.WatchDeploymentsResponse.FromString(msg.data))
+
+    async def _on_event(self, msg: Msg) -> None:
+        event = bus_pb2.StatusEvent.FromString(msg.data)
+        lock = self._locks.setdefault(event.deployment_id, asyncio.Lock())
+        try:
+            # One deployment's events are applied in the order they were stored.
+            async with lock:
+                applied = await self.store.apply(event.deployment_id, event_input(event))
+        except (RecordMissing, TransitionRejected) as refused:
+            log.warning("status event %s for %s refused: %s", event.event_id, event.deployment_id, refused)
+            await msg.term()
+            return
+        finally:
+            if not lock.locked():
+                self._locks.pop(event.deployment_id, None)
+        if applied is not None:
+            self.announce(change_of(applied.row, applied.event))
+        await msg.ack()
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(60)
+            try:
+                await self.store.forget_sent(timedelta(hours=1))
+                await self.store.trim_events(self.options.event_history)
+            except Exception as exc:
+                log.warning("housekeeping failed: %s", exc)
+
+
+async def serve(options: ApiOptions, stop: asyncio.Event) -> None:
+    """Runs the API until `stop` is set, then shuts down gracefully."""
+    server = ApiServer(options)
+    port = await server.start()
+    host = options.listen.rsplit(":", 1)[0]
+    log.info("DeploymentService listening on %s:%d", host, port)
+    print(f"api: gRPC DeploymentService on {host}:{port}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()

@@ -1,0 +1,152 @@
+"""Translation between the API's protobuf messages and the service's records."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
+
+from apphosting.v1 import deployments_pb2 as pb
+from services.deployments.tables import DeploymentRow, EventRow
+
+# Optional scalar fields of the create request, carried over only when the caller set them.
+_OPTIONAL_REQUEST_FIELDS = (
+    "app_type",
+    "cpu_request",
+    "memory_request_mb",
+    "replicas",
+    "container_port",
+    "docker_image",
+    "storage_size_gb",
+    "run_as_uid",
+    "deployment_type",
+    "helm_repo_url",
+    "helm_chart_name",
+    "helm_chart_version",
+    "custom_values_yaml",
+    "image_update_strategy",
+    "image_update_constraint",
+    "image_allow_tags",
+    "image_ignore_tags",
+    "kubernetes_version",
+)
+# Spec fields echoed in the Deployment message under the same name.
+_SPEC_SCALARS = tuple(f for f in _OPTIONAL_REQUEST_FIELDS if f != "app_type")
+# Observed fields of the record echoed under the same name.
+_ROW_OPTIONALS = (
+    "values_yaml",
+    "git_path",
+    "endpoint_url",
+    "error_message",
+    "source_namespace",
+    "provider",
+    "region",
+    "cluster_status",
+    "cluster_error",
+)
+
+APP_TYPES = {
+    "web_app": pb.APP_TYPE_WEB_APP,
+    "api": pb.APP_TYPE_API,
+    "database": pb.APP_TYPE_DATABASE,
+    "static_site": pb.APP_TYPE_STATIC_SITE,
+    "container": pb.APP_TYPE_CONTAINER,
+    "helm": pb.APP_TYPE_HELM,
+}
+STATUSES: dict[str, pb.DeploymentStatus.ValueType] = {
+    name.removeprefix("DEPLOYMENT_STATUS_").lower(): number
+    for name, number in pb.DeploymentStatus.items()
+    if number != pb.DEPLOYMENT_STATUS_UNSPECIFIED
+}
+STATUS_NAMES: dict[int, str] = {number: name for name, number in STATUSES.items()}
+
+
+def has(message: Message, name: str) -> bool:
+    """HasField for a field named at run time."""
+    return message.HasField(name)
+
+
+def request_to_data(request: pb.CreateAppHostingDeploymentRequest) -> dict[str, Any]:
+    """The fields the caller set, as the contract's JSON would hold them; unset optionals are absent."""
+    data: dict[str, Any] = {
+        "geographic_region": request.geographic_region,
+        "deployment_name": request.deployment_name,
+    }
+    for name in _OPTIONAL_REQUEST_FIELDS:
+        if has(request, name):
+            data[name] = getattr(request, name)
+    if request.HasField("config"):
+        data["config"] = json_format.MessageToDict(request.config)
+    if request.environment_variables:
+        data["environment_variables"] = list(request.environment_variables)
+    if request.volumes:
+        data["volumes"] = [_volume_to_data(v) for v in request.volumes]
+    return data
+
+
+def _volume_to_data(volume: pb.VolumeConfig) -> dict[str, Any]:
+    data: dict[str, Any] = {"path": volume.path}
+    if volume.HasField("size_gb"):
+        data["sizeGb"] = volume.size_gb
+    if volume.HasField("purpose"):
+        data["purpose"] = volume.purpose
+    return data
+
+
+def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def row_to_proto(row: DeploymentRow) -> pb.Deployment:
+    spec = row.spec
+    message = pb.Deployment(
+        id=row.id,
+        user_id=row.user_id,
+        cluster_id=row.cluster_id,
+        name=row.name,
+        app_type=APP_TYPES[row.app_type],
+        status=STATUSES[row.status],
+        is_adopted=row.is_adopted,
+        created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
+        geographic_region=row.geographic_region,
+        revision=row.revision,
+        phase=row.phase,
+    )
+    for name in _SPEC_SCALARS:
+        if spec.get(name) is not None:
+            setattr(message, name, spec[name])
+    for name in _ROW_OPTIONALS:
+        value = getattr(row, name)
+        if value is not None:
+            setattr(message, name, value)
+    if spec.get("config") is not None:
+        config = struct_pb2.Struct()
+        config.update(spec["config"])
+        message.config.CopyFrom(config)
+    message.environment_variables.extend(spec.get("environment_variables") or ())
+    for volume in spec.get("volumes") or ():
+        entry = message.volumes.add(path=volume["path"], size_gb=volume["size_gb"])
+        if volume.get("purpose") is not None:
+            entry.purpose = volume["purpose"]
+    if row.deleted_at is not None:
+        message.deleted_at.CopyFrom(timestamp(row.deleted_at))
+    return message
+
+
+def event_to_proto(event: EventRow) -> pb.DeploymentEvent:
+    return pb.DeploymentEvent(
+        deployment_id=event.deployment_id,
+        revision=event.revision,
+        status=STATUSES[event.status],
+        phase=event.phase,
+        message=event.message,
+        source=event.source,
+        simulated=event.simulated,
+        time=timestamp(event.time),
+        final=event.final,
+    )

@@ -1,0 +1,357 @@
+"""The gRPC DeploymentService: proto in, validated request to the store, proto out."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from apphosting import bus
+from apphosting.settings import Limits
+from apphosting.v1 import bus_pb2, deployments_pb2_grpc
+from apphosting.v1 import deployments_pb2 as pb
+from services.deployments import errors, paging
+from services.deployments.convert import STATUS_NAMES, event_to_proto, request_to_data, row_to_proto
+from services.deployments.errors import FieldViolation, ServiceError
+from services.deployments.store import (
+    DeploymentStore,
+    EventInput,
+    NameTaken,
+    NewDeployment,
+    Outgoing,
+    RequestIdReused,
+    TransitionRejected,
+)
+from services.deployments.tables import DeploymentRow, EventRow
+from services.deployments.validation import SpecInvalid, validate_create
+from services.deployments.watch import RESYNC, Watcher, WatchHub
+
+log = logging.getLogger(__name__)
+
+# Until callers authenticate, every call is made by this one local user.
+LOCAL_USER_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "apphosting:local-user"))
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def _unary(
+    method: Callable[[DeploymentServicer, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
+) -> Callable[[DeploymentServicer, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
+    @functools.wraps(method)
+    async def wrapper(self: DeploymentServicer, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+        try:
+            return await method(self, request, context)
+        except ServiceError as error:
+            await context.abort_with_status(error.to_status())
+        except (OperationalError, DBAPIError, PoolTimeout, OSError) as error:
+            log.warning("database unavailable in %s: %s", method.__name__, error)
+            await context.abort_with_status(errors.unavailable("the database").to_status())
+        raise AssertionError("abort_with_status returned")
+
+    return wrapper
+
+
+def _streaming(
+    method: Callable[[DeploymentServicer, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]],
+) -> Callable[[DeploymentServicer, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]:
+    @functools.wraps(method)
+    async def wrapper(
+        self: DeploymentServicer, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> AsyncIterator[Resp]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except ServiceError as error:
+            await context.abort_with_status(error.to_status())
+        except (OperationalError, DBAPIError, PoolTimeout, OSError) as error:
+            log.warning("database unavailable in %s: %s", method.__name__, error)
+            await context.abort_with_status(errors.unavailable("the database").to_status())
+
+    return wrapper
+
+
+def _parse_id(value: str, field: str = "id") -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise errors.invalid_field(
+            field, f"{field} must be a deployment UUID such as 3f1c…-…; got {value!r}", "INVALID_FORMAT"
+        ) from None
+
+
+def _statuses(values: Sequence[int], field: str) -> list[str]:
+    names = []
+    for index, value in enumerate(values):
+        if value not in STATUS_NAMES:
+            raise errors.invalid_field(f"{field}[{index}]", "must be a DeploymentStatus other than UNSPECIFIED")
+        names.append(STATUS_NAMES[value])
+    return names
+
+
+def _request_hash(request: pb.CreateAppHostingDeploymentRequest) -> str:
+    body = pb.CreateAppHostingDeploymentRequest()
+    body.CopyFrom(request)
+    body.ClearField("request_id")
+    return hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()
+
+
+def placement_outbox(operation: bus_pb2.Operation.ValueType) -> Callable[[DeploymentRow], list[Outgoing]]:
+    """The scheduler request that announces a create or a delete, built from the committed record."""
+
+    def build(row: DeploymentRow) -> list[Outgoing]:
+        message_id = str(uuid.uuid4())
+        request = bus_pb2.PlacementRequest(request_id=message_id, operation=operation, deployment=row_to_proto(row))
+        return [Outgoing(bus.PLACEMENT_SUBJECT, request.SerializeToString(), message_id)]
+
+    return build
+
+
+def change_of(row: DeploymentRow, event: EventRow) -> pb.WatchDeploymentsResponse:
+    return pb.WatchDeploymentsResponse(deployment=row_to_proto(row), event=event_to_proto(event))
+
+
+def _from_log(event: EventRow) -> pb.WatchDeploymentResponse:
+    return pb.WatchDeploymentResponse(deployment=pb.Deployment.FromString(event.snapshot), event=event_to_proto(event))
+
+
+def _too_old(revision: int, oldest: int | None) -> ServiceError:
+    kept = f" (oldest kept: {oldest})" if oldest is not None else ""
+    return ServiceError(
+        grpc.StatusCode.OUT_OF_RANGE,
+        "REVISION_TOO_OLD",
+        f"revision {revision} is older than the kept history{kept}; "
+        "watch again with since_revision 0 to get the current state",
+        metadata={"revision": str(revision)},
+    )
+
+
+class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
+    """Thin: each RPC validates, calls the store and converts; the store keeps the invariants."""
+
+    def __init__(
+        self,
+        store: DeploymentStore,
+        hub: WatchHub,
+        *,
+        limits: Limits,
+        regions: Collection[str],
+        announce: Callable[[pb.WatchDeploymentsResponse], None],
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._limits = limits
+        self._regions = frozenset(regions)
+        self._announce = announce
+
+    def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        return LOCAL_USER_ID
+
+    @_unary
+    async def CreateAppHostingDeployment(
+        self,
+        request: pb.CreateAppHostingDeploymentRequest,
+        context: grpc.aio.ServicerContext[pb.CreateAppHostingDeploymentRequest, pb.Deployment],
+    ) -> pb.Deployment:
+        user_id = self._caller(context)
+        request_id = None
+        if request.request_id:
+            request_id = _parse_id(request.request_id, "request_id")
+        try:
+            spec = validate_create(request_to_data(request), limits=self._limits, regions=self._regions)
+        except SpecInvalid as invalid:
+            raise errors.invalid_argument(
+                FieldViolation(v.field, v.description, v.reason) for v in invalid.violations
+            ) from None
+        new = NewDeployment(
+            user_id=user_id,
+            name=spec.deployment_name,
+            app_type=spec.app_type,
+            geographic_region=spec.geographic_region,
+            spec=spec.model_dump(mode="json", exclude_none=True),
+            request_id=request_id,
+            request_hash=_request_hash(request),
+        )
+        try:
+            row, event = await self._store.create(new, placement_outbox(bus_pb2.OPERATION_CREATE))
+        except NameTaken as taken:
+            raise errors.name_taken(spec.deployment_name, taken.existing_id) from None
+        except RequestIdReused:
+            raise errors.invalid_field(
+                "request_id",
+                "request_id was already used for a different request; use a new request_id",
+                "REQUEST_ID_REUSED",
+            ) from None
+        if event is not None:
+            self._announce(change_of(row, event))
+        return row_to_proto(row)
+
+    @_unary
+    async def GetDeployment(
+        self,
+        request: pb.GetDeploymentRequest,
+        context: grpc.aio.ServicerContext[pb.GetDeploymentRequest, pb.Deployment],
+    ) -> pb.Deployment:
+        return row_to_proto(await self._get(self._caller(context), request.id))
+
+    async def _get(self, user_id: str, raw_id: str) -> DeploymentRow:
+        deployment_id = _parse_id(raw_id)
+        row = await self._store.get(user_id, deployment_id)
+        if row is None:
+            raise errors.not_found(deployment_id)
+        return row
+
+    @_unary
+    async def ListDeployments(
+        self,
+        request: pb.ListDeploymentsRequest,
+        context: grpc.aio.ServicerContext[pb.ListDeploymentsRequest, pb.ListDeploymentsResponse],
+    ) -> pb.ListDeploymentsResponse:
+        if request.page_size < 0:
+            raise errors.invalid_field("page_size", "page_size must be 0 (the default, 50) or more", "OUT_OF_RANGE")
+        size = min(request.page_size or paging.DEFAULT_PAGE_SIZE, paging.MAX_PAGE_SIZE)
+        statuses = _statuses(request.statuses, "statuses")
+        key = paging.filter_key(statuses, request.geographic_region)
+        before = None
+        if request.page_token:
+            try:
+                before = paging.decode(request.page_token, key)
+            except paging.BadToken as bad:
+                raise errors.invalid_field("page_token", str(bad), "INVALID_PAGE_TOKEN") from None
+        rows = await self._store.page(
+            self._caller(context),
+            statuses=statuses,
+            geographic_region=request.geographic_region,
+            before_seq=before,
+            limit=size + 1,
+        )
+        response = pb.ListDeploymentsResponse(deployments=[row_to_proto(r) for r in rows[:size]])
+        if len(rows) > size:
+            response.next_page_token = paging.encode(rows[size - 1].seq, key)
+        return response
+
+    @_unary
+    async def DeleteDeployment(
+        self,
+        request: pb.DeleteDeploymentRequest,
+        context: grpc.aio.ServicerContext[pb.DeleteDeploymentRequest, pb.Deployment],
+    ) -> pb.Deployment:
+        user_id = self._caller(context)
+        row = await self._get(user_id, request.id)
+        if row.status == "deleting" or row.deleted_at is not None:
+            return row_to_proto(row)
+        change = EventInput(
+            event_id=f"api:{row.id}:delete",
+            status="deleting",
+            phase="delete_requested",
+            message="deletion requested",
+            source="api",
+        )
+        try:
+            applied = await self._store.apply(
+                row.id, change, placement_outbox(bus_pb2.OPERATION_DELETE), user_id=user_id
+            )
+        except TransitionRejected as rejected:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "DELETE_NOT_ALLOWED", str(rejected)) from None
+        if applied is None:
+            return row_to_proto(await self._get(user_id, row.id))
+        self._announce(change_of(applied.row, applied.event))
+        return row_to_proto(applied.row)
+
+    @_streaming
+    async def WatchDeployment(
+        self,
+        request: pb.WatchDeploymentRequest,
+        context: grpc.aio.ServicerContext[pb.WatchDeploymentRequest, pb.WatchDeploymentResponse],
+    ) -> AsyncIterator[pb.WatchDeploymentResponse]:
+        user_id = self._caller(context)
+        deployment_id = _parse_id(request.id)
+        if request.since_revision < 0:
+            raise errors.invalid_field("since_revision", "since_revision must be 0 or a revision already seen")
+        # Listen first, then read: a change that lands in between is queued, not missed.
+        with self._hub.watch(Watcher(user_id=user_id, deployment_id=deployment_id)) as watcher:
+            row = await self._get(user_id, deployment_id)
+            last = request.since_revision
+            if last == 0:
+                yield pb.WatchDeploymentResponse(deployment=row_to_proto(row))
+                last = row.revision
+                if row.deleted_at is not None:
+                    return
+            elif last > row.revision:
+                raise ServiceError(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    "REVISION_IN_FUTURE",
+                    f"since_revision {last} is newer than the deployment's revision {row.revision}",
+                    metadata={"revision": str(row.revision)},
+                )
+            else:
+                async for item in self._replay(deployment_id, last, strict=True):
+                    yield item
+                    last = item.event.revision
+                    if item.event.final:
+                        return
+                if last < row.revision:
+                    raise _too_old(last, None)
+            while True:
+                change = await watcher.queue.get()
+                if change is not RESYNC and change.event.revision == last + 1:
+                    yield pb.WatchDeploymentResponse(deployment=change.deployment, event=change.event)
+                    last = change.event.revision
+                    if change.event.final:
+                        return
+                elif change is RESYNC or change.event.revision > last + 1:
+                    async for item in self._replay(deployment_id, last, strict=False):
+                        yield item
+                        last = item.event.revision
+                        if item.event.final:
+                            return
+
+    async def _replay(
+        self, deployment_id: str, after: int, *, strict: bool
+    ) -> AsyncIterator[pb.WatchDeploymentResponse]:
+        """The logged changes after a revision; with strict, a gap (history trimmed) is an error."""
+        while True:
+            events = await self._store.events_after(deployment_id, after)
+            if not events:
+                return
+            if strict and events[0].revision != after + 1:
+                raise _too_old(after, events[0].revision)
+            strict = True
+            for event in events:
+                yield _from_log(event)
+                after = event.revision
+
+    @_streaming
+    async def WatchDeployments(
+        self,
+        request: pb.WatchDeploymentsRequest,
+        context: grpc.aio.ServicerContext[pb.WatchDeploymentsRequest, pb.WatchDeploymentsResponse],
+    ) -> AsyncIterator[pb.WatchDeploymentsResponse]:
+        _statuses(request.statuses, "statuses")
+        watcher = Watcher(
+            user_id=self._caller(context),
+            statuses=frozenset(request.statuses),
+            geographic_region=request.geographic_region,
+        )
+        seen: dict[str, int] = {}
+        with self._hub.watch(watcher):
+            while True:
+                change = await watcher.queue.get()
+                if change is RESYNC:
+                    raise ServiceError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "WATCH_TOO_SLOW",
+                        "the stream fell too far behind; list the deployments and watch again",
+                    )
+                key = change.deployment.id
+                if change.event.revision <= seen.get(key, 0):
+                    continue
+                seen[key] = change.event.revision
+                yield change

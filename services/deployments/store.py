@@ -1,0 +1,358 @@
+"""The deployment records: written in transactions with their event log and the outbox."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from services.deployments.convert import row_to_proto
+from services.deployments.lifecycle import allowed
+from services.deployments.tables import DeploymentRow, EventRow, OutboxRow
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A bus message to send once the transaction that made it commits."""
+
+    subject: str
+    payload: bytes
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+
+# Builds the bus messages that announce a change, from the record as it will be committed.
+OutboxFn = Callable[[DeploymentRow], Sequence[Outgoing]]
+
+
+@dataclass(frozen=True)
+class NewDeployment:
+    user_id: str
+    name: str
+    app_type: str
+    geographic_region: str
+    spec: dict[str, Any]
+    request_id: str | None
+    request_hash: str
+
+
+class NameTaken(Exception):
+    def __init__(self, existing_id: str | None) -> None:
+        super().__init__(existing_id)
+        self.existing_id = existing_id
+
+
+class RequestIdReused(Exception):
+    """The request_id was used before, for a request with other contents."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """A change applied to a record: the record after it and the event that made it."""
+
+    row: DeploymentRow
+    event: EventRow
+
+
+@dataclass(frozen=True)
+class EventInput:
+    """A status change as the scheduler, a provisioner or the API reports it."""
+
+    event_id: str
+    status: str
+    phase: str
+    message: str
+    source: str
+    simulated: bool = False
+    final: bool = False
+    time: datetime | None = None
+    # Record fields the event sets; absent ones stay.
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+_SETTABLE = frozenset(
+    {
+        "endpoint_url",
+        "error_message",
+        "provider",
+        "region",
+        "cluster_status",
+        "cluster_error",
+        "git_path",
+        "values_yaml",
+        "location_id",
+    }
+)
+
+
+class DeploymentStore:
+    """Reads and writes deployments; every write also appends its event and its outbox rows."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        # Set after every commit that wrote outbox rows, so the relay sends them at once.
+        self.outbox_written: Callable[[], None] = lambda: None
+
+    def session(self) -> AsyncSession:
+        return self._sessions()
+
+    async def create(self, new: NewDeployment, outbox: OutboxFn) -> tuple[DeploymentRow, EventRow | None]:
+        """Stores a pending deployment; returns it with its first event, or with None on a request_id replay."""
+        if new.request_id is not None:
+            replay = await self._replay(new)
+            if replay is not None:
+                return replay, None
+        moment = now()
+        row = DeploymentRow(
+            id=str(uuid.uuid4()),
+            user_id=new.user_id,
+            cluster_id=str(uuid.uuid4()),
+            name=new.name,
+            live_name=new.name,
+            app_type=new.app_type,
+            status="pending",
+            phase="accepted",
+            geographic_region=new.geographic_region,
+            spec=new.spec,
+            request_id=new.request_id,
+            request_hash=new.request_hash,
+            revision=1,
+            is_adopted=False,
+            created_at=moment,
+            updated_at=moment,
+        )
+        event = EventRow(
+            event_id=f"api:{row.id}:1",
+            deployment_id=row.id,
+            revision=1,
+            status="pending",
+            phase="accepted",
+            message="deployment accepted",
+            source="api",
+            simulated=False,
+            final=False,
+            time=moment,
+            snapshot=row_to_proto(row).SerializeToString(),
+        )
+        try:
+            async with self._sessions.begin() as session:
+                session.add(row)
+                await session.flush()
+                session.add(event)
+                self._add_outbox(session, outbox(row), moment)
+        except IntegrityError:
+            if new.request_id is not None:
+                replay = await self._replay(new)
+                if replay is not None:
+                    return replay, None
+            raise NameTaken(await self._live_id(new.user_id, new.name)) from None
+        self.outbox_written()
+        return row, event
+
+    async def _replay(self, new: NewDeployment) -> DeploymentRow | None:
+        async with self._sessions() as session:
+            found = await session.scalar(
+                select(DeploymentRow).where(
+                    DeploymentRow.user_id == new.user_id, DeploymentRow.request_id == new.request_id
+                )
+            )
+        if found is not None and found.request_hash != new.request_hash:
+            raise RequestIdReused
+        return found
+
+    async def _live_id(self, user_id: str, name: str) -> str | None:
+        async with self._sessions() as session:
+            found: str | None = await session.scalar(
+                select(DeploymentRow.id).where(DeploymentRow.user_id == user_id, DeploymentRow.live_name == name)
+            )
+            return found
+
+    @staticmethod
+    def _add_outbox(session: AsyncSession, messages: Sequence[Outgoing], moment: datetime) -> None:
+        for message in messages:
+            session.add(OutboxRow(id=message.id, subject=message.subject, payload=message.payload, created_at=moment))
+
+    async def get(self, user_id: str, deployment_id: str) -> DeploymentRow | None:
+        async with self._sessions() as session:
+            return await session.scalar(
+                select(DeploymentRow).where(DeploymentRow.id == deployment_id, DeploymentRow.user_id == user_id)
+            )
+
+    async def get_any(self, deployment_id: str) -> DeploymentRow | None:
+        async with self._sessions() as session:
+            return await session.scalar(select(DeploymentRow).where(DeploymentRow.id == deployment_id))
+
+    async def page(
+        self,
+        user_id: str,
+        *,
+        statuses: Sequence[str] = (),
+        geographic_region: str = "",
+        before_seq: int | None = None,
+        limit: int,
+    ) -> list[DeploymentRow]:
+        """One page, newest first: at most `limit` rows older than before_seq."""
+        query = select(DeploymentRow).where(DeploymentRow.user_id == user_id)
+        if statuses:
+            query = query.where(DeploymentRow.status.in_(statuses))
+        if geographic_region:
+            query = query.where(DeploymentRow.geographic_region == geographic_region)
+        if before_seq is not None:
+            query = query.where(DeploymentRow.seq < before_seq)
+        query = query.order_by(DeploymentRow.seq.desc()).limit(limit)
+        async with self._sessions() as session:
+            return list((await session.scalars(query)).all())
+
+    async def apply(
+        self,
+        deployment_id: str,
+        change: EventInput,
+        outbox: OutboxFn | None = None,
+        *,
+        user_id: str | None = None,
+    ) -> Change | None:
+        """Applies a status change under the lifecycle rules.
+
+        Returns None when the event was applied before (same event_id) or the record is closed.
+        An event the lifecycle does not allow is logged without changing the record when it is
+        older than the record's last change (it arrived late, after its successors), and raises
+        TransitionRejected otherwise. Concurrent writers of one record are ordered by its
+        revision: the loser reads again and retries.
+        """
+        while True:
+            async with self._sessions() as session:
+                query = select(DeploymentRow).where(DeploymentRow.id == deployment_id)
+                if user_id is not None:
+                    query = query.where(DeploymentRow.user_id == user_id)
+                row = await session.scalar(query)
+                if row is None:
+                    raise RecordMissing(deployment_id)
+                seen = await session.scalar(select(EventRow.seq).where(EventRow.event_id == change.event_id))
+            if seen is not None or row.deleted_at is not None:
+                return None
+            late = False
+            if not allowed(row.status, change.status):
+                late = change.time is not None and change.time <= row.updated_at
+                if not late:
+                    raise TransitionRejected(row.status, change.status)
+            applied = await self._write(row, change, outbox, late=late)
+            if applied is not None:
+                return applied
+
+    async def _write(
+        self, row: DeploymentRow, change: EventInput, outbox: OutboxFn | None, *, late: bool
+    ) -> Change | None:
+        moment = now()
+        values: dict[str, Any] = {"revision": row.revision + 1, "updated_at": moment}
+        if not late:
+            values.update(status=change.status, phase=change.phase)
+            values.update({k: v for k, v in change.fields.items() if k in _SETTABLE})
+            if change.status == "pending":
+                # A retry starts afresh: what the failed attempt reported no longer holds.
+                values.update(error_message=None, cluster_error=None)
+            if change.final:
+                values.update(deleted_at=moment, live_name=None)
+        try:
+            async with self._sessions.begin() as session:
+                result = await session.execute(
+                    update(DeploymentRow)
+                    .where(DeploymentRow.id == row.id, DeploymentRow.revision == row.revision)
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+                if result.rowcount != 1:  # type: ignore[attr-defined]
+                    return None
+                updated = await session.scalar(
+                    select(DeploymentRow).where(DeploymentRow.id == row.id).execution_options(populate_existing=True)
+                )
+                assert updated is not None
+                event = EventRow(
+                    event_id=change.event_id,
+                    deployment_id=row.id,
+                    revision=updated.revision,
+                    status=change.status,
+                    phase=change.phase,
+                    message=change.message,
+                    source=change.source,
+                    simulated=change.simulated,
+                    final=change.final and not late,
+                    time=change.time or moment,
+                    snapshot=row_to_proto(updated).SerializeToString(),
+                )
+                session.add(event)
+                if outbox is not None:
+                    self._add_outbox(session, outbox(updated), moment)
+        except IntegrityError:
+            # Another writer took this revision, or applied the same event: look again.
+            return None
+        if outbox is not None:
+            self.outbox_written()
+        return Change(updated, event)
+
+    async def events_after(self, deployment_id: str, revision: int, limit: int = 1000) -> list[EventRow]:
+        async with self._sessions() as session:
+            query = (
+                select(EventRow)
+                .where(EventRow.deployment_id == deployment_id, EventRow.revision > revision)
+                .order_by(EventRow.revision)
+                .limit(limit)
+            )
+            return list((await session.scalars(query)).all())
+
+    async def oldest_revision(self, deployment_id: str) -> int | None:
+        async with self._sessions() as session:
+            oldest: int | None = await session.scalar(
+                select(func.min(EventRow.revision)).where(EventRow.deployment_id == deployment_id)
+            )
+            return oldest
+
+    async def trim_events(self, keep: int) -> None:
+        """Forgets all but the newest `keep` events of each deployment."""
+        async with self._sessions.begin() as session:
+            newest = (
+                select(EventRow.deployment_id, func.max(EventRow.revision).label("top"))
+                .group_by(EventRow.deployment_id)
+                .subquery()
+            )
+            stale = (
+                select(EventRow.seq)
+                .join(newest, EventRow.deployment_id == newest.c.deployment_id)
+                .where(EventRow.revision <= newest.c.top - keep)
+            )
+            await session.execute(delete(EventRow).where(EventRow.seq.in_(stale)))
+
+    async def unsent(self, limit: int = 256) -> list[OutboxRow]:
+        async with self._sessions() as session:
+            query = select(OutboxRow).where(OutboxRow.sent_at.is_(None)).order_by(OutboxRow.seq).limit(limit)
+            return list((await session.scalars(query)).all())
+
+    async def mark_sent(self, seqs: Sequence[int]) -> None:
+        if not seqs:
+            return
+        async with self._sessions.begin() as session:
+            await session.execute(update(OutboxRow).where(OutboxRow.seq.in_(seqs)).values(sent_at=now()))
+
+    async def forget_sent(self, older_than: timedelta) -> None:
+        async with self._sessions.begin() as session:
+            await session.execute(delete(OutboxRow).where(OutboxRow.sent_at < now() - older_than))
+
+
+class RecordMissing(Exception):
+    pass
+
+
+class TransitionRejected(Exception):
+    def __init__(self, current: str, new: str) -> None:
+        super().__init__(f"{current} → {new} is not a transition of the lifecycle")
+        self.current = current
+        self.new = new

@@ -1,0 +1,135 @@
+"""The tables the deployment service owns: deployments, their event log and the outbox."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL wants 64 bits.
+_SEQ = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every engine (SQLite keeps no zone, so it is put back on read)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class DeploymentRow(Base):
+    """One deployment: the validated request (spec) and what the platform observed since."""
+
+    __tablename__ = "deployments"
+    __table_args__ = (
+        # A name is unique among the caller's live deployments; live_name is NULL once it is gone.
+        UniqueConstraint("user_id", "live_name", name="uq_deployments_user_live_name"),
+        UniqueConstraint("user_id", "request_id", name="uq_deployments_user_request_id"),
+        Index("ix_deployments_user_seq", "user_id", "seq"),
+        Index("ix_deployments_user_status_seq", "user_id", "status", "seq"),
+        Index("ix_deployments_user_region_seq", "user_id", "geographic_region", "seq"),
+    )
+
+    # Insertion order: the keyset that List pages by, newest first.
+    seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), unique=True)
+    user_id: Mapped[str] = mapped_column(String(36))
+    cluster_id: Mapped[str] = mapped_column(String(36))
+    name: Mapped[str] = mapped_column(String(63))
+    live_name: Mapped[str | None] = mapped_column(String(63))
+    app_type: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(32))
+    phase: Mapped[str] = mapped_column(String(64), default="")
+    geographic_region: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    request_id: Mapped[str | None] = mapped_column(String(36))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    revision: Mapped[int] = mapped_column(BigInteger, default=1)
+
+    location_id: Mapped[str | None] = mapped_column(String(63))
+    provider: Mapped[str | None] = mapped_column(String(64))
+    region: Mapped[str | None] = mapped_column(String(64))
+    cluster_status: Mapped[str | None] = mapped_column(String(64))
+    cluster_error: Mapped[str | None] = mapped_column(Text)
+    endpoint_url: Mapped[str | None] = mapped_column(String(2048))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    git_path: Mapped[str | None] = mapped_column(String(1024))
+    values_yaml: Mapped[str | None] = mapped_column(Text)
+    is_adopted: Mapped[bool] = mapped_column(Boolean, default=False)
+    source_namespace: Mapped[str | None] = mapped_column(String(63))
+
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class EventRow(Base):
+    """One applied change of a deployment, kept so a watch can resume from any revision it holds."""
+
+    __tablename__ = "deployment_events"
+    __table_args__ = (
+        UniqueConstraint("deployment_id", "revision", name="uq_deployment_events_revision"),
+        UniqueConstraint("event_id", name="uq_deployment_events_event_id"),
+    )
+
+    seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(64))
+    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"))
+    revision: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(32))
+    phase: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(128))
+    simulated: Mapped[bool] = mapped_column(Boolean, default=False)
+    final: Mapped[bool] = mapped_column(Boolean, default=False)
+    time: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The Deployment message right after this change, so a resumed watch replays it exactly.
+    snapshot: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class OutboxRow(Base):
+    """A bus message written in the same transaction as the change it announces; the relay sends it."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_unsent", "sent_at", "seq"),)
+
+    seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
+    # Also the Nats-Msg-Id, so a resend after a crash is dropped by JetStream.
+    id: Mapped[str] = mapped_column(String(36), unique=True)
+    subject: Mapped[str] = mapped_column(String(255))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -1,0 +1,90 @@
+"""Fans applied changes out to the watch streams open on this replica."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Final
+
+from apphosting.v1 import deployments_pb2 as pb
+
+# Put in a watcher's queue when it may have missed changes: it reads them back from the event log.
+RESYNC: Final = None
+Item = pb.WatchDeploymentsResponse | None
+
+QUEUE_LIMIT = 1024
+
+
+@dataclass(eq=False)
+class Watcher:
+    """One open stream: the changes it wants, queued until the stream sends them."""
+
+    user_id: str
+    deployment_id: str | None = None
+    statuses: frozenset[int] = frozenset()
+    geographic_region: str = ""
+    queue: asyncio.Queue[Item] = field(default_factory=lambda: asyncio.Queue(QUEUE_LIMIT))
+
+    def wants(self, deployment: pb.Deployment) -> bool:
+        if deployment.user_id != self.user_id:
+            return False
+        if self.deployment_id is not None:
+            return deployment.id == self.deployment_id
+        if self.statuses and deployment.status not in self.statuses:
+            return False
+        return not self.geographic_region or deployment.geographic_region == self.geographic_region
+
+    def offer(self, item: Item) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            # A reader this far behind gets the log read back to it instead of an endless queue.
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(RESYNC)
+
+
+class WatchHub:
+    """The open watches of this replica, keyed by deployment for the common case of one-deployment watches."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, set[Watcher]] = {}
+        self._all: set[Watcher] = set()
+
+    @property
+    def open_watches(self) -> int:
+        return sum(len(w) for w in self._by_id.values()) + len(self._all)
+
+    def notify(self, change: pb.WatchDeploymentsResponse) -> None:
+        deployment = change.deployment
+        for watcher in self._by_id.get(deployment.id, ()):
+            watcher.offer(change)
+        for watcher in self._all:
+            if watcher.wants(deployment):
+                watcher.offer(change)
+
+    def resync(self) -> None:
+        """Every watcher re-reads the log: changes may have been missed while the bus was away."""
+        for watchers in self._by_id.values():
+            for watcher in watchers:
+                watcher.offer(RESYNC)
+
+    @contextmanager
+    def watch(self, watcher: Watcher) -> Iterator[Watcher]:
+        if watcher.deployment_id is None:
+            self._all.add(watcher)
+        else:
+            self._by_id.setdefault(watcher.deployment_id, set()).add(watcher)
+        try:
+            yield watcher
+        finally:
+            if watcher.deployment_id is None:
+                self._all.discard(watcher)
+            else:
+                group = self._by_id.get(watcher.deployment_id)
+                if group is not None:
+                    group.discard(watcher)
+                    if not group:
+                        del self._by_id[watcher.deployment_id]

@@ -1,0 +1,1 @@
+"""Helpers the tests share: real nats-server processes, databases and API servers."""
