@@ -1,0 +1,245 @@
+"""Placement: choose the host cluster (location) for a deployment's demand, or say why none fits."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, TypeAlias
+
+from apphosting.locations import LocationConfig
+from apphosting.v1 import deployments_pb2
+
+# A volume without a size is provisioned at 10 GiB (deployments.proto, VolumeConfig.size_gb).
+DEFAULT_VOLUME_SIZE_GB = 10
+
+# Reservations are summed in floating point (0.1 + 0.1 + ... drifts); without slack a location
+# that has exactly the room asked for could be refused by a rounding error.
+_CPU_SLACK = 1e-9
+
+# How many location ids a refusal lists before it abbreviates.
+_MAX_IDS_IN_MESSAGE = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """Resources a deployment takes from a location (or, summed, what a location has given away)."""
+
+    cpu: float
+    memory_mb: int
+    storage_gb: int
+    vclusters: int = 1
+
+    def __post_init__(self) -> None:
+        # A negative demand would silently free capacity in the ledger; NaN would fit everywhere.
+        if not (self.cpu >= 0 and self.memory_mb >= 0 and self.storage_gb >= 0 and self.vclusters >= 0):
+            raise ValueError(f"a demand cannot be negative: {self}")
+        # An int cpu (Demand(cpu=2, ...)) would make the placement loop mix int and float
+        # arithmetic, which is measurably slower.
+        object.__setattr__(self, "cpu", float(self.cpu))
+
+
+NOTHING = Demand(cpu=0.0, memory_mb=0, storage_gb=0, vclusters=0)
+
+
+def demand_of(
+    deployment: deployments_pb2.Deployment,
+    *,
+    default_cpu: float = 0.25,
+    default_memory_mb: int = 256,
+    default_replicas: int = 1,
+) -> Demand:
+    """What a deployment needs: per-replica cpu and memory times replicas, its storage plus volumes."""
+    replicas = deployment.replicas if deployment.HasField("replicas") else default_replicas
+    cpu = deployment.cpu_request if deployment.HasField("cpu_request") else default_cpu
+    memory_mb = deployment.memory_request_mb if deployment.HasField("memory_request_mb") else default_memory_mb
+    storage_gb = deployment.storage_size_gb if deployment.HasField("storage_size_gb") else 0
+    for volume in deployment.volumes:
+        storage_gb += volume.size_gb if volume.HasField("size_gb") else DEFAULT_VOLUME_SIZE_GB
+    return Demand(cpu=cpu * replicas, memory_mb=memory_mb * replicas, storage_gb=storage_gb, vclusters=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """The location chosen for a demand."""
+
+    location: LocationConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """No location can take the demand; the message tells a user why."""
+
+    message: str
+
+
+Placement: TypeAlias = Placed | Refused
+
+
+class _Slot(NamedTuple):
+    # A location flattened for the hot loop: walking location.capacity.cpu for every location
+    # costs more than the placement arithmetic itself.
+    id: str
+    cpu: float
+    memory_mb: int
+    storage_gb: int
+    vclusters: int
+    headroom_bonus: float  # 1 + weight: the score is headroom_bonus - worst utilisation
+    location: LocationConfig
+
+
+@dataclass(frozen=True, slots=True)
+class _Region:
+    # Healthy locations sorted by id, so that the first best score found wins ties deterministically.
+    healthy: tuple[_Slot, ...]
+    unhealthy_ids: tuple[str, ...]
+
+
+class Placer:
+    """Places demands on a fixed set of locations; the per-region index is built once, up front."""
+
+    def __init__(self, locations: Sequence[LocationConfig]) -> None:
+        by_region: dict[str, list[LocationConfig]] = {}
+        for location in locations:
+            by_region.setdefault(location.geographic_region, []).append(location)
+        self._regions = {
+            region: _Region(
+                healthy=tuple(sorted((_slot(loc) for loc in members if loc.healthy), key=lambda s: s.id)),
+                unhealthy_ids=tuple(sorted(loc.id for loc in members if not loc.healthy)),
+            )
+            for region, members in by_region.items()
+        }
+        self._known = ", ".join(sorted(self._regions))
+
+    def place(self, used: Mapping[str, Demand], geographic_region: str, demand: Demand) -> Placement:
+        """The best healthy location of the region with room for the demand, or why there is none.
+
+        Score (higher wins): ``1 - max(utilisation of cpu, memory, storage, vCluster slots after
+        placing) + weight``. Taking the *worst* dimension rather than an average spreads load so
+        that no single resource of a location saturates first: a location whose memory is 90 % used
+        is nearly full even if its cpu is idle, because the next memory-heavy app will not fit
+        there. Spreading also keeps headroom everywhere for apps that grow in place. The operator's
+        ``weight`` is in the same unit as the headroom, so 0.1 prefers a location as if it had 10 %
+        more room left, and a large negative weight drains it. Equal scores go to the smallest
+        location id so that the same inputs always give the same answer.
+        """
+        region = self._regions.get(geographic_region)
+        if region is None:
+            return Refused(f"no location in geographic region {geographic_region!r} (known: {self._known})")
+        if not region.healthy:
+            return Refused(
+                f"no healthy location in geographic region {geographic_region!r}: "
+                f"all {len(region.unhealthy_ids)} are unhealthy ({_ids(region.unhealthy_ids)})"
+            )
+
+        # The hot path (p99 <= 1 ms for 1,000 locations): plain locals and no allocations.
+        d_cpu = demand.cpu
+        d_mem = demand.memory_mb
+        d_sto = demand.storage_gb
+        d_vc = demand.vclusters
+        used_get = used.get
+        best: _Slot | None = None
+        best_score = -math.inf
+        # Kept for the refusal message: the location that would be least full after placing.
+        closest = region.healthy[0]
+        closest_worst = math.inf
+        for slot in region.healthy:
+            loc_id, c_cpu, c_mem, c_sto, c_vc, bonus, _ = slot
+            taken = used_get(loc_id)
+            if taken is None:
+                u_cpu, u_mem, u_sto, u_vc = d_cpu, d_mem, d_sto, d_vc
+            else:
+                u_cpu = taken.cpu + d_cpu
+                u_mem = taken.memory_mb + d_mem
+                u_sto = taken.storage_gb + d_sto
+                u_vc = taken.vclusters + d_vc
+            worst = u_cpu / c_cpu
+            ratio = u_mem / c_mem
+            if ratio > worst:
+                worst = ratio
+            ratio = u_sto / c_sto
+            if ratio > worst:
+                worst = ratio
+            ratio = u_vc / c_vc
+            if ratio > worst:
+                worst = ratio
+            # Exact comparisons for the integer dimensions rather than worst <= 1: a ratio can
+            # round to 1.0 on a huge capacity.
+            if u_cpu <= c_cpu + _CPU_SLACK and u_mem <= c_mem and u_sto <= c_sto and u_vc <= c_vc:
+                score = bonus - worst
+                if score > best_score:
+                    best, best_score = slot, score
+            elif worst < closest_worst:
+                closest, closest_worst = slot, worst
+        if best is not None:
+            return Placed(best.location)
+        return Refused(_no_room(geographic_region, region, closest, used, demand))
+
+
+def _slot(location: LocationConfig) -> _Slot:
+    cap = location.capacity
+    return _Slot(location.id, cap.cpu, cap.memory_mb, cap.storage_gb, cap.vclusters, 1.0 + location.weight, location)
+
+
+def _ids(ids: Sequence[str]) -> str:
+    if len(ids) <= _MAX_IDS_IN_MESSAGE:
+        return ", ".join(ids)
+    return ", ".join(ids[:_MAX_IDS_IN_MESSAGE]) + f" and {len(ids) - _MAX_IDS_IN_MESSAGE} more"
+
+
+def _no_room(
+    geographic_region: str, region: _Region, closest: _Slot, used: Mapping[str, Demand], demand: Demand
+) -> str:
+    """Names the location that came closest and every dimension it is short in."""
+    taken = used.get(closest.id, NOTHING)
+    rows = (
+        ("cpu", _cpu, demand.cpu, closest.cpu - taken.cpu, _CPU_SLACK),
+        ("memory", _mib, demand.memory_mb, closest.memory_mb - taken.memory_mb, 0),
+        ("storage", _gib, demand.storage_gb, closest.storage_gb - taken.storage_gb, 0),
+        ("vCluster slots", str, demand.vclusters, closest.vclusters - taken.vclusters, 0),
+    )
+    parts = []
+    for name, fmt, wanted, free, slack in rows:
+        # A location can be over capacity (an operator lowered it); it has nothing free then.
+        free = max(free, 0)
+        short = wanted - free
+        parts.append(f"{name} {fmt(free)} (short {fmt(short)})" if short > slack else f"{name} {fmt(free)}")
+    message = (
+        f"no location in {geographic_region!r} has room for cpu {_cpu(demand.cpu)}, "
+        f"memory {_mib(demand.memory_mb)}, storage {_gib(demand.storage_gb)}, "
+        f"vCluster slots {demand.vclusters}: best free is {closest.id} with {', '.join(parts)}"
+    )
+    if region.unhealthy_ids:
+        message += f"; unhealthy, not considered: {_ids(region.unhealthy_ids)}"
+    return message
+
+
+def _cpu(value: float) -> str:
+    # Floats summed from many reservations carry noise (1.9999999999999998); people read 2.0.
+    return str(round(float(value), 3))
+
+
+def _mib(value: float) -> str:
+    return f"{value} MiB"
+
+
+def _gib(value: float) -> str:
+    return f"{value} GiB"
+
+
+# place() is called with the same locations tuple over and over; indexing it anew each time would
+# cost more than placing. Only tuples are cached: they (and the frozen configs in them) cannot
+# change behind the cache's back, and holding the tuple keeps its id from being reused.
+_cached: tuple[tuple[LocationConfig, ...], Placer] | None = None
+
+
+def place(
+    locations: Sequence[LocationConfig], used: Mapping[str, Demand], geographic_region: str, demand: Demand
+) -> Placement:
+    """Chooses a location for the demand; see Placer.place for the rules and the score."""
+    global _cached
+    if isinstance(locations, tuple):
+        if _cached is None or _cached[0] is not locations:
+            _cached = (locations, Placer(locations))
+        return _cached[1].place(used, geographic_region, demand)
+    return Placer(locations).place(used, geographic_region, demand)

@@ -1,0 +1,357 @@
+"""Tests of the scheduler's placement rules and of its capacity ledger on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy import make_url, select
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from apphosting.db import make_engine
+from apphosting.locations import Capacity, LocationConfig, load_locations
+from apphosting.v1 import deployments_pb2
+from scheduler.ledger import Ledger
+from scheduler.placement import Demand, Placed, Placement, Refused, demand_of, place
+from scheduler.tables import Reservation
+
+_POSTGRES_ADMIN_URL = os.environ.get("APPHOSTING_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+SMALL = Demand(cpu=1.0, memory_mb=1024, storage_gb=10)
+
+
+def _location(
+    location_id: str,
+    *,
+    geographic_region: str = "eu",
+    cpu: float = 8.0,
+    memory_mb: int = 16384,
+    storage_gb: int = 100,
+    vclusters: int = 10,
+    healthy: bool = True,
+    weight: float = 0.0,
+) -> LocationConfig:
+    return LocationConfig(
+        id=location_id,
+        provider="test",
+        region=f"{geographic_region}-{location_id}",
+        geographic_region=geographic_region,
+        capacity=Capacity(cpu=cpu, memory_mb=memory_mb, storage_gb=storage_gb, vclusters=vclusters),
+        healthy=healthy,
+        weight=weight,
+    )
+
+
+def _placed_id(placement: Placement) -> str:
+    assert isinstance(placement, Placed), placement
+    return placement.location.id
+
+
+def _refusal(placement: Placement) -> str:
+    assert isinstance(placement, Refused), placement
+    return placement.message
+
+
+# --- placement -------------------------------------------------------------------------------
+
+
+def test_picks_a_healthy_location_of_the_region_that_fits() -> None:
+    locations = (
+        _location("eu-down", healthy=False, cpu=64),
+        _location("eu-tiny", cpu=0.5),
+        _location("us-big", geographic_region="us", cpu=64),
+        _location("eu-ok"),
+    )
+    assert _placed_id(place(locations, {}, "eu", SMALL)) == "eu-ok"
+
+
+def test_prefers_the_location_left_least_full_in_its_fullest_dimension() -> None:
+    locations = (_location("eu-a"), _location("eu-b"))
+    # eu-a has idle cpu but its memory is nearly gone; eu-b is busier on average but balanced.
+    used = {
+        "eu-a": Demand(cpu=0.0, memory_mb=14000, storage_gb=0, vclusters=1),
+        "eu-b": Demand(cpu=4.0, memory_mb=8192, storage_gb=50, vclusters=5),
+    }
+    assert _placed_id(place(locations, used, "eu", SMALL)) == "eu-b"
+
+
+def test_equal_scores_go_to_the_smallest_id_whatever_the_order() -> None:
+    locations = [_location("eu-c"), _location("eu-a"), _location("eu-b")]
+    assert _placed_id(place(locations, {}, "eu", SMALL)) == "eu-a"
+    assert _placed_id(place(list(reversed(locations)), {}, "eu", SMALL)) == "eu-a"
+
+
+def test_weight_prefers_or_drains_a_location() -> None:
+    preferred = (_location("eu-a"), _location("eu-b", weight=0.1))
+    assert _placed_id(place(preferred, {}, "eu", SMALL)) == "eu-b"
+    drained = (_location("eu-a", weight=-10), _location("eu-b"))
+    # eu-b is fuller, but eu-a is being drained.
+    used = {"eu-b": Demand(cpu=6.0, memory_mb=0, storage_gb=0, vclusters=0)}
+    assert _placed_id(place(drained, used, "eu", SMALL)) == "eu-b"
+    # A drained location still takes work when it is the only one with room.
+    used["eu-b"] = Demand(cpu=8.0, memory_mb=0, storage_gb=0, vclusters=0)
+    assert _placed_id(place(drained, used, "eu", SMALL)) == "eu-a"
+
+
+def test_a_demand_that_fills_a_location_exactly_fits() -> None:
+    locations = (_location("eu-a", cpu=2.0, memory_mb=1000, storage_gb=10, vclusters=10),)
+    # Ten reservations of 0.1 cpu sum to 0.9999999999999999 (or more), not 1.0.
+    used = {"eu-a": Demand(cpu=sum([0.1] * 10), memory_mb=0, storage_gb=0, vclusters=9)}
+    demand = Demand(cpu=1.0, memory_mb=1000, storage_gb=10)
+    assert _placed_id(place(locations, used, "eu", demand)) == "eu-a"
+
+
+def test_unknown_region_is_refused_naming_the_known_ones() -> None:
+    locations = (_location("eu-a"), _location("us-a", geographic_region="us"))
+    assert _refusal(place(locations, {}, "xx", SMALL)) == ("no location in geographic region 'xx' (known: eu, us)")
+
+
+def test_a_region_with_only_unhealthy_locations_is_refused_as_such() -> None:
+    locations = (
+        _location("eu-b", healthy=False),
+        _location("eu-a", healthy=False),
+        _location("us-a", geographic_region="us"),
+    )
+    assert _refusal(place(locations, {}, "eu", SMALL)) == (
+        "no healthy location in geographic region 'eu': all 2 are unhealthy (eu-a, eu-b)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("demand", "short"),
+    [
+        (Demand(cpu=3.0, memory_mb=1024, storage_gb=10), ["cpu 2.0 (short 1.0)"]),
+        (Demand(cpu=1.0, memory_mb=8192, storage_gb=10), ["memory 4096 MiB (short 4096 MiB)"]),
+        (Demand(cpu=1.0, memory_mb=1024, storage_gb=30), ["storage 20 GiB (short 10 GiB)"]),
+        (Demand(cpu=1.0, memory_mb=1024, storage_gb=10, vclusters=2), ["vCluster slots 1 (short 1)"]),
+        (
+            Demand(cpu=4.0, memory_mb=8192, storage_gb=30, vclusters=2),
+            [
+                "cpu 2.0 (short 2.0)",
+                "memory 4096 MiB (short 4096 MiB)",
+                "storage 20 GiB (short 10 GiB)",
+                "vCluster slots 1 (short 1)",
+            ],
+        ),
+    ],
+)
+def test_no_room_names_the_region_and_every_short_dimension(demand: Demand, short: list[str]) -> None:
+    locations = (
+        _location("eu-a", cpu=4, memory_mb=8192, storage_gb=40, vclusters=2),
+        _location("eu-b", cpu=1, memory_mb=1024, storage_gb=10, vclusters=1),
+        _location("eu-sick", healthy=False, cpu=64),
+    )
+    used = {"eu-a": Demand(cpu=2.0, memory_mb=4096, storage_gb=20, vclusters=1)}
+    message = _refusal(place(locations, used, "eu", demand))
+    assert message.startswith(
+        f"no location in 'eu' has room for cpu {demand.cpu}, memory {demand.memory_mb} MiB, "
+        f"storage {demand.storage_gb} GiB, vCluster slots {demand.vclusters}: best free is eu-a with "
+    )
+    for part in short:
+        assert part in message
+    assert message.count("short") == len(short)
+    assert message.endswith("; unhealthy, not considered: eu-sick")
+
+
+def test_the_sample_locations_place_and_refuse() -> None:
+    locations = load_locations().locations
+    assert _placed_id(place(locations, {}, "us", SMALL)) == "us-nyc1-a"
+    message = _refusal(place(locations, {}, "eu", Demand(cpu=100.0, memory_mb=1024, storage_gb=10)))
+    assert "best free is eu-fsn1-a with cpu 64.0 (short 36.0)" in message
+
+
+def test_demand_of_uses_defaults_for_unset_fields() -> None:
+    assert demand_of(deployments_pb2.Deployment()) == Demand(cpu=0.25, memory_mb=256, storage_gb=0, vclusters=1)
+    assert demand_of(
+        deployments_pb2.Deployment(), default_cpu=0.5, default_memory_mb=512, default_replicas=2
+    ) == Demand(cpu=1.0, memory_mb=1024, storage_gb=0)
+
+
+def test_demand_of_multiplies_by_replicas_and_adds_volumes() -> None:
+    deployment = deployments_pb2.Deployment(
+        cpu_request=0.5,
+        memory_request_mb=512,
+        replicas=3,
+        storage_size_gb=5,
+        volumes=[
+            deployments_pb2.VolumeConfig(path="/data", size_gb=20),
+            deployments_pb2.VolumeConfig(path="/x"),
+        ],
+    )
+    assert demand_of(deployment) == Demand(cpu=1.5, memory_mb=1536, storage_gb=35, vclusters=1)
+
+
+def test_demand_of_honours_explicit_zeroes() -> None:
+    deployment = deployments_pb2.Deployment(
+        cpu_request=0.0,
+        memory_request_mb=0,
+        replicas=0,
+        storage_size_gb=0,
+        volumes=[deployments_pb2.VolumeConfig(path="/v", size_gb=0)],
+    )
+    assert demand_of(deployment) == Demand(cpu=0.0, memory_mb=0, storage_gb=0, vclusters=1)
+
+
+def test_a_negative_demand_is_rejected() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        Demand(cpu=-1.0, memory_mb=0, storage_gb=0)
+    with pytest.raises(ValueError, match="negative"):
+        Demand(cpu=float("nan"), memory_mb=0, storage_gb=0)
+
+
+# --- ledger ----------------------------------------------------------------------------------
+
+# Room for exactly 20 of ONE_OF_20 in every dimension, with vCluster slots to spare.
+ROOM_FOR_20 = (_location("eu-only", cpu=5.0, memory_mb=20 * 256, storage_gb=20 * 5, vclusters=100),)
+ONE_OF_20 = Demand(cpu=0.25, memory_mb=256, storage_gb=5)
+
+EngineFactory = Callable[[], AsyncEngine]
+
+
+@contextlib.asynccontextmanager
+async def _ledgers(make: EngineFactory, count: int) -> AsyncIterator[list[Ledger]]:
+    engines = [make() for _ in range(count)]
+    try:
+        ledgers = [Ledger(engine, ROOM_FOR_20) for engine in engines]
+        for ledger in ledgers:
+            await ledger.create_tables()
+        yield ledgers
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
+@pytest.fixture
+def sqlite_engines(tmp_path: Path) -> EngineFactory:
+    return lambda: create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/s.db")
+
+
+async def test_reserve_release_and_reserve_again(sqlite_engines: EngineFactory) -> None:
+    async with _ledgers(sqlite_engines, 1) as (ledger,):
+        assert _placed_id(await ledger.reserve("d-1", "eu", ONE_OF_20)) == "eu-only"
+        assert await ledger.used() == {"eu-only": ONE_OF_20}
+        assert await ledger.release("d-1") is True
+        assert await ledger.used() == {}
+        assert await ledger.release("d-1") is False
+        assert _placed_id(await ledger.reserve("d-1", "eu", ONE_OF_20)) == "eu-only"
+
+
+async def test_reserving_twice_holds_the_capacity_once(sqlite_engines: EngineFactory) -> None:
+    async with _ledgers(sqlite_engines, 1) as (ledger,):
+        first = await ledger.reserve("d-1", "eu", ONE_OF_20)
+        # A redelivered request, even with a different demand, gets the same answer and no more.
+        again = await ledger.reserve("d-1", "eu", Demand(cpu=1.0, memory_mb=512, storage_gb=10))
+        assert first == again
+        assert await ledger.used() == {"eu-only": ONE_OF_20}
+
+
+async def test_a_refusal_reserves_nothing(sqlite_engines: EngineFactory) -> None:
+    async with _ledgers(sqlite_engines, 1) as (ledger,):
+        assert "known: eu" in _refusal(await ledger.reserve("d-1", "xx", ONE_OF_20))
+        assert "short" in _refusal(await ledger.reserve("d-2", "eu", Demand(cpu=6.0, memory_mb=0, storage_gb=0)))
+        assert await ledger.used() == {}
+
+
+async def test_reservations_record_an_aware_creation_time(sqlite_engines: EngineFactory) -> None:
+    async with _ledgers(sqlite_engines, 1) as (ledger,):
+        before = datetime.now(UTC)
+        await ledger.reserve("d-1", "eu", ONE_OF_20)
+        reader = sqlite_engines()
+        async with reader.connect() as conn:
+            created = await conn.scalar(select(Reservation.created_at))
+        await reader.dispose()
+        assert created is not None
+        assert created.tzinfo is not None
+        assert before.replace(microsecond=0) <= created <= datetime.now(UTC)
+
+
+async def _fifty_compete_for_twenty(ledgers: list[Ledger]) -> list[str]:
+    """Races 50 reservations for room for 20 and returns the ids of the deployments placed."""
+    capacity = ROOM_FOR_20[0].capacity
+    overbooked: list[Demand] = []
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        # Samples usage while the reservations race, not only once they are over.
+        while not done.is_set():
+            used = (await ledgers[0].used()).get("eu-only")
+            if used is not None and (used.cpu > capacity.cpu or used.memory_mb > capacity.memory_mb):
+                overbooked.append(used)
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        results = await asyncio.gather(
+            *(ledgers[i % len(ledgers)].reserve(f"d-{i:02d}", "eu", ONE_OF_20) for i in range(50))
+        )
+    finally:
+        done.set()
+        await watcher
+    placed = [f"d-{i:02d}" for i, result in enumerate(results) if isinstance(result, Placed)]
+    refused = [result for result in results if isinstance(result, Refused)]
+    assert len(placed) == 20
+    assert len(refused) == 30
+    assert all("short" in refusal.message for refusal in refused)
+    assert overbooked == []
+    assert await ledgers[0].used() == {"eu-only": Demand(cpu=5.0, memory_mb=5120, storage_gb=100, vclusters=20)}
+    return placed
+
+
+async def test_fifty_concurrent_reservations_fill_exactly_the_room(sqlite_engines: EngineFactory) -> None:
+    async with _ledgers(sqlite_engines, 1) as ledgers:
+        await _fifty_compete_for_twenty(ledgers)
+
+
+@pytest.mark.parametrize("journal", ["rollback journal", "WAL"])
+async def test_two_scheduler_processes_on_one_sqlite_file_never_overbook(tmp_path: Path, journal: str) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/s.db"
+
+    def make() -> AsyncEngine:
+        return make_engine(url) if journal == "WAL" else create_async_engine(url)
+
+    async with _ledgers(make, 2) as ledgers:
+        await _fifty_compete_for_twenty(ledgers)
+
+
+async def _postgres_unreachable() -> str | None:
+    try:
+        conn = await asyncpg.connect(_POSTGRES_ADMIN_URL, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+        return f"PostgreSQL is not reachable at {_POSTGRES_ADMIN_URL} ({error!r})"
+    await conn.close()
+    return None
+
+
+@pytest.fixture
+async def postgres_engines() -> AsyncIterator[EngineFactory]:
+    """Engines on a fresh database, dropped afterwards, so that runs never see each other's rows."""
+    reason = await _postgres_unreachable()
+    if reason is not None:
+        pytest.skip(reason)
+    name = f"test_scheduler_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(_POSTGRES_ADMIN_URL)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        url = make_url(_POSTGRES_ADMIN_URL).set(drivername="postgresql+asyncpg", database=name)
+        try:
+            yield lambda: create_async_engine(url)
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.mark.postgres
+async def test_two_scheduler_processes_on_postgres_never_overbook(postgres_engines: EngineFactory) -> None:
+    async with _ledgers(postgres_engines, 2) as ledgers:
+        placed = await _fifty_compete_for_twenty(ledgers)
+        assert await ledgers[1].release(placed[0]) is True
+        assert _placed_id(await ledgers[0].reserve("d-new", "eu", ONE_OF_20)) == "eu-only"
+        assert "short" in _refusal(await ledgers[1].reserve("d-newer", "eu", ONE_OF_20))
