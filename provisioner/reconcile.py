@@ -1,0 +1,278 @@
+"""The reconciler: runs a ProvisionJob through ordered driver steps and reports each as a status event."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from google.protobuf import timestamp_pb2
+
+from apphosting.v1 import bus_pb2, deployments_pb2
+from provisioner.driver import Driver, PermanentError, StepOutcome, StepResult, TemporaryError
+
+Emit = Callable[[bus_pb2.StatusEvent], Awaitable[None]]
+Sleep = Callable[[float], Awaitable[None]]
+Heartbeat = Callable[[], Awaitable[None]]
+
+_log = logging.getLogger(__name__)
+
+# Fixed, so that every worker derives the same event id for the same (job, step, outcome).
+_EVENT_NAMESPACE = uuid.UUID("0b6f3c1e-5d0a-4c59-9a43-2f1f6de1a7b2")
+
+_SIMULATED_MARK = "[simulated]"
+
+_Status = deployments_pb2.DeploymentStatus
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long and how often the reconciler keeps at a step before it gives up."""
+
+    # Temporary failures wait backoff_base * 2**(n-1) seconds, at most backoff_cap.
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    # Temporary failures of one step before the job ends in ERROR.
+    max_attempts: int = 5
+    # Seconds a step may keep answering "not yet", counted in the waits it asks for.
+    step_timeout: float = 600.0
+    # Real seconds one driver call may take before it counts as a temporary failure.
+    call_timeout: float = 120.0
+    # Longest wait between two heartbeats, below the bus's ack wait.
+    heartbeat_interval: float = 10.0
+    # Shortest wait between two polls, so a driver answering "retry after 0" cannot spin the loop.
+    min_poll: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be positive")
+
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait after the `failures`-th temporary failure of a step."""
+        return float(min(self.backoff_cap, self.backoff_base * 2 ** (failures - 1)))
+
+
+@dataclass(frozen=True)
+class _Step:
+    name: str
+    condition: str
+    call: Callable[[Driver, bus_pb2.ProvisionJob, dict[str, str]], Awaitable[StepResult]]
+    # Failing here means the vCluster itself is broken, which the record reports separately.
+    cluster: bool = False
+
+
+_CREATE: tuple[_Step, ...] = (
+    _Step("host_namespace", "HostNamespaceReady", lambda d, j, c: d.ensure_namespace(j), cluster=True),
+    _Step("vcluster", "VClusterCreated", lambda d, j, c: d.ensure_vcluster(j), cluster=True),
+    _Step("vcluster_ready", "VClusterReady", lambda d, j, c: d.vcluster_ready(j), cluster=True),
+    _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), cluster=True),
+    _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", ""))),
+    _Step("rollout", "AppAvailable", lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", ""))),
+    _Step("endpoint", "Ready", lambda d, j, c: d.endpoint(j, c.get("kubeconfig", ""))),
+)
+_DELETE: tuple[_Step, ...] = (
+    _Step("app", "AppDeleted", lambda d, j, c: d.delete_app(j)),
+    _Step("vcluster", "VClusterDeleted", lambda d, j, c: d.delete_vcluster(j)),
+    _Step("namespace", "HostNamespaceDeleted", lambda d, j, c: d.delete_namespace(j)),
+)
+
+CREATE_STEPS: tuple[str, ...] = tuple(step.name for step in _CREATE)
+DELETE_STEPS: tuple[str, ...] = tuple(step.name for step in _DELETE)
+# Phase of the final event of a teardown.
+DELETED_PHASE = "deleted"
+
+
+async def _no_heartbeat() -> None:
+    return None
+
+
+def event_id(job_id: str, step: str, outcome: str) -> str:
+    """The id (and Nats-Msg-Id) of the event for one outcome of one step of a job."""
+    return str(uuid.uuid5(_EVENT_NAMESPACE, f"{job_id}/{step}/{outcome}"))
+
+
+class _StepFailedError(Exception):
+    """Ends the job: the event to publish for it is ready."""
+
+    def __init__(self, event: bus_pb2.StatusEvent) -> None:
+        super().__init__(event.error_message)
+        self.event = event
+
+
+class Reconciler:
+    """Drives ProvisionJobs to their goal through one location's driver.
+
+    Safe to re-run after a crash: the driver's steps recognise work already done, and the event
+    ids depend only on (job, step, outcome), so republished events are dropped by the bus.
+    """
+
+    def __init__(
+        self,
+        driver: Driver,
+        emit: Emit,
+        *,
+        worker_id: str,
+        policy: RetryPolicy | None = None,
+        sleep: Sleep = asyncio.sleep,
+        heartbeat: Heartbeat = _no_heartbeat,
+    ) -> None:
+        self._driver = driver
+        self._emit = emit
+        self._source = f"provisioner/{worker_id}"
+        self._policy = policy or RetryPolicy()
+        self._sleep = sleep
+        self._heartbeat = heartbeat
+
+    async def run(self, job: bus_pb2.ProvisionJob) -> bus_pb2.StatusEvent:
+        """Run the job to its end and return the last event it published (RUNNING, final, or a failure)."""
+        if job.operation == bus_pb2.OPERATION_CREATE:
+            last, _ = await self._run(job, _CREATE, _Status.DEPLOYMENT_STATUS_PROVISIONING)
+            return last
+        if job.operation == bus_pb2.OPERATION_DELETE:
+            last, completed = await self._run(job, _DELETE, _Status.DEPLOYMENT_STATUS_DELETING)
+            if not completed:
+                return last
+            final = self._event(
+                job,
+                DELETED_PHASE,
+                "final",
+                _Status.DEPLOYMENT_STATUS_DELETING,
+                "deployment deleted: app, vCluster and host namespace are gone",
+            )
+            final.final = True
+            await self._emit(final)
+            return final
+        raise ValueError(f"job {job.job_id}: unsupported operation {job.operation}")
+
+    async def _run(
+        self, job: bus_pb2.ProvisionJob, steps: tuple[_Step, ...], status: _Status.ValueType
+    ) -> tuple[bus_pb2.StatusEvent, bool]:
+        """Run the steps in order; the bool says whether all of them got done."""
+        context: dict[str, str] = {}
+        last = bus_pb2.StatusEvent()
+        for step in steps:
+            try:
+                result = await self._reconcile_step(job, step, context)
+            except _StepFailedError as failed:
+                await self._emit(failed.event)
+                return failed.event, False
+            context.update(result.fields)
+            last = self._done_event(job, step, status, result)
+            await self._emit(last)
+        return last, True
+
+    async def _reconcile_step(self, job: bus_pb2.ProvisionJob, step: _Step, context: dict[str, str]) -> StepResult:
+        policy = self._policy
+        failures = 0
+        waited = 0.0
+        while True:
+            await self._heartbeat()
+            result = await self._call(job, step, context)
+            if result.outcome is StepOutcome.DONE:
+                return result
+            if result.outcome is StepOutcome.FAIL and result.permanent:
+                raise _StepFailedError(
+                    self._failure(job, step, "failed", _Status.DEPLOYMENT_STATUS_FAILED, result.message)
+                )
+            if result.outcome is StepOutcome.FAIL:
+                failures += 1
+                if failures >= policy.max_attempts:
+                    message = f"step {step.name} failed after {failures} attempts: {result.message}"
+                    raise _StepFailedError(self._failure(job, step, "error", _Status.DEPLOYMENT_STATUS_ERROR, message))
+                delay = policy.backoff(failures)
+                _log.warning("job %s step %s: %s; retrying in %g s", job.job_id, step.name, result.message, delay)
+                await self._wait(delay)
+                continue
+            # Not yet: the deadline counts the waits asked for, so it also holds with an injected sleep.
+            if waited >= policy.step_timeout:
+                message = f"step {step.name} timed out after {policy.step_timeout:g} s: {result.message}"
+                raise _StepFailedError(self._failure(job, step, "timeout", _Status.DEPLOYMENT_STATUS_ERROR, message))
+            delay = min(max(result.after_seconds, policy.min_poll), policy.step_timeout - waited)
+            waited += delay
+            await self._wait(delay)
+
+    async def _call(self, job: bus_pb2.ProvisionJob, step: _Step, context: dict[str, str]) -> StepResult:
+        try:
+            async with asyncio.timeout(self._policy.call_timeout):
+                return await step.call(self._driver, job, context)
+        except PermanentError as exc:
+            return StepResult.fail(str(exc), permanent=True)
+        except TemporaryError as exc:
+            return StepResult.fail(str(exc), permanent=False)
+        except TimeoutError:
+            return StepResult.fail(f"driver call took longer than {self._policy.call_timeout:g} s", permanent=False)
+        except Exception as exc:
+            # An unexpected error (a bug, a dropped connection) is not the request's fault: retry it.
+            _log.exception("job %s step %s raised", job.job_id, step.name)
+            return StepResult.fail(f"{type(exc).__name__}: {exc}", permanent=False)
+
+    async def _wait(self, seconds: float) -> None:
+        # Waits are split so the bus hears from us before the job's ack wait runs out.
+        remaining = seconds
+        while remaining > 0:
+            chunk = min(remaining, self._policy.heartbeat_interval)
+            await self._sleep(chunk)
+            remaining -= chunk
+            await self._heartbeat()
+
+    def _simulated(self, message: str) -> str:
+        # Our messages quote the driver's, which carry the mark already: say it once, up front.
+        if self._driver.simulated:
+            return f"{_SIMULATED_MARK} {message.replace(f'{_SIMULATED_MARK} ', '')}"
+        return message
+
+    def _event(
+        self, job: bus_pb2.ProvisionJob, phase: str, outcome: str, status: _Status.ValueType, message: str
+    ) -> bus_pb2.StatusEvent:
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        return bus_pb2.StatusEvent(
+            event_id=event_id(job.job_id, phase, outcome),
+            deployment_id=job.deployment.id,
+            status=status,
+            phase=phase,
+            message=self._simulated(message),
+            source=self._source,
+            simulated=self._driver.simulated,
+            time=now,
+        )
+
+    def _done_event(
+        self, job: bus_pb2.ProvisionJob, step: _Step, status: _Status.ValueType, result: StepResult
+    ) -> bus_pb2.StatusEvent:
+        last_create_step = step is _CREATE[-1]
+        if last_create_step:
+            status = _Status.DEPLOYMENT_STATUS_RUNNING
+        event = self._event(job, step.name, "done", status, result.message)
+        event.conditions.append(self._condition(event, step.condition, "True", "Done"))
+        if last_create_step:
+            location = job.location
+            event.provider = location.provider
+            event.region = location.region
+            event.location_id = location.id
+            event.cluster_status = "ready"
+            if "endpoint_url" in result.fields:
+                event.endpoint_url = result.fields["endpoint_url"]
+        return event
+
+    def _failure(
+        self, job: bus_pb2.ProvisionJob, step: _Step, outcome: str, status: _Status.ValueType, message: str
+    ) -> bus_pb2.StatusEvent:
+        event = self._event(job, step.name, outcome, status, message)
+        event.error_message = event.message
+        reason = {"failed": "PermanentFailure", "error": "RetriesExhausted", "timeout": "Timeout"}[outcome]
+        event.conditions.append(self._condition(event, step.condition, "False", reason))
+        if step.cluster and job.operation == bus_pb2.OPERATION_CREATE:
+            event.cluster_status = "error"
+            event.cluster_error = event.message
+        return event
+
+    @staticmethod
+    def _condition(event: bus_pb2.StatusEvent, type_: str, status: str, reason: str) -> bus_pb2.Condition:
+        condition = bus_pb2.Condition(type=type_, status=status, reason=reason, message=event.message)
+        condition.time.CopyFrom(event.time)
+        return condition
