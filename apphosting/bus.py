@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats
@@ -39,6 +39,7 @@ EVENTS_SUBJECTS = "apphosting.events.*"
 CHANGES_SUBJECTS = "apphosting.changes.*"
 
 SCHEDULER_CONSUMER = "scheduler"
+SCHEDULER_EVENTS_CONSUMER = "scheduler-events"
 API_EVENTS_CONSUMER = "api-events"
 
 # Redelivery: a handler that neither acks nor reports progress within ACK_WAIT gets its message
@@ -163,9 +164,11 @@ class Consumer:
     handler: Handler
     batch: int = 32
     concurrency: int = 1
+    # Shared by the consumers of one process, so a stop asked for during start-up is not lost.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
-        self._stopping = asyncio.Event()
+        self._stopping = self.stopping
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(self.concurrency)
 
@@ -212,3 +215,97 @@ class Consumer:
 
     def stop(self) -> None:
         self._stopping.set()
+
+
+class KeyedLocks:
+    """One lock per key (a deployment id), kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """What a worker consumes: a durable consumer on a stream, and the handler for its messages."""
+
+    stream: str
+    durable: str
+    filter_subject: str
+    handler: Handler
+    concurrency: int = 8
+
+
+class Worker:
+    """A process that consumes from JetStream until stopped: the scheduler and the provisioners."""
+
+    def __init__(self, nats_url: str, name: str) -> None:
+        self.nats_url = nats_url
+        self.name = name
+        self._js: JetStreamContext | None = None
+        self._stopping = asyncio.Event()
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise RuntimeError(f"{self.name} is not connected")
+        return self._js
+
+    def subscriptions(self) -> list[Subscription]:
+        raise NotImplementedError
+
+    async def prepare(self) -> None:
+        """Runs before consuming starts (migrations, caches)."""
+
+    async def close(self) -> None:
+        """Runs after consuming ended."""
+
+    async def run(self) -> None:
+        await self.prepare()
+        nc = await connect(self.nats_url, self.name)
+        self._js = nc.jetstream()
+        await ensure_streams(self._js)
+        consumers = [
+            Consumer(
+                self._js,
+                s.stream,
+                s.durable,
+                s.filter_subject,
+                s.handler,
+                concurrency=s.concurrency,
+                stopping=self._stopping,
+            )
+            for s in self.subscriptions()
+        ]
+        try:
+            await asyncio.gather(*(consumer.run() for consumer in consumers))
+        finally:
+            with contextlib.suppress(Exception):
+                await nc.drain()
+            await self.close()
+
+    def stop(self) -> None:
+        """Asks the worker to finish the messages it holds and stop; safe before run() got going."""
+        self._stopping.set()
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Runs until `stop` is set (or the worker fails), then stops gracefully."""
+        task = asyncio.create_task(self.run())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        self.stop()
+        stopped.cancel()
+        await task

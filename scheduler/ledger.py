@@ -9,15 +9,19 @@ from contextlib import asynccontextmanager
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from apphosting import db
 from apphosting.locations import LocationConfig
 from scheduler.placement import Demand, Placed, Placement, Placer, Refused
-from scheduler.tables import Base, Reservation
+from scheduler.tables import Reservation
 
 # Key of the PostgreSQL advisory lock that serialises reservations across scheduler processes
 # (an arbitrary constant; it only has to differ from other advisory locks on the same database).
 _ADVISORY_LOCK_KEY = 0x61707068_6F737401  # "apphost" + 1
 
 _SUPPORTED_DIALECTS = frozenset({"sqlite", "postgresql"})
+
+MIGRATIONS = "scheduler:migrations"
+VERSION_TABLE = "alembic_version_scheduler"
 
 
 class Ledger:
@@ -37,9 +41,16 @@ class Ledger:
         self._lock = asyncio.Lock()
 
     async def create_tables(self) -> None:
-        """Creates the scheduler's tables if they are missing (until migrations exist)."""
-        async with self._engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
+        """Brings the scheduler's tables up to their newest migration."""
+        await db.upgrade(self._engine, MIGRATIONS, VERSION_TABLE)
+
+    async def location_of(self, deployment_id: str) -> str | None:
+        """Where the deployment holds capacity, if it does."""
+        async with self._engine.connect() as conn:
+            found: str | None = await conn.scalar(
+                select(Reservation.location_id).where(Reservation.deployment_id == deployment_id)
+            )
+            return found
 
     async def reserve(self, deployment_id: str, geographic_region: str, demand: Demand) -> Placement:
         """Places the demand and holds the capacity; a deployment already holding some gets the same place.

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
+from apphosting.nats_server import NatsServer
 from apphosting.v1 import deployments_pb2_grpc
 from services.deployments.app import ApiOptions, ApiServer
 from tests.support.databases import (
@@ -17,7 +18,6 @@ from tests.support.databases import (
     drop_postgres_database,
     postgres_unreachable_reason,
 )
-from tests.support.processes import NatsServer
 
 if TYPE_CHECKING:
     from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub

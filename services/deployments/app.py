@@ -87,10 +87,9 @@ class ApiServer:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._consumer: bus.Consumer | None = None
         self._outbox_ready = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = bus.KeyedLocks()
         self.store.outbox_written = self._outbox_ready.set
 
     async def start(self) -> int:
@@ -127,8 +126,9 @@ class ApiServer:
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.options.grace)
-        if self._consumer is not None:
-            self._consumer.stop()
+        # The consumer and the relay finish what they hold; only then is anything cancelled.
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self.options.grace)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -156,19 +156,22 @@ class ApiServer:
         await bus.ensure_streams(js)
         self._js = js
         await nc.subscribe(bus.CHANGES_SUBJECTS, cb=self._on_change)
-        self._consumer = bus.Consumer(
+        consumer = bus.Consumer(
             js,
             bus.EVENTS_STREAM,
             bus.API_EVENTS_CONSUMER,
             bus.EVENTS_SUBJECTS,
             self._on_event,
             concurrency=16,
+            stopping=self._stopping,
         )
-        await asyncio.gather(self._consumer.run(), self._relay(js))
+        await asyncio.gather(consumer.run(), self._relay(js))
 
     async def _connect(self, url: str) -> Client:
         delay = 0.2
         while True:
+            if self._stopping.is_set():
+                raise asyncio.CancelledError
             try:
                 # no_echo: this replica's own change announcements reach its watches directly.
                 nc = await bus.connect(url, "apphosting-api", no_echo=True, reconnected_cb=self._reconnected)
@@ -186,7 +189,7 @@ class ApiServer:
 
     async def _relay(self, js: JetStreamContext) -> None:
         """Sends outbox rows in order; each is marked sent only after JetStream stored it."""
-        while True:
+        while not self._stopping.is_set():
             rows = await self.store.unsent()
             if not rows:
                 self._outbox_ready.clear()
@@ -209,25 +212,23 @@ class ApiServer:
 
     async def _on_event(self, msg: Msg) -> None:
         event = bus_pb2.StatusEvent.FromString(msg.data)
-        lock = self._locks.setdefault(event.deployment_id, asyncio.Lock())
         try:
             # One deployment's events are applied in the order they were stored.
-            async with lock:
+            async with self._locks.hold(event.deployment_id):
                 applied = await self.store.apply(event.deployment_id, event_input(event))
         except (RecordMissing, TransitionRejected) as refused:
             log.warning("status event %s for %s refused: %s", event.event_id, event.deployment_id, refused)
             await msg.term()
             return
-        finally:
-            if not lock.locked():
-                self._locks.pop(event.deployment_id, None)
         if applied is not None:
             self.announce(change_of(applied.row, applied.event))
         await msg.ack()
 
     async def _housekeeping(self) -> None:
-        while True:
-            await asyncio.sleep(60)
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=60)
+                return
             try:
                 await self.store.forget_sent(timedelta(hours=1))
                 await self.store.trim_events(self.options.event_history)

