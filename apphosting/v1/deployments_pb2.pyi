@@ -663,6 +663,27 @@ class DeleteDeploymentRequest(_message.Message):
 Global___DeleteDeploymentRequest: _TypeAlias = DeleteDeploymentRequest  # noqa: Y015
 
 @_typing.final
+class RetryDeploymentRequest(_message.Message):
+    """RetryDeploymentRequest names the failed deployment to start again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryDeploymentRequest: _TypeAlias = RetryDeploymentRequest  # noqa: Y015
+
+@_typing.final
 class WatchDeploymentRequest(_message.Message):
     """WatchDeploymentRequest names the deployment to watch."""
 

@@ -55,6 +55,11 @@ class DeploymentServiceStub:
                 request_serializer=apphosting_dot_v1_dot_deployments__pb2.DeleteDeploymentRequest.SerializeToString,
                 response_deserializer=apphosting_dot_v1_dot_deployments__pb2.Deployment.FromString,
                 _registered_method=True)
+        self.RetryDeployment = channel.unary_unary(
+                '/apphosting.v1.DeploymentService/RetryDeployment',
+                request_serializer=apphosting_dot_v1_dot_deployments__pb2.RetryDeploymentRequest.SerializeToString,
+                response_deserializer=apphosting_dot_v1_dot_deployments__pb2.Deployment.FromString,
+                _registered_method=True)
         self.WatchDeployment = channel.unary_stream(
                 '/apphosting.v1.DeploymentService/WatchDeployment',
                 request_serializer=apphosting_dot_v1_dot_deployments__pb2.WatchDeploymentRequest.SerializeToString,
@@ -99,6 +104,13 @@ class DeploymentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryDeployment(self, request, context):
+        """Starts a FAILED or ERROR deployment again from placement (status PENDING).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchDeployment(self, request, context):
         """Streams the current state of one deployment, then every change.
         """
@@ -134,6 +146,11 @@ def add_DeploymentServiceServicer_to_server(servicer, server):
             'DeleteDeployment': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteDeployment,
                     request_deserializer=apphosting_dot_v1_dot_deployments__pb2.DeleteDeploymentRequest.FromString,
+                    response_serializer=apphosting_dot_v1_dot_deployments__pb2.Deployment.SerializeToString,
+            ),
+            'RetryDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryDeployment,
+                    request_deserializer=apphosting_dot_v1_dot_deployments__pb2.RetryDeploymentRequest.FromString,
                     response_serializer=apphosting_dot_v1_dot_deployments__pb2.Deployment.SerializeToString,
             ),
             'WatchDeployment': grpc.unary_stream_rpc_method_handler(
@@ -255,6 +272,33 @@ class DeploymentService:
             target,
             '/apphosting.v1.DeploymentService/DeleteDeployment',
             apphosting_dot_v1_dot_deployments__pb2.DeleteDeploymentRequest.SerializeToString,
+            apphosting_dot_v1_dot_deployments__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apphosting.v1.DeploymentService/RetryDeployment',
+            apphosting_dot_v1_dot_deployments__pb2.RetryDeploymentRequest.SerializeToString,
             apphosting_dot_v1_dot_deployments__pb2.Deployment.FromString,
             options,
             channel_credentials,

@@ -47,6 +47,8 @@ class DeploymentServiceStub:
     """Lists the caller's deployments, newest first."""
     DeleteDeployment: _grpc.UnaryUnaryMultiCallable[_deployments_pb2.DeleteDeploymentRequest, _deployments_pb2.Deployment]
     """Starts tearing a deployment down (status DELETING)."""
+    RetryDeployment: _grpc.UnaryUnaryMultiCallable[_deployments_pb2.RetryDeploymentRequest, _deployments_pb2.Deployment]
+    """Starts a FAILED or ERROR deployment again from placement (status PENDING)."""
     WatchDeployment: _grpc.UnaryStreamMultiCallable[_deployments_pb2.WatchDeploymentRequest, _deployments_pb2.WatchDeploymentResponse]
     """Streams the current state of one deployment, then every change."""
     WatchDeployments: _grpc.UnaryStreamMultiCallable[_deployments_pb2.WatchDeploymentsRequest, _deployments_pb2.WatchDeploymentsResponse]
@@ -65,6 +67,8 @@ class DeploymentServiceAsyncStub(DeploymentServiceStub):
     """Lists the caller's deployments, newest first."""
     DeleteDeployment: _aio.UnaryUnaryMultiCallable[_deployments_pb2.DeleteDeploymentRequest, _deployments_pb2.Deployment]  # type: ignore[assignment]
     """Starts tearing a deployment down (status DELETING)."""
+    RetryDeployment: _aio.UnaryUnaryMultiCallable[_deployments_pb2.RetryDeploymentRequest, _deployments_pb2.Deployment]  # type: ignore[assignment]
+    """Starts a FAILED or ERROR deployment again from placement (status PENDING)."""
     WatchDeployment: _aio.UnaryStreamMultiCallable[_deployments_pb2.WatchDeploymentRequest, _deployments_pb2.WatchDeploymentResponse]  # type: ignore[assignment]
     """Streams the current state of one deployment, then every change."""
     WatchDeployments: _aio.UnaryStreamMultiCallable[_deployments_pb2.WatchDeploymentsRequest, _deployments_pb2.WatchDeploymentsResponse]  # type: ignore[assignment]
@@ -104,6 +108,14 @@ class DeploymentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_deployments_pb2.Deployment, _abc.Awaitable[_deployments_pb2.Deployment]]:
         """Starts tearing a deployment down (status DELETING)."""
+
+    @_abc_1.abstractmethod
+    def RetryDeployment(
+        self,
+        request: _deployments_pb2.RetryDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployments_pb2.Deployment, _abc.Awaitable[_deployments_pb2.Deployment]]:
+        """Starts a FAILED or ERROR deployment again from placement (status PENDING)."""
 
     @_abc_1.abstractmethod
     def WatchDeployment(

@@ -20,6 +20,7 @@ from apphosting.v1 import deployments_pb2 as pb
 from services.deployments import errors, paging
 from services.deployments.convert import STATUS_NAMES, event_to_proto, request_to_data, row_to_proto
 from services.deployments.errors import FieldViolation, ServiceError
+from services.deployments.lifecycle import TERMINAL
 from services.deployments.store import (
     DeploymentStore,
     EventInput,
@@ -254,12 +255,46 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
             message="deletion requested",
             source="api",
         )
-        try:
-            applied = await self._store.apply(
-                row.id, change, placement_outbox(bus_pb2.OPERATION_DELETE), user_id=user_id
+        return await self._request(user_id, row, change, bus_pb2.OPERATION_DELETE, "DELETE_NOT_ALLOWED")
+
+    @_unary
+    async def RetryDeployment(
+        self,
+        request: pb.RetryDeploymentRequest,
+        context: grpc.aio.ServicerContext[pb.RetryDeploymentRequest, pb.Deployment],
+    ) -> pb.Deployment:
+        user_id = self._caller(context)
+        row = await self._get(user_id, request.id)
+        if row.status not in TERMINAL:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "NOT_RETRYABLE",
+                f"only a failed or error deployment can be retried; this one is {row.status}",
+                metadata={"status": row.status},
             )
+        change = EventInput(
+            # One retry per revision: a repeated call for the same failure is the same retry.
+            event_id=f"api:{row.id}:retry:{row.revision}",
+            status="pending",
+            phase="retry_requested",
+            message=f"retry requested after {row.status}",
+            source="api",
+        )
+        return await self._request(user_id, row, change, bus_pb2.OPERATION_CREATE, "NOT_RETRYABLE")
+
+    async def _request(
+        self,
+        user_id: str,
+        row: DeploymentRow,
+        change: EventInput,
+        operation: bus_pb2.Operation.ValueType,
+        refusal: str,
+    ) -> pb.Deployment:
+        """Applies a change the caller asked for and sends the scheduler the request that carries it out."""
+        try:
+            applied = await self._store.apply(row.id, change, placement_outbox(operation), user_id=user_id)
         except TransitionRejected as rejected:
-            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "DELETE_NOT_ALLOWED", str(rejected)) from None
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, refusal, str(rejected)) from None
         if applied is None:
             return row_to_proto(await self._get(user_id, row.id))
         self._announce(change_of(applied.row, applied.event))

@@ -253,3 +253,27 @@ async def test_create_while_nats_is_down_flows_once_it_is_back(stack: Stack, pip
         return got.status == pb.DEPLOYMENT_STATUS_RUNNING
 
     await eventually(running, within=60)
+
+
+@pytest.mark.locations(ONE_SLOT)
+async def test_retry_restarts_a_failed_deployment(pipeline: Stub) -> None:
+    holder = await pipeline.CreateAppHostingDeployment(request("holder"))
+    await watch(pipeline, holder.id, until=SETTLED)
+    waiting = await pipeline.CreateAppHostingDeployment(request("waiting"))
+    refused = await watch(pipeline, waiting.id, until=SETTLED)
+    assert refused[-1].deployment.status == pb.DEPLOYMENT_STATUS_FAILED
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await pipeline.RetryDeployment(pb.RetryDeploymentRequest(id=holder.id))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    await pipeline.DeleteDeployment(pb.DeleteDeploymentRequest(id=holder.id))
+    await watch(pipeline, holder.id, since=refused[0].deployment.revision)
+    retried = await pipeline.RetryDeployment(pb.RetryDeploymentRequest(id=waiting.id))
+    assert retried.status == pb.DEPLOYMENT_STATUS_PENDING
+    assert not retried.HasField("error_message")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await pipeline.RetryDeployment(pb.RetryDeploymentRequest(id=waiting.id))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    items = await watch(pipeline, waiting.id, since=retried.revision, until=SETTLED)
+    assert items[-1].deployment.status == pb.DEPLOYMENT_STATUS_RUNNING
