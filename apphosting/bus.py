@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,11 +43,15 @@ SCHEDULER_CONSUMER = "scheduler"
 SCHEDULER_EVENTS_CONSUMER = "scheduler-events"
 API_EVENTS_CONSUMER = "api-events"
 
-# Redelivery: a handler that neither acks nor reports progress within ACK_WAIT gets its message
-# again, after these pauses; MAX_DELIVER bounds it so a poison message cannot loop for ever.
-ACK_WAIT = 30.0
+# Redelivery: a message neither acked nor reported in progress within its ack wait is delivered
+# again. With a backoff list JetStream takes the n-th entry as the ack wait of the n-th delivery
+# (the first entry replaces ACK_WAIT), so a worker that died holds its message for 10 s, and a
+# message that keeps failing waits longer each time; MAX_DELIVER ends a poison message's loop.
+ACK_WAIT = 10.0
 MAX_DELIVER = 10
-BACKOFF = [1.0, 2.0, 5.0, 10.0, 30.0, 30.0, 60.0, 60.0, 120.0, 120.0]
+BACKOFF = [ACK_WAIT, 15.0, 30.0, 60.0, 60.0, 120.0, 120.0, 300.0, 300.0, 300.0]
+# Long handlers report progress this often, well inside the ack wait.
+HEARTBEAT = ACK_WAIT / 3
 # Window in which JetStream drops a second publish with the same Nats-Msg-Id.
 DUPLICATE_WINDOW = 600.0
 WEEK = 7 * 24 * 3600.0
@@ -101,7 +106,45 @@ def _streams(storage: StorageType) -> list[StreamConfig]:
     ]
 
 
-async def connect(url: str, name: str, **options: Any) -> Client:
+@dataclass(frozen=True)
+class NatsSecurity:
+    """How a process proves itself to NATS and checks the server: a credentials file (JWT + nkey seed)
+    or an nkey seed, and TLS with the server's CA and, for mutual TLS, a client certificate."""
+
+    creds_file: str | None = None
+    nkey_seed_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for nats.connect."""
+        options: dict[str, Any] = {}
+        if self.creds_file:
+            options["user_credentials"] = self.creds_file
+        if self.nkey_seed_file:
+            options["nkeys_seed"] = self.nkey_seed_file
+        if self.tls_cert_file and not self.tls_key_file:
+            raise ValueError("a NATS TLS client certificate needs its key (--nats-tls-key)")
+        if self.tls_ca_file or self.tls_cert_file:
+            context = ssl.create_default_context(cafile=self.tls_ca_file)
+            if self.tls_cert_file:
+                context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+            options["tls"] = context
+        return options
+
+
+# Set once by the command line for every connection of the process (api, scheduler, provisioner).
+_security = NatsSecurity()
+
+
+def use_security(security: NatsSecurity) -> None:
+    """Makes every later `connect` of this process use these credentials and TLS settings."""
+    global _security
+    _security = security
+
+
+async def connect(url: str, name: str, *, security: NatsSecurity | None = None, **options: Any) -> Client:
     """Connects with reconnects for ever: a process outlives NATS restarts instead of dying with them."""
     return await nats.connect(
         url,
@@ -110,6 +153,7 @@ async def connect(url: str, name: str, **options: Any) -> Client:
         reconnect_time_wait=0.5,
         connect_timeout=5,
         allow_reconnect=True,
+        **(security or _security).options(),
         **options,
     )
 
@@ -166,6 +210,9 @@ class Consumer:
     concurrency: int = 1
     # Shared by the consumers of one process, so a stop asked for during start-up is not lost.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # On stop, hand the messages being handled back at once (nak) instead of finishing them:
+    # for long handlers, whose work another worker resumes.
+    hand_back: bool = False
 
     def __post_init__(self) -> None:
         self._stopping = self.stopping
@@ -194,27 +241,47 @@ class Consumer:
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
         finally:
+            if self.hand_back:
+                for task in self._tasks:
+                    task.cancel()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
     async def _handle(self, msg: Msg) -> None:
+        beating = asyncio.create_task(_heartbeat(msg))
         try:
             await self.handler(msg)
         except asyncio.CancelledError:
+            # Handed back: redelivered now, not after the ack wait.
             with contextlib.suppress(Exception):
                 await msg.nak()
-            raise
+            if not self._stopping.is_set():
+                raise
         except Exception:
             log.exception("handler for %s failed; the message will be redelivered", msg.subject)
             with contextlib.suppress(Exception):
                 await msg.nak(delay=1.0)
         finally:
+            beating.cancel()
             self._slots.release()
 
     def stop(self) -> None:
         self._stopping.set()
+
+
+async def _heartbeat(msg: Msg) -> None:
+    """Tells JetStream the message is still being worked on, so it is not given to another worker."""
+    while True:
+        await asyncio.sleep(HEARTBEAT)
+        with contextlib.suppress(Exception):
+            await msg.in_progress()
+
+
+def last_delivery(msg: Msg) -> bool:
+    """True when JetStream will not deliver this message again if this attempt fails."""
+    return msg.metadata.num_delivered >= MAX_DELIVER
 
 
 class KeyedLocks:
@@ -247,6 +314,7 @@ class Subscription:
     filter_subject: str
     handler: Handler
     concurrency: int = 8
+    hand_back: bool = False
 
 
 class Worker:
@@ -287,6 +355,7 @@ class Worker:
                 s.handler,
                 concurrency=s.concurrency,
                 stopping=self._stopping,
+                hand_back=s.hand_back,
             )
             for s in self.subscriptions()
         ]

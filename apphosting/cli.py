@@ -51,6 +51,11 @@ def _add_provisioner_options(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="chance (0-1) that a simulated app fails to deploy (default 0)",
     )
+    parser.add_argument(
+        "--simulate-state",
+        default=None,
+        help="SQLite file holding the simulated clusters, shared by workers and kept across restarts",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             location_ids=args.location_ids,
             simulate_delay=args.simulate_delay,
             simulate_failure_rate=args.simulate_failure_rate,
+            simulate_state=args.simulate_state,
         )
         return _run(lambda stop: serve_provisioner(provisioner_options, stop))
     if args.command == "dev":
@@ -150,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             locations_file=args.locations,
             simulate_delay=args.simulate_delay,
             simulate_failure_rate=args.simulate_failure_rate,
+            simulate_state=args.simulate_state,
         )
         return _run(lambda stop: run_dev(dev_options, stop))
     if args.command == "migrate":

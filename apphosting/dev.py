@@ -21,6 +21,8 @@ class DevOptions:
     locations_file: str | None = None
     simulate_delay: float = 0.5
     simulate_failure_rate: float = 0.0
+    # Default: a file in data_dir, so the simulated clusters survive a restart like the records do.
+    simulate_state: str | None = None
 
 
 async def run_dev(options: DevOptions, stop: asyncio.Event) -> None:
@@ -47,6 +49,7 @@ async def run_dev(options: DevOptions, stop: asyncio.Event) -> None:
             locations_file=options.locations_file,
             simulate_delay=options.simulate_delay,
             simulate_failure_rate=options.simulate_failure_rate,
+            simulate_state=options.simulate_state or str(data / "simulated-clusters.db"),
         )
     )
     tasks: list[asyncio.Task[None]] = []

@@ -13,10 +13,10 @@ from nats.aio.msg import Msg
 
 from apphosting import bus
 from apphosting.locations import LocationConfig, load_locations
-from apphosting.v1 import bus_pb2
+from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner.driver import Driver
-from provisioner.reconcile import Reconciler, RetryPolicy
-from provisioner.simulated import SimulatedDriver
+from provisioner.reconcile import Reconciler, RetryPolicy, event_id
+from provisioner.simulated import SimulatedDriver, SimulatedState
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,9 @@ class ProvisionerOptions:
     location_ids: Sequence[str] = ()
     simulate_delay: float = 0.0
     simulate_failure_rate: float = 0.0
+    # A file the simulated clusters live in, shared by workers and kept across their restarts;
+    # None keeps them in this process's memory.
+    simulate_state: str | None = None
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     # Jobs run at once by this worker, over all its locations.
     concurrency: int = 16
@@ -55,8 +58,9 @@ class Provisioner(bus.Worker):
         self.locations = _served(options)
         # Locations with cluster credentials get the kubernetes driver once it exists; for now every
         # location is simulated, and every event says so.
+        state = SimulatedState(options.simulate_state) if options.simulate_state else None
         self.drivers: dict[str, Driver] = {
-            location.id: SimulatedDriver(options.simulate_delay, options.simulate_failure_rate)
+            location.id: SimulatedDriver(options.simulate_delay, options.simulate_failure_rate, state=state)
             for location in self.locations
         }
         self._locks = bus.KeyedLocks()
@@ -69,6 +73,8 @@ class Provisioner(bus.Worker):
                 bus.job_subject(location.id),
                 self._on_job,
                 concurrency=self.options.concurrency,
+                # A stopping worker returns its jobs at once; another resumes them where they were.
+                hand_back=True,
             )
             for location in self.locations
         ]
@@ -84,17 +90,33 @@ class Provisioner(bus.Worker):
             await msg.nak(delay=5.0)
             return
 
-        async def heartbeat() -> None:
-            # Tells JetStream the job is alive, so a long step is not redelivered to another worker.
-            await msg.in_progress()
-
-        reconciler = Reconciler(
-            driver, self._emit, worker_id=self.options.worker_id, policy=self.options.policy, heartbeat=heartbeat
-        )
+        # The consumer reports the job in progress while it runs, so no heartbeat is wired in here.
+        reconciler = Reconciler(driver, self._emit, worker_id=self.options.worker_id, policy=self.options.policy)
         # One deployment's jobs (its create, then its delete) run one after the other.
         async with self._locks.hold(job.deployment.id):
-            await reconciler.run(job)
+            try:
+                await reconciler.run(job)
+            except Exception as exc:
+                if not bus.last_delivery(msg):
+                    raise
+                # JetStream gives up on the job now; the deployment must not stay in progress for ever.
+                await self._emit(_gave_up(job, self.options.worker_id, exc))
         await msg.ack()
+
+
+def _gave_up(job: bus_pb2.ProvisionJob, worker_id: str, error: Exception) -> bus_pb2.StatusEvent:
+    message = f"provisioning gave up after {bus.MAX_DELIVER} deliveries of job {job.job_id}: {error}"
+    event = bus_pb2.StatusEvent(
+        event_id=event_id(job.job_id, "job", "gave_up"),
+        deployment_id=job.deployment.id,
+        status=deployments_pb2.DEPLOYMENT_STATUS_ERROR,
+        phase="job",
+        message=message,
+        source=f"provisioner/{worker_id}",
+        error_message=message,
+    )
+    event.time.GetCurrentTime()
+    return event
 
 
 async def serve(options: ProvisionerOptions, stop: asyncio.Event) -> None:

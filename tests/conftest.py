@@ -22,6 +22,9 @@ from tests.support.databases import (
 if TYPE_CHECKING:
     from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub
 
+# The pipeline fixtures (stack, pipeline, locations) for every test folder.
+pytest_plugins = ["tests.support.stack"]
+
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:

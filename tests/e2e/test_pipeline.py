@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import json_format
 
 from apphosting.v1 import deployments_pb2 as pb
-from tests.e2e.conftest import Stack, eventually
+from tests.support.stack import Stack, eventually
 
 if TYPE_CHECKING:
     from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub as Stub
