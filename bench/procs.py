@@ -1,0 +1,187 @@
+"""The processes under test: started as real subprocesses with logs in a temp dir, measured through /proc."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+from apphosting.nats_server import NatsServer
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The children import `bench` (the echo server) and the product from this checkout.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def proc_status_kb(pid: int, key: str) -> int | None:
+    """A field of /proc/<pid>/status in KiB (VmRSS now, VmHWM the peak); None once the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def self_peak_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+
+
+class Proc:
+    """A child process whose stdout and stderr go to files; `ready` waits for a line it prints."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.stdout_path = workdir / f"{name}.out"
+        self.stderr_path = workdir / f"{name}.err"
+        self._out: IO[bytes] = self.stdout_path.open("wb")
+        self._err: IO[bytes] = self.stderr_path.open("wb")
+        self.process = subprocess.Popen(argv, stdout=self._out, stderr=self._err, env=_env(), cwd=workdir)
+        self.peak_rss_mb: float | None = None
+        self._profiler: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_for_line(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in self.stdout_path.read_text(errors="replace").splitlines():
+                match = regex.search(line)
+                if match:
+                    return match
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(
+            f"{self.name} did not print /{pattern}/ (exit {self.process.poll()}); "
+            f"stderr tail: {self.stderr_path.read_text(errors='replace')[-2000:]}"
+        )
+
+    def rss_mb(self) -> float | None:
+        kb = proc_status_kb(self.pid, "VmRSS")
+        return None if kb is None else round(kb / 1024.0, 1)
+
+    def sample_peak(self) -> float | None:
+        """Reads the kernel's high-water mark of resident memory; kept after the process is gone."""
+        kb = proc_status_kb(self.pid, "VmHWM")
+        if kb is not None:
+            self.peak_rss_mb = round(kb / 1024.0, 1)
+        return self.peak_rss_mb
+
+    def profile(self, output: Path, rate: int = 100) -> None:
+        """Attaches py-spy (collapsed stacks, idle frames dropped) until the process ends."""
+        self._profiler = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "py-spy"),
+                "record",
+                "--pid",
+                str(self.pid),
+                "--rate",
+                str(rate),
+                "--format",
+                "raw",
+                "--nonblocking",
+                "--output",
+                str(output),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.sample_peak()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._profiler is not None:
+            try:
+                self._profiler.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._profiler.kill()
+                self._profiler.wait()
+        self._out.close()
+        self._err.close()
+
+
+def python(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+class Stack:
+    """A nats-server and the processes of one scenario, in one temp folder; stop() ends them all."""
+
+    def __init__(self, workdir: Path, profile_dir: Path | None = None, label: str = "") -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.profile_dir = profile_dir
+        self.label = label
+        self.nats = NatsServer(workdir / "nats")
+        self.nats.start()
+        self.procs: list[Proc] = []
+        self.database_url = f"sqlite+aiosqlite:///{workdir / 'apphosting.db'}"
+
+    def start(self, name: str, argv: list[str], *, profile: bool = False) -> Proc:
+        proc = Proc(name, argv, self.workdir)
+        self.procs.append(proc)
+        if profile and self.profile_dir is not None:
+            self.profile_dir.mkdir(parents=True, exist_ok=True)
+            proc.profile(self.profile_dir / f"{self.label}-{name}.txt")
+        return proc
+
+    def api(self, locations: Path | None = None, *, profile: bool = True) -> tuple[Proc, int]:
+        argv = python(
+            "apphosting.cli",
+            "api",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            self.database_url,
+            "--nats-url",
+            self.nats.url,
+            "--log-level",
+            "WARNING",
+        )
+        if locations is not None:
+            argv += ["--locations", str(locations)]
+        proc = self.start("api", argv)
+        port = int(proc.wait_for_line(r"api: gRPC DeploymentService on [\d.]+:(\d+)").group(1))
+        if profile and self.profile_dir is not None:
+            self.profile_dir.mkdir(parents=True, exist_ok=True)
+            proc.profile(self.profile_dir / f"{self.label}-api.txt")
+        return proc, port
+
+    def peaks(self) -> dict[str, float | None]:
+        """Peak resident memory (MiB) of every process of the stack, nats-server included."""
+        found: dict[str, float | None] = {}
+        for proc in self.procs:
+            found[proc.name] = proc.sample_peak()
+        if self.nats.process is not None:
+            kb = proc_status_kb(self.nats.process.pid, "VmHWM")
+            found["nats-server"] = None if kb is None else round(kb / 1024.0, 1)
+        return found
+
+    def stop(self) -> dict[str, float | None]:
+        peaks = self.peaks()
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.nats.stop()
+        return peaks

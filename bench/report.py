@@ -1,0 +1,392 @@
+"""The targets of issue 7 judged against a run, and the Markdown report with its chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# What the profiles of the processes under test showed for each target (py-spy, `python -m bench
+# --profile DIR`); written by whoever profiled, kept with the code the numbers come from.
+FINDINGS: dict[str, str] = {}
+
+
+def _get(results: dict[str, Any], *path: str) -> Any:
+    node: Any = results
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _target(name: str, goal: str, measured: str, met: bool | None, short: str) -> dict[str, Any]:
+    if met is None:
+        verdict = "not measured in this run"
+    elif met:
+        verdict = "met"
+    else:
+        verdict = f"not met: {short}"
+    return {
+        "name": name,
+        "goal": goal,
+        "measured": measured,
+        "met": met,
+        "verdict": verdict,
+        "finding": FINDINGS.get(name, ""),
+    }
+
+
+def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
+    targets = []
+
+    ratio = _get(results, "create", "by_concurrency", "32", "ratio_to_echo")
+    rps = _get(results, "create", "by_concurrency", "32", "create", "rps")
+    echo = _get(results, "create", "by_concurrency", "32", "echo", "rps")
+    targets.append(
+        _target(
+            "create",
+            "Create ≥ 0.5x the echo ceiling at concurrency 32",
+            f"{rps}/s vs echo {echo}/s = {ratio}x" if ratio is not None else "—",
+            None if ratio is None else ratio >= 0.5,
+            f"{ratio}x is {0.5 / ratio:.1f}x below the goal" if ratio else "",
+        )
+    )
+
+    per_second = _get(results, "pipeline", "per_second")
+    targets.append(
+        _target(
+            "pipeline",
+            "≥ 200 deployments/s reaching running (simulated driver, zero delay)",
+            f"{per_second}/s with {_get(results, 'pipeline', 'provisioners')} provisioners"
+            if per_second is not None
+            else "—",
+            None if per_second is None else per_second >= 200,
+            f"{per_second}/s is {200 / per_second:.1f}x below the goal" if per_second else "nothing reached running",
+        )
+    )
+
+    streams = _get(results, "watch", "streams")
+    p99 = _get(results, "watch", "p99_ms")
+    nats_p99 = _get(results, "watch", "nats_p99_ms")
+    watch_met: bool | None = None
+    short = ""
+    if streams is not None and p99 is not None and nats_p99 is not None:
+        bound = nats_p99 + 50.0
+        watch_met = streams >= 10_000 and p99 <= bound
+        parts = []
+        if streams < 10_000:
+            parts.append(f"{streams:,} streams, not 10,000")
+        if p99 > bound:
+            parts.append(f"p99 {p99} ms is {p99 - bound:.1f} ms over NATS p99 + 50 ms ({bound:.1f} ms)")
+        short = "; ".join(parts)
+    targets.append(
+        _target(
+            "watch",
+            "10,000 watches on one API process, delivery p99 ≤ raw NATS p99 + 50 ms",
+            f"{streams:,} streams, p99 {p99} ms vs NATS p99 {nats_p99} ms" if streams is not None else "—",
+            watch_met,
+            short,
+        )
+    )
+
+    placement = _get(results, "scheduler", "p99_ms_by_locations", "1000")
+    targets.append(
+        _target(
+            "placement",
+            "placement p99 ≤ 1 ms at 1,000 locations",
+            f"p99 {placement} ms" if placement is not None else "—",
+            None if placement is None else placement <= 1.0,
+            f"{placement} ms is {placement:.2f}x the goal" if placement else "",
+        )
+    )
+
+    by_rows = _get(results, "list", "p99_ms_by_rows") or {}
+    sizes = sorted((int(rows), p) for rows, p in by_rows.items() if p is not None)
+    list_met: bool | None = None
+    growth = None
+    measured = "—"
+    if len(sizes) >= 2:
+        growth = sizes[-1][1] / sizes[0][1]
+        list_met = sizes[-1][0] >= 1_000_000 and growth <= 2.0
+        measured = (
+            f"p99 {sizes[0][1]} ms at {sizes[0][0]:,} rows → {sizes[-1][1]} ms at {sizes[-1][0]:,} ({growth:.2f}x)"
+        )
+    list_short = []
+    if growth is not None and growth > 2.0:
+        list_short.append(f"grows {growth:.2f}x, not within 2x")
+    if sizes and sizes[-1][0] < 1_000_000:
+        list_short.append(f"largest table measured is {sizes[-1][0]:,} rows, not 1,000,000")
+    targets.append(
+        _target(
+            "list",
+            "List p99 within 2x from 10k to 1M stored deployments",
+            measured,
+            list_met,
+            "; ".join(list_short),
+        )
+    )
+    return targets
+
+
+def _chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    (ax_create, ax_place), (ax_list, ax_watch) = axes
+
+    levels = _get(results, "create", "by_concurrency") or {}
+    if levels:
+        xs = [int(c) for c in levels]
+        ax_create.plot(xs, [levels[c]["echo"]["rps"] for c in levels], "o--", label="echo ceiling")
+        ax_create.plot(xs, [levels[c]["create"]["rps"] for c in levels], "o-", label="Create")
+        ax_create.set_xscale("log", base=2)
+        ax_create.set_yscale("log")
+        ax_create.legend()
+    ax_create.set_title("Create throughput vs concurrency")
+    ax_create.set_xlabel("concurrent clients")
+    ax_create.set_ylabel("requests/s")
+
+    placement = _get(results, "scheduler", "by_locations") or {}
+    if placement:
+        xs = [int(n) for n in placement]
+        ax_place.plot(xs, [placement[n]["p50_ms"] for n in placement], "o-", label="p50")
+        ax_place.plot(xs, [placement[n]["p99_ms"] for n in placement], "o-", label="p99")
+        ax_place.axhline(1.0, color="grey", linestyle=":", label="target at 1,000: 1 ms")
+        ax_place.set_xscale("log")
+        ax_place.set_yscale("log")
+        ax_place.legend()
+    ax_place.set_title("Placement time vs locations")
+    ax_place.set_xlabel("locations in the region")
+    ax_place.set_ylabel("ms per placement")
+
+    by_rows = _get(results, "list", "by_rows") or {}
+    if by_rows:
+        xs = [by_rows[r]["rows"] for r in by_rows]
+        names = next(iter(by_rows.values()))["queries"].keys()
+        for name in names:
+            ax_list.plot(xs, [by_rows[r]["queries"][name]["p99_ms"] for r in by_rows], "o-", label=f"{name} p99")
+        ax_list.set_xscale("log")
+        ax_list.set_yscale("log")
+        ax_list.legend(fontsize="small")
+    ax_list.set_title("List page latency vs stored deployments")
+    ax_list.set_xlabel("rows in deployments")
+    ax_list.set_ylabel("ms per page (50 rows)")
+
+    by_streams = _get(results, "watch", "by_streams") or {}
+    if by_streams:
+        xs = [by_streams[n]["streams"] for n in by_streams]
+        ax_watch.plot(xs, [by_streams[n]["delivery"]["p50_ms"] for n in by_streams], "o-", label="delivery p50")
+        ax_watch.plot(xs, [by_streams[n]["delivery"]["p99_ms"] for n in by_streams], "o-", label="delivery p99")
+        ax_watch.plot(xs, [by_streams[n]["nats_pub_sub"]["p99_ms"] for n in by_streams], "o--", label="raw NATS p99")
+        ax_watch.set_xscale("log")
+        ax_watch.set_yscale("log")
+        ax_watch.legend()
+    ax_watch.set_title("Status event → watch client latency vs open streams")
+    ax_watch.set_xlabel("open WatchDeployment streams")
+    ax_watch.set_ylabel("ms")
+
+    for ax in axes.flat:
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"apphosting benchmark, {results.get('started_at', '')} ({results['machine']['cpus']} cpus)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _row(*cells: Any) -> str:
+    return "| " + " | ".join("—" if cell is None else str(cell) for cell in cells) + " |"
+
+
+def write_report(results: dict[str, Any], path: Path) -> None:
+    """Writes the Markdown report and, beside it, the PNG chart `<stem>.png`."""
+    chart = path.with_suffix(".png")
+    _chart(results, chart)
+    targets = evaluate(results)
+    machine = results["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Produced by `python -m bench --output docs/benchmarks.json --report docs/benchmarks.md` "
+        f"({'quick' if results.get('quick') else 'full'} run of {results.get('duration_s')} s, started "
+        f"{results.get('started_at')}) on a {machine['cpus']}-cpu machine shared with other work "
+        f"(load average at start {machine['load_average_at_start']}), Python {machine['python']}. "
+        "The machine is noisy: compare ratios to the ceilings measured in the same run, not absolute numbers "
+        "across runs. Every server is a separate process (the API as `apphosting api`, the echo ceiling as "
+        "`python -m bench.echo`), so the client and the server under test do not share an event loop or a GIL; "
+        "with two cores, the client and the server each get about one.",
+        "",
+        "## Targets of issue 7",
+        "",
+        _row("target", "goal", "measured", "verdict"),
+        _row("---", "---", "---", "---"),
+    ]
+    for target in targets:
+        lines.append(_row(target["name"], target["goal"], target["measured"], target["verdict"]))
+    lines += ["", f"![how cost grows]({chart.name})", ""]
+    if any(target["finding"] for target in targets):
+        lines += ["## What holds each one back", ""]
+        for target in targets:
+            if target["finding"]:
+                lines += [f"**{target['name']}** — {target['finding']}", ""]
+
+    nats = _get(results, "ceilings", "nats") or {}
+    if nats:
+        lines += ["## Ceilings", "", _row("path", "p50 ms", "p99 ms", "samples"), _row("---", "---", "---", "---")]
+        for name, label in (
+            ("pub_sub", "NATS core publish → subscriber"),
+            ("request_reply", "NATS core request → reply"),
+            ("jetstream_publish", "JetStream publish → ack (file store)"),
+        ):
+            entry = nats.get(name, {})
+            lines.append(_row(label, entry.get("p50_ms"), entry.get("p99_ms"), entry.get("count")))
+        lines.append("")
+
+    levels = _get(results, "create", "by_concurrency") or {}
+    if levels:
+        lines += [
+            "## Create",
+            "",
+            "Closed loop over one channel; the echo ceiling answers the same RPC with canned bytes, measured "
+            "right before each Create run at the same concurrency. Records go to SQLite with the outbox relay "
+            "publishing to JetStream (no scheduler, so nothing else runs).",
+            "",
+            _row("concurrency", "Create/s", "p50 ms", "p99 ms", "echo/s", "echo p99 ms", "ratio", "errors"),
+            _row(*["---"] * 8),
+        ]
+        for concurrency, entry in levels.items():
+            lines.append(
+                _row(
+                    concurrency,
+                    entry["create"]["rps"],
+                    entry["create"]["p50_ms"],
+                    entry["create"]["p99_ms"],
+                    entry["echo"]["rps"],
+                    entry["echo"]["p99_ms"],
+                    entry["ratio_to_echo"],
+                    entry["create"]["errors"],
+                )
+            )
+        lines.append("")
+
+    runs = _get(results, "pipeline", "by_provisioners") or {}
+    if runs:
+        lines += [
+            "## Pipeline",
+            "",
+            "API + scheduler + N `apphosting provisioner --simulate-delay 0` processes serving the same four "
+            "locations (so they share the consumers), SQLite, one nats-server. Deployments are created at "
+            f"concurrency {results['plan']['pipeline_concurrency']}; a deployment counts when the API announces "
+            "it `running`. Rate = deployments running ÷ time from the first Create to the last `running`.",
+            "",
+            _row("provisioners", "created", "running", "failed", "per second", "create→running p50 ms", "p99 ms"),
+            _row(*["---"] * 7),
+        ]
+        for count, entry in runs.items():
+            lines.append(
+                _row(
+                    count,
+                    entry["created"],
+                    entry["running"],
+                    entry["failed"],
+                    entry["per_second"],
+                    entry["create_to_running"]["p50_ms"],
+                    entry["create_to_running"]["p99_ms"],
+                )
+            )
+        lines.append("")
+
+    by_streams = _get(results, "watch", "by_streams") or {}
+    if by_streams:
+        lines += [
+            "## Watches",
+            "",
+            f"WatchDeployment streams on one API process, {results['watch']['streams_per_deployment']} per "
+            "deployment, from the benchmark process over channels of up to 1,000 streams. The benchmark publishes "
+            f"{results['plan']['watch_events']} `provisioning` status events to JetStream "
+            f"(`apphosting.events.<id>`, {results['plan']['watch_rate']:.0f}/s) round robin over the watched "
+            "deployments; latency is from the publish call to the arrival at each stream, so it includes the "
+            "API applying the event to the database. Raw NATS is core publish → subscriber at the same pace, "
+            "measured right after.",
+            "",
+            _row(
+                "streams",
+                "opened in s",
+                "delivered",
+                "p50 ms",
+                "p99 ms",
+                "raw NATS p99 ms",
+                "API RSS MiB",
+                "KiB per stream",
+            ),
+            _row(*["---"] * 8),
+        ]
+        for entry in by_streams.values():
+            lines.append(
+                _row(
+                    entry["streams"],
+                    entry["open_seconds"],
+                    f"{entry['deliveries']}/{entry['deliveries_expected']}",
+                    entry["delivery"]["p50_ms"],
+                    entry["delivery"]["p99_ms"],
+                    entry["nats_pub_sub"]["p99_ms"],
+                    entry["api_rss_mb"],
+                    entry["kib_per_stream"],
+                )
+            )
+        lines.append("")
+
+    placement = _get(results, "scheduler", "by_locations") or {}
+    if placement:
+        lines += [
+            "## Placement",
+            "",
+            "`scheduler.placement.Placer.place` in the benchmark process, all locations in one region, two "
+            "thirds of them holding reservations, 1 in 20 unhealthy. The index is built once per fleet.",
+            "",
+            _row("locations", "p50 ms", "p99 ms", "max ms", "calls", "index build ms"),
+            _row(*["---"] * 6),
+        ]
+        for size, entry in placement.items():
+            lines.append(
+                _row(size, entry["p50_ms"], entry["p99_ms"], entry["max_ms"], entry["count"], entry["index_build_ms"])
+            )
+        lines.append("")
+
+    by_rows = _get(results, "list", "by_rows") or {}
+    if by_rows:
+        names = list(next(iter(by_rows.values()))["queries"])
+        lines += [
+            "## List",
+            "",
+            "Rows bulk-inserted with SQLAlchemy into the `deployments` table of the API's SQLite file while the "
+            "API runs; pages of 50, one request at a time. `middle_page` resumes from a token in the middle of "
+            "the table, `status_failed` filters on a status 1 in 100 rows have, `region_asia` on a region 1 in "
+            "10 have. Cells are p99 ms.",
+            "",
+            _row("rows", "inserted in s", *names, "API RSS MiB"),
+            _row(*["---"] * (len(names) + 3)),
+        ]
+        for entry in by_rows.values():
+            lines.append(
+                _row(
+                    f"{entry['rows']:,}",
+                    entry["insert_seconds"],
+                    *[entry["queries"][name]["p99_ms"] for name in names],
+                    entry["api_rss_mb"],
+                )
+            )
+        for note in _get(results, "list", "notes") or []:
+            lines += ["", f"Note: {note}."]
+        lines.append("")
+
+    memory = _get(results, "memory", "peak_rss_mb") or {}
+    if memory:
+        lines += ["## Peak memory (MiB, VmHWM)", "", _row("stage", "process", "peak RSS"), _row("---", "---", "---")]
+        for stage, processes in memory.items():
+            for process, peak in processes.items():
+                lines.append(_row(stage, process, peak))
+        lines.append("")
+    path.write_text("\n".join(lines))
