@@ -38,6 +38,27 @@ class LocationConfig(BaseModel):
     # Access to the real cluster; a location without it is served by the simulated driver.
     kubeconfig: str | None = None
     context: str | None = None
+    # The rest configures the kubernetes driver and is ignored by the simulated one.
+    # Apps answer at https://<app>-<8 hex of id>.<base_domain>; None: <id>.apps.internal.
+    base_domain: str | None = Field(None, min_length=1, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    # The GitOps repository: a URL or path git and Argo CD both reach; None: a local bare repository
+    # (created on first use) under git_local_dir, for single-machine setups and tests.
+    git_repo: str | None = None
+    git_local_dir: str = ".apphosting/gitops"
+    git_branch: str = Field("main", min_length=1)
+    # A file holding an HTTPS token for git_repo, so the secret never sits in the locations file.
+    git_token_file: str | None = None
+    # Where Argo CD runs, and the AppProject the deployments' Applications belong to.
+    argocd_namespace: str = Field("argocd", min_length=1)
+    argocd_project: str = Field("default", min_length=1)
+    # The loft-sh vcluster chart the vClusters are installed from.
+    vcluster_chart_repo: str = "https://charts.loft.sh"
+    vcluster_chart_version: str = Field("0.35.3", min_length=1)
+    # None: the host cluster's default StorageClass / IngressClass.
+    storage_class: str | None = None
+    ingress_class: str | None = None
+    # How often the driver looks again at something that is not ready yet.
+    poll_seconds: float = Field(2.0, gt=0)
 
 
 class LocationsFile(BaseModel):

@@ -80,6 +80,9 @@ _DELETE: tuple[_Step, ...] = (
     _Step("namespace", "HostNamespaceDeleted", lambda d, j, c: d.delete_namespace(j)),
 )
 
+# StepResult fields that are also fields of the deployment record; other fields (kubeconfig) stay private.
+RECORD_FIELDS: tuple[str, ...] = ("endpoint_url", "git_path", "values_yaml")
+
 CREATE_STEPS: tuple[str, ...] = tuple(step.name for step in _CREATE)
 DELETE_STEPS: tuple[str, ...] = tuple(step.name for step in _DELETE)
 # Phase of the final event of a teardown.
@@ -255,8 +258,10 @@ class Reconciler:
             event.region = location.region
             event.location_id = location.id
             event.cluster_status = "ready"
-            if "endpoint_url" in result.fields:
-                event.endpoint_url = result.fields["endpoint_url"]
+        # Record fields a step found out go on its own event, so the record shows them as they appear.
+        for name in RECORD_FIELDS:
+            if name in result.fields:
+                setattr(event, name, result.fields[name])
         return event
 
     def _failure(

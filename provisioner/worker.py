@@ -15,6 +15,7 @@ from apphosting import bus
 from apphosting.locations import LocationConfig, load_locations
 from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner.driver import Driver
+from provisioner.kubernetes import KubernetesDriver
 from provisioner.reconcile import Reconciler, RetryPolicy, event_id
 from provisioner.simulated import SimulatedDriver, SimulatedState
 
@@ -56,11 +57,13 @@ class Provisioner(bus.Worker):
         super().__init__(options.nats_url, f"apphosting-provisioner-{options.worker_id}")
         self.options = options
         self.locations = _served(options)
-        # Locations with cluster credentials get the kubernetes driver once it exists; for now every
-        # location is simulated, and every event says so.
+        # Locations with cluster credentials get the kubernetes driver; the others are simulated, and
+        # every event of theirs says so.
         state = SimulatedState(options.simulate_state) if options.simulate_state else None
         self.drivers: dict[str, Driver] = {
-            location.id: SimulatedDriver(options.simulate_delay, options.simulate_failure_rate, state=state)
+            location.id: KubernetesDriver(location)
+            if location.kubeconfig
+            else SimulatedDriver(options.simulate_delay, options.simulate_failure_rate, state=state)
             for location in self.locations
         }
         self._locks = bus.KeyedLocks()
@@ -121,6 +124,8 @@ def _gave_up(job: bus_pb2.ProvisionJob, worker_id: str, error: Exception) -> bus
 
 async def serve(options: ProvisionerOptions, stop: asyncio.Event) -> None:
     provisioner = Provisioner(options)
-    served = ", ".join(location.id for location in provisioner.locations)
-    print(f"provisioner {options.worker_id}: simulated driver for {served}", flush=True)
+    served = ", ".join(
+        f"{location.id} ({'kubernetes' if location.kubeconfig else 'simulated'})" for location in provisioner.locations
+    )
+    print(f"provisioner {options.worker_id}: {served}", flush=True)
     await provisioner.serve(stop)

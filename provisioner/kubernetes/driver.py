@@ -1,0 +1,409 @@
+"""The kubernetes driver: vClusters and apps on a real host cluster, delivered through git and Argo CD."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from apphosting.locations import LocationConfig
+from apphosting.v1 import bus_pb2, deployments_pb2
+from provisioner.driver import PermanentError, StepResult, TemporaryError
+from provisioner.kubernetes import render
+from provisioner.kubernetes.api import KubeApi, Obj
+from provisioner.kubernetes.gitops import GitOpsRepo
+from provisioner.kubernetes.names import Names
+
+_GROUP, _VERSION, _PLURAL = "argoproj.io", "v1alpha1", "applications"
+_CLUSTER_SECRET_LABEL = "argocd.argoproj.io/secret-type"
+# Application conditions that mean the spec itself can never work (a missing chart is one).
+_PERMANENT_CONDITIONS = frozenset({"InvalidSpecError"})
+
+
+class KubernetesDriver:
+    """Drives one location's host cluster; every object name comes from `Names`.
+
+    The provisioner talks only to the host cluster's API. It installs the vCluster and the app as
+    Argo CD Applications and reads their progress from the Applications' status, so it needs no
+    network route into any vCluster; the vCluster's kubeconfig is handed to Argo CD as a cluster.
+    """
+
+    simulated = False
+
+    def __init__(
+        self,
+        location: LocationConfig,
+        *,
+        api: KubeApi | None = None,
+        repo: GitOpsRepo | None = None,
+        poll_after: float | None = None,
+    ) -> None:
+        self.location = location
+        if api is None:
+            if location.kubeconfig is None:
+                raise ValueError(f"location {location.id} has no kubeconfig")
+            api = KubeApi.from_kubeconfig(location.kubeconfig, location.context)
+        self.api = api
+        if repo is None:
+            if location.git_repo:
+                repo = GitOpsRepo(location.git_repo, location.git_branch, token_file=location.git_token_file)
+            else:
+                repo = GitOpsRepo.local(Path(location.git_local_dir) / "apphosting.git", location.git_branch)
+        self.repo = repo
+        self.poll_after = location.poll_seconds if poll_after is None else poll_after
+
+    def names(self, job: bus_pb2.ProvisionJob) -> Names:
+        return Names.of(job.deployment, self.location)
+
+    # -- create ---------------------------------------------------------------------------------
+
+    async def ensure_namespace(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        names = self.names(job)
+        body = render.namespace(names)
+        what = f"namespace {names.namespace}"
+        if await self.api.create(f"create {what}", self.api.core.create_namespace, body):
+            return StepResult.done(f"host namespace {names.namespace} created (Pod Security restricted)")
+        found = await self.api.get(f"read {what}", self.api.core.read_namespace, names.namespace)
+        if found is None:
+            raise TemporaryError(f"{what} was deleted while it was being created")
+        if found.get("status", {}).get("phase") == "Terminating":
+            return StepResult.retry(self.poll_after, f"{what} is still terminating from an earlier teardown")
+        owner = found["metadata"].get("labels", {}).get(render.DEPLOYMENT_LABEL)
+        if owner != names.deployment_id:
+            raise PermanentError(f"{what} exists and belongs to {owner or 'someone else'}, not this deployment")
+        wanted = body["metadata"]["labels"]
+        if any(found["metadata"].get("labels", {}).get(k) != v for k, v in wanted.items()):
+            # Someone relaxed the Pod Security labels: put them back.
+            await self.api.call(
+                f"label {what}", self.api.core.patch_namespace, names.namespace, {"metadata": {"labels": wanted}}
+            )
+            return StepResult.done(f"host namespace {names.namespace} already exists; labels restored")
+        return StepResult.done(f"host namespace {names.namespace} already exists")
+
+    async def _ensure_application(self, body: Obj, what: str) -> bool:
+        """Creates the Application, or brings an existing one's spec, labels and annotations to `body`."""
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        if await self.api.create(
+            f"create {what}",
+            self.api.custom.create_namespaced_custom_object,
+            _GROUP,
+            _VERSION,
+            namespace,
+            _PLURAL,
+            body,
+        ):
+            return True
+        found = await self._application(namespace, name, what)
+        if found is None:
+            raise TemporaryError(f"{what} was deleted while it was being created")
+        if found["metadata"].get("deletionTimestamp"):
+            raise TemporaryError(f"{what} is still being deleted from an earlier teardown")
+        meta = found["metadata"]
+        if (
+            found.get("spec") != body["spec"]
+            or meta.get("annotations", {}) != body["metadata"].get("annotations", {})
+            or any(meta.get("labels", {}).get(k) != v for k, v in body["metadata"]["labels"].items())
+        ):
+            patch = {"metadata": {"labels": body["metadata"]["labels"]}, "spec": body["spec"]}
+            patch["metadata"]["annotations"] = body["metadata"].get("annotations") or None
+            await self.api.call(
+                f"update {what}",
+                self.api.custom.patch_namespaced_custom_object,
+                _GROUP,
+                _VERSION,
+                namespace,
+                _PLURAL,
+                name,
+                patch,
+            )
+        return False
+
+    async def _application(self, namespace: str, name: str, what: str) -> Obj | None:
+        return await self.api.get(
+            f"read {what}", self.api.custom.get_namespaced_custom_object, _GROUP, _VERSION, namespace, _PLURAL, name
+        )
+
+    async def ensure_vcluster(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        names = self.names(job)
+        body = render.vcluster_application(job.deployment, names, self.location)
+        tag = body["spec"]["source"]["helm"]["valuesObject"]["controlPlane"]["distro"]["k8s"]["image"]["tag"]
+        what = f"Application {names.vcluster_application}"
+        created = await self._ensure_application(body, what)
+        state = "installing" if created else "already installed"
+        return StepResult.done(
+            f"vCluster {names.release} (Kubernetes {tag}, chart vcluster {self.location.vcluster_chart_version}) "
+            f"{state} in {names.namespace} through Argo CD {what}"
+        )
+
+    def _application_problem(self, app: Obj, what: str) -> StepResult | None:
+        """A failure reported on an Application, as a step result; None when there is none."""
+        status = app.get("status") or {}
+        for condition in status.get("conditions") or []:
+            if condition.get("type") in _PERMANENT_CONDITIONS:
+                return StepResult.fail(f"{what}: {condition.get('message', condition['type'])}", permanent=True)
+        health = status.get("health") or {}
+        if health.get("status") == "Degraded":
+            return StepResult.fail(f"{what} is degraded: {health.get('message') or 'see Argo CD'}", permanent=True)
+        operation = status.get("operationState") or {}
+        if operation.get("phase") in ("Failed", "Error") and operation.get("retryCount", 0) >= 5:
+            return StepResult.fail(f"{what} sync failed: {operation.get('message', '')}", permanent=True)
+        return None
+
+    @staticmethod
+    def _progress(app: Obj) -> str:
+        status = app.get("status") or {}
+        sync = (status.get("sync") or {}).get("status", "Unknown")
+        health = (status.get("health") or {}).get("status", "Unknown")
+        errors = [c.get("message", "") for c in status.get("conditions") or [] if "Error" in c.get("type", "")]
+        return f"sync {sync}, health {health}" + (f" ({'; '.join(errors)})" if errors else "")
+
+    async def vcluster_ready(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        names = self.names(job)
+        what = f"Application {names.vcluster_application}"
+        app = await self._application(self.location.argocd_namespace, names.vcluster_application, what)
+        if app is None:
+            raise TemporaryError(f"{what} does not exist")
+        problem = self._application_problem(app, what)
+        if problem is not None:
+            return problem
+        statefulset = await self.api.get(
+            f"read StatefulSet {names.control_plane}",
+            self.api.apps.read_namespaced_stateful_set,
+            names.control_plane,
+            names.namespace,
+        )
+        ready = (statefulset or {}).get("status", {}).get("readyReplicas") or 0
+        if ready < 1:
+            return StepResult.retry(
+                self.poll_after, f"vCluster {names.release} control plane starting ({self._progress(app)})"
+            )
+        if await self._kubeconfig(names) is None:
+            return StepResult.retry(
+                self.poll_after, f"vCluster {names.release} ready, waiting for secret {names.kubeconfig_secret}"
+            )
+        return StepResult.done(f"vCluster {names.release} control plane ready ({ready} ready)")
+
+    async def _kubeconfig(self, names: Names) -> str | None:
+        secret = await self.api.get(
+            f"read secret {names.kubeconfig_secret}",
+            self.api.core.read_namespaced_secret,
+            names.kubeconfig_secret,
+            names.namespace,
+        )
+        encoded = ((secret or {}).get("data") or {}).get("config")
+        return base64.b64decode(encoded).decode() if encoded else None
+
+    async def read_kubeconfig(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        names = self.names(job)
+        kubeconfig = await self._kubeconfig(names)
+        if kubeconfig is None:
+            raise TemporaryError(f"secret {names.kubeconfig_secret} has no key config yet")
+        return StepResult.done(f"kubeconfig read from secret {names.kubeconfig_secret}", kubeconfig=kubeconfig)
+
+    async def _register_cluster(self, names: Names, kubeconfig: str) -> None:
+        """Tells Argo CD about the vCluster: a cluster secret made from its kubeconfig."""
+        body = argocd_cluster_secret(names, self.location, kubeconfig)
+        namespace = self.location.argocd_namespace
+        what = f"Argo CD cluster secret {names.argocd_cluster_secret}"
+        if await self.api.create(f"create {what}", self.api.core.create_namespaced_secret, namespace, body):
+            return
+        found = await self.api.get(
+            f"read {what}", self.api.core.read_namespaced_secret, names.argocd_cluster_secret, namespace
+        )
+        if found is None:
+            raise TemporaryError(f"{what} was deleted while it was being created")
+        wanted = {k: base64.b64encode(v.encode()).decode() for k, v in body["stringData"].items()}
+        if found.get("data") != wanted:
+            # A replace carrying the resourceVersion we read: a concurrent change fails with 409 and is retried.
+            replace = {
+                **body,
+                "metadata": {**body["metadata"], "resourceVersion": found["metadata"]["resourceVersion"]},
+            }
+            await self.api.call(
+                f"update {what}",
+                self.api.core.replace_namespaced_secret,
+                names.argocd_cluster_secret,
+                namespace,
+                replace,
+            )
+
+    async def ensure_app(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
+        names = self.names(job)
+        deployment = job.deployment
+        if not kubeconfig:
+            raise TemporaryError("no kubeconfig of the vCluster was handed to the app step")
+        await self._register_cluster(names, kubeconfig)
+        files = render.app_files(deployment, names, self.location)
+        commit = await asyncio.to_thread(
+            self.repo.write, names.git_path, files.files, f"{names.release}: deploy {names.app} ({deployment.id})"
+        )
+        body = render.app_application(deployment, names, self.location, self.repo.url)
+        what = f"Application {names.app_application}"
+        created = await self._ensure_application(body, what)
+        state = "created" if created else "already present"
+        return StepResult.done(
+            f"app {names.app} committed to {names.git_path} at {commit[:12]}; Argo CD {what} {state}",
+            git_path=names.git_path,
+            values_yaml=files.values_yaml,
+        )
+
+    async def app_rollout(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
+        names = self.names(job)
+        what = f"Application {names.app_application}"
+        app = await self._application(self.location.argocd_namespace, names.app_application, what)
+        if app is None:
+            raise TemporaryError(f"{what} does not exist")
+        problem = self._application_problem(app, what)
+        if problem is not None:
+            return problem
+        status = app.get("status") or {}
+        synced = (status.get("sync") or {}).get("status") == "Synced"
+        healthy = (status.get("health") or {}).get("status") == "Healthy"
+        if not (synced and healthy):
+            return StepResult.retry(self.poll_after, f"app {names.app} rolling out ({self._progress(app)})")
+        if job.deployment.app_type != deployments_pb2.APP_TYPE_HELM:
+            # Argo CD calls a Deployment healthy once its rollout is done and its replicas are available.
+            deployment = _resource(status, "Deployment", names.app)
+            if deployment is None or (deployment.get("health") or {}).get("status") != "Healthy":
+                return StepResult.retry(self.poll_after, f"app {names.app}: Deployment not yet available")
+        replicas = render.Resources.of(job.deployment).replicas
+        revision = str((status.get("sync") or {}).get("revision") or "")[:12]
+        at = f" at {revision}" if revision else ""
+        return StepResult.done(f"app {names.app} synced{at} and healthy: {replicas}/{replicas} replicas available")
+
+    async def endpoint(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
+        names = self.names(job)
+        host = names.host(render.base_domain(self.location))
+        url = f"https://{host}"
+        if job.deployment.app_type != deployments_pb2.APP_TYPE_HELM:
+            what = f"Application {names.app_application}"
+            app = await self._application(self.location.argocd_namespace, names.app_application, what)
+            if app is None or _resource(app.get("status") or {}, "Ingress", names.app) is None:
+                return StepResult.retry(self.poll_after, f"waiting for Ingress {names.app} of {host}")
+        return StepResult.done(f"app answers at {url}", endpoint_url=url)
+
+    # -- delete ---------------------------------------------------------------------------------
+
+    async def _delete_application(self, name: str) -> StepResult | None:
+        """Deletes an Application; a retry result while Argo CD prunes what it deployed, None once gone."""
+        namespace = self.location.argocd_namespace
+        what = f"Application {name}"
+        found = await self._application(namespace, name, what)
+        if found is None:
+            return None
+        if not found["metadata"].get("deletionTimestamp"):
+            await self.api.delete(
+                f"delete {what}",
+                self.api.custom.delete_namespaced_custom_object,
+                _GROUP,
+                _VERSION,
+                namespace,
+                _PLURAL,
+                name,
+            )
+        return StepResult.retry(self.poll_after, f"{what} deleting: Argo CD is removing what it deployed")
+
+    async def delete_app(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        names = self.names(job)
+        waiting = await self._delete_application(names.app_application)
+        if waiting is not None:
+            return waiting
+        removed = await asyncio.to_thread(
+            self.repo.remove, names.git_path, f"{names.release}: remove {names.app} ({job.deployment.id})"
+        )
+        await self.api.delete(
+            f"delete secret {names.argocd_cluster_secret}",
+            self.api.core.delete_namespaced_secret,
+            names.argocd_cluster_secret,
+            self.location.argocd_namespace,
+        )
+        if await self.api.get(
+            f"read secret {names.argocd_cluster_secret}",
+            self.api.core.read_namespaced_secret,
+            names.argocd_cluster_secret,
+            self.location.argocd_namespace,
+        ):
+            return StepResult.retry(self.poll_after, f"Argo CD cluster secret {names.argocd_cluster_secret} deleting")
+        if await asyncio.to_thread(self.repo.read, names.git_path) is not None:
+            raise TemporaryError(f"git path {names.git_path} is still in {self.repo.url}")
+        git = f"git path {names.git_path} removed" if removed else f"git path {names.git_path} already gone"
+        return StepResult.done(f"app {names.app} deleted: Application {names.app_application} gone, {git}")
+
+    async def delete_vcluster(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        names = self.names(job)
+        waiting = await self._delete_application(names.vcluster_application)
+        if waiting is not None:
+            return waiting
+        # Uninstalling a chart leaves its StatefulSet's volume claims behind; they go explicitly.
+        listed = await self.api.call(
+            f"list PVCs in {names.namespace}",
+            self.api.core.list_namespaced_persistent_volume_claim,
+            names.namespace,
+        )
+        claims = [str(item.metadata.name) for item in listed.items if item.metadata is not None]
+        for claim in claims:
+            await self.api.delete(
+                f"delete PVC {claim}",
+                self.api.core.delete_namespaced_persistent_volume_claim,
+                claim,
+                names.namespace,
+            )
+        if claims:
+            return StepResult.retry(self.poll_after, f"vCluster {names.release}: deleting PVCs {', '.join(claims)}")
+        return StepResult.done(f"vCluster {names.release} uninstalled; its PVCs are gone")
+
+    async def delete_namespace(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        names = self.names(job)
+        what = f"namespace {names.namespace}"
+        found = await self.api.get(f"read {what}", self.api.core.read_namespace, names.namespace)
+        if found is None:
+            return StepResult.done(f"host namespace {names.namespace} deleted")
+        if not found["metadata"].get("deletionTimestamp"):
+            await self.api.delete(f"delete {what}", self.api.core.delete_namespace, names.namespace)
+        return StepResult.retry(self.poll_after, f"host namespace {names.namespace} terminating")
+
+
+def _resource(status: Obj, kind: str, name: str) -> Obj | None:
+    for resource in status.get("resources") or []:
+        if resource.get("kind") == kind and resource.get("name") == name:
+            return dict(resource)
+    return None
+
+
+def argocd_cluster_secret(names: Names, location: LocationConfig, kubeconfig: str) -> Obj:
+    """Argo CD's declarative cluster: server and credentials taken from the vCluster's kubeconfig."""
+    try:
+        parsed: Any = yaml.safe_load(kubeconfig)
+        current = parsed.get("current-context") or parsed["contexts"][0]["name"]
+        context = next(c["context"] for c in parsed["contexts"] if c["name"] == current)
+        cluster = next(c["cluster"] for c in parsed["clusters"] if c["name"] == context["cluster"])
+        user = next(u["user"] for u in parsed["users"] if u["name"] == context["user"])
+    except (yaml.YAMLError, KeyError, IndexError, StopIteration, TypeError, AttributeError) as exc:
+        raise TemporaryError(f"kubeconfig in secret {names.kubeconfig_secret} cannot be read: {exc!r}") from exc
+    tls: dict[str, Any] = {}
+    if cluster.get("certificate-authority-data"):
+        tls["caData"] = cluster["certificate-authority-data"]
+    if cluster.get("insecure-skip-tls-verify"):
+        tls["insecure"] = True
+    if user.get("client-certificate-data"):
+        tls["certData"] = user["client-certificate-data"]
+    if user.get("client-key-data"):
+        tls["keyData"] = user["client-key-data"]
+    cluster_config: dict[str, Any] = {"tlsClientConfig": tls}
+    if user.get("token"):
+        cluster_config["bearerToken"] = user["token"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": names.argocd_cluster_secret,
+            "namespace": location.argocd_namespace,
+            "labels": {**render.labels(names), _CLUSTER_SECRET_LABEL: "cluster"},
+        },
+        "type": "Opaque",
+        "stringData": {"name": names.argocd_cluster, "server": cluster["server"], "config": json.dumps(cluster_config)},
+    }

@@ -1,0 +1,515 @@
+"""Renders the objects, values and Argo CD Applications of one deployment as plain dicts."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from apphosting.locations import LocationConfig
+from apphosting.settings import DEFAULT_KUBERNETES_VERSION
+from apphosting.v1 import deployments_pb2
+from provisioner.driver import PermanentError
+from provisioner.kubernetes.names import Names
+
+Obj = dict[str, Any]
+
+# vCluster's own Kubernetes distro images (ghcr.io/loft-sh/kubernetes), one pinned patch per supported
+# minor: a request for "1.35" gets a known-good image, not whatever a floating tag points at today.
+DISTRO_TAGS: Mapping[str, str] = {
+    "1.33": "v1.33.4",
+    "1.34": "v1.34.1",
+    "1.35": "v1.35.0",
+    "1.36": "v1.36.0",
+}
+_VERSION = re.compile(r"^v?(1\.\d+)(\.\d+)?$")
+
+# Values of a request that leaves them unset (the contract gives no defaults for these).
+DEFAULT_CPU = 0.1
+DEFAULT_MEMORY_MB = 128
+DEFAULT_REPLICAS = 1
+DEFAULT_PORT = 8080
+DEFAULT_VOLUME_GB = 10
+
+# What the vCluster itself runs in the host namespace besides the app (control plane and CoreDNS):
+# the quota must leave room for it or the vCluster could not start its own pods.
+_CONTROL_PLANE_CPU_M = 200
+_CONTROL_PLANE_MEMORY_MI = 256
+_COREDNS_CPU_M = 20
+_COREDNS_MEMORY_MI = 64
+_CONTROL_PLANE_STORAGE_GI = 5
+# Any uid that is not root: the restricted profile only asks for non-root.
+_CONTROL_PLANE_UID = 12345
+
+MANAGED_BY = {"app.kubernetes.io/managed-by": "apphosting"}
+DEPLOYMENT_LABEL = "apphosting.dev/deployment-id"
+ARGOCD_FINALIZER = "resources-finalizer.argocd.argoproj.io"
+ARGOCD_API_VERSION = "argoproj.io/v1alpha1"
+IMAGE_UPDATER = "argocd-image-updater.argoproj.io"
+# The alias of the app's image in Image Updater's image list.
+IMAGE_ALIAS = "app"
+
+_RESTRICTED_POD: Obj = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+_RESTRICTED_CONTAINER: Obj = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """The resources a deployment asked for, with the driver's defaults filled in."""
+
+    cpu_m: int
+    memory_mi: int
+    replicas: int
+    storage_gi: int
+    pvcs: int
+
+    @classmethod
+    def of(cls, d: deployments_pb2.Deployment) -> Resources:
+        volumes = [v.size_gb if v.HasField("size_gb") else DEFAULT_VOLUME_GB for v in d.volumes]
+        storage = d.storage_size_gb if d.HasField("storage_size_gb") else 0
+        return cls(
+            cpu_m=round((d.cpu_request if d.HasField("cpu_request") else DEFAULT_CPU) * 1000),
+            memory_mi=d.memory_request_mb if d.HasField("memory_request_mb") else DEFAULT_MEMORY_MB,
+            replicas=d.replicas if d.HasField("replicas") else DEFAULT_REPLICAS,
+            storage_gi=storage + sum(volumes),
+            pvcs=len(volumes) + (1 if storage else 0),
+        )
+
+
+def labels(names: Names) -> dict[str, str]:
+    return {**MANAGED_BY, DEPLOYMENT_LABEL: names.deployment_id}
+
+
+def base_domain(location: LocationConfig) -> str:
+    return location.base_domain or f"{location.id}.apps.internal"
+
+
+def distro_tag(kubernetes_version: str) -> str:
+    """The distro image tag for a requested version: `1.N` gets the pinned patch, `1.N.P` itself."""
+    match = _VERSION.match(kubernetes_version or DEFAULT_KUBERNETES_VERSION)
+    if match is None or match.group(1) not in DISTRO_TAGS:
+        raise PermanentError(
+            f"Kubernetes version {kubernetes_version!r} is not offered; supported: {', '.join(DISTRO_TAGS)}"
+        )
+    minor, patch = match.groups()
+    return f"v{minor}{patch}" if patch else DISTRO_TAGS[minor]
+
+
+def namespace(names: Names) -> Obj:
+    """The host namespace; Pod Security `restricted` is enforced on everything in it."""
+    pss = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "audit", "warn")}
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": names.namespace,
+            "labels": {**labels(names), **pss, "pod-security.kubernetes.io/enforce-version": "latest"},
+        },
+    }
+
+
+def vcluster_values(d: deployments_pb2.Deployment, names: Names, location: LocationConfig) -> Obj:
+    """Values for the loft-sh vcluster chart: version, quota and limits from the request, restricted pods."""
+    res = Resources.of(d)
+    security = {
+        "podSecurityContext": {**_RESTRICTED_POD, "runAsUser": _CONTROL_PLANE_UID, "fsGroup": _CONTROL_PLANE_UID},
+        "containerSecurityContext": {**_RESTRICTED_CONTAINER, "runAsUser": _CONTROL_PLANE_UID},
+    }
+    # One extra pod of headroom, so a rolling update can surge without hitting the quota.
+    pods = res.replicas + 1
+    quota = {
+        "requests.cpu": f"{res.cpu_m * pods + _CONTROL_PLANE_CPU_M + _COREDNS_CPU_M}m",
+        "requests.memory": f"{res.memory_mi * pods + _CONTROL_PLANE_MEMORY_MI + _COREDNS_MEMORY_MI}Mi",
+        "requests.storage": f"{res.storage_gi + _CONTROL_PLANE_STORAGE_GI}Gi",
+        "count/persistentvolumeclaims": res.pvcs + 1,
+        "count/pods": pods + 2,
+        "services.nodeports": 0,
+        "services.loadbalancers": 0,
+    }
+    persistence: Obj = {"volumeClaim": {"enabled": True, "size": f"{_CONTROL_PLANE_STORAGE_GI}Gi"}}
+    if location.storage_class:
+        persistence["volumeClaim"]["storageClass"] = location.storage_class
+    return {
+        "controlPlane": {
+            "distro": {
+                "k8s": {
+                    "enabled": True,
+                    "image": {
+                        "registry": "ghcr.io",
+                        "repository": "loft-sh/kubernetes",
+                        "tag": distro_tag(d.kubernetes_version),
+                    },
+                }
+            },
+            "statefulSet": {
+                "security": security,
+                "resources": {
+                    "requests": {"cpu": f"{_CONTROL_PLANE_CPU_M}m", "memory": f"{_CONTROL_PLANE_MEMORY_MI}Mi"},
+                    "limits": {"memory": "2Gi"},
+                },
+                "persistence": persistence,
+                "labels": labels(names),
+            },
+            "coredns": {
+                "security": security,
+                "deployment": {
+                    "resources": {
+                        "requests": {"cpu": f"{_COREDNS_CPU_M}m", "memory": f"{_COREDNS_MEMORY_MI}Mi"},
+                        "limits": {"memory": f"{_COREDNS_MEMORY_MI * 2}Mi"},
+                    }
+                },
+            },
+        },
+        "policies": {
+            "podSecurityStandard": "restricted",
+            "resourceQuota": {"enabled": True, "quota": quota},
+            "limitRange": {
+                "enabled": True,
+                # Containers that set nothing get what the deployment asked for per replica.
+                "default": {"cpu": f"{res.cpu_m}m", "memory": f"{res.memory_mi}Mi"},
+                "defaultRequest": {"cpu": f"{res.cpu_m}m", "memory": f"{res.memory_mi}Mi"},
+            },
+        },
+        "sync": {"toHost": {"ingresses": {"enabled": True}, "persistentVolumeClaims": {"enabled": True}}},
+        # Argo CD, on the host, reaches the vCluster through its service; this server goes into `config`.
+        "exportKubeConfig": {"server": f"https://{names.release}.{names.namespace}.svc:443"},
+        "telemetry": {"enabled": False},
+    }
+
+
+def application(
+    name: str,
+    names: Names,
+    location: LocationConfig,
+    *,
+    destination: Obj,
+    sources: list[Obj],
+    annotations: Mapping[str, str] | None = None,
+) -> Obj:
+    """An Argo CD Application that syncs automatically and prunes its resources when deleted."""
+    metadata: Obj = {
+        "name": name,
+        "namespace": location.argocd_namespace,
+        "labels": labels(names),
+        # Deleting the Application then deletes what it deployed (cascading delete).
+        "finalizers": [ARGOCD_FINALIZER],
+    }
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    spec: Obj = {
+        "project": location.argocd_project,
+        "destination": destination,
+        "syncPolicy": {
+            "automated": {"prune": True, "selfHeal": True},
+            "syncOptions": ["CreateNamespace=true"],
+            "retry": {"limit": 5, "backoff": {"duration": "5s", "factor": 2, "maxDuration": "3m"}},
+        },
+    }
+    if len(sources) == 1:
+        spec["source"] = sources[0]
+    else:
+        spec["sources"] = sources
+    return {"apiVersion": ARGOCD_API_VERSION, "kind": "Application", "metadata": metadata, "spec": spec}
+
+
+def vcluster_application(d: deployments_pb2.Deployment, names: Names, location: LocationConfig) -> Obj:
+    """The vcluster chart, installed into the host namespace by Argo CD (no helm binary here)."""
+    source = {
+        "repoURL": location.vcluster_chart_repo,
+        "chart": "vcluster",
+        "targetRevision": location.vcluster_chart_version,
+        "helm": {"releaseName": names.release, "valuesObject": vcluster_values(d, names, location)},
+    }
+    destination = {"server": "https://kubernetes.default.svc", "namespace": names.namespace}
+    return application(names.vcluster_application, names, location, destination=destination, sources=[source])
+
+
+def _quantity_resources(res: Resources) -> Obj:
+    # No CPU limit (throttling hurts latency for nothing); memory limit = request, so pods are not OOM-killed
+    # by a neighbour's burst.
+    return {
+        "requests": {"cpu": f"{res.cpu_m}m", "memory": f"{res.memory_mi}Mi"},
+        "limits": {"memory": f"{res.memory_mi}Mi"},
+    }
+
+
+def _pod_security(d: deployments_pb2.Deployment) -> Obj:
+    pod = dict(_RESTRICTED_POD)
+    if d.HasField("run_as_uid"):
+        pod.update(runAsUser=d.run_as_uid, runAsGroup=d.run_as_uid, fsGroup=d.run_as_uid)
+    return pod
+
+
+def _env(d: deployments_pb2.Deployment) -> list[Obj]:
+    return [{"name": name, "value": value} for name, _, value in (e.partition("=") for e in d.environment_variables)]
+
+
+def _pvc(name: str, size_gi: int, names: Names, location: LocationConfig) -> Obj:
+    spec: Obj = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": f"{size_gi}Gi"}}}
+    if location.storage_class:
+        spec["storageClassName"] = location.storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "labels": {**labels(names), "app.kubernetes.io/name": names.app}},
+        "spec": spec,
+    }
+
+
+def docker_manifests(d: deployments_pb2.Deployment, names: Names, location: LocationConfig) -> list[Obj]:
+    """Deployment, a PVC per volume (and for storage_size_gb), Service and Ingress of a container app."""
+    res = Resources.of(d)
+    port = d.container_port if d.HasField("container_port") else DEFAULT_PORT
+    selector = {"app.kubernetes.io/name": names.app, "app.kubernetes.io/instance": names.app}
+    meta_labels = {**labels(names), **selector}
+    claims: list[tuple[str, str, int]] = [
+        (f"{names.app}-vol-{i}"[:63], v.path, v.size_gb if v.HasField("size_gb") else DEFAULT_VOLUME_GB)
+        for i, v in enumerate(d.volumes)
+    ]
+    if d.HasField("storage_size_gb"):
+        # storage_size_gb is the app's data volume; /data unless a named volume already sits there.
+        taken = {path for _, path, _ in claims}
+        path = "/data" if "/data" not in taken else "/var/lib/app-data"
+        claims.append((f"{names.app}-data"[:63], path, d.storage_size_gb))
+    container: Obj = {
+        "name": "app",
+        "image": d.docker_image,
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "resources": _quantity_resources(res),
+        "securityContext": dict(_RESTRICTED_CONTAINER),
+    }
+    if d.environment_variables:
+        container["env"] = _env(d)
+    if claims:
+        container["volumeMounts"] = [{"name": f"vol-{i}", "mountPath": path} for i, (_, path, _) in enumerate(claims)]
+    pod_spec: Obj = {
+        "automountServiceAccountToken": False,
+        "securityContext": _pod_security(d),
+        "containers": [container],
+    }
+    if claims:
+        pod_spec["volumes"] = [
+            {"name": f"vol-{i}", "persistentVolumeClaim": {"claimName": claim}}
+            for i, (claim, _, _) in enumerate(claims)
+        ]
+    deployment: Obj = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": names.app, "labels": meta_labels},
+        "spec": {
+            "replicas": res.replicas,
+            "revisionHistoryLimit": 3,
+            # ReadWriteOnce volumes cannot be attached to the old and the new pod at once.
+            "strategy": {"type": "Recreate"} if claims else {"type": "RollingUpdate"},
+            "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": meta_labels}, "spec": pod_spec},
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": names.app, "labels": meta_labels},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+    ingress_spec: Obj = {
+        "rules": [
+            {
+                "host": names.host(base_domain(location)),
+                "http": {
+                    "paths": [
+                        {
+                            "path": "/",
+                            "pathType": "Prefix",
+                            "backend": {"service": {"name": names.app, "port": {"name": "http"}}},
+                        }
+                    ]
+                },
+            }
+        ]
+    }
+    if location.ingress_class:
+        ingress_spec["ingressClassName"] = location.ingress_class
+    ingress = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": {"name": names.app, "labels": meta_labels},
+        "spec": ingress_spec,
+    }
+    pvcs = [_pvc(claim, size, names, location) for claim, _, size in claims]
+    return [deployment, *pvcs, service, ingress]
+
+
+def split_image(image: str) -> tuple[str, str | None]:
+    """`repo[:tag][@digest]` → (repo, tag or None); a registry port is not a tag."""
+    name = image.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        return name[:colon], name[colon + 1 :]
+    return name, None
+
+
+def kustomization(d: deployments_pb2.Deployment, manifests: list[Obj]) -> Obj:
+    """The kustomization of a docker app: Image Updater writes tags back only to Helm or Kustomize sources."""
+    files = [manifest_file(m) for m in manifests]
+    repo, tag = split_image(d.docker_image)
+    image: Obj = {"name": repo}
+    if "@" in d.docker_image:
+        image["digest"] = d.docker_image.split("@", 1)[1]
+    elif tag:
+        image["newTag"] = tag
+    return {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": files,
+        "images": [image],
+    }
+
+
+def manifest_file(manifest: Obj) -> str:
+    return f"{manifest['kind'].lower()}-{manifest['metadata']['name']}.yaml"
+
+
+def deep_merge(base: Obj, over: Mapping[str, Any]) -> Obj:
+    """Helm's merge of values: maps merge key by key, anything else in `over` replaces; null deletes."""
+    merged = copy.deepcopy(base)
+    for key, value in over.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def platform_helm_values(d: deployments_pb2.Deployment, names: Names, location: LocationConfig) -> Obj:
+    """What the platform sets for a chart, in the layout of `helm create` charts (most charts follow it)."""
+    res = Resources.of(d)
+    values: Obj = {
+        "replicaCount": res.replicas,
+        "resources": _quantity_resources(res),
+        "podSecurityContext": _pod_security(d),
+        "securityContext": dict(_RESTRICTED_CONTAINER),
+        "ingress": {
+            "enabled": True,
+            "hosts": [{"host": names.host(base_domain(location)), "paths": [{"path": "/", "pathType": "Prefix"}]}],
+        },
+    }
+    if location.ingress_class:
+        values["ingress"]["className"] = location.ingress_class
+    if d.HasField("container_port"):
+        values["service"] = {"port": d.container_port}
+    if d.HasField("docker_image"):
+        repo, tag = split_image(d.docker_image)
+        values["image"] = {"repository": repo, **({"tag": tag} if tag else {})}
+    if d.environment_variables:
+        values["env"] = _env(d)
+    if d.HasField("storage_size_gb"):
+        values["persistence"] = {"enabled": True, "size": f"{d.storage_size_gb}Gi"}
+    return values
+
+
+def helm_values(d: deployments_pb2.Deployment, names: Names, location: LocationConfig) -> Obj:
+    """The platform's values with `custom_values_yaml` merged over them."""
+    custom = yaml.safe_load(d.custom_values_yaml) if d.custom_values_yaml else None
+    if custom is not None and not isinstance(custom, dict):
+        raise PermanentError("custom_values_yaml must be a YAML mapping")
+    return deep_merge(platform_helm_values(d, names, location), custom or {})
+
+
+def image_updater_annotations(d: deployments_pb2.Deployment, helm: bool) -> dict[str, str]:
+    """Argo CD Image Updater annotations for the app's image; none when no update policy was asked for."""
+    if not d.HasField("docker_image") or not d.HasField("image_update_strategy"):
+        return {}
+    repo, _ = split_image(d.docker_image)
+    strategy = d.image_update_strategy
+    # semver takes a version constraint and digest the tag to follow, both after the image name;
+    # newest-build and alphabetical pick among all tags (narrowed by allow-tags).
+    constraint = d.image_update_constraint if d.HasField("image_update_constraint") else ""
+    entry = f"{IMAGE_ALIAS}={repo}:{constraint}" if constraint else f"{IMAGE_ALIAS}={repo}"
+    prefix = f"{IMAGE_UPDATER}/{IMAGE_ALIAS}"
+    out = {
+        f"{IMAGE_UPDATER}/image-list": entry,
+        f"{prefix}.update-strategy": strategy,
+        # Committing the new tag keeps git the source of truth (the default would patch the Application only).
+        f"{IMAGE_UPDATER}/write-back-method": "git",
+    }
+    if d.HasField("image_allow_tags"):
+        out[f"{prefix}.allow-tags"] = d.image_allow_tags
+    if d.HasField("image_ignore_tags"):
+        out[f"{prefix}.ignore-tags"] = d.image_ignore_tags
+    if helm:
+        out[f"{prefix}.helm.image-name"] = "image.repository"
+        out[f"{prefix}.helm.image-tag"] = "image.tag"
+    return out
+
+
+def app_application(d: deployments_pb2.Deployment, names: Names, location: LocationConfig, repo_url: str) -> Obj:
+    """The app's Application: the git path (docker) or the chart with values from git (helm)."""
+    helm = d.app_type == deployments_pb2.APP_TYPE_HELM
+    destination = {"name": names.argocd_cluster, "namespace": "default"}
+    annotations = image_updater_annotations(d, helm)
+    if helm:
+        annotations = {**annotations, f"{IMAGE_UPDATER}/git-branch": location.git_branch} if annotations else {}
+        chart_repo = d.helm_repo_url.removeprefix("oci://")
+        chart: Obj = {
+            "repoURL": chart_repo,
+            "chart": d.helm_chart_name,
+            "targetRevision": d.helm_chart_version or "*",
+            "helm": {"releaseName": names.app, "valueFiles": [f"$values/{names.git_path}/values.yaml"]},
+        }
+        values_ref = {"repoURL": repo_url, "targetRevision": location.git_branch, "ref": "values"}
+        return application(
+            names.app_application,
+            names,
+            location,
+            destination=destination,
+            sources=[chart, values_ref],
+            annotations=annotations,
+        )
+    if annotations:
+        annotations[f"{IMAGE_UPDATER}/git-branch"] = location.git_branch
+    source = {"repoURL": repo_url, "targetRevision": location.git_branch, "path": names.git_path}
+    return application(
+        names.app_application, names, location, destination=destination, sources=[source], annotations=annotations
+    )
+
+
+def dump_all(documents: list[Obj]) -> str:
+    return yaml.safe_dump_all(documents, sort_keys=False)
+
+
+def dump(document: Obj) -> str:
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+@dataclass(frozen=True)
+class AppFiles:
+    """What goes under the git path, and what the record shows as `values_yaml`."""
+
+    files: dict[str, str]
+    values_yaml: str
+
+
+def app_files(d: deployments_pb2.Deployment, names: Names, location: LocationConfig) -> AppFiles:
+    if d.app_type == deployments_pb2.APP_TYPE_HELM:
+        values = dump(helm_values(d, names, location))
+        return AppFiles({"values.yaml": values}, values)
+    manifests = docker_manifests(d, names, location)
+    files = {manifest_file(m): dump(m) for m in manifests}
+    files["kustomization.yaml"] = dump(kustomization(d, manifests))
+    return AppFiles(files, dump_all(manifests))

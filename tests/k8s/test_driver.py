@@ -1,0 +1,350 @@
+"""The kubernetes driver through the reconciler, against the fake API server and the fake Argo CD."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from apphosting.locations import LocationConfig
+from apphosting.v1 import bus_pb2, deployments_pb2
+from provisioner import CREATE_STEPS, Reconciler, RetryPolicy
+from provisioner.kubernetes import KubernetesDriver, Names
+from tests.k8s.conftest import BASE_DOMAIN, Cluster
+
+_Status = deployments_pb2.DeploymentStatus
+FAST = RetryPolicy(backoff_base=0.01, backoff_cap=0.05, max_attempts=4, min_poll=0.0, step_timeout=10.0)
+
+
+def job(
+    operation: bus_pb2.Operation.ValueType = bus_pb2.OPERATION_CREATE,
+    *,
+    deployment_id: str = "3f2b8c1d-9e4a-4b7c-8d2e-1a2b3c4d5e6f",
+    **fields: Any,
+) -> bus_pb2.ProvisionJob:
+    values: dict[str, Any] = {
+        "name": "shop",
+        "app_type": deployments_pb2.APP_TYPE_WEB_APP,
+        "docker_image": "ghcr.io/acme/shop:1.2.0",
+        "cpu_request": 0.5,
+        "memory_request_mb": 512,
+        "replicas": 2,
+        "container_port": 8080,
+        "kubernetes_version": "1.35",
+    }
+    values.update(fields)
+    volumes = values.pop("volumes", [])
+    deployment = deployments_pb2.Deployment(id=deployment_id, geographic_region="eu", **values)
+    for volume in volumes:
+        deployment.volumes.add(**volume)
+    location = bus_pb2.Location(id="eu-k8s-a", provider="hetzner", region="eu-central-fsn1", geographic_region="eu")
+    return bus_pb2.ProvisionJob(
+        job_id=f"job-{operation}", operation=operation, deployment=deployment, location=location
+    )
+
+
+def delete_of(create: bus_pb2.ProvisionJob) -> bus_pb2.ProvisionJob:
+    deleting = bus_pb2.ProvisionJob()
+    deleting.CopyFrom(create)
+    deleting.operation = bus_pb2.OPERATION_DELETE
+    deleting.job_id = f"{create.job_id}-delete"
+    return deleting
+
+
+class Run:
+    """A reconciler whose waits let the fake Argo CD do its work: deterministic, no wall-clock sleeps."""
+
+    def __init__(self, driver: KubernetesDriver, cluster: Cluster) -> None:
+        self.events: list[bus_pb2.StatusEvent] = []
+        self.cluster = cluster
+
+        async def emit(event: bus_pb2.StatusEvent) -> None:
+            self.events.append(event)
+
+        async def sleep(_: float) -> None:
+            if cluster.argocd is not None:
+                await asyncio.to_thread(cluster.argocd.reconcile)
+            else:
+                await asyncio.sleep(1.0)
+
+        self.reconciler = Reconciler(driver, emit, worker_id="t", policy=FAST, sleep=sleep)
+
+    async def __call__(self, job: bus_pb2.ProvisionJob) -> bus_pb2.StatusEvent:
+        return await self.reconciler.run(job)
+
+
+@pytest.fixture
+def driver(location: LocationConfig) -> KubernetesDriver:
+    return KubernetesDriver(location, poll_after=0.25)
+
+
+def _commit_count(repo: str) -> int:
+    count = subprocess.run(
+        ["git", "--git-dir", repo, "rev-list", "--count", "main"], capture_output=True, text=True, check=True
+    )
+    return int(count.stdout)
+
+
+def _b64(text: str) -> str:
+    return base64.b64decode(text).decode()
+
+
+async def test_docker_app_runs_then_delete_leaves_nothing(cluster: Cluster, driver: KubernetesDriver) -> None:
+    fake, _ = cluster.need_fake()
+    create = job(
+        environment_variables=["GREETING=hello=world", "MODE=prod"],
+        run_as_uid=1000,
+        storage_size_gb=5,
+        volumes=[{"path": "/cache", "size_gb": 2}, {"path": "/srv/uploads"}],
+    )
+    names = Names.of(create.deployment, driver.location)
+    run = Run(driver, cluster)
+
+    last = await run(create)
+
+    assert last.status == _Status.DEPLOYMENT_STATUS_RUNNING, last.message
+    assert [e.phase for e in run.events] == list(CREATE_STEPS)
+    assert not any(e.simulated or "[simulated]" in e.message for e in run.events)
+    assert last.endpoint_url == f"https://shop-3f2b8c1d.{BASE_DOMAIN}"
+    app_event = next(e for e in run.events if e.phase == "app")
+    assert app_event.git_path == "deployments/eu-k8s-a/shop-3f2b8c1d9e4a"
+    rendered = list(yaml.safe_load_all(app_event.values_yaml))
+    assert [m["kind"] for m in rendered] == [
+        "Deployment",
+        "PersistentVolumeClaim",
+        "PersistentVolumeClaim",
+        "PersistentVolumeClaim",
+        "Service",
+        "Ingress",
+    ]
+
+    # Host cluster: a restricted namespace, the vCluster's objects and the kubeconfig secret with clean names.
+    namespace = fake.get("Namespace", names.namespace)
+    assert namespace is not None
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert names.kubeconfig_secret == "vc-shop-3f2b8c1d9e4a"
+    assert fake.get("Secret", names.kubeconfig_secret, names.namespace) is not None
+    vcluster_app = fake.get("Application", names.vcluster_application, "argocd")
+    assert vcluster_app is not None
+    values = vcluster_app["spec"]["source"]["helm"]["valuesObject"]
+    assert values["controlPlane"]["distro"]["k8s"]["image"]["tag"] == "v1.35.0"
+    assert values["policies"]["resourceQuota"]["quota"]["requests.cpu"] == "1720m"  # 3 pods x 500m + 220m
+    cluster_secret = fake.get("Secret", names.argocd_cluster_secret, "argocd")
+    assert cluster_secret is not None
+    assert _b64(cluster_secret["data"]["name"]) == names.argocd_cluster
+    assert json.loads(_b64(cluster_secret["data"]["config"]))["bearerToken"] == f"token-{names.release}"
+
+    # Inside the vCluster, what Argo CD applied from git: pods meet Pod Security restricted.
+    deployment = fake.get("Deployment", "shop", "default", cluster=names.release)
+    assert deployment is not None
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
+    }
+    container = pod["containers"][0]
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["env"] == [{"name": "GREETING", "value": "hello=world"}, {"name": "MODE", "value": "prod"}]
+    assert [m["mountPath"] for m in container["volumeMounts"]] == ["/cache", "/srv/uploads", "/data"]
+    claims = {
+        c["metadata"]["name"]: c["spec"]["resources"]["requests"]["storage"]
+        for c in fake.objects("PersistentVolumeClaim", "default", names.release)
+    }
+    assert claims == {"shop-vol-0": "2Gi", "shop-vol-1": "10Gi", "shop-data": "5Gi"}
+    ingress = fake.get("Ingress", "shop", "default", cluster=names.release)
+    assert ingress is not None
+    assert ingress["spec"]["rules"][0]["host"] == f"shop-3f2b8c1d.{BASE_DOMAIN}"
+    assert driver.repo.read(names.git_path) is not None
+
+    run.events.clear()
+    final = await run(delete_of(create))
+
+    assert final.final, final.message
+    assert [e.phase for e in run.events] == ["app", "vcluster", "namespace", "deleted"]
+    assert fake.get("Namespace", names.namespace) is None
+    assert fake.objects("Application", "argocd") == []
+    assert [s["metadata"]["name"] for s in fake.objects("Secret", "argocd")] == []
+    assert fake.objects("PersistentVolumeClaim") == []
+    assert names.release not in fake.clusters
+    assert driver.repo.read(names.git_path) is None
+
+
+async def test_a_rerun_finds_its_work_and_changes_nothing(cluster: Cluster, driver: KubernetesDriver) -> None:
+    fake, _ = cluster.need_fake()
+    create = job()
+    names = Names.of(create.deployment, driver.location)
+    await Run(driver, cluster)(create)
+    before = {
+        kind: fake.get(kind, name, ns)
+        for kind, name, ns in [
+            ("Namespace", names.namespace, ""),
+            ("Application", names.app_application, "argocd"),
+            ("Application", names.vcluster_application, "argocd"),
+            ("Secret", names.argocd_cluster_secret, "argocd"),
+        ]
+    }
+    commits = await asyncio.to_thread(_commit_count, driver.repo.url)
+
+    again = Run(driver, cluster)
+    last = await again(create)
+
+    assert last.status == _Status.DEPLOYMENT_STATUS_RUNNING
+    assert "already exists" in again.events[0].message
+    for kind_name, obj in before.items():
+        assert obj is not None
+        now = fake.get(obj["kind"], obj["metadata"]["name"], obj["metadata"].get("namespace", ""))
+        assert now is not None
+        assert now["metadata"]["generation"] == obj["metadata"]["generation"], kind_name
+        assert now.get("spec") == obj.get("spec"), kind_name
+    assert await asyncio.to_thread(_commit_count, driver.repo.url) == commits
+
+
+async def test_helm_app_gets_chart_and_merged_values(cluster: Cluster, driver: KubernetesDriver) -> None:
+    fake, _ = cluster.need_fake()
+    create = job(
+        name="blog",
+        app_type=deployments_pb2.APP_TYPE_HELM,
+        helm_repo_url="https://charts.example.com/stable",
+        helm_chart_name="wordpress",
+        helm_chart_version="18.2.4",
+        custom_values_yaml="replicaCount: 3\nresources:\n  limits:\n    memory: 1Gi\nextra: {a: 1}\n",
+        image_update_strategy="semver",
+        image_update_constraint="^1.2",
+        image_allow_tags="regexp:^1\\.[0-9]+\\.[0-9]+$",
+        image_ignore_tags="*-rc*,latest",
+    )
+    names = Names.of(create.deployment, driver.location)
+    run = Run(driver, cluster)
+
+    last = await run(create)
+
+    assert last.status == _Status.DEPLOYMENT_STATUS_RUNNING, last.message
+    assert last.endpoint_url == f"https://blog-3f2b8c1d.{BASE_DOMAIN}"
+    app_event = next(e for e in run.events if e.phase == "app")
+    values = yaml.safe_load(app_event.values_yaml)
+    assert values["replicaCount"] == 3
+    assert values["resources"] == {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}}
+    assert values["image"] == {"repository": "ghcr.io/acme/shop", "tag": "1.2.0"}
+    assert values["extra"] == {"a": 1}
+    assert values["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert driver.repo.read(names.git_path) == {"values.yaml": app_event.values_yaml}
+    application = fake.get("Application", names.app_application, "argocd")
+    assert application is not None
+    chart, values_ref = application["spec"]["sources"]
+    assert (chart["repoURL"], chart["chart"], chart["targetRevision"]) == (
+        "https://charts.example.com/stable",
+        "wordpress",
+        "18.2.4",
+    )
+    assert chart["helm"]["valueFiles"] == [f"$values/{names.git_path}/values.yaml"]
+    assert values_ref["ref"] == "values"
+    updater = "argocd-image-updater.argoproj.io"
+    assert application["metadata"]["annotations"] == {
+        f"{updater}/image-list": "app=ghcr.io/acme/shop:^1.2",
+        f"{updater}/app.update-strategy": "semver",
+        f"{updater}/write-back-method": "git",
+        f"{updater}/git-branch": "main",
+        f"{updater}/app.allow-tags": "regexp:^1\\.[0-9]+\\.[0-9]+$",
+        f"{updater}/app.ignore-tags": "*-rc*,latest",
+        f"{updater}/app.helm.image-name": "image.repository",
+        f"{updater}/app.helm.image-tag": "image.tag",
+    }
+
+    final = await run(delete_of(create))
+    assert final.final
+    assert fake.objects("Application", "argocd") == []
+    assert driver.repo.read(names.git_path) is None
+
+
+async def test_vcluster_ready_waits_for_control_plane_and_kubeconfig(
+    cluster: Cluster, driver: KubernetesDriver
+) -> None:
+    _, argocd = cluster.need_fake()
+    argocd.ready = False
+    create = job()
+    assert (await driver.ensure_namespace(create)).outcome.value == "done"
+    assert (await driver.ensure_vcluster(create)).outcome.value == "done"
+    argocd.reconcile()
+
+    waiting = await driver.vcluster_ready(create)
+    assert waiting.outcome.value == "retry"
+    assert "control plane starting" in waiting.message
+
+    argocd.mark_ready()
+    ready = await driver.vcluster_ready(create)
+    assert ready.outcome.value == "done", ready.message
+    kubeconfig = await driver.read_kubeconfig(create)
+    assert yaml.safe_load(kubeconfig.fields["kubeconfig"])["kind"] == "Config"
+
+
+async def test_transient_api_errors_are_retried(cluster: Cluster, driver: KubernetesDriver) -> None:
+    fake, _ = cluster.need_fake()
+    fake.fail_next(2, code=503)
+    run = Run(driver, cluster)
+
+    last = await run(job())
+
+    assert last.status == _Status.DEPLOYMENT_STATUS_RUNNING, last.message
+    assert [e.phase for e in run.events] == list(CREATE_STEPS)
+
+
+async def test_retries_run_out_into_error(cluster: Cluster, driver: KubernetesDriver) -> None:
+    fake, _ = cluster.need_fake()
+    fake.fail_next(FAST.max_attempts, code=429)
+
+    last = await Run(driver, cluster)(job())
+
+    assert last.status == _Status.DEPLOYMENT_STATUS_ERROR
+    assert "HTTP 429" in last.error_message
+
+
+async def test_a_rejected_object_fails_with_the_api_message(cluster: Cluster, driver: KubernetesDriver) -> None:
+    fake, _ = cluster.need_fake()
+    denial = 'admission webhook "images.policy.example" denied the request: registry ghcr.io/acme is not trusted'
+    fake.reject("Application", "-app", denial)
+
+    last = await Run(driver, cluster)(job())
+
+    assert last.status == _Status.DEPLOYMENT_STATUS_FAILED
+    assert last.phase == "app"
+    assert denial in last.error_message
+
+
+async def test_kubectl_reads_what_the_driver_created(cluster: Cluster, driver: KubernetesDriver) -> None:
+    cluster.need_fake()
+    create = job()
+    names = Names.of(create.deployment, driver.location)
+    await Run(driver, cluster)(create)
+    kubectl = str(Path(sys.executable).with_name("kubectl"))
+
+    def kubectl_get(*args: str) -> str:
+        done = subprocess.run(
+            [kubectl, f"--kubeconfig={cluster.kubeconfig}", "get", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert f"namespace/{names.namespace}" in kubectl_get("namespaces", "-o", "name").split()
+    applications = json.loads(kubectl_get("applications.argoproj.io", "-n", "argocd", "-o", "json"))
+    assert sorted(a["metadata"]["name"] for a in applications["items"]) == sorted(
+        [names.app_application, names.vcluster_application]
+    )
+    secret = json.loads(kubectl_get("secret", names.kubeconfig_secret, "-n", names.namespace, "-o", "json"))
+    assert "config" in secret["data"]
+    table = kubectl_get("statefulsets", "-n", names.namespace)
+    assert names.control_plane in table
