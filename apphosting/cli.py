@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--data-dir", default=".apphosting", help="where the database and NATS keep their files")
     dev.add_argument("--locations", default=None, help="locations YAML file (default: the sample locations)")
     dev.add_argument("--log-level", default="WARNING")
+    dev.add_argument(
+        "--nats-sync-interval",
+        default=None,
+        help="how often JetStream fsyncs: 'always' (every write, slower) or a duration like 10s "
+        "(default: the server's 2m; see docs/design.md, Durability)",
+    )
     _add_provisioner_options(dev)
 
     migrate = commands.add_parser("migrate", help="bring every service's tables up to date and exit")
@@ -157,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             simulate_delay=args.simulate_delay,
             simulate_failure_rate=args.simulate_failure_rate,
             simulate_state=args.simulate_state,
+            nats_sync_interval=args.nats_sync_interval,
         )
         return _run(lambda stop: run_dev(dev_options, stop))
     if args.command == "migrate":

@@ -23,13 +23,15 @@ class DevOptions:
     simulate_failure_rate: float = 0.0
     # Default: a file in data_dir, so the simulated clusters survive a restart like the records do.
     simulate_state: str | None = None
+    # JetStream fsync interval: None is the server's default (2 minutes), "always" every write.
+    nats_sync_interval: str | None = None
 
 
 async def run_dev(options: DevOptions, stop: asyncio.Event) -> None:
     """Starts nats-server, the API, the scheduler and a simulated provisioner; stops them all on `stop`."""
     data = Path(options.data_dir)
     # A free port, not 4222: a system NATS may already hold that one.
-    nats = NatsServer(data / "nats")
+    nats = NatsServer(data / "nats", sync_interval=options.nats_sync_interval)
     await asyncio.to_thread(nats.start)
     database_url = f"sqlite+aiosqlite:///{data / 'apphosting.db'}"
     api = ApiServer(

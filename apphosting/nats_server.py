@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -41,28 +42,35 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 class NatsServer:
     """A nats-server with JetStream and file storage in its own folder; restartable on the same port."""
 
-    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+    def __init__(self, store_dir: Path, port: int | None = None, sync_interval: str | None = None) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
+        # How often JetStream fsyncs its files: None keeps the server's default (every 2 minutes),
+        # "always" syncs every write before acknowledging it (see docs/design.md, Durability).
+        self.sync_interval = sync_interval
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    def _config(self) -> Path:
+        """The server's settings as a config file: sync_interval has no command-line flag."""
+        path = self.store_dir / "nats-server.conf"
+        lines = [
+            f"listen: 127.0.0.1:{self.port}",
+            "jetstream {",
+            f"  store_dir: {json.dumps(str(self.store_dir))}",
+        ]
+        if self.sync_interval is not None:
+            lines.append(f"  sync_interval: {json.dumps(self.sync_interval)}")
+        path.write_text("\n".join([*lines, "}", ""]))
+        return path
+
     def start(self) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [
-                nats_server_binary(),
-                "-a",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-js",
-                "-sd",
-                str(self.store_dir),
-            ],
+            [nats_server_binary(), "-c", str(self._config())],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

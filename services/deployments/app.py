@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS = "services.deployments:migrations"
 VERSION_TABLE = "alembic_version_deployments"
+# An event that arrived before its predecessors comes back after this long (up to MAX_DELIVER times).
+EARLY_EVENT_DELAY = 3.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DeploymentService"].full_name
 
 _EVENT_FIELDS = (
@@ -124,6 +126,8 @@ class ApiServer:
     async def stop(self) -> None:
         self._stopping.set()
         await self.health.enter_graceful_shutdown()
+        # Watch streams never finish by themselves: end them first, with where to resume.
+        self.hub.close()
         if self._server is not None:
             await self._server.stop(self.options.grace)
         # The consumer and the relay finish what they hold; only then is anything cancelled.
@@ -216,8 +220,16 @@ class ApiServer:
             # One deployment's events are applied in the order they were stored.
             async with self._locks.hold(event.deployment_id):
                 applied = await self.store.apply(event.deployment_id, event_input(event))
-        except (RecordMissing, TransitionRejected) as refused:
+        except TransitionRejected as refused:
+            if refused.early:
+                # Its predecessors are held by another replica or wait for redelivery: apply it after them.
+                await msg.nak(delay=EARLY_EVENT_DELAY)
+                return
             log.warning("status event %s for %s refused: %s", event.event_id, event.deployment_id, refused)
+            await msg.term()
+            return
+        except RecordMissing as missing:
+            log.warning("status event %s for an unknown deployment %s: dropped", event.event_id, missing)
             await msg.term()
             return
         if applied is not None:

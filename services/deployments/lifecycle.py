@@ -16,8 +16,15 @@ _NEXT: dict[str, frozenset[str]] = {
     "deleting": frozenset({"error"}),
 }
 STATUSES = frozenset(_NEXT)
+# The way a deployment moves forward; an event further along it than the next step arrived early.
+_FORWARD = ("pending", "provisioning", "running")
 TERMINAL = frozenset({"failed", "error"})
 
 
 def allowed(current: str, new: str) -> bool:
     return new == current or new in _NEXT[current]
+
+
+def early(current: str, new: str) -> bool:
+    """True when `new` lies ahead on the way forward: the events in between have not arrived yet."""
+    return current in _FORWARD and new in _FORWARD and _FORWARD.index(new) > _FORWARD.index(current) + 1

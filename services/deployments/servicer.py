@@ -123,6 +123,17 @@ def _from_log(event: EventRow) -> pb.WatchDeploymentResponse:
     return pb.WatchDeploymentResponse(deployment=pb.Deployment.FromString(event.snapshot), event=event_to_proto(event))
 
 
+def _shutting_down(revision: int | None) -> ServiceError:
+    """How a watch ends when its replica stops: UNAVAILABLE, with the revision to resume after."""
+    resume = f"; watch again with since_revision={revision}" if revision is not None else ""
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "SHUTTING_DOWN",
+        f"this API replica is shutting down{resume}",
+        metadata={"revision": str(revision)} if revision is not None else {},
+    )
+
+
 def _too_old(revision: int, oldest: int | None) -> ServiceError:
     kept = f" (oldest kept: {oldest})" if oldest is not None else ""
     return ServiceError(
@@ -336,6 +347,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
                     raise _too_old(last, None)
             while True:
                 change = await watcher.queue.get()
+                if self._hub.closing:
+                    raise _shutting_down(last)
                 if change is not RESYNC and change.event.revision == last + 1:
                     yield pb.WatchDeploymentResponse(deployment=change.deployment, event=change.event)
                     last = change.event.revision
@@ -379,6 +392,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         with self._hub.watch(watcher):
             while True:
                 change = await watcher.queue.get()
+                if self._hub.closing:
+                    raise _shutting_down(None)
                 if change is RESYNC:
                     raise ServiceError(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from services.deployments.convert import row_to_proto
-from services.deployments.lifecycle import allowed
+from services.deployments.lifecycle import allowed, early
 from services.deployments.tables import DeploymentRow, EventRow, OutboxRow
 
 
@@ -244,7 +244,7 @@ class DeploymentStore:
             if not allowed(row.status, change.status):
                 late = change.time is not None and change.time <= row.updated_at
                 if not late:
-                    raise TransitionRejected(row.status, change.status)
+                    raise TransitionRejected(row.status, change.status, early=early(row.status, change.status))
             applied = await self._write(row, change, outbox, late=late)
             if applied is not None:
                 return applied
@@ -352,7 +352,10 @@ class RecordMissing(Exception):
 
 
 class TransitionRejected(Exception):
-    def __init__(self, current: str, new: str) -> None:
+    """The lifecycle does not allow the change now; `early` when the changes before it are still on their way."""
+
+    def __init__(self, current: str, new: str, *, early: bool = False) -> None:
         super().__init__(f"{current} → {new} is not a transition of the lifecycle")
         self.current = current
         self.new = new
+        self.early = early

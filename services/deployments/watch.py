@@ -52,6 +52,8 @@ class WatchHub:
     def __init__(self) -> None:
         self._by_id: dict[str, set[Watcher]] = {}
         self._all: set[Watcher] = set()
+        # Set when the replica shuts down: every stream ends, telling its client where to resume.
+        self.closing = False
 
     @property
     def open_watches(self) -> int:
@@ -71,12 +73,20 @@ class WatchHub:
             for watcher in watchers:
                 watcher.offer(RESYNC)
 
+    def close(self) -> None:
+        """Wakes every watcher to end its stream: the replica is going away."""
+        self.closing = True
+        for watcher in [*self._all, *(w for group in self._by_id.values() for w in group)]:
+            watcher.offer(RESYNC)
+
     @contextmanager
     def watch(self, watcher: Watcher) -> Iterator[Watcher]:
         if watcher.deployment_id is None:
             self._all.add(watcher)
         else:
             self._by_id.setdefault(watcher.deployment_id, set()).add(watcher)
+        if self.closing:
+            watcher.offer(RESYNC)
         try:
             yield watcher
         finally:

@@ -1,0 +1,66 @@
+"""Graceful shutdown: watch streams end with where to resume, and provisioners hand their jobs back."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+
+from apphosting.v1 import deployments_pb2 as pb
+from tests.e2e.test_pipeline import SETTLED, request, watch
+from tests.support.grpc_errors import details_of
+from tests.support.stack import Stack
+
+if TYPE_CHECKING:
+    from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub as Stub
+
+
+async def test_a_stopping_replica_ends_watches_with_the_revision_to_resume_from(stack: Stack) -> None:
+    leaving = await stack.add_api()
+    staying = await stack.add_api()
+    stack.add_scheduler()
+    # Slow enough that the deployment is still on its way when the replica leaves.
+    stack.add_provisioner(simulate_delay=0.3)
+    created = await leaving.CreateAppHostingDeployment(request("moving"))
+    seen: list[pb.WatchDeploymentResponse] = []
+    stream = leaving.WatchDeployment(pb.WatchDeploymentRequest(id=created.id))
+
+    async def read() -> None:
+        async for item in stream:
+            seen.append(item)
+
+    reader = asyncio.create_task(read())
+    await asyncio.sleep(0.3)
+    await stack.apis[0].stop()
+    stack.apis.pop(0)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await asyncio.wait_for(reader, timeout=30)
+    details = details_of(raised.value)
+    assert details.code == grpc.StatusCode.UNAVAILABLE
+    assert details.reason == "SHUTTING_DOWN"
+    resume = int(details.metadata["revision"])
+    assert resume == seen[-1].deployment.revision
+    assert seen[-1].deployment.status != pb.DEPLOYMENT_STATUS_RUNNING
+    rest = await watch(staying, created.id, since=resume, until=SETTLED)
+    joined = [i.deployment.revision for i in seen] + [i.event.revision for i in rest]
+    assert joined == list(range(joined[0], joined[-1] + 1))
+    assert rest[-1].deployment.status == pb.DEPLOYMENT_STATUS_RUNNING
+
+
+async def test_an_idle_all_deployments_watch_ends_on_shutdown(stack: Stack) -> None:
+    stub: Stub = await stack.add_api()
+    stream = stub.WatchDeployments(pb.WatchDeploymentsRequest())
+
+    async def read() -> None:
+        async for _ in stream:
+            pass
+
+    reader = asyncio.create_task(read())
+    await asyncio.sleep(0.2)
+    await stack.apis[0].stop()
+    stack.apis.clear()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await asyncio.wait_for(reader, timeout=30)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
