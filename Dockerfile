@@ -18,6 +18,10 @@ RUN pip install .
 # --- runtime: the virtualenv on a clean base, run as an unprivileged user ---
 FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# git: the kubernetes driver commits each app's manifests or values for Argo CD to sync.
+RUN apt-get update \
+ && apt-get install --yes --no-install-recommends git ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 apphosting \
  && useradd --system --uid 10001 --gid apphosting --home-dir /app --create-home apphosting
 COPY --from=build /opt/venv /opt/venv
