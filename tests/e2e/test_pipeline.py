@@ -104,6 +104,16 @@ async def test_injected_failure_fails_with_its_message(pipeline: Stub) -> None:
     assert items[-1].event.simulated
 
 
+async def test_temporary_failures_retry_then_end_in_error_naming_the_step(pipeline: Stub) -> None:
+    created = await pipeline.CreateAppHostingDeployment(
+        request("flaky", docker_image="ghcr.io/acme/fail-temporary:1.0.0")
+    )
+    items = await watch(pipeline, created.id, until=SETTLED)
+    errored = items[-1].deployment
+    assert errored.status == pb.DEPLOYMENT_STATUS_ERROR
+    assert "step app failed after 3 attempts" in errored.error_message
+
+
 async def test_no_capacity_fails_naming_the_shortfall(pipeline: Stub) -> None:
     created = await pipeline.CreateAppHostingDeployment(request("huge", cpu_request=16, replicas=20))
     items = await watch(pipeline, created.id, until=SETTLED)

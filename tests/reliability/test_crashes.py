@@ -164,3 +164,23 @@ async def test_nats_killed_while_messages_flow(cluster: Cluster) -> None:
         final = await settle(stub, [d.id for d in created + more])
     assert {d.status for d in final.values()} == {pb.DEPLOYMENT_STATUS_RUNNING}
     assert_built_once(cluster, 6)
+
+
+async def test_a_stopping_provisioner_hands_its_job_back(cluster: Cluster) -> None:
+    await asyncio.to_thread(cluster.nats.start)
+    api = await asyncio.to_thread(cluster.add_api, "api")
+    await asyncio.to_thread(cluster.add_scheduler, "scheduler")
+    leaving = await asyncio.to_thread(cluster.add_provisioner, "leaving", 2.0)
+    channel, stub = stub_for(f"127.0.0.1:{api.port}")
+    async with channel:
+        created = await stub.CreateAppHostingDeployment(request("handed-back"))
+        await phase_reached(stub, created.id, "host_namespace")
+        await asyncio.to_thread(cluster.add_provisioner, "staying", 0.05)
+        code = await asyncio.to_thread(leaving.stop)
+        # It left in the middle of the job, without waiting for it to finish.
+        during = await stub.GetDeployment(pb.GetDeploymentRequest(id=created.id))
+        final = await settle(stub, [created.id])
+    assert code == 0
+    assert during.status == pb.DEPLOYMENT_STATUS_PROVISIONING
+    assert final[created.id].status == pb.DEPLOYMENT_STATUS_RUNNING
+    assert_built_once(cluster, 1)

@@ -106,11 +106,11 @@ class Cluster:
     def add_scheduler(self, name: str) -> Process:
         return self._add(name, ["scheduler", "--database-url", self.database_url, *self._common()])
 
-    def add_provisioner(self, name: str) -> Process:
+    def add_provisioner(self, name: str, simulate_delay: float | None = None) -> Process:
         args = [
             "provisioner",
             "--simulate-delay",
-            str(self.simulate_delay),
+            str(self.simulate_delay if simulate_delay is None else simulate_delay),
             "--simulate-state",
             self.state_file,
             *self._common(),
