@@ -30,22 +30,31 @@ async def pub_sub(url: str, count: int, *, rate: float | None = None, deadline: 
     await sub.subscribe("bench.latency", cb=arrived)
     await sub.flush()
     latencies: list[float] = []
+    lost = 0
     loop = asyncio.get_running_loop()
     end = time.perf_counter() + deadline
     try:
-        for index in range(count):
+        # The first messages also wait for the subscription's interest to reach the server; not counted.
+        for index in range(-20, count):
             if time.perf_counter() > end:
                 break
             future: asyncio.Future[float] = loop.create_future()
             waiting[index] = (time.perf_counter(), future)
             await pub.publish("bench.latency", b"%012d" % index + _PAYLOAD)
-            latencies.append(await asyncio.wait_for(future, timeout=2.0))
+            try:
+                latency = await asyncio.wait_for(future, timeout=2.0)
+            except TimeoutError:
+                waiting.pop(index, None)
+                lost += index >= 0
+                continue
+            if index >= 0:
+                latencies.append(latency)
             if rate:
                 await asyncio.sleep(1.0 / rate)
     finally:
         await pub.close()
         await sub.close()
-    return summary(latencies)
+    return {**summary(latencies), "lost": lost}
 
 
 async def request_reply(url: str, count: int, deadline: float = 20.0) -> dict[str, Any]:
