@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN
 
@@ -25,6 +26,127 @@ def _add_common(parser: argparse.ArgumentParser, *, database: bool = True) -> No
         )
     parser.add_argument("--locations", default=None, help="locations YAML file (default: the sample locations)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    _add_nats_security(parser)
+
+
+def _add_nats_security(parser: argparse.ArgumentParser) -> None:
+    nats = parser.add_argument_group("NATS credentials and TLS")
+    nats.add_argument("--nats-creds", default=None, help="NATS credentials file (user JWT and nkey seed)")
+    nats.add_argument("--nats-nkey-seed", default=None, help="NATS nkey seed file")
+    nats.add_argument("--nats-tls-ca", default=None, help="CA bundle (PEM) that signed the NATS server's certificate")
+    nats.add_argument("--nats-tls-cert", default=None, help="client certificate (PEM) for mutual TLS with NATS")
+    nats.add_argument("--nats-tls-key", default=None, help="key (PEM) of --nats-tls-cert")
+
+
+def _use_nats_security(args: argparse.Namespace) -> None:
+    from apphosting import bus
+
+    bus.use_security(
+        bus.NatsSecurity(
+            creds_file=args.nats_creds,
+            nkey_seed_file=args.nats_nkey_seed,
+            tls_ca_file=args.nats_tls_ca,
+            tls_cert_file=args.nats_tls_cert,
+            tls_key_file=args.nats_tls_key,
+        )
+    )
+
+
+def _limit(kind: Callable[[str], float]) -> Callable[[str], float | None]:
+    def parse(text: str) -> float | None:
+        if text == "unlimited":
+            return None
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more, or 'unlimited'; got {text}")
+        return value
+
+    return parse
+
+
+def _add_api_security(parser: argparse.ArgumentParser, *, dev: bool = False) -> None:
+    """Authentication, TLS, quotas and input allow-lists of the API (see the README's Security section)."""
+    from services.deployments.quotas import Quotas
+
+    auth = parser.add_argument_group("authentication (Bearer JWT on every call but health and reflection)")
+    keys = auth.add_mutually_exclusive_group(required=False)
+    keys.add_argument("--jwt-secret-file", default=None, help="HS256 secret (at least 32 bytes)")
+    keys.add_argument("--jwt-public-key-file", default=None, help="PEM public key: RSA (RS256) or EC (ES256)")
+    keys.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="no authentication: every caller is one local user (local use only)"
+        + ("" if dev else "; required when no JWT key is given"),
+    )
+    auth.add_argument("--jwt-audience", default=None, help="require this aud claim")
+    auth.add_argument("--jwt-issuer", default=None, help="require this iss claim")
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument("--tls-cert", default=None, help="server certificate chain (PEM); without it, plaintext")
+    tls.add_argument("--tls-key", default=None, help="key (PEM) of --tls-cert")
+    tls.add_argument("--tls-client-ca", default=None, help="CA (PEM) for client certificates: mutual TLS")
+    defaults = Quotas()
+    quotas = parser.add_argument_group("per-user quotas over live deployments ('unlimited' lifts one)")
+    quotas.add_argument("--quota-deployments", type=_limit(int), default=defaults.deployments)
+    quotas.add_argument("--quota-cpu", type=_limit(float), default=defaults.cpu, help="cores")
+    quotas.add_argument("--quota-memory-mb", type=_limit(int), default=defaults.memory_mb)
+    quotas.add_argument("--quota-storage-gb", type=_limit(int), default=defaults.storage_gb)
+    quotas.add_argument("--no-quotas", action="store_true", help="no quota at all")
+    hardening = parser.add_argument_group("input")
+    hardening.add_argument(
+        "--helm-repo-host",
+        action="append",
+        default=[],
+        help="allow helm_repo_url only on this host or *.domain (repeatable; default: any public host)",
+    )
+    hardening.add_argument(
+        "--image-registry",
+        action="append",
+        default=[],
+        help="allow docker_image only from this registry host[:port] or *.domain (repeatable; default: any)",
+    )
+    hardening.add_argument(
+        "--max-request-bytes", type=int, default=1 << 20, help="largest request accepted (default 1 MiB)"
+    )
+
+
+def _api_security(args: argparse.Namespace) -> dict[str, Any]:
+    """ApiOptions fields from the flags of _add_api_security; without a JWT key, auth stays unset."""
+    from apphosting.settings import Limits
+    from services.deployments.auth import NOT_CONFIGURED, JwtVerifier
+    from services.deployments.quotas import UNLIMITED, Quotas
+
+    auth: Any = NOT_CONFIGURED
+    if args.insecure_no_auth:
+        auth = None
+    elif args.jwt_secret_file or args.jwt_public_key_file:
+        try:
+            auth = JwtVerifier.from_files(
+                secret_file=args.jwt_secret_file,
+                public_key_file=args.jwt_public_key_file,
+                audience=args.jwt_audience,
+                issuer=args.jwt_issuer,
+            )
+        except (OSError, ValueError) as exc:
+            build_parser().error(f"cannot use the JWT key: {exc}")
+    quotas = (
+        UNLIMITED
+        if args.no_quotas
+        else Quotas(
+            deployments=args.quota_deployments,
+            cpu=args.quota_cpu,
+            memory_mb=args.quota_memory_mb,
+            storage_gb=args.quota_storage_gb,
+        )
+    )
+    return {
+        "auth": auth,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
+        "quotas": quotas,
+        "max_request_bytes": args.max_request_bytes,
+        "limits": Limits(helm_repo_hosts=tuple(args.helm_repo_host), image_registries=tuple(args.image_registry)),
+    }
 
 
 def _probability(text: str) -> float:
@@ -65,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     api = commands.add_parser("api", help="run the gRPC DeploymentService")
     api.add_argument("--listen", default=DEFAULT_LISTEN, help=f"address to serve on (default {DEFAULT_LISTEN})")
     _add_common(api)
+    _add_api_security(api)
 
     scheduler = commands.add_parser("scheduler", help="run the scheduler (placement of deployments)")
     _add_common(scheduler)
@@ -94,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the server's 2m; see docs/design.md, Durability)",
     )
     _add_provisioner_options(dev)
+    _add_api_security(dev, dev=True)
 
     migrate = commands.add_parser("migrate", help="bring every service's tables up to date and exit")
     migrate.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
@@ -122,14 +246,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if hasattr(args, "nats_creds"):
+        _use_nats_security(args)
     if args.command == "api":
         from services.deployments.app import ApiOptions, serve
 
+        if not (args.insecure_no_auth or args.jwt_secret_file or args.jwt_public_key_file):
+            build_parser().error(
+                "api needs --jwt-secret-file or --jwt-public-key-file, "
+                "or --insecure-no-auth to serve without authentication (local use only)"
+            )
+        security = _api_security(args)
         options = ApiOptions(
             listen=args.listen,
             database_url=args.database_url,
             nats_url=args.nats_url,
             locations_file=args.locations,
+            **security,
         )
         return _run(lambda stop: serve(options, stop))
     if args.command == "scheduler":
@@ -163,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             simulate_delay=args.simulate_delay,
             simulate_failure_rate=args.simulate_failure_rate,
             simulate_state=args.simulate_state,
-            nats_sync_interval=args.nats_sync_interval,
+            api=_api_security(args),
         )
         return _run(lambda stop: run_dev(dev_options, stop))
     if args.command == "migrate":

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import os
+import secrets
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from apphosting.nats_server import NatsServer
 from apphosting.settings import DEFAULT_LISTEN
 from provisioner.worker import Provisioner, ProvisionerOptions
 from scheduler.service import Scheduler, SchedulerOptions
 from services.deployments.app import ApiOptions, ApiServer
+from services.deployments.auth import LOCAL_USER_ID, NOT_CONFIGURED, JwtVerifier, mint_token
+
+DEV_TOKEN_TTL = timedelta(days=30)
 
 
 @dataclass
@@ -25,6 +32,25 @@ class DevOptions:
     simulate_state: str | None = None
     # JetStream fsync interval: None is the server's default (2 minutes), "always" every write.
     nats_sync_interval: str | None = None
+    # ApiOptions fields (auth, TLS, quotas, limits) from the command line. Without auth, a dev key.
+    api: dict[str, Any] = field(default_factory=dict)
+
+
+def dev_auth(data: Path) -> tuple[JwtVerifier, str]:
+    """The dev key (made once, kept in data_dir) and a fresh token for the local user, also kept there."""
+    key_file = data / "dev-jwt-secret"
+    if not key_file.exists():
+        data.mkdir(parents=True, exist_ok=True)
+        # 0600 from the start: the key signs tokens for anyone who can read it.
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32) + "\n")
+    secret = key_file.read_bytes().strip()
+    token = mint_token(secret, LOCAL_USER_ID, ttl=DEV_TOKEN_TTL)
+    token_file = data / "dev-token"
+    token_file.touch(mode=0o600)
+    token_file.write_text(token + "\n")
+    return JwtVerifier.from_secret(secret), token
 
 
 async def run_dev(options: DevOptions, stop: asyncio.Event) -> None:
@@ -34,12 +60,17 @@ async def run_dev(options: DevOptions, stop: asyncio.Event) -> None:
     nats = NatsServer(data / "nats", sync_interval=options.nats_sync_interval)
     await asyncio.to_thread(nats.start)
     database_url = f"sqlite+aiosqlite:///{data / 'apphosting.db'}"
+    api_options = {"auth": NOT_CONFIGURED, **options.api}
+    token = None
+    if api_options["auth"] is NOT_CONFIGURED:
+        api_options["auth"], token = dev_auth(data)
     api = ApiServer(
         ApiOptions(
             listen=options.listen,
             database_url=database_url,
             nats_url=nats.url,
             locations_file=options.locations_file,
+            **api_options,
         )
     )
     scheduler = Scheduler(
@@ -70,6 +101,17 @@ async def run_dev(options: DevOptions, stop: asyncio.Event) -> None:
             f"{options.simulate_delay} s per step, failure rate {options.simulate_failure_rate}",
             flush=True,
         )
+        if token is not None:
+            print(
+                f"  auth       dev key {data / 'dev-jwt-secret'} (HS256); a token for user {LOCAL_USER_ID},\n"
+                f"             valid {DEV_TOKEN_TTL.days} days, is in {data / 'dev-token'}:\n\n"
+                f"  export TOKEN={token}\n"
+                f'  grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d @ {host}:{port} '
+                "apphosting.v1.DeploymentService/CreateAppHostingDeployment < examples/create-deployment.json",
+                flush=True,
+            )
+        elif api_options["auth"] is None:
+            print("  auth       none (--insecure-no-auth): every caller is the one local user", flush=True)
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({stopped, *tasks}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()

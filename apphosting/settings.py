@@ -28,4 +28,19 @@ class Limits(BaseModel):
     environment_value_max_bytes: int = Field(32_768, ge=1)
     custom_values_yaml_max_bytes: int = Field(262_144, ge=1)
     config_max_bytes: int = Field(65_536, ge=1)
+    # Nesting of objects and lists in `config`; deeper documents are refused before anything walks them.
+    config_max_depth: int = Field(32, ge=1)
+    # custom_values_yaml: nesting, `*alias` uses, and nodes once every alias is expanded. The last
+    # bounds what a consumer (Helm, a JSON encoder) would build: a billion-laughs document is small
+    # but expands to ~10^9 nodes. 200 000 is above what an alias-free document of the byte limit holds.
+    custom_values_yaml_max_depth: int = Field(64, ge=1)
+    custom_values_yaml_max_aliases: int = Field(64, ge=0)
+    custom_values_yaml_max_nodes: int = Field(200_000, ge=1)
+    # All environment variables together (NAME=value, UTF-8), so a request stays well under the API's
+    # request size limit and a field, not the transport, names what is too big.
+    environment_total_max_bytes: int = Field(262_144, ge=1)
+    # Allow-lists; empty allows any. Entries are host names (or host:port for registries), or
+    # `*.example.com` for every subdomain. An image without a registry is on docker.io.
+    helm_repo_hosts: tuple[str, ...] = ()
+    image_registries: tuple[str, ...] = ()
     kubernetes_versions: tuple[str, ...] = KUBERNETES_VERSIONS

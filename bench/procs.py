@@ -159,6 +159,9 @@ class Stack:
             self.nats.url,
             "--log-level",
             "WARNING",
+            # The benchmark measures the pipeline, not token checks or quota locks.
+            "--insecure-no-auth",
+            "--no-quotas",
         )
         if locations is not None:
             argv += ["--locations", str(locations)]

@@ -13,6 +13,7 @@ import pytest
 from apphosting.nats_server import NatsServer
 from apphosting.v1 import deployments_pb2_grpc
 from services.deployments.app import ApiOptions, ApiServer
+from services.deployments.quotas import UNLIMITED
 from tests.support.databases import (
     create_postgres_database,
     drop_postgres_database,
@@ -57,7 +58,12 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
 
 @pytest.fixture
 async def api(database_url: str, nats_server: NatsServer) -> AsyncIterator[ApiServer]:
-    server = ApiServer(ApiOptions(listen="127.0.0.1:0", database_url=database_url, nats_url=nats_server.url))
+    # Single-user local mode without quotas: these tests are not about either (tests/security/ is).
+    server = ApiServer(
+        ApiOptions(
+            listen="127.0.0.1:0", database_url=database_url, nats_url=nats_server.url, auth=None, quotas=UNLIMITED
+        )
+    )
     await server.start()
     yield server
     await server.stop()

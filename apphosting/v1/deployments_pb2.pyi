@@ -804,6 +804,7 @@ class DeploymentEvent(_message.Message):
     SIMULATED_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
     deployment_id: _builtins.str
     revision: _builtins.int
     status: Global___DeploymentStatus.ValueType
@@ -815,6 +816,10 @@ class DeploymentEvent(_message.Message):
     """True when a simulated driver produced it: no real cluster was touched."""
     final: _builtins.bool
     """True on the last event of a deployment; the watch ends after it."""
+    actor: _builtins.str
+    """The user (a UUID) who asked for this change: set on create, delete and retry; empty when the
+    platform reported it.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -829,10 +834,11 @@ class DeploymentEvent(_message.Message):
         simulated: _builtins.bool = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         final: _builtins.bool = ...,
+        actor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "final", b"final", "message", b"message", "phase", b"phase", "revision", b"revision", "simulated", b"simulated", "source", b"source", "status", b"status", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "deployment_id", b"deployment_id", "final", b"final", "message", b"message", "phase", b"phase", "revision", b"revision", "simulated", b"simulated", "source", b"source", "status", b"status", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -18,10 +18,19 @@ from nats.js import JetStreamContext
 
 from apphosting import bus, db
 from apphosting.locations import load_locations
+from apphosting.netguard import Resolver
 from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN, Limits
 from apphosting.v1 import bus_pb2, deployments_pb2_grpc
 from apphosting.v1 import deployments_pb2 as pb
+from services.deployments.auth import (
+    NOT_CONFIGURED,
+    AuthInterceptor,
+    JwtVerifier,
+    Unset,
+    tls_server_credentials,
+)
 from services.deployments.convert import STATUS_NAMES, has
+from services.deployments.quotas import Quotas
 from services.deployments.servicer import DeploymentServicer, change_of
 from services.deployments.store import DeploymentStore, EventInput, RecordMissing, TransitionRejected
 from services.deployments.watch import WatchHub
@@ -59,6 +68,19 @@ class ApiOptions:
     grace: float = 5.0
     # Events kept per deployment for resuming watches.
     event_history: int = 1000
+    # Who may call: a JwtVerifier, or None for single-user local mode (every call is one local user,
+    # no token). Left unset, the server refuses to start: no authentication only when asked for.
+    auth: JwtVerifier | Unset | None = NOT_CONFIGURED
+    quotas: Quotas = field(default_factory=Quotas)
+    # TLS (PEM files); with tls_client_ca, mutual TLS. Without tls_cert the port is plaintext.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    # Larger requests are refused by gRPC (RESOURCE_EXHAUSTED) before they are decoded; every field
+    # has its own smaller bound, so a request under this one that is too big is INVALID_ARGUMENT.
+    max_request_bytes: int = 1 << 20
+    # Resolves helm_repo_url host names at create time (None: the system resolver); tests stub it.
+    resolver: Resolver | None = None
 
 
 def event_input(event: bus_pb2.StatusEvent) -> EventInput:
@@ -95,12 +117,23 @@ class ApiServer:
         self.store.outbox_written = self._outbox_ready.set
 
     async def start(self) -> int:
+        if self.options.auth is NOT_CONFIGURED:
+            raise ValueError("ApiOptions.auth must be a JwtVerifier, or None for single-user local mode")
         await db.upgrade(self.engine, MIGRATIONS, VERSION_TABLE)
         regions = load_locations(self.options.locations_file).geographic_regions
         servicer = DeploymentServicer(
-            self.store, self.hub, limits=self.options.limits, regions=regions, announce=self.announce
+            self.store,
+            self.hub,
+            limits=self.options.limits,
+            regions=regions,
+            announce=self.announce,
+            quotas=self.options.quotas,
+            resolver=self.options.resolver,
         )
-        server = grpc.aio.server()
+        server = grpc.aio.server(
+            interceptors=[AuthInterceptor(self.options.auth)],
+            options=[("grpc.max_receive_message_length", self.options.max_request_bytes)],
+        )
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -111,7 +144,17 @@ class ApiServer:
             ),
             server,
         )
-        self.port = server.add_insecure_port(self.options.listen)
+        if self.options.tls_cert or self.options.tls_key:
+            if not (self.options.tls_cert and self.options.tls_key):
+                raise ValueError("TLS needs both a certificate and its key")
+            credentials = tls_server_credentials(
+                self.options.tls_cert, self.options.tls_key, self.options.tls_client_ca
+            )
+            self.port = server.add_secure_port(self.options.listen, credentials)
+        elif self.options.tls_client_ca:
+            raise ValueError("a client CA (mutual TLS) needs a TLS certificate and key")
+        else:
+            self.port = server.add_insecure_port(self.options.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.options.listen}")
         await server.start()

@@ -150,4 +150,5 @@ def event_to_proto(event: EventRow) -> pb.DeploymentEvent:
         simulated=event.simulated,
         time=timestamp(event.time),
         final=event.final,
+        actor=event.actor or "",
     )

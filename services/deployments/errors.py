@@ -94,3 +94,32 @@ def name_taken(name: str, existing_id: str | None) -> ServiceError:
 
 def unavailable(what: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE", f"{what} is unavailable; retry")
+
+
+def unauthenticated(reason: str, message: str) -> ServiceError:
+    """No usable credentials: reason TOKEN_MISSING, TOKEN_INVALID or TOKEN_EXPIRED."""
+    return ServiceError(grpc.StatusCode.UNAUTHENTICATED, reason, message)
+
+
+def quota_exceeded(quota: str, unit: str, limit: float, used: float, requested: float) -> ServiceError:
+    """A per-user quota would be exceeded; ErrorInfo names the quota, its limit and the current use."""
+
+    def number(value: float) -> str:
+        return f"{value:g}"
+
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "QUOTA_EXCEEDED",
+        f"quota {quota} exceeded: limit {number(limit)}{unit}, in use {number(used)}{unit}, "
+        f"this deployment needs {number(requested)}{unit}; delete deployments or ask for a higher quota",
+        metadata={"quota": quota, "limit": number(limit), "used": number(used), "requested": number(requested)},
+    )
+
+
+def malformed_request(detail: str) -> ServiceError:
+    """The request body is not a valid protobuf message of the method's request type."""
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "MALFORMED_REQUEST",
+        f"the request body cannot be decoded as the method's request message ({detail[:200]})",
+    )

@@ -14,13 +14,16 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from apphosting import bus
+from apphosting.netguard import Resolver
 from apphosting.settings import Limits
 from apphosting.v1 import bus_pb2, deployments_pb2_grpc
 from apphosting.v1 import deployments_pb2 as pb
 from services.deployments import errors, paging
+from services.deployments.auth import LOCAL_USER_ID, Caller, current_caller
 from services.deployments.convert import STATUS_NAMES, event_to_proto, request_to_data, row_to_proto
 from services.deployments.errors import FieldViolation, ServiceError
 from services.deployments.lifecycle import TERMINAL
+from services.deployments.quotas import Quotas, demand_of
 from services.deployments.store import (
     DeploymentStore,
     EventInput,
@@ -31,13 +34,12 @@ from services.deployments.store import (
     TransitionRejected,
 )
 from services.deployments.tables import DeploymentRow, EventRow
-from services.deployments.validation import SpecInvalid, validate_create
+from services.deployments.validation import SpecInvalid, validate_create_resolving
 from services.deployments.watch import RESYNC, Watcher, WatchHub
 
 log = logging.getLogger(__name__)
 
-# Until callers authenticate, every call is made by this one local user.
-LOCAL_USER_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "apphosting:local-user"))
+__all__ = ["LOCAL_USER_ID", "DeploymentServicer", "change_of", "placement_outbox"]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -77,6 +79,14 @@ def _streaming(
             await context.abort_with_status(errors.unavailable("the database").to_status())
 
     return wrapper
+
+
+def _owner(caller: Caller) -> str | None:
+    """Whose deployments the caller may see: their own, or (None) everyone's for an admin.
+
+    Another user's deployment is then simply not found, with the very answer an unknown id gets.
+    """
+    return None if caller.admin else caller.user_id
 
 
 def _parse_id(value: str, field: str = "id") -> str:
@@ -156,15 +166,20 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         limits: Limits,
         regions: Collection[str],
         announce: Callable[[pb.WatchDeploymentsResponse], None],
+        quotas: Quotas | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
         self._limits = limits
         self._regions = frozenset(regions)
         self._announce = announce
+        self._quotas = quotas
+        self._resolver = resolver
 
-    def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
-        return LOCAL_USER_ID
+    def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        # Set by the AuthInterceptor for this call; none set is UNAUTHENTICATED.
+        return current_caller()
 
     @_unary
     async def CreateAppHostingDeployment(
@@ -172,12 +187,14 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         request: pb.CreateAppHostingDeploymentRequest,
         context: grpc.aio.ServicerContext[pb.CreateAppHostingDeploymentRequest, pb.Deployment],
     ) -> pb.Deployment:
-        user_id = self._caller(context)
+        user_id = self._caller(context).user_id
         request_id = None
         if request.request_id:
             request_id = _parse_id(request.request_id, "request_id")
         try:
-            spec = validate_create(request_to_data(request), limits=self._limits, regions=self._regions)
+            spec = await validate_create_resolving(
+                request_to_data(request), limits=self._limits, regions=self._regions, resolver=self._resolver
+            )
         except SpecInvalid as invalid:
             raise errors.invalid_argument(
                 FieldViolation(v.field, v.description, v.reason) for v in invalid.violations
@@ -190,9 +207,10 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
             spec=spec.model_dump(mode="json", exclude_none=True),
             request_id=request_id,
             request_hash=_request_hash(request),
+            demand=demand_of(spec),
         )
         try:
-            row, event = await self._store.create(new, placement_outbox(bus_pb2.OPERATION_CREATE))
+            row, event = await self._store.create(new, placement_outbox(bus_pb2.OPERATION_CREATE), quotas=self._quotas)
         except NameTaken as taken:
             raise errors.name_taken(spec.deployment_name, taken.existing_id) from None
         except RequestIdReused:
@@ -211,9 +229,9 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         request: pb.GetDeploymentRequest,
         context: grpc.aio.ServicerContext[pb.GetDeploymentRequest, pb.Deployment],
     ) -> pb.Deployment:
-        return row_to_proto(await self._get(self._caller(context), request.id))
+        return row_to_proto(await self._get(_owner(self._caller(context)), request.id))
 
-    async def _get(self, user_id: str, raw_id: str) -> DeploymentRow:
+    async def _get(self, user_id: str | None, raw_id: str) -> DeploymentRow:
         deployment_id = _parse_id(raw_id)
         row = await self._store.get(user_id, deployment_id)
         if row is None:
@@ -238,7 +256,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
             except paging.BadToken as bad:
                 raise errors.invalid_field("page_token", str(bad), "INVALID_PAGE_TOKEN") from None
         rows = await self._store.page(
-            self._caller(context),
+            _owner(self._caller(context)),
             statuses=statuses,
             geographic_region=request.geographic_region,
             before_seq=before,
@@ -255,7 +273,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         request: pb.DeleteDeploymentRequest,
         context: grpc.aio.ServicerContext[pb.DeleteDeploymentRequest, pb.Deployment],
     ) -> pb.Deployment:
-        user_id = self._caller(context)
+        caller = self._caller(context)
+        user_id = _owner(caller)
         row = await self._get(user_id, request.id)
         if row.status == "deleting" or row.deleted_at is not None:
             return row_to_proto(row)
@@ -265,6 +284,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
             phase="delete_requested",
             message="deletion requested",
             source="api",
+            actor=caller.user_id,
         )
         return await self._request(user_id, row, change, bus_pb2.OPERATION_DELETE, "DELETE_NOT_ALLOWED")
 
@@ -274,7 +294,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         request: pb.RetryDeploymentRequest,
         context: grpc.aio.ServicerContext[pb.RetryDeploymentRequest, pb.Deployment],
     ) -> pb.Deployment:
-        user_id = self._caller(context)
+        caller = self._caller(context)
+        user_id = _owner(caller)
         row = await self._get(user_id, request.id)
         if row.status not in TERMINAL:
             raise ServiceError(
@@ -290,12 +311,13 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
             phase="retry_requested",
             message=f"retry requested after {row.status}",
             source="api",
+            actor=caller.user_id,
         )
         return await self._request(user_id, row, change, bus_pb2.OPERATION_CREATE, "NOT_RETRYABLE")
 
     async def _request(
         self,
-        user_id: str,
+        user_id: str | None,
         row: DeploymentRow,
         change: EventInput,
         operation: bus_pb2.Operation.ValueType,
@@ -317,7 +339,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         request: pb.WatchDeploymentRequest,
         context: grpc.aio.ServicerContext[pb.WatchDeploymentRequest, pb.WatchDeploymentResponse],
     ) -> AsyncIterator[pb.WatchDeploymentResponse]:
-        user_id = self._caller(context)
+        user_id = _owner(self._caller(context))
         deployment_id = _parse_id(request.id)
         if request.since_revision < 0:
             raise errors.invalid_field("since_revision", "since_revision must be 0 or a revision already seen")
@@ -384,7 +406,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
     ) -> AsyncIterator[pb.WatchDeploymentsResponse]:
         _statuses(request.statuses, "statuses")
         watcher = Watcher(
-            user_id=self._caller(context),
+            user_id=_owner(self._caller(context)),
             statuses=frozenset(request.statuses),
             geographic_region=request.geographic_region,
         )

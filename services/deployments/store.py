@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,9 +14,14 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from services.deployments import quotas as quota_rules
 from services.deployments.convert import row_to_proto
 from services.deployments.lifecycle import allowed, early
 from services.deployments.tables import DeploymentRow, EventRow, OutboxRow
+
+# First key of the PostgreSQL advisory locks that serialise one user's quota-checked creates
+# (arbitrary; the scheduler's ledger uses a single 64-bit key, which cannot collide with a pair).
+_QUOTA_LOCK_SPACE = 0x71756F74  # "quot"
 
 
 def now() -> datetime:
@@ -43,6 +50,8 @@ class NewDeployment:
     spec: dict[str, Any]
     request_id: str | None
     request_hash: str
+    # What it holds against its owner's quotas.
+    demand: quota_rules.Usage = field(default_factory=quota_rules.Usage)
 
 
 class NameTaken(Exception):
@@ -75,6 +84,8 @@ class EventInput:
     simulated: bool = False
     final: bool = False
     time: datetime | None = None
+    # The user who asked for the change (audit); None for what the platform reports.
+    actor: str | None = None
     # Record fields the event sets; absent ones stay.
     fields: dict[str, str] = field(default_factory=dict)
 
@@ -102,12 +113,56 @@ class DeploymentStore:
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         # Set after every commit that wrote outbox rows, so the relay sends them at once.
         self.outbox_written: Callable[[], None] = lambda: None
+        # SQLite has one writer at a time anyway; this keeps this process's quota checks from
+        # queueing on the database lock inside pool threads.
+        self._sqlite_quota_lock = asyncio.Lock()
+
+    async def usage(self, user_id: str) -> quota_rules.Usage:
+        """What the user's deployments hold until their teardown ends."""
+        async with self._sessions() as session:
+            return await self._usage(session, user_id)
+
+    @staticmethod
+    async def _usage(session: AsyncSession, user_id: str) -> quota_rules.Usage:
+        row = (
+            await session.execute(
+                select(
+                    func.count(),
+                    func.coalesce(func.sum(DeploymentRow.cpu_millis), 0),
+                    func.coalesce(func.sum(DeploymentRow.memory_mb), 0),
+                    func.coalesce(func.sum(DeploymentRow.storage_gb), 0),
+                ).where(DeploymentRow.user_id == user_id, DeploymentRow.deleted_at.is_(None))
+            )
+        ).one()
+        return quota_rules.Usage(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+    @staticmethod
+    async def _lock_user(session: AsyncSession, user_id: str) -> None:
+        """Holds, until the transaction ends, a lock that every quota-checked create of this user takes first.
+
+        Then the usage read next includes every deployment another create committed before, and
+        none can commit in between: two concurrent creates never both fit under one limit.
+        """
+        connection = await session.connection()
+        if connection.dialect.name == "sqlite":
+            # The driver opens a transaction only at the first write; take the (database-wide) write
+            # lock before the read.
+            await connection.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            # Per user, across processes; released at commit or rollback.
+            await connection.execute(select(func.pg_advisory_xact_lock(_QUOTA_LOCK_SPACE, func.hashtext(user_id))))
 
     def session(self) -> AsyncSession:
         return self._sessions()
 
-    async def create(self, new: NewDeployment, outbox: OutboxFn) -> tuple[DeploymentRow, EventRow | None]:
-        """Stores a pending deployment; returns it with its first event, or with None on a request_id replay."""
+    async def create(
+        self, new: NewDeployment, outbox: OutboxFn, *, quotas: quota_rules.Quotas | None = None
+    ) -> tuple[DeploymentRow, EventRow | None]:
+        """Stores a pending deployment; returns it with its first event, or with None on a request_id replay.
+
+        With quotas, raises the QUOTA_EXCEEDED ServiceError when the user's deployments and this one
+        together would exceed one; a request_id replay is answered even then.
+        """
         if new.request_id is not None:
             replay = await self._replay(new)
             if replay is not None:
@@ -128,6 +183,9 @@ class DeploymentStore:
             request_hash=new.request_hash,
             revision=1,
             is_adopted=False,
+            cpu_millis=new.demand.cpu_millis,
+            memory_mb=new.demand.memory_mb,
+            storage_gb=new.demand.storage_gb,
             created_at=moment,
             updated_at=moment,
         )
@@ -142,10 +200,18 @@ class DeploymentStore:
             simulated=False,
             final=False,
             time=moment,
+            actor=new.user_id,
             snapshot=row_to_proto(row).SerializeToString(),
         )
+        checked = quotas is not None and quotas.enforced
         try:
-            async with self._sessions.begin() as session:
+            async with contextlib.AsyncExitStack() as held:
+                if checked and self.engine.dialect.name == "sqlite":
+                    await held.enter_async_context(self._sqlite_quota_lock)
+                session = await held.enter_async_context(self._sessions.begin())
+                if quotas is not None and checked:
+                    await self._lock_user(session, new.user_id)
+                    quota_rules.check(quotas, await self._usage(session, new.user_id), new.demand)
                 session.add(row)
                 await session.flush()
                 session.add(event)
@@ -182,11 +248,13 @@ class DeploymentStore:
         for message in messages:
             session.add(OutboxRow(id=message.id, subject=message.subject, payload=message.payload, created_at=moment))
 
-    async def get(self, user_id: str, deployment_id: str) -> DeploymentRow | None:
+    async def get(self, user_id: str | None, deployment_id: str) -> DeploymentRow | None:
+        """The deployment if `user_id` owns it; user_id None (an admin) reads any."""
+        query = select(DeploymentRow).where(DeploymentRow.id == deployment_id)
+        if user_id is not None:
+            query = query.where(DeploymentRow.user_id == user_id)
         async with self._sessions() as session:
-            return await session.scalar(
-                select(DeploymentRow).where(DeploymentRow.id == deployment_id, DeploymentRow.user_id == user_id)
-            )
+            return await session.scalar(query)
 
     async def get_any(self, deployment_id: str) -> DeploymentRow | None:
         async with self._sessions() as session:
@@ -194,15 +262,17 @@ class DeploymentStore:
 
     async def page(
         self,
-        user_id: str,
+        user_id: str | None,
         *,
         statuses: Sequence[str] = (),
         geographic_region: str = "",
         before_seq: int | None = None,
         limit: int,
     ) -> list[DeploymentRow]:
-        """One page, newest first: at most `limit` rows older than before_seq."""
-        query = select(DeploymentRow).where(DeploymentRow.user_id == user_id)
+        """One page, newest first: at most `limit` rows older than before_seq; user_id None: every user's."""
+        query = select(DeploymentRow)
+        if user_id is not None:
+            query = query.where(DeploymentRow.user_id == user_id)
         if statuses:
             query = query.where(DeploymentRow.status.in_(statuses))
         if geographic_region:
@@ -287,6 +357,7 @@ class DeploymentStore:
                     simulated=change.simulated,
                     final=change.final and not late,
                     time=change.time or moment,
+                    actor=change.actor,
                     snapshot=row_to_proto(updated).SerializeToString(),
                 )
                 session.add(event)

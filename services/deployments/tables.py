@@ -69,6 +69,10 @@ class DeploymentRow(Base):
     values_yaml: Mapped[str | None] = mapped_column(Text)
     is_adopted: Mapped[bool] = mapped_column(Boolean, default=False)
     source_namespace: Mapped[str | None] = mapped_column(String(63))
+    # What the deployment holds against its owner's quotas (services/deployments/quotas.py).
+    cpu_millis: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    memory_mb: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    storage_gb: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -95,6 +99,8 @@ class EventRow(Base):
     simulated: Mapped[bool] = mapped_column(Boolean, default=False)
     final: Mapped[bool] = mapped_column(Boolean, default=False)
     time: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The user who asked for this change (create, delete, retry); NULL for what the platform reported.
+    actor: Mapped[str | None] = mapped_column(String(36))
     # The Deployment message right after this change, so a resumed watch replays it exactly.
     snapshot: Mapped[bytes] = mapped_column(LargeBinary)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from apphosting import netguard
 from apphosting.settings import Limits
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "Violation",
     "Volume",
     "validate_create",
+    "validate_create_resolving",
 ]
 
 APP_TYPES: Final = ("web_app", "api", "database", "static_site", "container", "helm")
@@ -124,6 +126,10 @@ _CONSTRAINT_HYPHEN_RANGE = re.compile(rf"{_CONSTRAINT_VERSION}\s+-\s+{_CONSTRAIN
 _RE2_UNSUPPORTED = re.compile(r"\(\?<?[=!]|(?<!\\)(?:\\\\)*\\[1-9]")
 
 _FORBIDDEN_MOUNT_ROOTS: Final = ("/proc", "/sys", "/dev")
+# Only encrypted transports: a chart fetched over plain http can be swapped on the way.
+HELM_REPO_SCHEMES: Final = ("https", "oci")
+# distribution/reference: an image name without a registry part is on Docker Hub.
+DEFAULT_REGISTRY: Final = "docker.io"
 
 
 @dataclass(frozen=True)
@@ -364,6 +370,9 @@ class DeploymentSpec(BaseModel):
         maximum = _limits(info).config_max_bytes
         if len(encoded) > maximum:
             raise _fail("TOO_LONG", f"must be at most {maximum} bytes as JSON, got {len(encoded)}")
+        deepest = _limits(info).config_max_depth
+        if _nesting(value, deepest) > deepest:
+            raise _fail("TOO_DEEP", f"must nest objects and lists at most {deepest} levels deep")
         return value
 
     @field_validator("cpu_request")
@@ -419,7 +428,7 @@ class DeploymentSpec(BaseModel):
 
     @field_validator("docker_image")
     @classmethod
-    def _docker_image(cls, value: str | None) -> str | None:
+    def _docker_image(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return value
         _not_empty(value)
@@ -427,29 +436,41 @@ class DeploymentSpec(BaseModel):
         problem = _image_reference_problem(value)
         if problem is not None:
             raise _fail(*problem)
+        registries = _limits(info).image_registries
+        registry = image_registry(value)
+        if not netguard.host_allowed(registry, registries):
+            raise _fail(
+                "NOT_ALLOWED",
+                f"must come from an allowed registry ({', '.join(registries)}); {value!r} is on {registry}",
+            )
         return value
 
     @field_validator("helm_repo_url")
     @classmethod
-    def _helm_repo_url(cls, value: str | None) -> str | None:
+    def _helm_repo_url(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return value
         _not_empty(value)
         _no_outer_whitespace(value)
         _max_chars(value, HELM_REPO_URL_MAX)
-        allowed = "an absolute https://, http:// or oci:// URL with a host"
-        if any(c.isspace() for c in value):
-            raise _fail("INVALID_FORMAT", f"must be {allowed}; it contains whitespace")
+        allowed = "an absolute https:// or oci:// URL with a host"
+        if any(c.isspace() or ord(c) < 32 or c == "\x7f" for c in value):
+            raise _fail("INVALID_FORMAT", f"must be {allowed}; it contains whitespace or control characters")
         try:
             parts = urlsplit(value)
             parts.port  # noqa: B018 - parsing the port is what validates it
         except ValueError as exc:
             raise _fail("INVALID_FORMAT", f"must be {allowed} ({exc})") from None
-        if parts.scheme not in ("https", "http", "oci") or not parts.hostname:
+        if parts.scheme == "http":
+            raise _fail("NOT_ALLOWED", f"must be {allowed}: plain http is not allowed, use https")
+        if parts.scheme not in HELM_REPO_SCHEMES or not parts.hostname:
             raise _fail("INVALID_FORMAT", f"must be {allowed}, got {value!r}")
         # The URL is stored and echoed back in responses; credentials must not ride along in it.
         if parts.username is not None or parts.password is not None:
             raise _fail("NOT_ALLOWED", "must not contain credentials (user:password@)")
+        problem = netguard.host_problem(parts.hostname, allowed=_limits(info).helm_repo_hosts)
+        if problem is not None:
+            raise _fail("NOT_ALLOWED", f"must name a public host the platform may fetch from; {problem}")
         return value
 
     @field_validator("helm_chart_name")
@@ -493,11 +514,16 @@ class DeploymentSpec(BaseModel):
         if size > maximum:
             raise _fail("TOO_LONG", f"must be at most {maximum} bytes, got {size}")
         try:
-            loaded = yaml.safe_load(value)
+            loaded = _load_bounded_yaml(value, _limits(info))
+        except _YamlTooBig as exc:
+            raise _fail(exc.reason, exc.message) from None
         except yaml.YAMLError as exc:
             where = getattr(exc, "problem_mark", None)
             at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
             raise _fail("INVALID_FORMAT", f"must be valid YAML; it does not parse{at}") from None
+        except ValueError as exc:
+            # A scalar the constructor cannot hold, e.g. an integer of more than 4300 digits.
+            raise _fail("INVALID_FORMAT", f"must be valid YAML; a value cannot be read ({str(exc)[:120]})") from None
         # An empty document means "no values", the same as leaving the field out.
         if loaded is not None and not isinstance(loaded, dict):
             raise _fail(
@@ -575,6 +601,120 @@ class DeploymentSpec(BaseModel):
         if f"1.{match.group(1)}" not in supported:
             raise _fail("UNSUPPORTED", f"must be one of the supported versions {offered}, got {value!r}")
         return value
+
+
+def image_registry(reference: str) -> str:
+    """The registry host[:port] an image reference pulls from (docker.io when it names none)."""
+    first, slash, _ = reference.partition("/")
+    # distribution/reference: the first component is a registry when it looks like a host.
+    if slash and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
+        return first
+    return DEFAULT_REGISTRY
+
+
+def _nesting(value: Any, limit: int) -> int:
+    """How deep lists and objects nest in a JSON value; stops counting past `limit`."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, dict | list):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+class _YamlTooBig(yaml.YAMLError):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses deep nesting and many aliases while composing, before anything is built."""
+
+    def __init__(self, stream: str, limits: Limits) -> None:
+        super().__init__(stream)
+        self._limits = limits
+        self._depth = 0
+        self._aliases = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > self._limits.custom_values_yaml_max_aliases:
+                raise _YamlTooBig(
+                    "TOO_LONG", f"must use at most {self._limits.custom_values_yaml_max_aliases} aliases (*name)"
+                )
+        self._depth += 1
+        try:
+            if self._depth > self._limits.custom_values_yaml_max_depth:
+                raise _YamlTooBig(
+                    "TOO_DEEP", f"must nest at most {self._limits.custom_values_yaml_max_depth} levels deep"
+                )
+            return super().compose_node(parent, index)  # type: ignore[arg-type]
+        finally:
+            self._depth -= 1
+
+
+def _expanded_nodes(root: yaml.Node, limit: int) -> int | None:
+    """Nodes of the document with every alias expanded (stops past `limit`); None when an alias recurses."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if done:
+            on_path.discard(key)
+            sizes[key] = min(limit + 1, 1 + sum(sizes[id(child)] for child in children))
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            return None
+        on_path.add(key)
+        stack.append((node, True))
+        for child in children:
+            if id(child) in on_path:
+                return None
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _load_bounded_yaml(text: str, limits: Limits) -> Any:
+    """yaml.safe_load with bounded depth, aliases and expanded size; raises _YamlTooBig or a YAMLError."""
+    loader = _BoundedLoader(text, limits)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        maximum = limits.custom_values_yaml_max_nodes
+        expanded = _expanded_nodes(node, maximum)
+        if expanded is None:
+            raise _YamlTooBig("INVALID_FORMAT", "must not contain an alias that refers to itself (a cycle)")
+        if expanded > maximum:
+            raise _YamlTooBig(
+                "TOO_LONG", f"must hold at most {maximum} values once its aliases are expanded (alias bomb?)"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _image_reference_problem(value: str) -> tuple[str, str] | None:
@@ -716,6 +856,13 @@ def _cross_field(data: Mapping[str, Any], limits: Limits) -> Iterator[tuple[Loc,
                 "TOO_LONG",
                 f"must have at most {limits.environment_variables_max} entries, got {len(env)}",
             )
+        total = sum(len(entry.encode(errors="replace")) for entry in env if isinstance(entry, str))
+        if total > limits.environment_total_max_bytes:
+            yield (
+                ("environment_variables",),
+                "TOO_LONG",
+                f"must hold at most {limits.environment_total_max_bytes} bytes in all (UTF-8), got {total}",
+            )
         first_seen: dict[str, int] = {}
         for index, entry in enumerate(env):
             if not isinstance(entry, str) or "=" not in entry:
@@ -820,3 +967,51 @@ def validate_create(data: Mapping[str, Any], *, limits: Limits, regions: Collect
         found.sort(key=lambda item: _order(item[0]))
         raise SpecInvalid([Violation(_path(loc), f"{_path(loc)} {message}", reason) for loc, reason, message in found])
     return spec
+
+
+async def validate_create_resolving(
+    data: Mapping[str, Any],
+    *,
+    limits: Limits,
+    regions: Collection[str],
+    resolver: netguard.Resolver | None = None,
+) -> DeploymentSpec:
+    """validate_create, plus what `helm_repo_url`'s host name resolves to now (it must be a public address).
+
+    A name that does not resolve is let through: DNS may be briefly unavailable, and whatever fetches
+    the chart checks the name again at the time of use (`apphosting.netguard.resolve_public`).
+    """
+    violations: list[Violation] = []
+    spec: DeploymentSpec | None = None
+    try:
+        spec = validate_create(data, limits=limits, regions=regions)
+    except SpecInvalid as invalid:
+        violations.extend(invalid.violations)
+    url = data.get("helm_repo_url")
+    if isinstance(url, str) and not any(v.field == "helm_repo_url" for v in violations):
+        host = urlsplit(url).hostname
+        if host:
+            try:
+                await netguard.resolve_public(host, allowed=limits.helm_repo_hosts, resolver=resolver)
+            except netguard.Refused as refused:
+                violations.append(
+                    Violation(
+                        "helm_repo_url",
+                        f"helm_repo_url must name a public host the platform may fetch from; {refused}",
+                        "NOT_ALLOWED",
+                    )
+                )
+            except netguard.Unresolvable:
+                pass
+    if violations or spec is None:
+        raise SpecInvalid(_in_field_order(violations))
+    return spec
+
+
+def _in_field_order(violations: Sequence[Violation]) -> list[Violation]:
+    def top(violation: Violation) -> int:
+        name = re.split(r"[.\[]", violation.field, maxsplit=1)[0]
+        return FIELD_ORDER.index(name) if name in FIELD_ORDER else len(FIELD_ORDER)
+
+    # Stable: entries of one field keep the order validate_create gave them.
+    return sorted(violations, key=top)

@@ -21,14 +21,15 @@ QUEUE_LIMIT = 1024
 class Watcher:
     """One open stream: the changes it wants, queued until the stream sends them."""
 
-    user_id: str
+    # None: an admin's watch, which sees every user's deployments.
+    user_id: str | None
     deployment_id: str | None = None
     statuses: frozenset[int] = frozenset()
     geographic_region: str = ""
     queue: asyncio.Queue[Item] = field(default_factory=lambda: asyncio.Queue(QUEUE_LIMIT))
 
     def wants(self, deployment: pb.Deployment) -> bool:
-        if deployment.user_id != self.user_id:
+        if self.user_id is not None and deployment.user_id != self.user_id:
             return False
         if self.deployment_id is not None:
             return deployment.id == self.deployment_id

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf import json_format
 
 from apphosting.nats_server import free_port, wait_for_port
@@ -40,13 +41,19 @@ def test_dev_runs_a_deployment_and_stops_cleanly(tmp_path: Path) -> None:
     )
     try:
         wait_for_port(port, timeout=60)
+        # Without auth flags, dev makes a key and a token for the local user (also printed).
+        token = (tmp_path / "data" / "dev-token").read_text().strip()
+        auth = (("authorization", f"Bearer {token}"),)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub: Any = deployments_pb2_grpc.DeploymentServiceStub(channel)
             body = json_format.Parse(EXAMPLE.read_text(), pb.CreateAppHostingDeploymentRequest())
-            created = stub.CreateAppHostingDeployment(body, timeout=10)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.CreateAppHostingDeployment(body, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            created = stub.CreateAppHostingDeployment(body, timeout=10, metadata=auth)
             deadline = time.monotonic() + 60
             last = created
-            for item in stub.WatchDeployment(pb.WatchDeploymentRequest(id=created.id), timeout=60):
+            for item in stub.WatchDeployment(pb.WatchDeploymentRequest(id=created.id), timeout=60, metadata=auth):
                 last = item.deployment
                 if last.status == pb.DEPLOYMENT_STATUS_RUNNING or time.monotonic() > deadline:
                     break
@@ -62,4 +69,6 @@ def test_dev_runs_a_deployment_and_stops_cleanly(tmp_path: Path) -> None:
     assert f"grpc://127.0.0.1:{port}" in out
     assert "nats://127.0.0.1:" in out
     assert "apphosting dev stopped" in out
+    assert f"export TOKEN={token}" in out
+    assert 'grpcurl -plaintext -H "authorization: Bearer $TOKEN"' in out
     assert (tmp_path / "data" / "apphosting.db").exists()

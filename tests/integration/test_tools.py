@@ -89,6 +89,8 @@ def test_api_command_serves_and_stops_gracefully(
     tmp_path: Path, nats_server: NatsServer, stop_signal: signal.Signals
 ) -> None:
     port = free_port()
+    secret = tmp_path / "jwt-secret"
+    secret.write_text("x" * 32 + "\n")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -101,6 +103,8 @@ def test_api_command_serves_and_stops_gracefully(
             f"sqlite:///{tmp_path / 'cli.db'}",
             "--nats-url",
             nats_server.url,
+            "--jwt-secret-file",
+            str(secret),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -120,3 +124,15 @@ def test_api_command_serves_and_stops_gracefully(
             process.wait()
     assert process.returncode == 0, err
     assert f"127.0.0.1:{port}" in out
+
+
+def test_api_command_refuses_to_run_without_authentication_unless_told(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "apphosting.cli", "api", "--database-url", f"sqlite:///{tmp_path / 'cli.db'}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--insecure-no-auth" in result.stderr

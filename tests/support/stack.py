@@ -19,6 +19,7 @@ from provisioner.reconcile import RetryPolicy
 from provisioner.worker import Provisioner, ProvisionerOptions
 from scheduler.service import Scheduler, SchedulerOptions
 from services.deployments.app import ApiOptions, ApiServer
+from services.deployments.quotas import UNLIMITED
 
 if TYPE_CHECKING:
     from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub
@@ -46,6 +47,7 @@ class Stack:
                 nats_url=self.nats.url,
                 locations_file=self.locations_file,
                 auth=None,
+                quotas=UNLIMITED,
             )
         )
         await api.start()

@@ -1,0 +1,156 @@
+"""Outbound destinations a user names: refuses loopback, private, link-local and cloud-metadata addresses.
+
+The API checks a URL's host when a deployment is created (`host_problem` for what the text alone
+shows, `resolve_public` for what its name resolves to at that moment). A name can resolve
+differently later (DNS rebinding), so whatever fetches from the URL must check again at the time
+of use with `resolve_public` and connect to the addresses it returned, not resolve the name anew.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Final
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Resolves a host name to its addresses (as text); tests pass a stub.
+Resolver = Callable[[str], Awaitable[Sequence[str]]]
+
+# Instance-metadata endpoints of the clouds (AWS, GCP, Azure, OpenStack; AWS IPv6; ECS task
+# metadata; Alibaba). Most are link-local anyway; they are named so the message says what they are.
+METADATA_ADDRESSES: Final = frozenset(
+    ipaddress.ip_address(a)
+    for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "192.0.0.192")
+)
+METADATA_HOSTS: Final = frozenset(
+    {"metadata", "metadata.google.internal", "metadata.goog", "instance-data", "instance-data.ec2.internal"}
+)
+_SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT: not reachable from the internet
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+DEFAULT_RESOLVE_TIMEOUT = 2.0
+
+
+class Refused(Exception):
+    """The destination is not one the platform may connect to; the message says why."""
+
+
+class Unresolvable(Exception):
+    """The host name did not resolve (or not in time)."""
+
+
+def address_kind(address: str | IPAddress) -> str | None:
+    """What kind of internal address this is ("a loopback address", …), or None for a public address."""
+    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+    if isinstance(ip, ipaddress.IPv6Address):
+        # An IPv4 address in IPv6 clothing reaches the IPv4 host: judge that one.
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return address_kind(embedded)
+    if ip in METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    if ip.is_loopback:
+        return "a loopback address"
+    if ip.is_unspecified:
+        return "the unspecified address"
+    if ip.is_link_local:
+        return "a link-local address"
+    if ip.is_multicast:
+        return "a multicast address"
+    if ip.is_private or ip in _SHARED:
+        return "a private address"
+    if ip.is_reserved or not ip.is_global:
+        return "not a public internet address"
+    return None
+
+
+def address_problem(address: str | IPAddress) -> str | None:
+    """Why the platform must not connect to this address, or None when it is a public address."""
+    kind = address_kind(address)
+    return None if kind is None else f"{address} is {kind}"
+
+
+def _literal_ip(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        pass
+    # inet_aton accepts the forms browsers and curl do: 2130706433, 0x7f.1, 017700000001 …
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+def host_allowed(host: str, allowed: Collection[str]) -> bool:
+    """True when the allow-list is empty or names the host exactly or as `*.suffix`."""
+    if not allowed:
+        return True
+    host = host.lower().rstrip(".")
+    for entry in allowed:
+        entry = entry.lower().rstrip(".")
+        if host == entry or (entry.startswith("*.") and host.endswith(entry[1:])):
+            return True
+    return False
+
+
+def host_problem(host: str, *, allowed: Collection[str] = ()) -> str | None:
+    """What the host's text alone shows to be refused: an internal address or name, or one off the allow-list."""
+    name = host.lower().rstrip(".")
+    literal = _literal_ip(name)
+    if literal is not None:
+        problem = address_problem(literal)
+        if problem is not None:
+            return problem
+    elif name == "localhost" or name.endswith(".localhost"):
+        return f"{host} is a loopback name"
+    elif name in METADATA_HOSTS:
+        return f"{host} is a cloud metadata name"
+    if not host_allowed(name, allowed):
+        return f"{host} is not one of the allowed hosts ({', '.join(sorted(allowed))})"
+    return None
+
+
+async def system_resolver(host: str) -> list[str]:
+    """The host's addresses from the system resolver (getaddrinfo)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+async def resolve_public(
+    host: str,
+    *,
+    allowed: Collection[str] = (),
+    resolver: Resolver | None = None,
+    resolve_seconds: float = DEFAULT_RESOLVE_TIMEOUT,
+) -> list[str]:
+    """The addresses to connect to for `host`; raises Refused when any of them (or the name) is internal.
+
+    Every address must be public: a name resolving to one public and one private address is
+    refused, since a client may pick either. Raises Unresolvable when the name does not resolve.
+    """
+    problem = host_problem(host, allowed=allowed)
+    if problem is not None:
+        raise Refused(problem)
+    literal = _literal_ip(host.lower().rstrip("."))
+    if literal is not None:
+        return [str(literal)]
+    try:
+        async with asyncio.timeout(resolve_seconds):
+            addresses = list(await (resolver or system_resolver)(host))
+    except (OSError, TimeoutError, UnicodeError) as exc:
+        raise Unresolvable(f"{host} does not resolve ({exc or 'timed out'})") from None
+    if not addresses:
+        raise Unresolvable(f"{host} resolves to no address")
+    for address in addresses:
+        try:
+            kind = address_kind(address)
+        except ValueError:
+            kind = "something that is not an IP address"
+        if kind is not None:
+            raise Refused(f"{host} resolves to {kind} ({address})")
+    return addresses

@@ -1,0 +1,70 @@
+"""Per-user quotas: how many deployments, and how much cpu, memory and storage they may hold in all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.deployments import errors
+from services.deployments.validation import DeploymentSpec
+
+# What an unset field asks for: the scheduler's defaults (scheduler/placement.py demand_of), so a
+# quota counts what placement reserves.
+DEFAULT_CPU = 0.25
+DEFAULT_MEMORY_MB = 256
+DEFAULT_REPLICAS = 1
+
+
+class Quotas(BaseModel):
+    """What one user's live deployments may hold together; None means no limit."""
+
+    model_config = ConfigDict(frozen=True)
+
+    deployments: int | None = Field(100, ge=0)
+    cpu: float | None = Field(64.0, ge=0)
+    memory_mb: int | None = Field(262_144, ge=0)
+    storage_gb: int | None = Field(4_096, ge=0)
+
+    @property
+    def enforced(self) -> bool:
+        return any(limit is not None for limit in (self.deployments, self.cpu, self.memory_mb, self.storage_gb))
+
+
+UNLIMITED = Quotas(deployments=None, cpu=None, memory_mb=None, storage_gb=None)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Resources held by deployments: cpu in millicores, so sums are exact."""
+
+    deployments: int = 0
+    cpu_millis: int = 0
+    memory_mb: int = 0
+    storage_gb: int = 0
+
+
+def demand_of(spec: DeploymentSpec) -> Usage:
+    """What one deployment holds: per-replica cpu and memory times replicas, its storage plus its volumes."""
+    replicas = spec.replicas if spec.replicas is not None else DEFAULT_REPLICAS
+    cpu = spec.cpu_request if spec.cpu_request is not None else DEFAULT_CPU
+    memory_mb = spec.memory_request_mb if spec.memory_request_mb is not None else DEFAULT_MEMORY_MB
+    storage_gb = (spec.storage_size_gb or 0) + sum(volume.size_gb for volume in spec.volumes or ())
+    return Usage(
+        deployments=1,
+        cpu_millis=round(cpu * 1000) * replicas,
+        memory_mb=memory_mb * replicas,
+        storage_gb=storage_gb,
+    )
+
+
+def check(quotas: Quotas, used: Usage, demand: Usage) -> None:
+    """Raises RESOURCE_EXHAUSTED (ErrorInfo QUOTA_EXCEEDED) for the first quota `demand` would exceed."""
+    if quotas.deployments is not None and used.deployments + demand.deployments > quotas.deployments:
+        raise errors.quota_exceeded("deployments", "", quotas.deployments, used.deployments, demand.deployments)
+    if quotas.cpu is not None and used.cpu_millis + demand.cpu_millis > round(quotas.cpu * 1000):
+        raise errors.quota_exceeded("cpu", " cores", quotas.cpu, used.cpu_millis / 1000, demand.cpu_millis / 1000)
+    if quotas.memory_mb is not None and used.memory_mb + demand.memory_mb > quotas.memory_mb:
+        raise errors.quota_exceeded("memory_mb", " MB", quotas.memory_mb, used.memory_mb, demand.memory_mb)
+    if quotas.storage_gb is not None and used.storage_gb + demand.storage_gb > quotas.storage_gb:
+        raise errors.quota_exceeded("storage_gb", " GiB", quotas.storage_gb, used.storage_gb, demand.storage_gb)
