@@ -32,7 +32,13 @@ from services.deployments.auth import (
 from services.deployments.convert import STATUS_NAMES, has
 from services.deployments.quotas import Quotas
 from services.deployments.servicer import DeploymentServicer, change_of
-from services.deployments.store import DeploymentStore, EventInput, RecordMissing, TransitionRejected
+from services.deployments.store import (
+    SETTABLE,
+    DeploymentStore,
+    EventInput,
+    RecordMissing,
+    TransitionRejected,
+)
 from services.deployments.watch import WatchHub
 
 log = logging.getLogger(__name__)
@@ -42,18 +48,6 @@ VERSION_TABLE = "alembic_version_deployments"
 # An event that arrived before its predecessors comes back after this long (up to MAX_DELIVER times).
 EARLY_EVENT_DELAY = 3.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DeploymentService"].full_name
-
-_EVENT_FIELDS = (
-    "endpoint_url",
-    "error_message",
-    "provider",
-    "region",
-    "cluster_status",
-    "cluster_error",
-    "git_path",
-    "values_yaml",
-    "location_id",
-)
 
 
 @dataclass
@@ -93,7 +87,7 @@ def event_input(event: bus_pb2.StatusEvent) -> EventInput:
         simulated=event.simulated,
         final=event.final,
         time=event.time.ToDatetime(tzinfo=UTC) if event.HasField("time") else None,
-        fields={name: getattr(event, name) for name in _EVENT_FIELDS if has(event, name)},
+        fields={name: getattr(event, name) for name in SETTABLE if has(event, name)},
     )
 
 

@@ -90,18 +90,17 @@ class EventInput:
     fields: dict[str, str] = field(default_factory=dict)
 
 
-_SETTABLE = frozenset(
-    {
-        "endpoint_url",
-        "error_message",
-        "provider",
-        "region",
-        "cluster_status",
-        "cluster_error",
-        "git_path",
-        "values_yaml",
-        "location_id",
-    }
+# Record fields a reported event may set (the optional fields of bus_pb2.StatusEvent).
+SETTABLE = (
+    "endpoint_url",
+    "error_message",
+    "provider",
+    "region",
+    "cluster_status",
+    "cluster_error",
+    "git_path",
+    "values_yaml",
+    "location_id",
 )
 
 
@@ -326,7 +325,7 @@ class DeploymentStore:
         values: dict[str, Any] = {"revision": row.revision + 1, "updated_at": moment}
         if not late:
             values.update(status=change.status, phase=change.phase)
-            values.update({k: v for k, v in change.fields.items() if k in _SETTABLE})
+            values.update({k: v for k, v in change.fields.items() if k in SETTABLE})
             if change.status == "pending":
                 # A retry starts afresh: what the failed attempt reported no longer holds.
                 values.update(error_message=None, cluster_error=None)
