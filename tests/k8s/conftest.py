@@ -16,7 +16,7 @@ import pytest
 from apphosting.locations import Capacity, LocationConfig
 from tests.k8s.fake_apiserver import FakeApiServer
 from tests.k8s.fake_argocd import FakeArgoCD
-from tests.k8s.schemas import core_errors, object_errors, schemas_missing_reason
+from tests.k8s.schemas import object_errors
 
 REAL_KUBECONFIG = os.environ.get("APPHOSTING_TEST_KUBECONFIG")
 BASE_DOMAIN = "apps.test.example"
@@ -39,7 +39,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     if REAL_KUBECONFIG:
         yield Cluster(Path(REAL_KUBECONFIG), None, None)
         return
-    validator = object_errors if schemas_missing_reason() is None else core_errors
+    validator = object_errors
     server = FakeApiServer(validator=validator).start()
     server.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "argocd"}})
     argocd = FakeArgoCD(server)

@@ -17,7 +17,7 @@ from tests.e2e.conftest import Stack
 from tests.k8s.conftest import BASE_DOMAIN
 from tests.k8s.fake_apiserver import FakeApiServer
 from tests.k8s.fake_argocd import FakeArgoCD
-from tests.k8s.schemas import core_errors, object_errors, schemas_missing_reason
+from tests.k8s.schemas import object_errors
 
 if TYPE_CHECKING:
     from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub as Stub
@@ -27,7 +27,7 @@ SETTLED = {pb.DEPLOYMENT_STATUS_RUNNING, pb.DEPLOYMENT_STATUS_FAILED, pb.DEPLOYM
 
 @pytest.fixture
 def fake() -> Iterator[tuple[FakeApiServer, FakeArgoCD]]:
-    server = FakeApiServer(validator=object_errors if schemas_missing_reason() is None else core_errors).start()
+    server = FakeApiServer(validator=object_errors).start()
     server.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "argocd"}})
     argocd = FakeArgoCD(server).start()
     yield server, argocd
