@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Final
 
@@ -119,6 +120,56 @@ async def system_resolver(host: str) -> list[str]:
     """The host's addresses from the system resolver (getaddrinfo)."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
     return sorted({str(info[4][0]) for info in infos})
+
+
+class CachingResolver:
+    """Remembers each name's answer for a while and asks once for concurrent lookups of one name.
+
+    getaddrinfo runs in a small thread pool and cannot be cancelled: without this, every create
+    naming a slow or dead DNS name would queue behind the last one's lookup. An answer is kept
+    for `ttl` seconds and a failure for `failure_ttl`; the fetch at the time of use asks afresh.
+    """
+
+    def __init__(
+        self,
+        resolver: Resolver = system_resolver,
+        *,
+        ttl: float = 60.0,
+        failure_ttl: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._resolver = resolver
+        self._ttl = ttl
+        self._failure_ttl = failure_ttl
+        self._clock = clock
+        self._known: dict[str, tuple[float, Sequence[str] | BaseException]] = {}
+        self._asking: dict[str, asyncio.Future[Sequence[str]]] = {}
+
+    async def __call__(self, host: str) -> Sequence[str]:
+        known = self._known.get(host)
+        if known is not None and known[0] > self._clock():
+            if isinstance(known[1], BaseException):
+                raise known[1]
+            return known[1]
+        asking = self._asking.get(host)
+        if asking is None:
+            asking = self._asking[host] = asyncio.ensure_future(self._ask(host))
+            # Read its outcome even when every caller gave up, so no error goes unretrieved.
+            asking.add_done_callback(lambda done: None if done.cancelled() else done.exception())
+        # Shielded: a caller that gives up (its timeout) leaves the lookup to finish and be kept.
+        return await asyncio.shield(asking)
+
+    async def _ask(self, host: str) -> Sequence[str]:
+        try:
+            addresses = list(await self._resolver(host))
+        except Exception as exc:
+            self._known[host] = (self._clock() + self._failure_ttl, exc)
+            raise
+        else:
+            self._known[host] = (self._clock() + self._ttl, addresses)
+            return addresses
+        finally:
+            del self._asking[host]
 
 
 async def resolve_public(

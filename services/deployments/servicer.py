@@ -13,7 +13,7 @@ import grpc
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from apphosting import bus
+from apphosting import bus, netguard
 from apphosting.netguard import Resolver
 from apphosting.settings import Limits
 from apphosting.v1 import bus_pb2, deployments_pb2_grpc
@@ -175,7 +175,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         self._regions = frozenset(regions)
         self._announce = announce
         self._quotas = quotas
-        self._resolver = resolver
+        # Create-time checks of helm_repo_url hosts go through a cache, so slow DNS cannot stall creates.
+        self._resolver = netguard.CachingResolver(resolver or netguard.system_resolver)
 
     def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         # Set by the AuthInterceptor for this call; none set is UNAUTHENTICATED.
