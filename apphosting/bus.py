@@ -50,6 +50,8 @@ API_EVENTS_CONSUMER = "api-events"
 ACK_WAIT = 10.0
 MAX_DELIVER = 10
 BACKOFF = [ACK_WAIT, 15.0, 30.0, 60.0, 60.0, 120.0, 120.0, 300.0, 300.0, 300.0]
+# How long a fetch for what is already waiting may linger after the first message of a round.
+DRAIN_WAIT = 0.02
 # Long handlers report progress this often, well inside the ack wait.
 HEARTBEAT = ACK_WAIT / 3
 # Window in which JetStream drops a second publish with the same Nats-Msg-Id.
@@ -226,7 +228,9 @@ class Consumer:
             while not self._stopping.is_set():
                 want = max(1, min(self.batch, self.concurrency - len(self._tasks)))
                 try:
-                    msgs = await sub.fetch(want, timeout=1.0)
+                    # Wait for one message only: asking for a batch would wait for the whole batch
+                    # (or the timeout) when messages trickle in. What else is waiting comes next.
+                    first = await sub.fetch(1, timeout=1.0)
                 except (TimeoutError, NatsTimeoutError):
                     continue
                 except Exception as exc:
@@ -235,11 +239,10 @@ class Consumer:
                     log.warning("fetch from %s/%s failed: %s", self.stream, self.durable, exc)
                     await asyncio.sleep(0.5)
                     continue
-                for msg in msgs:
-                    await self._slots.acquire()
-                    task = asyncio.create_task(self._handle(msg))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                await self._start(first)
+                if want > 1:
+                    with contextlib.suppress(Exception):
+                        await self._start(await sub.fetch(want - 1, timeout=DRAIN_WAIT))
         finally:
             if self.hand_back:
                 for task in self._tasks:
@@ -248,6 +251,13 @@ class Consumer:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _start(self, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            await self._slots.acquire()
+            task = asyncio.create_task(self._handle(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, msg: Msg) -> None:
         beating = asyncio.create_task(_heartbeat(msg))

@@ -34,6 +34,7 @@ from services.deployments.quotas import Quotas
 from services.deployments.servicer import DeploymentServicer, change_of
 from services.deployments.store import (
     SETTABLE,
+    Change,
     DeploymentStore,
     EventInput,
     RecordMissing,
@@ -47,6 +48,8 @@ MIGRATIONS = "services.deployments:migrations"
 VERSION_TABLE = "alembic_version_deployments"
 # An event that arrived before its predecessors comes back after this long (up to MAX_DELIVER times).
 EARLY_EVENT_DELAY = 3.0
+# Most status events applied in one transaction.
+APPLY_BATCH = 128
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DeploymentService"].full_name
 
 
@@ -107,7 +110,9 @@ class ApiServer:
         self._tasks: list[asyncio.Task[Any]] = []
         self._outbox_ready = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._locks = bus.KeyedLocks()
+        self._applying: asyncio.Queue[tuple[bus_pb2.StatusEvent, asyncio.Future[Change | Exception | None]]] = (
+            asyncio.Queue()
+        )
         self.store.outbox_written = self._outbox_ready.set
 
     async def start(self) -> int:
@@ -203,10 +208,15 @@ class ApiServer:
             bus.API_EVENTS_CONSUMER,
             bus.EVENTS_SUBJECTS,
             self._on_event,
-            concurrency=16,
+            # Enough in hand to fill the applier's batches.
+            concurrency=APPLY_BATCH,
             stopping=self._stopping,
         )
-        await asyncio.gather(consumer.run(), self._relay(js))
+        applier = asyncio.create_task(self._applier())
+        try:
+            await asyncio.gather(consumer.run(), self._relay(js))
+        finally:
+            applier.cancel()
 
     async def _connect(self, url: str) -> Client:
         delay = 0.2
@@ -229,7 +239,7 @@ class ApiServer:
         self._outbox_ready.set()
 
     async def _relay(self, js: JetStreamContext) -> None:
-        """Sends outbox rows in order; each is marked sent only after JetStream stored it."""
+        """Sends outbox rows; each is marked sent only after JetStream stored it."""
         while not self._stopping.is_set():
             rows = await self.store.unsent()
             if not rows:
@@ -237,41 +247,62 @@ class ApiServer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._outbox_ready.wait(), timeout=1.0)
                 continue
-            sent: list[int] = []
-            try:
-                for row in rows:
-                    await bus.publish(js, row.subject, row.payload, row.id)
-                    sent.append(row.seq)
-            except Exception as exc:
-                log.warning("outbox relay paused: %s", exc)
+            # All in flight at once, sent on one connection in row order; each is marked sent only
+            # once JetStream acknowledged it, and a resend of any other is dropped by its Nats-Msg-Id.
+            results = await asyncio.gather(
+                *(bus.publish(js, row.subject, row.payload, row.id) for row in rows), return_exceptions=True
+            )
+            await self.store.mark_sent([row.seq for row, result in zip(rows, results, strict=True) if result is None])
+            failures = [result for result in results if isinstance(result, BaseException)]
+            if failures:
+                log.warning("outbox relay paused: %s", failures[0])
                 await asyncio.sleep(0.5)
-            finally:
-                await self.store.mark_sent(sent)
 
     async def _on_change(self, msg: Msg) -> None:
         self.hub.notify(pb.WatchDeploymentsResponse.FromString(msg.data))
 
     async def _on_event(self, msg: Msg) -> None:
         event = bus_pb2.StatusEvent.FromString(msg.data)
-        try:
-            # One deployment's events are applied in the order they were stored.
-            async with self._locks.hold(event.deployment_id):
-                applied = await self.store.apply(event.deployment_id, event_input(event))
-        except TransitionRejected as refused:
-            if refused.early:
+        done: asyncio.Future[Change | Exception | None] = asyncio.get_running_loop().create_future()
+        await self._applying.put((event, done))
+        applied = await done
+        if isinstance(applied, TransitionRejected):
+            if applied.early:
                 # Its predecessors are held by another replica or wait for redelivery: apply it after them.
                 await msg.nak(delay=EARLY_EVENT_DELAY)
                 return
-            log.warning("status event %s for %s refused: %s", event.event_id, event.deployment_id, refused)
+            log.warning("status event %s for %s refused: %s", event.event_id, event.deployment_id, applied)
             await msg.term()
             return
-        except RecordMissing as missing:
-            log.warning("status event %s for an unknown deployment %s: dropped", event.event_id, missing)
+        if isinstance(applied, RecordMissing):
+            log.warning("status event %s for an unknown deployment %s: dropped", event.event_id, applied)
             await msg.term()
             return
+        if isinstance(applied, Exception):
+            raise applied
         if applied is not None:
-            self.announce(change_of(applied.row, applied.event))
+            self.announce(change_of(applied.event))
         await msg.ack()
+
+    async def _applier(self) -> None:
+        """Applies the events the consumer hands over, as many at once as are waiting, in one commit each.
+
+        One task: this replica applies its events in the order it received them, and a burst of
+        events costs one transaction instead of one per event.
+        """
+        while True:
+            batch = [await self._applying.get()]
+            while not self._applying.empty() and len(batch) < APPLY_BATCH:
+                batch.append(self._applying.get_nowait())
+            changes = [(event.deployment_id, event_input(event)) for event, _ in batch]
+            try:
+                results: list[Change | Exception | None] = list(await self.store.apply_batch(changes))
+            except Exception as exc:
+                log.warning("applying %d status events failed: %s", len(batch), exc)
+                results = [exc] * len(batch)
+            for (_, done), result in zip(batch, results, strict=True):
+                if not done.done():
+                    done.set_result(result)
 
     async def _housekeeping(self) -> None:
         while not self._stopping.is_set():

@@ -125,8 +125,9 @@ def placement_outbox(operation: bus_pb2.Operation.ValueType) -> Callable[[Deploy
     return build
 
 
-def change_of(row: DeploymentRow, event: EventRow) -> pb.WatchDeploymentsResponse:
-    return pb.WatchDeploymentsResponse(deployment=row_to_proto(row), event=event_to_proto(event))
+def change_of(event: EventRow) -> pb.WatchDeploymentsResponse:
+    """The announcement of an applied change: the deployment exactly as that change left it."""
+    return pb.WatchDeploymentsResponse(deployment=pb.Deployment.FromString(event.snapshot), event=event_to_proto(event))
 
 
 def _from_log(event: EventRow) -> pb.WatchDeploymentResponse:
@@ -221,7 +222,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
                 "REQUEST_ID_REUSED",
             ) from None
         if event is not None:
-            self._announce(change_of(row, event))
+            self._announce(change_of(event))
         return row_to_proto(row)
 
     @_unary
@@ -331,7 +332,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, refusal, str(rejected)) from None
         if applied is None:
             return row_to_proto(await self._get(user_id, row.id))
-        self._announce(change_of(applied.row, applied.event))
+        self._announce(change_of(applied.event))
         return row_to_proto(applied.row)
 
     @_streaming

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -112,9 +112,18 @@ class DeploymentStore:
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         # Set after every commit that wrote outbox rows, so the relay sends them at once.
         self.outbox_written: Callable[[], None] = lambda: None
-        # SQLite has one writer at a time anyway; this keeps this process's quota checks from
-        # queueing on the database lock inside pool threads.
-        self._sqlite_quota_lock = asyncio.Lock()
+        # SQLite has one writer at a time. Left to itself, a second writer waits in SQLite's busy
+        # handler, which sleeps in growing steps (up to 100 ms) while the file is locked; queued
+        # here instead, this process's writers take turns in the event loop as soon as one commits.
+        self._writer = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """A write transaction, committed at the end unless it raises."""
+        async with contextlib.AsyncExitStack() as held:
+            if self._writer is not None:
+                await held.enter_async_context(self._writer)
+            yield await held.enter_async_context(self._sessions.begin())
 
     async def usage(self, user_id: str) -> quota_rules.Usage:
         """What the user's deployments hold until their teardown ends."""
@@ -204,10 +213,7 @@ class DeploymentStore:
         )
         checked = quotas is not None and quotas.enforced
         try:
-            async with contextlib.AsyncExitStack() as held:
-                if checked and self.engine.dialect.name == "sqlite":
-                    await held.enter_async_context(self._sqlite_quota_lock)
-                session = await held.enter_async_context(self._sessions.begin())
+            async with self.transaction() as session:
                 if quotas is not None and checked:
                     await self._lock_user(session, new.user_id)
                     quota_rules.check(quotas, await self._usage(session, new.user_id), new.demand)
@@ -299,28 +305,69 @@ class DeploymentStore:
         revision: the loser reads again and retries.
         """
         while True:
-            async with self._sessions() as session:
-                query = select(DeploymentRow).where(DeploymentRow.id == deployment_id)
-                if user_id is not None:
-                    query = query.where(DeploymentRow.user_id == user_id)
-                row = await session.scalar(query)
-                if row is None:
-                    raise RecordMissing(deployment_id)
-                seen = await session.scalar(select(EventRow.seq).where(EventRow.event_id == change.event_id))
-            if seen is not None or row.deleted_at is not None:
-                return None
-            late = False
-            if not allowed(row.status, change.status):
-                late = change.time is not None and change.time <= row.updated_at
-                if not late:
-                    raise TransitionRejected(row.status, change.status, early=early(row.status, change.status))
-            applied = await self._write(row, change, outbox, late=late)
-            if applied is not None:
-                return applied
+            try:
+                async with self.transaction() as session:
+                    applied = await self._apply_in(session, deployment_id, change, outbox, user_id=user_id)
+            except (IntegrityError, _Raced):
+                # Another writer took this revision, or applied the same event: look again.
+                continue
+            if outbox is not None:
+                self.outbox_written()
+            return applied
+
+    async def apply_batch(self, changes: Sequence[tuple[str, EventInput]]) -> list[Change | Exception | None]:
+        """Applies reported changes in order in one transaction: one commit for many events.
+
+        Each result is what apply would have returned, or the TransitionRejected or RecordMissing
+        it would have raised. When another writer races it, each change is applied on its own.
+        """
+        try:
+            async with self.transaction() as session:
+                results: list[Change | Exception | None] = []
+                for deployment_id, change in changes:
+                    try:
+                        results.append(await self._apply_in(session, deployment_id, change, None))
+                    except (TransitionRejected, RecordMissing) as refused:
+                        # Refused before it wrote anything: the others in the batch go on.
+                        results.append(refused)
+                return results
+        except (IntegrityError, _Raced):
+            alone: list[Change | Exception | None] = []
+            for deployment_id, change in changes:
+                try:
+                    alone.append(await self.apply(deployment_id, change))
+                except (TransitionRejected, RecordMissing) as refused:
+                    alone.append(refused)
+            return alone
+
+    async def _apply_in(
+        self,
+        session: AsyncSession,
+        deployment_id: str,
+        change: EventInput,
+        outbox: OutboxFn | None,
+        *,
+        user_id: str | None = None,
+    ) -> Change | None:
+        query = select(DeploymentRow).where(DeploymentRow.id == deployment_id).execution_options(populate_existing=True)
+        if user_id is not None:
+            query = query.where(DeploymentRow.user_id == user_id)
+        row = await session.scalar(query)
+        if row is None:
+            raise RecordMissing(deployment_id)
+        seen = await session.scalar(select(EventRow.seq).where(EventRow.event_id == change.event_id))
+        if seen is not None or row.deleted_at is not None:
+            return None
+        late = False
+        if not allowed(row.status, change.status):
+            late = change.time is not None and change.time <= row.updated_at
+            if not late:
+                raise TransitionRejected(row.status, change.status, early=early(row.status, change.status))
+        return await self._write(session, row, change, outbox, late=late)
 
     async def _write(
-        self, row: DeploymentRow, change: EventInput, outbox: OutboxFn | None, *, late: bool
-    ) -> Change | None:
+        self, session: AsyncSession, row: DeploymentRow, change: EventInput, outbox: OutboxFn | None, *, late: bool
+    ) -> Change:
         moment = now()
         values: dict[str, Any] = {"revision": row.revision + 1, "updated_at": moment}
         if not late:
@@ -331,42 +378,35 @@ class DeploymentStore:
                 values.update(error_message=None, cluster_error=None)
             if change.final:
                 values.update(deleted_at=moment, live_name=None)
-        try:
-            async with self._sessions.begin() as session:
-                result = await session.execute(
-                    update(DeploymentRow)
-                    .where(DeploymentRow.id == row.id, DeploymentRow.revision == row.revision)
-                    .values(**values)
-                    .execution_options(synchronize_session=False)
-                )
-                if result.rowcount != 1:  # type: ignore[attr-defined]
-                    return None
-                updated = await session.scalar(
-                    select(DeploymentRow).where(DeploymentRow.id == row.id).execution_options(populate_existing=True)
-                )
-                assert updated is not None
-                event = EventRow(
-                    event_id=change.event_id,
-                    deployment_id=row.id,
-                    revision=updated.revision,
-                    status=change.status,
-                    phase=change.phase,
-                    message=change.message,
-                    source=change.source,
-                    simulated=change.simulated,
-                    final=change.final and not late,
-                    time=change.time or moment,
-                    actor=change.actor,
-                    snapshot=row_to_proto(updated).SerializeToString(),
-                )
-                session.add(event)
-                if outbox is not None:
-                    self._add_outbox(session, outbox(updated), moment)
-        except IntegrityError:
-            # Another writer took this revision, or applied the same event: look again.
-            return None
+        result = await session.execute(
+            update(DeploymentRow)
+            .where(DeploymentRow.id == row.id, DeploymentRow.revision == row.revision)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            raise _Raced
+        updated = await session.scalar(
+            select(DeploymentRow).where(DeploymentRow.id == row.id).execution_options(populate_existing=True)
+        )
+        assert updated is not None
+        event = EventRow(
+            event_id=change.event_id,
+            deployment_id=row.id,
+            revision=updated.revision,
+            status=change.status,
+            phase=change.phase,
+            message=change.message,
+            source=change.source,
+            simulated=change.simulated,
+            final=change.final and not late,
+            time=change.time or moment,
+            actor=change.actor,
+            snapshot=row_to_proto(updated).SerializeToString(),
+        )
+        session.add(event)
         if outbox is not None:
-            self.outbox_written()
+            self._add_outbox(session, outbox(updated), moment)
         return Change(updated, event)
 
     async def events_after(self, deployment_id: str, revision: int, limit: int = 1000) -> list[EventRow]:
@@ -388,7 +428,7 @@ class DeploymentStore:
 
     async def trim_events(self, keep: int) -> None:
         """Forgets all but the newest `keep` events of each deployment."""
-        async with self._sessions.begin() as session:
+        async with self.transaction() as session:
             newest = (
                 select(EventRow.deployment_id, func.max(EventRow.revision).label("top"))
                 .group_by(EventRow.deployment_id)
@@ -409,12 +449,16 @@ class DeploymentStore:
     async def mark_sent(self, seqs: Sequence[int]) -> None:
         if not seqs:
             return
-        async with self._sessions.begin() as session:
+        async with self.transaction() as session:
             await session.execute(update(OutboxRow).where(OutboxRow.seq.in_(seqs)).values(sent_at=now()))
 
     async def forget_sent(self, older_than: timedelta) -> None:
-        async with self._sessions.begin() as session:
+        async with self.transaction() as session:
             await session.execute(delete(OutboxRow).where(OutboxRow.sent_at < now() - older_than))
+
+
+class _Raced(Exception):
+    """Another writer changed the record between this one's read and its write."""
 
 
 class RecordMissing(Exception):
