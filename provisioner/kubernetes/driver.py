@@ -139,6 +139,14 @@ class KubernetesDriver:
             f"{state} in {names.namespace} through Argo CD {what}"
         )
 
+    async def _synced_application(self, name: str) -> tuple[Obj, StepResult | None]:
+        """An Application this job made, and the failure it reports, if any; it must exist by now."""
+        what = f"Application {name}"
+        app = await self._application(self.location.argocd_namespace, name, what)
+        if app is None:
+            raise TemporaryError(f"{what} does not exist")
+        return app, self._application_problem(app, what)
+
     def _application_problem(self, app: Obj, what: str) -> StepResult | None:
         """A failure reported on an Application, as a step result; None when there is none."""
         status = app.get("status") or {}
@@ -163,11 +171,7 @@ class KubernetesDriver:
 
     async def vcluster_ready(self, job: bus_pb2.ProvisionJob) -> StepResult:
         names = self.names(job)
-        what = f"Application {names.vcluster_application}"
-        app = await self._application(self.location.argocd_namespace, names.vcluster_application, what)
-        if app is None:
-            raise TemporaryError(f"{what} does not exist")
-        problem = self._application_problem(app, what)
+        app, problem = await self._synced_application(names.vcluster_application)
         if problem is not None:
             return problem
         statefulset = await self.api.get(
@@ -253,11 +257,7 @@ class KubernetesDriver:
 
     async def app_rollout(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
         names = self.names(job)
-        what = f"Application {names.app_application}"
-        app = await self._application(self.location.argocd_namespace, names.app_application, what)
-        if app is None:
-            raise TemporaryError(f"{what} does not exist")
-        problem = self._application_problem(app, what)
+        app, problem = await self._synced_application(names.app_application)
         if problem is not None:
             return problem
         status = app.get("status") or {}
