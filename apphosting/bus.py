@@ -146,8 +146,14 @@ def use_security(security: NatsSecurity) -> None:
     _security = security
 
 
+async def _log_error(error: Exception) -> None:
+    # One line per problem: the client's default logs a full traceback for every reconnect attempt.
+    log.warning("NATS: %s", error or type(error).__name__)
+
+
 async def connect(url: str, name: str, *, security: NatsSecurity | None = None, **options: Any) -> Client:
     """Connects with reconnects for ever: a process outlives NATS restarts instead of dying with them."""
+    options.setdefault("error_cb", _log_error)
     return await nats.connect(
         url,
         name=name,

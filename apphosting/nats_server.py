@@ -73,6 +73,9 @@ class NatsServer:
             [nats_server_binary(), "-c", str(self._config())],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its own process group: a Ctrl-C in the terminal reaches `apphosting dev`, which stops
+            # this server last, after every client has drained, instead of from under them.
+            start_new_session=True,
         )
         wait_for_port(self.port)
 
