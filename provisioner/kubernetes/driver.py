@@ -7,9 +7,11 @@ import base64
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
+from apphosting import netguard
 from apphosting.locations import LocationConfig
 from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner.driver import PermanentError, StepResult, TemporaryError
@@ -41,8 +43,10 @@ class KubernetesDriver:
         api: KubeApi | None = None,
         repo: GitOpsRepo | None = None,
         poll_after: float | None = None,
+        resolver: netguard.Resolver | None = None,
     ) -> None:
         self.location = location
+        self.resolver = resolver or netguard.CachingResolver()
         if api is None:
             if location.kubeconfig is None:
                 raise ValueError(f"location {location.id} has no kubeconfig")
@@ -240,6 +244,9 @@ class KubernetesDriver:
         deployment = job.deployment
         if not kubeconfig:
             raise TemporaryError("no kubeconfig of the vCluster was handed to the app step")
+        refused = await self._chart_host_refused(deployment)
+        if refused is not None:
+            return StepResult.fail(refused, permanent=True)
         await self._register_cluster(names, kubeconfig)
         files = render.app_files(deployment, names, self.location)
         commit = await asyncio.to_thread(
@@ -254,6 +261,24 @@ class KubernetesDriver:
             git_path=names.git_path,
             values_yaml=files.values_yaml,
         )
+
+    async def _chart_host_refused(self, deployment: deployments_pb2.Deployment) -> str | None:
+        """Checks the chart's host again now: a name that was public at create time may point inward today.
+
+        As at create time, a name that does not resolve passes: the chart fetch fails on its own.
+        """
+        if deployment.app_type != deployments_pb2.APP_TYPE_HELM or not deployment.helm_repo_url:
+            return None
+        host = urlsplit(deployment.helm_repo_url).hostname
+        if not host:
+            return None
+        try:
+            await netguard.resolve_public(host, resolver=self.resolver)
+        except netguard.Refused as refused:
+            return f"helm_repo_url is not fetched: {refused}"
+        except netguard.Unresolvable:
+            return None
+        return None
 
     async def app_rollout(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
         names = self.names(job)

@@ -80,9 +80,14 @@ class Run:
         return await self.reconciler.run(job)
 
 
+async def public_dns(host: str) -> list[str]:
+    """Every chart host is a public address: the tests do not depend on this machine's DNS."""
+    return ["93.184.216.34"]
+
+
 @pytest.fixture
 def driver(location: LocationConfig) -> KubernetesDriver:
-    return KubernetesDriver(location, poll_after=0.25)
+    return KubernetesDriver(location, poll_after=0.25, resolver=public_dns)
 
 
 def _commit_count(repo: str) -> int:
@@ -348,3 +353,24 @@ async def test_kubectl_reads_what_the_driver_created(cluster: Cluster, driver: K
     assert "config" in secret["data"]
     table = kubectl_get("statefulsets", "-n", names.namespace)
     assert names.control_plane in table
+
+
+async def test_a_chart_host_that_now_points_inward_is_not_fetched(cluster: Cluster, location: LocationConfig) -> None:
+    fake, _ = cluster.need_fake()
+
+    async def rebound(host: str) -> list[str]:
+        return ["10.1.2.3"]
+
+    driver = KubernetesDriver(location, poll_after=0.25, resolver=rebound)
+    create = job(
+        name="rebound",
+        app_type=deployments_pb2.APP_TYPE_HELM,
+        helm_repo_url="https://charts.example.com/stable",
+        helm_chart_name="wordpress",
+    )
+    names = Names.of(create.deployment, driver.location)
+    last = await Run(driver, cluster)(create)
+    assert last.status == _Status.DEPLOYMENT_STATUS_FAILED
+    assert "helm_repo_url is not fetched" in last.error_message
+    assert "10.1.2.3" in last.error_message
+    assert fake.get("Application", names.app_application, "argocd") is None
