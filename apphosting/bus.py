@@ -283,9 +283,6 @@ class Consumer:
             beating.cancel()
             self._slots.release()
 
-    def stop(self) -> None:
-        self._stopping.set()
-
 
 async def _heartbeat(msg: Msg) -> None:
     """Tells JetStream the message is still being worked on, so it is not given to another worker."""

@@ -261,10 +261,6 @@ class DeploymentStore:
         async with self._sessions() as session:
             return await session.scalar(query)
 
-    async def get_any(self, deployment_id: str) -> DeploymentRow | None:
-        async with self._sessions() as session:
-            return await session.scalar(select(DeploymentRow).where(DeploymentRow.id == deployment_id))
-
     async def page(
         self,
         user_id: str | None,
@@ -418,13 +414,6 @@ class DeploymentStore:
                 .limit(limit)
             )
             return list((await session.scalars(query)).all())
-
-    async def oldest_revision(self, deployment_id: str) -> int | None:
-        async with self._sessions() as session:
-            oldest: int | None = await session.scalar(
-                select(func.min(EventRow.revision)).where(EventRow.deployment_id == deployment_id)
-            )
-            return oldest
 
     async def trim_events(self, keep: int) -> None:
         """Forgets all but the newest `keep` events of each deployment."""
