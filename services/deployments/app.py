@@ -131,7 +131,11 @@ class ApiServer:
         )
         server = grpc.aio.server(
             interceptors=[AuthInterceptor(self.options.auth)],
-            options=[("grpc.max_receive_message_length", self.options.max_request_bytes)],
+            options=[
+                ("grpc.max_receive_message_length", self.options.max_request_bytes),
+                # gRPC's default SO_REUSEPORT would let a second server share a port already served.
+                ("grpc.so_reuseport", 0),
+            ],
         )
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
