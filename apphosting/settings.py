@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# vCluster's own Kubernetes distro images (ghcr.io/loft-sh/kubernetes) for these minor versions.
-KUBERNETES_VERSIONS: tuple[str, ...] = ("1.33", "1.34", "1.35", "1.36")
-DEFAULT_KUBERNETES_VERSION = "1.36"
+# Re-exported: the versions' home is apphosting.versions.
+from apphosting.versions import DEFAULT_KUBERNETES_VERSION, KUBERNETES_VERSIONS
+
+__all__ = ["DEFAULT_DATABASE_URL", "DEFAULT_KUBERNETES_VERSION", "DEFAULT_LISTEN", "KUBERNETES_VERSIONS", "Limits"]
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///apphosting.db"

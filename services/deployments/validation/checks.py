@@ -1,0 +1,54 @@
+"""Small checks the field rules share, and the limits and regions a validation runs with."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from pydantic import ValidationInfo
+
+from apphosting.settings import Limits
+from services.deployments.validation.violations import fail
+
+__all__ = ["context", "limits_of", "max_chars", "no_outer_whitespace", "not_empty", "one_of", "within"]
+
+
+def context(info: ValidationInfo) -> Mapping[str, Any]:
+    """The validation context (limits, regions), or nothing."""
+    return info.context if isinstance(info.context, Mapping) else {}
+
+
+def limits_of(info: ValidationInfo) -> Limits:
+    """The bounds this validation runs with."""
+    found = context(info).get("limits")
+    # Without a context (a stored spec read back) the default bounds apply.
+    return found if isinstance(found, Limits) else Limits()
+
+
+def no_outer_whitespace(value: str) -> str:
+    if value != value.strip():
+        raise fail("INVALID_FORMAT", "must not have leading or trailing whitespace (it is not stripped)")
+    return value
+
+
+def not_empty(value: str) -> str:
+    if value == "":
+        raise fail("INVALID_FORMAT", "must not be empty; leave the field unset instead")
+    return value
+
+
+def max_chars(value: str, maximum: int) -> str:
+    if len(value) > maximum:
+        raise fail("TOO_LONG", f"must be at most {maximum} characters, got {len(value)}")
+    return value
+
+
+def within(value: float, low: float, high: float, unit: str = "") -> None:
+    if not low <= value <= high:
+        raise fail("OUT_OF_RANGE", f"must be between {low} and {high}{unit}, got {value}")
+
+
+def one_of(value: str, allowed: Collection[str], reason: str = "UNSUPPORTED") -> str:
+    if value not in allowed:
+        raise fail(reason, f"must be one of {', '.join(allowed)}; got {value!r}")
+    return value

@@ -1,0 +1,143 @@
+"""Rules that span fields or list entries: what app_type requires, image-update pairs, duplicates, counts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from apphosting import images
+from apphosting.settings import Limits
+from services.deployments.validation.grammars import semver_constraint_ok
+from services.deployments.validation.model import (
+    APP_TYPES,
+    HELM_ONLY_FIELDS,
+    IMAGE_UPDATE_FIELDS,
+    IMAGE_UPDATE_STRATEGIES,
+)
+from services.deployments.validation.violations import Loc
+
+__all__ = ["cross_field"]
+
+
+def cross_field(data: Mapping[str, Any], limits: Limits) -> Iterator[tuple[Loc, str, str]]:
+    """Rules spanning fields or list entries, on the raw data so they run even when fields are invalid."""
+    app_type = data.get("app_type", "helm")
+    image_set = "docker_image" in data
+
+    if app_type == "helm":
+        for field in ("helm_repo_url", "helm_chart_name"):
+            if field not in data:
+                yield (field,), "REQUIRED", "is required when app_type is helm"
+    elif isinstance(app_type, str) and app_type in APP_TYPES:
+        if not image_set:
+            yield ("docker_image",), "REQUIRED", f"is required when app_type is {app_type} (not helm)"
+        for field in HELM_ONLY_FIELDS:
+            if field in data:
+                yield (
+                    (field,),
+                    "NOT_ALLOWED",
+                    f"must not be set when app_type is {app_type}; it applies only to app_type helm",
+                )
+    if app_type == "database" and "storage_size_gb" not in data and not data.get("volumes"):
+        yield (
+            ("storage_size_gb",),
+            "REQUIRED",
+            "is required when app_type is database (it needs persistent storage): "
+            "set storage_size_gb or at least one volume",
+        )
+
+    if not image_set:
+        for field in IMAGE_UPDATE_FIELDS:
+            if field in data:
+                yield (
+                    (field,),
+                    "NOT_ALLOWED",
+                    "must not be set without docker_image: there is no image to update",
+                )
+    strategy = data.get("image_update_strategy")
+    constraint = data.get("image_update_constraint")
+    if "image_update_constraint" in data and "image_update_strategy" not in data:
+        yield (
+            ("image_update_strategy",),
+            "REQUIRED",
+            f"is required when image_update_constraint is set; one of {', '.join(IMAGE_UPDATE_STRATEGIES)}",
+        )
+    elif strategy == "digest" and "image_update_constraint" not in data:
+        yield (
+            ("image_update_constraint",),
+            "REQUIRED",
+            "is required when image_update_strategy is digest: the tag whose digest to follow",
+        )
+    elif isinstance(constraint, str) and constraint.strip() == constraint != "":
+        if strategy == "semver" and not semver_constraint_ok(constraint):
+            yield (
+                ("image_update_constraint",),
+                "INVALID_FORMAT",
+                "must be a semver constraint such as ^1.2, ~1.2.3, '>=1.0 <2.0' or 1.x when "
+                f"image_update_strategy is semver, got {constraint[:80]!r}",
+            )
+        elif strategy == "digest" and not images.TAG.fullmatch(constraint):
+            yield (
+                ("image_update_constraint",),
+                "INVALID_FORMAT",
+                f"must be an image tag when image_update_strategy is digest, got {constraint[:80]!r}",
+            )
+        elif strategy in ("newest-build", "alphabetical"):
+            # Image Updater ignores it for these strategies; accepting it would mislead the user.
+            yield (
+                ("image_update_constraint",),
+                "NOT_ALLOWED",
+                f"must not be set with image_update_strategy {strategy}; it applies to semver and digest "
+                "(use image_allow_tags to filter tags)",
+            )
+
+    env = data.get("environment_variables")
+    if isinstance(env, list | tuple):
+        if len(env) > limits.environment_variables_max:
+            yield (
+                ("environment_variables",),
+                "TOO_LONG",
+                f"must have at most {limits.environment_variables_max} entries, got {len(env)}",
+            )
+        total = sum(len(entry.encode(errors="replace")) for entry in env if isinstance(entry, str))
+        if total > limits.environment_total_max_bytes:
+            yield (
+                ("environment_variables",),
+                "TOO_LONG",
+                f"must hold at most {limits.environment_total_max_bytes} bytes in all (UTF-8), got {total}",
+            )
+        first_seen: dict[str, int] = {}
+        for index, entry in enumerate(env):
+            if not isinstance(entry, str) or "=" not in entry:
+                continue
+            name = entry.partition("=")[0]
+            if name in first_seen:
+                yield (
+                    ("environment_variables", index),
+                    "DUPLICATE",
+                    f"sets {name} again (first set at environment_variables[{first_seen[name]}]); names must be unique",
+                )
+            else:
+                first_seen[name] = index
+
+    volumes = data.get("volumes")
+    if isinstance(volumes, list | tuple):
+        if len(volumes) > limits.volumes_max:
+            yield (
+                ("volumes",),
+                "TOO_LONG",
+                f"must have at most {limits.volumes_max} entries, got {len(volumes)}",
+            )
+        paths: dict[str, int] = {}
+        for index, volume in enumerate(volumes):
+            path = volume.get("path") if isinstance(volume, Mapping) else None
+            if not isinstance(path, str) or path == "":
+                continue
+            if path in paths:
+                yield (
+                    ("volumes", index, "path"),
+                    "DUPLICATE",
+                    f"mounts {path} again (already used by volumes[{paths[path]}]); paths must be unique",
+                )
+            else:
+                paths[path] = index
