@@ -7,11 +7,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypeAlias
 
+from apphosting import resources
 from apphosting.locations import LocationConfig
 from apphosting.v1 import deployments_pb2
-
-# A volume without a size is provisioned at 10 GiB (deployments.proto, VolumeConfig.size_gb).
-DEFAULT_VOLUME_SIZE_GB = 10
 
 # Reservations are summed in floating point (0.1 + 0.1 + ... drifts); without slack a location
 # that has exactly the room asked for could be refused by a rounding error.
@@ -42,21 +40,16 @@ class Demand:
 NOTHING = Demand(cpu=0.0, memory_mb=0, storage_gb=0, vclusters=0)
 
 
-def demand_of(
-    deployment: deployments_pb2.Deployment,
-    *,
-    default_cpu: float = 0.25,
-    default_memory_mb: int = 256,
-    default_replicas: int = 1,
-) -> Demand:
+def demand_of(deployment: deployments_pb2.Deployment) -> Demand:
     """What a deployment needs: per-replica cpu and memory times replicas, its storage plus volumes."""
-    replicas = deployment.replicas if deployment.HasField("replicas") else default_replicas
-    cpu = deployment.cpu_request if deployment.HasField("cpu_request") else default_cpu
-    memory_mb = deployment.memory_request_mb if deployment.HasField("memory_request_mb") else default_memory_mb
-    storage_gb = deployment.storage_size_gb if deployment.HasField("storage_size_gb") else 0
-    for volume in deployment.volumes:
-        storage_gb += volume.size_gb if volume.HasField("size_gb") else DEFAULT_VOLUME_SIZE_GB
-    return Demand(cpu=cpu * replicas, memory_mb=memory_mb * replicas, storage_gb=storage_gb, vclusters=1)
+    # The kernel's demand, so placement reserves what the quota counts and the pods request.
+    demand = resources.demand_of(deployment)
+    return Demand(
+        cpu=demand.total_cpu_millis / 1000,
+        memory_mb=demand.total_memory_mb,
+        storage_gb=demand.storage_gb,
+        vclusters=1,
+    )
 
 
 @dataclass(frozen=True, slots=True)

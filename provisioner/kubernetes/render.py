@@ -3,37 +3,22 @@
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+from apphosting import images, resources, versions
 from apphosting.locations import LocationConfig
-from apphosting.settings import DEFAULT_KUBERNETES_VERSION
 from apphosting.v1 import deployments_pb2
 from provisioner.driver import PermanentError
 from provisioner.kubernetes.names import Names
 
 Obj = dict[str, Any]
 
-# vCluster's own Kubernetes distro images (ghcr.io/loft-sh/kubernetes), one pinned patch per supported
-# minor: a request for "1.35" gets a known-good image, not whatever a floating tag points at today.
-DISTRO_TAGS: Mapping[str, str] = {
-    "1.33": "v1.33.4",
-    "1.34": "v1.34.1",
-    "1.35": "v1.35.0",
-    "1.36": "v1.36.0",
-}
-_VERSION = re.compile(r"^v?(1\.\d+)(\.\d+)?$")
-
-# Values of a request that leaves them unset (the contract gives no defaults for these).
-DEFAULT_CPU = 0.1
-DEFAULT_MEMORY_MB = 128
-DEFAULT_REPLICAS = 1
+# The port of a request that leaves it unset (the contract gives no default for it).
 DEFAULT_PORT = 8080
-DEFAULT_VOLUME_GB = 10
 
 # What the vCluster itself runs in the host namespace besides the app (control plane and CoreDNS):
 # the quota must leave room for it or the vCluster could not start its own pods.
@@ -71,17 +56,21 @@ class Resources:
     replicas: int
     storage_gi: int
     pvcs: int
+    storage_size_gb: int | None
+    volume_sizes_gb: tuple[int, ...]
 
     @classmethod
     def of(cls, d: deployments_pb2.Deployment) -> Resources:
-        volumes = [v.size_gb if v.HasField("size_gb") else DEFAULT_VOLUME_GB for v in d.volumes]
-        storage = d.storage_size_gb if d.HasField("storage_size_gb") else 0
+        # The kernel's demand, so the pods request what placement reserved and the quota counted.
+        demand = resources.demand_of(d)
         return cls(
-            cpu_m=round((d.cpu_request if d.HasField("cpu_request") else DEFAULT_CPU) * 1000),
-            memory_mi=d.memory_request_mb if d.HasField("memory_request_mb") else DEFAULT_MEMORY_MB,
-            replicas=d.replicas if d.HasField("replicas") else DEFAULT_REPLICAS,
-            storage_gi=storage + sum(volumes),
-            pvcs=len(volumes) + (1 if storage else 0),
+            cpu_m=demand.cpu_millis,
+            memory_mi=demand.memory_mb,
+            replicas=demand.replicas,
+            storage_gi=demand.storage_gb,
+            pvcs=len(demand.volume_sizes_gb) + (0 if demand.storage_size_gb is None else 1),
+            storage_size_gb=demand.storage_size_gb,
+            volume_sizes_gb=demand.volume_sizes_gb,
         )
 
 
@@ -95,13 +84,14 @@ def base_domain(location: LocationConfig) -> str:
 
 def distro_tag(kubernetes_version: str) -> str:
     """The distro image tag for a requested version: `1.N` gets the pinned patch, `1.N.P` itself."""
-    match = _VERSION.match(kubernetes_version or DEFAULT_KUBERNETES_VERSION)
-    if match is None or match.group(1) not in DISTRO_TAGS:
+    parsed = versions.parse(kubernetes_version or versions.DEFAULT_KUBERNETES_VERSION)
+    if parsed is None or parsed[0] not in versions.DISTRO_TAGS:
         raise PermanentError(
-            f"Kubernetes version {kubernetes_version!r} is not offered; supported: {', '.join(DISTRO_TAGS)}"
+            f"Kubernetes version {kubernetes_version!r} is not offered; "
+            f"supported: {', '.join(versions.KUBERNETES_VERSIONS)}"
         )
-    minor, patch = match.groups()
-    return f"v{minor}{patch}" if patch else DISTRO_TAGS[minor]
+    minor, patch = parsed
+    return f"v{minor}{patch}" if patch else versions.DISTRO_TAGS[minor]
 
 
 def namespace(names: Names) -> Obj:
@@ -272,14 +262,14 @@ def docker_manifests(d: deployments_pb2.Deployment, names: Names, location: Loca
     selector = {"app.kubernetes.io/name": names.app, "app.kubernetes.io/instance": names.app}
     meta_labels = {**labels(names), **selector}
     claims: list[tuple[str, str, int]] = [
-        (f"{names.app}-vol-{i}"[:63], v.path, v.size_gb if v.HasField("size_gb") else DEFAULT_VOLUME_GB)
-        for i, v in enumerate(d.volumes)
+        (f"{names.app}-vol-{i}"[:63], v.path, size)
+        for i, (v, size) in enumerate(zip(d.volumes, res.volume_sizes_gb, strict=True))
     ]
-    if d.HasField("storage_size_gb"):
+    if res.storage_size_gb is not None:
         # storage_size_gb is the app's data volume; /data unless a named volume already sits there.
         taken = {path for _, path, _ in claims}
         path = "/data" if "/data" not in taken else "/var/lib/app-data"
-        claims.append((f"{names.app}-data"[:63], path, d.storage_size_gb))
+        claims.append((f"{names.app}-data"[:63], path, res.storage_size_gb))
     container: Obj = {
         "name": "app",
         "image": d.docker_image,
@@ -354,21 +344,17 @@ def docker_manifests(d: deployments_pb2.Deployment, names: Names, location: Loca
 
 def split_image(image: str) -> tuple[str, str | None]:
     """`repo[:tag][@digest]` → (repo, tag or None); a registry port is not a tag."""
-    name = image.split("@", 1)[0]
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    if colon > slash:
-        return name[:colon], name[colon + 1 :]
-    return name, None
+    name, tag, _ = images.split(image)
+    return name, tag
 
 
 def kustomization(d: deployments_pb2.Deployment, manifests: list[Obj]) -> Obj:
     """The kustomization of a docker app: Image Updater writes tags back only to Helm or Kustomize sources."""
     files = [manifest_file(m) for m in manifests]
-    repo, tag = split_image(d.docker_image)
+    repo, tag, digest = images.split(d.docker_image)
     image: Obj = {"name": repo}
-    if "@" in d.docker_image:
-        image["digest"] = d.docker_image.split("@", 1)[1]
+    if digest is not None:
+        image["digest"] = digest
     elif tag:
         image["newTag"] = tag
     return {

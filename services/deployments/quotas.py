@@ -6,14 +6,9 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from apphosting import resources
 from services.deployments import errors
 from services.deployments.validation import DeploymentSpec
-
-# What an unset field asks for: the scheduler's defaults (scheduler/placement.py demand_of), so a
-# quota counts what placement reserves.
-DEFAULT_CPU = 0.25
-DEFAULT_MEMORY_MB = 256
-DEFAULT_REPLICAS = 1
 
 
 class Quotas(BaseModel):
@@ -46,15 +41,19 @@ class Usage:
 
 def demand_of(spec: DeploymentSpec) -> Usage:
     """What one deployment holds: per-replica cpu and memory times replicas, its storage plus its volumes."""
-    replicas = spec.replicas if spec.replicas is not None else DEFAULT_REPLICAS
-    cpu = spec.cpu_request if spec.cpu_request is not None else DEFAULT_CPU
-    memory_mb = spec.memory_request_mb if spec.memory_request_mb is not None else DEFAULT_MEMORY_MB
-    storage_gb = (spec.storage_size_gb or 0) + sum(volume.size_gb for volume in spec.volumes or ())
+    # The kernel's demand, so a quota counts what placement reserves and the pods request.
+    demand = resources.demand(
+        cpu_request=spec.cpu_request,
+        memory_request_mb=spec.memory_request_mb,
+        replicas=spec.replicas,
+        storage_size_gb=spec.storage_size_gb,
+        volume_sizes_gb=[volume.size_gb for volume in spec.volumes or ()],
+    )
     return Usage(
         deployments=1,
-        cpu_millis=round(cpu * 1000) * replicas,
-        memory_mb=memory_mb * replicas,
-        storage_gb=storage_gb,
+        cpu_millis=demand.total_cpu_millis,
+        memory_mb=demand.total_memory_mb,
+        storage_gb=demand.storage_gb,
     )
 
 

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import make_url, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from apphosting import resources
 from apphosting.db import make_engine
 from apphosting.locations import Capacity, LocationConfig, load_locations
 from apphosting.v1 import deployments_pb2
@@ -167,11 +168,14 @@ def test_the_sample_locations_place_and_refuse() -> None:
     assert "best free is eu-fsn1-a with cpu 64.0 (short 36.0)" in message
 
 
-def test_demand_of_uses_defaults_for_unset_fields() -> None:
-    assert demand_of(deployments_pb2.Deployment()) == Demand(cpu=0.25, memory_mb=256, storage_gb=0, vclusters=1)
-    assert demand_of(
-        deployments_pb2.Deployment(), default_cpu=0.5, default_memory_mb=512, default_replicas=2
-    ) == Demand(cpu=1.0, memory_mb=1024, storage_gb=0)
+def test_demand_of_uses_the_kernel_defaults_for_unset_fields() -> None:
+    assert demand_of(deployments_pb2.Deployment()) == Demand(
+        cpu=resources.DEFAULT_CPU * resources.DEFAULT_REPLICAS,
+        memory_mb=resources.DEFAULT_MEMORY_MB * resources.DEFAULT_REPLICAS,
+        storage_gb=0,
+        vclusters=1,
+    )
+    assert demand_of(deployments_pb2.Deployment(replicas=2)) == Demand(cpu=0.5, memory_mb=512, storage_gb=0)
 
 
 def test_demand_of_multiplies_by_replicas_and_adds_volumes() -> None:
