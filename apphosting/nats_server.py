@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+# prctl(2): the signal a process gets when the thread that started it ends (Linux only).
+_PR_SET_PDEATHSIG = 1
+# Every server is started from this one thread, which lives as long as the interpreter: the kernel
+# signals a child when the *thread* that forked it ends, and a short-lived worker thread (such as
+# asyncio.to_thread's) would take the server down with it.
+_spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nats-server-spawner")
 
 
 def free_port() -> int:
@@ -29,6 +41,22 @@ def nats_server_binary() -> str:
     return found
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """Runs in the child before exec: the server gets SIGTERM when this process ends, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def arrange() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        # The parent may have died between fork and prctl: then no signal would ever come.
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arrange
+
+
 def wait_for_port(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -42,9 +70,17 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 class NatsServer:
     """A nats-server with JetStream and file storage in its own folder; restartable on the same port."""
 
-    def __init__(self, store_dir: Path, port: int | None = None, sync_interval: str | None = None) -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        sync_interval: str | None = None,
+        monitor_port: int | None = None,
+    ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
+        # The HTTP monitoring endpoint (/varz, /jsz, ...); None: not served.
+        self.monitor_port = monitor_port
         # How often JetStream fsyncs its files: None keeps the server's default (every 2 minutes),
         # "always" syncs every write before acknowledging it (see docs/design.md, Durability).
         self.sync_interval = sync_interval
@@ -54,11 +90,16 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def monitor_url(self) -> str | None:
+        return None if self.monitor_port is None else f"http://127.0.0.1:{self.monitor_port}"
+
     def _config(self) -> Path:
         """The server's settings as a config file: sync_interval has no command-line flag."""
         path = self.store_dir / "nats-server.conf"
         lines = [
             f"listen: 127.0.0.1:{self.port}",
+            *([f"http: 127.0.0.1:{self.monitor_port}"] if self.monitor_port is not None else []),
             "jetstream {",
             f"  store_dir: {json.dumps(str(self.store_dir))}",
         ]
@@ -69,14 +110,17 @@ class NatsServer:
 
     def start(self) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
+        self.process = _spawner.submit(
+            subprocess.Popen,
             [nats_server_binary(), "-c", str(self._config())],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             # Its own process group: a Ctrl-C in the terminal reaches `apphosting dev`, which stops
             # this server last, after every client has drained, instead of from under them.
             start_new_session=True,
-        )
+            # Yet it must not outlive its parent: a SIGKILLed `apphosting dev` would leave it running.
+            preexec_fn=_die_with_parent(),
+        ).result()
         wait_for_port(self.port)
 
     def stop(self) -> None:

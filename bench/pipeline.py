@@ -63,13 +63,13 @@ async def run_one(stack: Stack, plan: Plan, provisioners: int, log: Any) -> dict
     common = ["--nats-url", stack.nats.url, "--locations", str(locations), "--log-level", "WARNING"]
     stack.start(
         "scheduler",
-        python("apphosting.cli", "scheduler", "--database-url", stack.database_url, *common),
+        python("apphosting_cli", "scheduler", "--database-url", stack.database_url, *common),
         profile=True,
     )
     for index in range(provisioners):
         stack.start(
             f"provisioner-{index}",
-            python("apphosting.cli", "provisioner", "--simulate-delay", "0", *common),
+            python("apphosting_cli", "provisioner", "--simulate-delay", "0", *common),
             profile=True,
         )
     nc = await nats.connect(stack.nats.url, name="bench-pipeline")

@@ -149,7 +149,7 @@ class Stack:
 
     def api(self, locations: Path | None = None, *, profile: bool = True) -> tuple[Proc, int]:
         argv = python(
-            "apphosting.cli",
+            "apphosting_cli",
             "api",
             "--listen",
             "127.0.0.1:0",

@@ -95,7 +95,7 @@ def test_api_command_serves_and_stops_gracefully(
         [
             sys.executable,
             "-m",
-            "apphosting.cli",
+            "apphosting_cli",
             "api",
             "--listen",
             f"127.0.0.1:{port}",
@@ -128,7 +128,7 @@ def test_api_command_serves_and_stops_gracefully(
 
 def test_api_command_refuses_to_run_without_authentication_unless_told(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "apphosting.cli", "api", "--database-url", f"sqlite:///{tmp_path / 'cli.db'}"],
+        [sys.executable, "-m", "apphosting_cli", "api", "--database-url", f"sqlite:///{tmp_path / 'cli.db'}"],
         capture_output=True,
         text=True,
         timeout=60,

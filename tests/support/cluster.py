@@ -30,7 +30,7 @@ class Process:
             out.write(f"--- start {self.starts}: {' '.join(self.args)}\n".encode())
             out.flush()
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "apphosting.cli", *self.args],
+                [sys.executable, "-m", "apphosting_cli", *self.args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},

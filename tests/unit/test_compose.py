@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from apphosting.cli import build_parser
+from apphosting_cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 # Each service that runs the apphosting image, with the subcommand it runs.

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN
+
+# Each command imports only the process it runs (a provisioner never loads the API's code), so the
+# imports of the processes are inside the functions below.
+if TYPE_CHECKING:
+    from services.deployments.app import ApiOptions
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
@@ -78,6 +86,11 @@ def _add_api_security(parser: argparse.ArgumentParser, *, dev: bool = False) -> 
         help="no authentication: every caller is one local user (local use only)"
         + ("" if dev else "; required when no JWT key is given"),
     )
+    auth.add_argument(
+        "--allow-insecure-remote",
+        action="store_true",
+        help="allow --insecure-no-auth on an address other machines can reach (refused without it)",
+    )
     auth.add_argument("--jwt-audience", default=None, help="require this aud claim")
     auth.add_argument("--jwt-issuer", default=None, help="require this iss claim")
     tls = parser.add_argument_group("TLS")
@@ -109,13 +122,14 @@ def _add_api_security(parser: argparse.ArgumentParser, *, dev: bool = False) -> 
     )
 
 
-def _api_security(args: argparse.Namespace) -> dict[str, Any]:
-    """ApiOptions fields from the flags of _add_api_security; without a JWT key, auth stays unset."""
+def _api_options(args: argparse.Namespace) -> ApiOptions:
+    """The API's options from the flags of _add_api_security; without a JWT key, auth stays unset."""
     from apphosting.settings import Limits
-    from services.deployments.auth import NOT_CONFIGURED, JwtVerifier
+    from services.deployments.app import ApiOptions
+    from services.deployments.auth import NOT_CONFIGURED, JwtVerifier, Unset
     from services.deployments.quotas import UNLIMITED, Quotas
 
-    auth: Any = NOT_CONFIGURED
+    auth: JwtVerifier | Unset | None = NOT_CONFIGURED
     if args.insecure_no_auth:
         auth = None
     elif args.jwt_secret_file or args.jwt_public_key_file:
@@ -138,15 +152,97 @@ def _api_security(args: argparse.Namespace) -> dict[str, Any]:
             storage_gb=args.quota_storage_gb,
         )
     )
-    return {
-        "auth": auth,
-        "tls_cert": args.tls_cert,
-        "tls_key": args.tls_key,
-        "tls_client_ca": args.tls_client_ca,
-        "quotas": quotas,
-        "max_request_bytes": args.max_request_bytes,
-        "limits": Limits(helm_repo_hosts=tuple(args.helm_repo_host), image_registries=tuple(args.image_registry)),
-    }
+    return ApiOptions(
+        listen=args.listen,
+        locations_file=args.locations,
+        auth=auth,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        quotas=quotas,
+        max_request_bytes=args.max_request_bytes,
+        limits=Limits(helm_repo_hosts=tuple(args.helm_repo_host), image_registries=tuple(args.image_registry)),
+    )
+
+
+def _is_loopback(listen: str) -> bool:
+    """Whether only this machine can reach a gRPC listen address (host:port, [v6]:port or unix:path)."""
+    if listen.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        # A host name may resolve to any address: only a literal loopback address is known local.
+        return False
+
+
+def _check_insecure_remote(command: str, args: argparse.Namespace) -> str | None:
+    """Refuses --insecure-no-auth beyond loopback unless --allow-insecure-remote says so; then warns."""
+    if not args.insecure_no_auth or _is_loopback(args.listen):
+        return None
+    if not args.allow_insecure_remote:
+        return (
+            f"--insecure-no-auth on {args.listen}, which other machines can reach, lets anyone act as the "
+            "local user; listen on 127.0.0.1, give a JWT key, or add --allow-insecure-remote"
+        )
+    print(
+        f"apphosting {command}: WARNING: NO AUTHENTICATION on {args.listen}: anyone who can reach this "
+        "address acts as the local user (--insecure-no-auth --allow-insecure-remote)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return None
+
+
+def _port_taken(listen: str) -> str | None:
+    """Why the API cannot have its port, when another process listens there; None when it looks free."""
+    if listen.startswith(("unix:", "unix-abstract:")):
+        return None
+    host, _, port_text = listen.rpartition(":")
+    try:
+        port = int(port_text)
+        addresses = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (ValueError, OSError):
+        return None  # gRPC says what is wrong with the address itself
+    if port == 0:
+        return None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC binds: a port in TIME_WAIT is free. Without SO_REUSEPORT, so that another server's
+            # listening socket, even one that set it, makes this bind fail.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return f"cannot listen on {listen}: another process already serves that port"
+    return None
+
+
+async def _database_unreachable(url: str) -> str | None:
+    """Why the database at `url` cannot be used, in one line; None when a connection opens."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    from apphosting import db
+
+    shown = make_url(url).render_as_string(hide_password=True)
+    try:
+        engine = db.make_engine(url)
+    except (SQLAlchemyError, ValueError) as exc:
+        return f"cannot use the database URL {shown}: {exc}"
+    try:
+        async with engine.connect():
+            return None
+    except (OSError, SQLAlchemyError) as exc:
+        cause = exc.orig if isinstance(exc, DBAPIError) else exc
+        reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        return f"cannot reach the database {shown}: {reason}"
+    finally:
+        await engine.dispose()
 
 
 def _probability(text: str) -> float:
@@ -225,18 +321,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
-    """Runs until SIGINT or SIGTERM, which ask for a graceful stop."""
+def _fail(command: str, message: str, code: int = 1) -> int:
+    print(f"apphosting {command}: error: {message}", file=sys.stderr, flush=True)
+    return code
 
-    async def runner() -> None:
+
+def _run(
+    command: str,
+    main: Callable[[asyncio.Event], Awaitable[None]],
+    *,
+    listen: str | None = None,
+    database_url: str | None = None,
+) -> int:
+    """Runs until SIGINT or SIGTERM, which ask for a graceful stop; a port or database it cannot have is
+    one line and exit status 1, not a traceback."""
+    if listen is not None and (taken := _port_taken(listen)) is not None:
+        return _fail(command, taken)
+
+    async def runner() -> str | None:
+        if database_url is not None and (unreachable := await _database_unreachable(database_url)) is not None:
+            return unreachable
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await main(stop)
+        return None
 
-    asyncio.run(runner())
-    return 0
+    problem = asyncio.run(runner())
+    return 0 if problem is None else _fail(command, problem)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,23 +361,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if hasattr(args, "nats_creds"):
         _use_nats_security(args)
+    if hasattr(args, "insecure_no_auth") and (refused := _check_insecure_remote(args.command, args)) is not None:
+        return _fail(args.command, refused, 2)
     if args.command == "api":
-        from services.deployments.app import ApiOptions, serve
+        from dataclasses import replace
+
+        from services.deployments.app import serve
 
         if not (args.insecure_no_auth or args.jwt_secret_file or args.jwt_public_key_file):
             build_parser().error(
                 "api needs --jwt-secret-file or --jwt-public-key-file, "
                 "or --insecure-no-auth to serve without authentication (local use only)"
             )
-        security = _api_security(args)
-        options = ApiOptions(
-            listen=args.listen,
-            database_url=args.database_url,
-            nats_url=args.nats_url,
-            locations_file=args.locations,
-            **security,
-        )
-        return _run(lambda stop: serve(options, stop))
+        options = replace(_api_options(args), database_url=args.database_url, nats_url=args.nats_url)
+        return _run("api", lambda stop: serve(options, stop), listen=args.listen, database_url=args.database_url)
     if args.command == "scheduler":
         from scheduler.service import SchedulerOptions
         from scheduler.service import serve as serve_scheduler
@@ -272,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scheduler_options = SchedulerOptions(
             nats_url=args.nats_url, database_url=args.database_url, locations_file=args.locations
         )
-        return _run(lambda stop: serve_scheduler(scheduler_options, stop))
+        return _run("scheduler", lambda stop: serve_scheduler(scheduler_options, stop), database_url=args.database_url)
     if args.command == "provisioner":
         from provisioner.worker import ProvisionerOptions
         from provisioner.worker import serve as serve_provisioner
@@ -285,20 +395,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             simulate_failure_rate=args.simulate_failure_rate,
             simulate_state=args.simulate_state,
         )
-        return _run(lambda stop: serve_provisioner(provisioner_options, stop))
+        return _run("provisioner", lambda stop: serve_provisioner(provisioner_options, stop))
     if args.command == "dev":
-        from apphosting.dev import DevOptions, run_dev
+        from apphosting_cli.dev import DevOptions
+        from apphosting_cli.dev import serve as serve_dev
 
         dev_options = DevOptions(
-            listen=args.listen,
             data_dir=os.path.abspath(args.data_dir),
             locations_file=args.locations,
             simulate_delay=args.simulate_delay,
             simulate_failure_rate=args.simulate_failure_rate,
             simulate_state=args.simulate_state,
-            api=_api_security(args),
+            nats_sync_interval=args.nats_sync_interval,
+            api=_api_options(args),
         )
-        return _run(lambda stop: run_dev(dev_options, stop))
+        return _run("dev", lambda stop: serve_dev(dev_options, stop), listen=args.listen)
     if args.command == "migrate":
         from apphosting import db
         from scheduler import ledger
@@ -312,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             await engine.dispose()
             print("database schema is up to date")
 
-        return _run(migrate)
+        return _run("migrate", migrate, database_url=args.database_url)
     raise AssertionError(args.command)
 
 

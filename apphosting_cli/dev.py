@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
-from apphosting.nats_server import NatsServer
-from apphosting.settings import DEFAULT_LISTEN
+from apphosting.nats_server import NatsServer, free_port
 from provisioner.worker import Provisioner, ProvisionerOptions
 from scheduler.service import Scheduler, SchedulerOptions
 from services.deployments.app import ApiOptions, ApiServer
@@ -22,7 +20,6 @@ DEV_TOKEN_TTL = timedelta(days=30)
 
 @dataclass
 class DevOptions:
-    listen: str = DEFAULT_LISTEN
     # An absolute path; the command line resolves it.
     data_dir: str = ".apphosting"
     locations_file: str | None = None
@@ -32,8 +29,9 @@ class DevOptions:
     simulate_state: str | None = None
     # JetStream fsync interval: None is the server's default (2 minutes), "always" every write.
     nats_sync_interval: str | None = None
-    # ApiOptions fields (auth, TLS, quotas, limits) from the command line. Without auth, a dev key.
-    api: dict[str, Any] = field(default_factory=dict)
+    # The API's address, auth, TLS, quotas and limits; dev sets its database, NATS and locations, and
+    # without auth, a dev key.
+    api: ApiOptions = field(default_factory=ApiOptions)
 
 
 def dev_auth(data: Path) -> tuple[JwtVerifier, str]:
@@ -53,26 +51,21 @@ def dev_auth(data: Path) -> tuple[JwtVerifier, str]:
     return JwtVerifier.from_secret(secret), token
 
 
-async def run_dev(options: DevOptions, stop: asyncio.Event) -> None:
+async def serve(options: DevOptions, stop: asyncio.Event) -> None:
     """Starts nats-server, the API, the scheduler and a simulated provisioner; stops them all on `stop`."""
     data = Path(options.data_dir)
-    # A free port, not 4222: a system NATS may already hold that one.
-    nats = NatsServer(data / "nats", sync_interval=options.nats_sync_interval)
+    # Free ports, not 4222 and 8222: a system NATS may already hold those.
+    nats = NatsServer(data / "nats", sync_interval=options.nats_sync_interval, monitor_port=free_port())
     await asyncio.to_thread(nats.start)
     database_url = f"sqlite+aiosqlite:///{data / 'apphosting.db'}"
-    api_options = {"auth": NOT_CONFIGURED, **options.api}
-    token = None
-    if api_options["auth"] is NOT_CONFIGURED:
-        api_options["auth"], token = dev_auth(data)
-    api = ApiServer(
-        ApiOptions(
-            listen=options.listen,
-            database_url=database_url,
-            nats_url=nats.url,
-            locations_file=options.locations_file,
-            **api_options,
-        )
+    api_options = replace(
+        options.api, database_url=database_url, nats_url=nats.url, locations_file=options.locations_file
     )
+    token = None
+    if api_options.auth is NOT_CONFIGURED:
+        verifier, token = dev_auth(data)
+        api_options = replace(api_options, auth=verifier)
+    api = ApiServer(api_options)
     scheduler = Scheduler(
         SchedulerOptions(nats_url=nats.url, database_url=database_url, locations_file=options.locations_file)
     )
@@ -89,11 +82,11 @@ async def run_dev(options: DevOptions, stop: asyncio.Event) -> None:
     try:
         port = await api.start()
         tasks = [asyncio.create_task(scheduler.run()), asyncio.create_task(provisioner.run())]
-        host = options.listen.rsplit(":", 1)[0]
+        host = api_options.listen.rsplit(":", 1)[0]
         print(
             f"apphosting dev is running (Ctrl-C stops it)\n"
             f"  API        grpc://{host}:{port}  (apphosting.v1.DeploymentService, health, reflection)\n"
-            f"  NATS       {nats.url}  (JetStream files in {data / 'nats'})\n"
+            f"  NATS       {nats.url}  (JetStream files in {data / 'nats'}, monitoring {nats.monitor_url})\n"
             f"  database   {data / 'apphosting.db'}\n"
             f"  scheduler  {len(scheduler.locations)} locations in "
             f"{', '.join(sorted({loc.geographic_region for loc in scheduler.locations}))}\n"
@@ -110,7 +103,7 @@ async def run_dev(options: DevOptions, stop: asyncio.Event) -> None:
                 "apphosting.v1.DeploymentService/CreateAppHostingDeployment < examples/create-deployment.json",
                 flush=True,
             )
-        elif api_options["auth"] is None:
+        elif api_options.auth is None:
             print("  auth       none (--insecure-no-auth): every caller is the one local user", flush=True)
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({stopped, *tasks}, return_when=asyncio.FIRST_COMPLETED)
