@@ -4,16 +4,21 @@ The API checks a URL's host when a deployment is created (`host_problem` for wha
 shows, `resolve_public` for what its name resolves to at that moment). A name can resolve
 differently later (DNS rebinding), so whatever fetches from the URL must check again at the time
 of use with `resolve_public` and connect to the addresses it returned, not resolve the name anew.
+
+Names are judged as DNS will see them (`canonical_host`: percent-decoded, IDNA-mapped, lowercase,
+without the final dot), so another spelling of an internal name is the same internal name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Final
+from urllib.parse import unquote
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Resolves a host name to its addresses (as text); tests pass a stub.
@@ -28,6 +33,16 @@ METADATA_ADDRESSES: Final = frozenset(
 METADATA_HOSTS: Final = frozenset(
     {"metadata", "metadata.google.internal", "metadata.goog", "instance-data", "instance-data.ec2.internal"}
 )
+# Names that resolve inside a Kubernetes cluster (cluster DNS, and with its search path `<ns>.svc.
+# cluster.local`, `svc.cluster.local`, `cluster.local`) or on the local network, never on the
+# internet: Argo CD fetches a chart from inside the host cluster, where they reach its services.
+CLUSTER_SUFFIXES: Final = (".svc", ".cluster.local", ".local", ".internal", ".localhost")
+# `<service>.<namespace>` reaches a service through the search path; these namespaces exist in every
+# host cluster (Kubernetes' own, and Argo CD's).
+CLUSTER_NAMESPACES: Final = frozenset({"default", "kube-system", "kube-public", "kube-node-lease", "argocd"})
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+# How much of a host a message repeats: enough to recognise it, never a whole oversized value.
+_SHOWN = 80
 _SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT: not reachable from the internet
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
@@ -99,20 +114,62 @@ def host_allowed(host: str, allowed: Collection[str]) -> bool:
     return False
 
 
+def canonical_host(host: str) -> str | None:
+    """The host as a resolver sees it, or None when that is neither an IP address nor a DNS name.
+
+    Percent-decoded, IDNA-mapped (fullwidth letters and the ideographic full stop spell `k8s.svc`
+    too), lowercase, without the final dot.
+    """
+    try:
+        decoded = unquote(host, errors="strict") if "%" in host else host
+        if decoded.startswith("[") and decoded.endswith("]"):
+            literal = _literal_ip(decoded)
+            return None if literal is None else str(literal)
+        # Python's IDNA 2003 codec: nameprep (NFKC, case folding) and the four Unicode full stops.
+        name = decoded.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
+    name = name.removesuffix(".")
+    if _literal_ip(name) is not None:
+        return name
+    if not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        return None
+    return name
+
+
+def _cluster_kind(name: str) -> str | None:
+    """Why a canonical name reaches inside a cluster or the local network, or None."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return "a loopback name"
+    if name in METADATA_HOSTS:
+        return "a cloud metadata name"
+    if "." not in name:
+        return "a single-label name (it resolves through the cluster's search path, not on the internet)"
+    for suffix in CLUSTER_SUFFIXES:
+        if name.endswith(suffix):
+            return f"a cluster-internal name (*{suffix})"
+    if name.rpartition(".")[2] in CLUSTER_NAMESPACES:
+        return "a cluster-internal name (<service>.<namespace>)"
+    return None
+
+
 def host_problem(host: str, *, allowed: Collection[str] = ()) -> str | None:
     """What the host's text alone shows to be refused: an internal address or name, or one off the allow-list."""
-    name = host.lower().rstrip(".")
+    shown = host[:_SHOWN]
+    name = canonical_host(host)
+    if name is None:
+        return f"{shown!r} is not a valid host name"
     literal = _literal_ip(name)
     if literal is not None:
         problem = address_problem(literal)
         if problem is not None:
             return problem
-    elif name == "localhost" or name.endswith(".localhost"):
-        return f"{host} is a loopback name"
-    elif name in METADATA_HOSTS:
-        return f"{host} is a cloud metadata name"
+    else:
+        kind = _cluster_kind(name)
+        if kind is not None:
+            return f"{shown} is {kind}"
     if not host_allowed(name, allowed):
-        return f"{host} is not one of the allowed hosts ({', '.join(sorted(allowed))})"
+        return f"{shown} is not one of the allowed hosts ({', '.join(sorted(allowed))})"
     return None
 
 
@@ -185,14 +242,16 @@ async def resolve_public(
     refused, since a client may pick either. Raises Unresolvable when the name does not resolve.
     """
     problem = host_problem(host, allowed=allowed)
-    if problem is not None:
-        raise Refused(problem)
-    literal = _literal_ip(host.lower().rstrip("."))
+    name = canonical_host(host)
+    if problem is not None or name is None:
+        raise Refused(problem or f"{host[:_SHOWN]!r} is not a valid host name")
+    literal = _literal_ip(name)
     if literal is not None:
         return [str(literal)]
     try:
         async with asyncio.timeout(resolve_seconds):
-            addresses = list(await (resolver or system_resolver)(host))
+            # The name a resolver is asked, whatever spelling the URL used.
+            addresses = list(await (resolver or system_resolver)(name))
     except (OSError, TimeoutError, UnicodeError) as exc:
         raise Unresolvable(f"{host} does not resolve ({exc or 'timed out'})") from None
     if not addresses:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from apphosting.v1 import deployments_pb2 as pb
@@ -79,12 +79,28 @@ def request_to_data(request: pb.CreateAppHostingDeploymentRequest) -> dict[str, 
         if has(request, name):
             data[name] = getattr(request, name)
     if request.HasField("config"):
-        data["config"] = json_format.MessageToDict(request.config)
+        data["config"] = struct_to_python(request.config)
     if request.environment_variables:
         data["environment_variables"] = list(request.environment_variables)
     if request.volumes:
         data["volumes"] = [_volume_to_data(v) for v in request.volumes]
     return data
+
+
+def struct_to_python(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as JSON-like Python, keeping NaN and Infinity (MessageToDict raises on them) for validation to name."""
+    return {key: _value_to_python(value) for key, value in struct.fields.items()}
+
+
+def _value_to_python(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return struct_to_python(value.struct_value)
+    if kind == "list_value":
+        return [_value_to_python(item) for item in value.list_value.values]
+    if kind is None or kind == "null_value":
+        return None
+    return getattr(value, kind)
 
 
 def _volume_to_data(volume: pb.VolumeConfig) -> dict[str, Any]:

@@ -374,3 +374,25 @@ async def test_a_chart_host_that_now_points_inward_is_not_fetched(cluster: Clust
     assert "helm_repo_url is not fetched" in last.error_message
     assert "10.1.2.3" in last.error_message
     assert fake.get("Application", names.app_application, "argocd") is None
+
+
+@pytest.mark.parametrize(
+    "url", ["https://kubernetes.default.svc/", "https://Charts.Team.SVC.cluster.local./x", "oci://charts/stable"]
+)
+async def test_a_cluster_internal_chart_host_is_not_fetched_even_when_it_resolves_publicly(
+    cluster: Cluster, location: LocationConfig, url: str
+) -> None:
+    # Stored before create refused such names: the name alone is refused at use, whatever it resolves to.
+    fake, _ = cluster.need_fake()
+
+    async def public(host: str) -> list[str]:
+        return ["93.184.216.34"]
+
+    driver = KubernetesDriver(location, poll_after=0.25, resolver=public)
+    create = job(name="inward", app_type=deployments_pb2.APP_TYPE_HELM, helm_repo_url=url, helm_chart_name="web")
+    names = Names.of(create.deployment, driver.location)
+    last = await Run(driver, cluster)(create)
+    assert last.status == _Status.DEPLOYMENT_STATUS_FAILED
+    assert "helm_repo_url is not fetched" in last.error_message
+    assert "cluster-internal" in last.error_message or "single-label" in last.error_message
+    assert fake.get("Application", names.app_application, "argocd") is None

@@ -81,6 +81,39 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "environment_variables",
         "TOO_LONG",
     ),
+    ("env NUL", {"environment_variables": ["A=1", "TOKEN=ab\x00cd"]}, "environment_variables.TOKEN", "INVALID_FORMAT"),
+    (
+        "env escape",
+        {"environment_variables": ["TERM_TRAP=\x1b]0;x\x07"]},
+        "environment_variables.TERM_TRAP",
+        "INVALID_FORMAT",
+    ),
+    # Each oversized field: one short violation, not an error too big for gRPC's metadata.
+    ("app_type 20 KB", {"app_type": "x" * 20_000}, "app_type", "TOO_LONG"),
+    ("region 20 KB", {"geographic_region": "x" * 20_000}, "geographic_region", "TOO_LONG"),
+    ("name 20 KB", {"deployment_name": "x" * 20_000}, "deployment_name", "TOO_LONG"),
+    ("image 20 KB", {"docker_image": "x" * 20_000}, "docker_image", "TOO_LONG"),
+    ("version 20 KB", {"kubernetes_version": "1" * 20_000}, "kubernetes_version", "TOO_LONG"),
+    ("type 20 KB", {"deployment_type": "x" * 20_000}, "deployment_type", "TOO_LONG"),
+    ("repo 20 KB", {**HELM, "helm_repo_url": "https://" + "a" * 20_000}, "helm_repo_url", "TOO_LONG"),
+]
+# Cluster-internal chart hosts, in several spellings: Argo CD would fetch them inside the host cluster.
+CLUSTER_INTERNAL_URLS = [
+    "https://kubernetes.default.svc/",
+    "https://KUBERNETES.default.svc./",
+    "https://kubernetes%2edefault.svc/",
+    "https://\uff4b\uff55\uff42\uff45\uff52\uff4e\uff45\uff54\uff45\uff53.default.svc/",
+    "https://kubernetes\u3002default\u3002svc/",
+    "https://chartmuseum.tools.svc.cluster.local:8080/",
+    "https://registry.cluster.local/",
+    "https://kubernetes.default/",
+    "https://charts/",
+    "oci://charts/stable",
+    "https://charts.example.com@kubernetes.default.svc/",
+]
+CASES += [
+    (f"repo cluster-internal {url}", {**HELM, "helm_repo_url": url}, "helm_repo_url", "NOT_ALLOWED")
+    for url in CLUSTER_INTERNAL_URLS
 ]
 
 
@@ -100,6 +133,18 @@ async def test_each_hardening_rule_names_its_field_and_writes_nothing(secure: Se
         await secure.stub.CreateAppHostingDeployment(
             create_request(deployment_name=f"ok-{n}", **fields), metadata=alice.metadata
         )
+
+
+async def test_nan_or_infinity_in_config_is_invalid_argument_naming_the_path(secure: SecureApi) -> None:
+    alice = secure.user("alice")
+    for config, field in (({"a": {"b": float("nan")}}, "config.a.b"), ({"x": [0, float("-inf")]}, "config.x[1]")):
+        request = create_request()
+        request.config.update(config)
+        details = await expect_error(
+            secure.stub.CreateAppHostingDeployment(request, metadata=alice.metadata), grpc.StatusCode.INVALID_ARGUMENT
+        )
+        assert details.violations[field][0] == "INVALID_VALUE", details.violations
+    assert await secure.rows() == 0
 
 
 async def test_allow_lists_for_chart_hosts_and_image_registries(secure_api_factory: ApiFactory) -> None:

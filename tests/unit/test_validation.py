@@ -595,3 +595,142 @@ def test_spec_is_frozen() -> None:
     spec = _validate(DOCKER)
     with pytest.raises(ValueError, match="frozen"):
         spec.replicas = 3  # type: ignore[misc]
+
+
+# Every string field, the request it is oversized in, and how a 20 KB value of it is reported.
+_STRING_FIELDS = [
+    (DOCKER, "geographic_region"),
+    (DOCKER, "deployment_name"),
+    (DOCKER, "app_type"),
+    (DOCKER, "docker_image"),
+    (DOCKER, "deployment_type"),
+    (HELM, "helm_repo_url"),
+    (HELM, "helm_chart_name"),
+    (HELM, "helm_chart_version"),
+    (_with(DOCKER, image_update_strategy="semver"), "image_update_strategy"),
+    (_with(DOCKER, image_update_strategy="semver"), "image_update_constraint"),
+    (DOCKER, "image_allow_tags"),
+    (DOCKER, "image_ignore_tags"),
+    (DOCKER, "kubernetes_version"),
+]
+
+
+@pytest.mark.parametrize(("base", "field"), _STRING_FIELDS, ids=[field for _, field in _STRING_FIELDS])
+@pytest.mark.parametrize("filler", ["x", " ", "\x00", "é"])
+def test_an_oversized_field_gets_one_short_violation_before_any_other_rule(
+    base: dict[str, Any], field: str, filler: str
+) -> None:
+    (violation,) = (v for v in _violations(_with(base, **{field: filler * 20_000})) if v.field == field)
+    assert violation.reason == "TOO_LONG"
+    assert len(violation.description) < 120, violation.description
+
+
+@pytest.mark.parametrize("field", ["path", "purpose"])
+def test_an_oversized_volume_field_gets_one_short_violation(field: str) -> None:
+    volume = {"path": "/data", field: "/" + "x" * 20_000}
+    (violation,) = _violations(_with(DOCKER, volumes=[volume]))
+    assert (violation.field, violation.reason) == (f"volumes[0].{field}", "TOO_LONG")
+    assert len(violation.description) < 120
+
+
+def test_no_message_quotes_more_than_a_short_prefix_of_a_value() -> None:
+    long_but_allowed = {
+        "helm_repo_url": "ftp://" + "a" * 2000,
+        "helm_chart_name": "-" * 250,
+        "image_allow_tags": "x" * 1000,
+        "image_ignore_tags": "[" * 1000,
+        "kubernetes_version": "9" * 32,
+        "geographic_region": "r" * 128,
+    }
+    for field, value in long_but_allowed.items():
+        violations = [v for v in _violations(_with(HELM, **{field: value})) if v.field == field]
+        assert violations, field
+        assert all(len(v.description) < 300 for v in violations), violations
+    volumes = [{"path": "/" + "d" * 4000}, {"path": "/" + "d" * 4000}]
+    (duplicate,) = _violations(_with(DOCKER, volumes=volumes))
+    assert duplicate.reason == "DUPLICATE"
+    assert len(duplicate.description) < 300
+    names = [f"{'N' * 256}=1", f"{'N' * 256}=2"]
+    (duplicate,) = _violations(_with(DOCKER, environment_variables=names))
+    assert duplicate.reason == "DUPLICATE"
+    assert len(duplicate.description) < 300
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"a": {"b": float("nan")}}, "config.a.b"),
+        ({"a": [1, {"c": float("inf")}]}, "config.a[1].c"),
+        ({"x": -float("inf")}, "config.x"),
+    ],
+)
+def test_nan_or_infinity_in_config_is_named_by_its_path(config: dict[str, Any], field: str) -> None:
+    (violation,) = _violations(_with(DOCKER, config=config))
+    assert (violation.field, violation.reason) == (field, "INVALID_VALUE")
+
+
+@pytest.mark.parametrize("control", ["\x00", "\x01", "\x1b", "\x7f", "\x0b"])
+def test_a_control_character_in_an_environment_value_is_refused_naming_the_variable(control: str) -> None:
+    env = ["OK=1", f"TOKEN=ab{control}cd"]
+    (violation,) = _violations(_with(DOCKER, environment_variables=env))
+    assert (violation.field, violation.reason) == ("environment_variables.TOKEN", "INVALID_FORMAT")
+
+
+def test_tabs_and_line_breaks_in_an_environment_value_pass() -> None:
+    pem = "-----BEGIN CERTIFICATE-----\r\nMIIB\tx\n-----END CERTIFICATE-----\n"
+    assert _validate(_with(DOCKER, environment_variables=[f"CERT={pem}"])).env_dict() == {"CERT": pem}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://kubernetes.default.svc/",
+        "https://kubernetes.default.svc.cluster.local/charts",
+        "https://chartmuseum.tools.svc.cluster.local:8080/",
+        "https://chartmuseum.tools.svc/",
+        "https://registry.cluster.local/",
+        "https://kubernetes.default/",
+        "https://argocd-repo-server.argocd:8081/",
+        "https://charts/",
+        "oci://charts/stable",
+        "https://KUBERNETES.Default.SVC/",
+        "https://kubernetes.default.svc./",
+        "https://charts./",
+        "https://kubernetes%2Edefault%2Esvc/",
+        "https://%6b%75%62%65rnetes.default.svc/",
+        "https://\uff4b\uff55\uff42\uff45\uff52\uff4e\uff45\uff54\uff45\uff53.default.svc/",
+        "https://kubernetes\u3002default\u3002svc/",
+        "https://kubernetes.default.svc\uff0e/",
+        "https://printer.local/",
+        "https://charts..example.com/",
+    ],
+)
+def test_cluster_internal_chart_hosts_are_refused_in_every_spelling(url: str) -> None:
+    (violation,) = _violations(_with(HELM, helm_repo_url=url))
+    assert (violation.field, violation.reason) == ("helm_repo_url", "NOT_ALLOWED"), violation
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://user@kubernetes.default.svc/",
+        "https://charts.example.com@kubernetes.default.svc/",
+        "https://charts.example.com:443@kubernetes.default.svc/",
+    ],
+)
+def test_userinfo_cannot_hide_a_cluster_internal_host(url: str) -> None:
+    (violation,) = _violations(_with(HELM, helm_repo_url=url))
+    assert (violation.field, violation.reason) == ("helm_repo_url", "NOT_ALLOWED")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://charts.example.com/",
+        "oci://ghcr.io/acme/charts",
+        "https://charts.example.com./",
+        "https://b\u00fccher.de/",
+    ],
+)
+def test_public_chart_hosts_still_pass(url: str) -> None:
+    assert _validate(_with(HELM, helm_repo_url=url)).helm_repo_url == url

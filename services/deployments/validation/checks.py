@@ -10,7 +10,21 @@ from pydantic import ValidationInfo
 from apphosting.settings import Limits
 from services.deployments.validation.violations import fail
 
-__all__ = ["context", "limits_of", "max_chars", "no_outer_whitespace", "not_empty", "one_of", "within"]
+__all__ = [
+    "context",
+    "limits_of",
+    "max_chars",
+    "no_control_chars",
+    "no_outer_whitespace",
+    "not_empty",
+    "one_of",
+    "shown",
+    "within",
+]
+
+# How much of a value a message repeats: enough to recognise it, never so much that the error
+# outgrows gRPC's metadata limits and reaches the client as RESOURCE_EXHAUSTED instead.
+SHOWN_CHARS = 64
 
 
 def context(info: ValidationInfo) -> Mapping[str, Any]:
@@ -23,6 +37,19 @@ def limits_of(info: ValidationInfo) -> Limits:
     found = context(info).get("limits")
     # Without a context (a stored spec read back) the default bounds apply.
     return found if isinstance(found, Limits) else Limits()
+
+
+def shown(value: str) -> str:
+    """A value as a message quotes it: its repr, cut to a short prefix."""
+    if len(value) <= SHOWN_CHARS:
+        return repr(value)
+    return f"{value[:SHOWN_CHARS]!r}... ({len(value)} characters)"
+
+
+def no_control_chars(value: str, allowed: str = "") -> str:
+    if any((ord(c) < 32 or c == "\x7f") and c not in allowed for c in value):
+        raise fail("INVALID_FORMAT", "must not contain control characters")
+    return value
 
 
 def no_outer_whitespace(value: str) -> str:
@@ -50,5 +77,5 @@ def within(value: float, low: float, high: float, unit: str = "") -> None:
 
 def one_of(value: str, allowed: Collection[str], reason: str = "UNSUPPORTED") -> str:
     if value not in allowed:
-        raise fail(reason, f"must be one of {', '.join(allowed)}; got {value!r}")
+        raise fail(reason, f"must be one of {', '.join(allowed)}; got {shown(value)}")
     return value

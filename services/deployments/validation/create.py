@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from apphosting import netguard
 from apphosting.settings import Limits
 from services.deployments.validation.cross_field import cross_field
-from services.deployments.validation.model import DeploymentSpec
+from services.deployments.validation.model import MAX_CHARS, DeploymentSpec
 from services.deployments.validation.violations import (
     Loc,
     SpecInvalid,
@@ -49,7 +49,9 @@ def validate_create(data: Mapping[str, Any], *, limits: Limits, regions: Collect
         spec = DeploymentSpec.model_validate(cleaned, context={"limits": limits, "regions": regions})
     except ValidationError as exc:
         found.extend(from_pydantic(error) for error in exc.errors(include_url=False, include_input=False))
-    found.extend(cross_field(cleaned, limits))
+    # A field over its length bound gets that one violation: no other rule has judged all of it.
+    oversized = {loc for loc, reason, _ in found if reason == "TOO_LONG" and len(loc) == 1 and loc[0] in MAX_CHARS}
+    found.extend(item for item in cross_field(cleaned, limits) if item[0][:1] not in oversized)
     if found or spec is None:
         found.sort(key=lambda item: order(item[0]))
         raise SpecInvalid([Violation(path(loc), f"{path(loc)} {message}", reason) for loc, reason, message in found])

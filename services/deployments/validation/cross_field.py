@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from apphosting import images
 from apphosting.settings import Limits
+from services.deployments.validation.checks import shown
 from services.deployments.validation.grammars import semver_constraint_ok
 from services.deployments.validation.model import (
     APP_TYPES,
+    ENV_NAME,
+    ENV_NAME_MAX,
+    ENV_VALUE_CONTROLS_ALLOWED,
     HELM_ONLY_FIELDS,
     IMAGE_UPDATE_FIELDS,
     IMAGE_UPDATE_STRATEGIES,
@@ -18,9 +23,22 @@ from services.deployments.validation.violations import Loc
 
 __all__ = ["cross_field"]
 
+# How much of each key a path into `config` repeats.
+_KEY_SHOWN = 32
+
 
 def cross_field(data: Mapping[str, Any], limits: Limits) -> Iterator[tuple[Loc, str, str]]:
     """Rules spanning fields or list entries, on the raw data so they run even when fields are invalid."""
+    config = data.get("config")
+    if isinstance(config, Mapping):
+        where = _non_finite(config, limits.config_max_depth)
+        if where is not None:
+            yield (
+                ("config", *where),
+                "INVALID_VALUE",
+                "must be a finite number: JSON has no NaN or Infinity",
+            )
+
     app_type = data.get("app_type", "helm")
     image_set = "docker_image" in data
 
@@ -115,10 +133,19 @@ def cross_field(data: Mapping[str, Any], limits: Limits) -> Iterator[tuple[Loc, 
                 yield (
                     ("environment_variables", index),
                     "DUPLICATE",
-                    f"sets {name} again (first set at environment_variables[{first_seen[name]}]); names must be unique",
+                    f"sets {shown(name)} again (first set at environment_variables[{first_seen[name]}]); "
+                    "names must be unique",
                 )
             else:
                 first_seen[name] = index
+            value = entry.partition("=")[2]
+            bad = next((c for c in value if (ord(c) < 32 or c == "\x7f") and c not in ENV_VALUE_CONTROLS_ALLOWED), None)
+            if bad is not None and len(name) <= ENV_NAME_MAX and ENV_NAME.fullmatch(name):
+                yield (
+                    ("environment_variables", name),
+                    "INVALID_FORMAT",
+                    f"must not contain control characters other than tab and line breaks (found {bad!r})",
+                )
 
     volumes = data.get("volumes")
     if isinstance(volumes, list | tuple):
@@ -137,7 +164,27 @@ def cross_field(data: Mapping[str, Any], limits: Limits) -> Iterator[tuple[Loc, 
                 yield (
                     ("volumes", index, "path"),
                     "DUPLICATE",
-                    f"mounts {path} again (already used by volumes[{paths[path]}]); paths must be unique",
+                    f"mounts {shown(path)} again (already used by volumes[{paths[path]}]); paths must be unique",
                 )
             else:
                 paths[path] = index
+
+
+def _non_finite(config: Mapping[str, Any], max_depth: int) -> tuple[str | int, ...] | None:
+    """The path to the first NaN or Infinity in `config` (keys cut short), or None; stops at `max_depth`."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(config, ())]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return where
+        if len(where) >= max_depth:
+            continue
+        if isinstance(item, Mapping):
+            children = [(value, (*where, str(key)[:_KEY_SHOWN])) for key, value in item.items()]
+        elif isinstance(item, list):
+            children = [(value, (*where, index)) for index, value in enumerate(item)]
+        else:
+            continue
+        # Reversed, so the first key or entry is looked at first.
+        stack.extend(reversed(children))
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
 
@@ -26,9 +27,11 @@ from services.deployments.validation.checks import (
     context,
     limits_of,
     max_chars,
+    no_control_chars,
     no_outer_whitespace,
     not_empty,
     one_of,
+    shown,
     within,
 )
 from services.deployments.validation.grammars import (
@@ -41,6 +44,9 @@ from services.deployments.validation.violations import fail
 __all__ = [
     "APP_TYPES",
     "DEPLOYMENT_TYPES",
+    "ENV_NAME",
+    "ENV_NAME_MAX",
+    "ENV_VALUE_CONTROLS_ALLOWED",
     "HELM_ONLY_FIELDS",
     "IMAGE_UPDATE_FIELDS",
     "IMAGE_UPDATE_STRATEGIES",
@@ -71,16 +77,51 @@ VOLUME_PURPOSE_MAX = 253
 VOLUME_PATH_MAX = 4096
 # Free-form image-update fields end up in an annotation; bound them so a request cannot bloat it.
 IMAGE_UPDATE_FIELD_MAX = 1024
+# Longer than any name the platform could offer, short enough to quote.
+SHORT_FIELD_MAX = 32
+REGION_MAX = 128
+# A name of IMAGE_NAME_MAX, a tag of 128 and a sha512 digest fit.
+DOCKER_IMAGE_MAX = 1024
+ENV_NAME_MAX = 256
 UID_MAX = 2_147_483_647
 PORT_MAX = 65_535
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _CHART_NAME = re.compile(r"[a-z0-9]([-a-z0-9_.]*[a-z0-9])?")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A value may hold lines (a PEM certificate) and tabs, but no other control character: NUL cannot
+# reach a process environment at all, and the rest only hide what a value really says.
+ENV_VALUE_CONTROLS_ALLOWED = "\t\n\r"
 
 _FORBIDDEN_MOUNT_ROOTS: Final = ("/proc", "/sys", "/dev")
 # Only encrypted transports: a chart fetched over plain http can be swapped on the way.
 HELM_REPO_SCHEMES: Final = ("https", "oci")
+
+
+# Each string field's length bound, checked before any other rule of the field, so an oversized
+# value gets one short violation (no rule ever sees, or quotes, all of it).
+MAX_CHARS: Final[Mapping[str, int]] = {
+    "geographic_region": REGION_MAX,
+    "deployment_name": DEPLOYMENT_NAME_MAX,
+    "app_type": SHORT_FIELD_MAX,
+    "docker_image": DOCKER_IMAGE_MAX,
+    "deployment_type": SHORT_FIELD_MAX,
+    "helm_repo_url": HELM_REPO_URL_MAX,
+    "helm_chart_name": HELM_CHART_NAME_MAX,
+    "helm_chart_version": IMAGE_UPDATE_FIELD_MAX,
+    "image_update_strategy": SHORT_FIELD_MAX,
+    "image_update_constraint": IMAGE_UPDATE_FIELD_MAX,
+    "image_allow_tags": IMAGE_UPDATE_FIELD_MAX,
+    "image_ignore_tags": IMAGE_UPDATE_FIELD_MAX,
+    "kubernetes_version": SHORT_FIELD_MAX,
+}
+VOLUME_MAX_CHARS: Final[Mapping[str, int]] = {"path": VOLUME_PATH_MAX, "purpose": VOLUME_PURPOSE_MAX}
+
+
+def _bounded(value: Any, maximum: int) -> Any:
+    if isinstance(value, str):
+        max_chars(value, maximum)
+    return value
 
 
 def image_registry(reference: str) -> str:
@@ -90,12 +131,14 @@ def image_registry(reference: str) -> str:
 
 def _check_env_entry(value: str, info: ValidationInfo) -> str:
     name, sep, env_value = value.partition("=")
+    if len(name) > ENV_NAME_MAX:
+        raise fail("TOO_LONG", f"has a name of {len(name)} characters; at most {ENV_NAME_MAX} are allowed")
     if not sep:
-        raise fail("INVALID_FORMAT", f"must be NAME=value (no '=' in {value[:64]!r})")
-    if not _ENV_NAME.fullmatch(name):
+        raise fail("INVALID_FORMAT", f"must be NAME=value (no '=' in {shown(value)})")
+    if not ENV_NAME.fullmatch(name):
         raise fail(
             "INVALID_FORMAT",
-            f"has name {name[:64]!r}; a name must match [A-Za-z_][A-Za-z0-9_]*",
+            f"has name {shown(name)}; a name must match [A-Za-z_][A-Za-z0-9_]*",
         )
     maximum = limits_of(info).environment_value_max_bytes
     size = len(env_value.encode())
@@ -113,29 +156,32 @@ class Volume(BaseModel):
     size_gb: StrictInt = Field(DEFAULT_VOLUME_SIZE_GB, alias="sizeGb")
     purpose: StrictStr | None = None
 
+    @field_validator(*VOLUME_MAX_CHARS, mode="before")
+    @classmethod
+    def _bounded(cls, value: Any, info: ValidationInfo) -> Any:
+        return _bounded(value, VOLUME_MAX_CHARS[str(info.field_name)])
+
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
         if value == "":
             raise fail("REQUIRED", "is required: an absolute mount path such as /data")
         no_outer_whitespace(value)
-        max_chars(value, VOLUME_PATH_MAX)
-        if any(ord(c) < 32 or c == "\x7f" for c in value):
-            raise fail("INVALID_FORMAT", "must not contain control characters")
+        no_control_chars(value)
         if not value.startswith("/"):
-            raise fail("INVALID_FORMAT", f"must be an absolute path (start with /), got {value!r}")
+            raise fail("INVALID_FORMAT", f"must be an absolute path (start with /), got {shown(value)}")
         if value == "/":
             raise fail("NOT_ALLOWED", "must not be / (a volume cannot replace the container's root)")
         if any(part in ("", ".", "..") for part in value[1:].split("/")):
             raise fail(
                 "INVALID_FORMAT",
-                f"must be a normalized path: no '.', '..', '//' or trailing '/', got {value!r}",
+                f"must be a normalized path: no '.', '..', '//' or trailing '/', got {shown(value)}",
             )
         for root in _FORBIDDEN_MOUNT_ROOTS:
             if value == root or value.startswith(root + "/"):
                 raise fail(
                     "NOT_ALLOWED",
-                    f"must not be under {', '.join(_FORBIDDEN_MOUNT_ROOTS)} (kernel filesystems), got {value!r}",
+                    f"must not be under {', '.join(_FORBIDDEN_MOUNT_ROOTS)} (kernel filesystems), got {shown(value)}",
                 )
         return value
 
@@ -149,7 +195,7 @@ class Volume(BaseModel):
     @classmethod
     def _purpose(cls, value: str | None) -> str | None:
         if value is not None:
-            max_chars(value, VOLUME_PURPOSE_MAX)
+            no_control_chars(value)
         return value
 
 
@@ -182,6 +228,11 @@ class DeploymentSpec(BaseModel):
     image_ignore_tags: StrictStr | None = None
     kubernetes_version: StrictStr | None = None
 
+    @field_validator(*MAX_CHARS, mode="before")
+    @classmethod
+    def _bounded(cls, value: Any, info: ValidationInfo) -> Any:
+        return _bounded(value, MAX_CHARS[str(info.field_name)])
+
     def env_dict(self) -> dict[str, str]:
         """The environment variables as NAME -> value (a value may itself contain '=')."""
         pairs = (entry.partition("=") for entry in self.environment_variables or ())
@@ -197,7 +248,7 @@ class DeploymentSpec(BaseModel):
         # Without a context (a stored spec read back) the region list is not known here.
         if regions is not None and value not in regions:
             offered = ", ".join(sorted(regions)) or "none are available"
-            raise fail("UNSUPPORTED", f"must be one of {offered}; got {value!r}")
+            raise fail("UNSUPPORTED", f"must be one of {offered}; got {shown(value)}")
         return value
 
     @field_validator("deployment_name")
@@ -206,12 +257,11 @@ class DeploymentSpec(BaseModel):
         if value == "":
             raise fail("REQUIRED", "is required")
         no_outer_whitespace(value)
-        max_chars(value, DEPLOYMENT_NAME_MAX)
         if not _DNS_LABEL.fullmatch(value):
             raise fail(
                 "INVALID_FORMAT",
                 "must be a DNS-1123 label: lowercase letters, digits and '-', "
-                f"starting and ending with a letter or digit; got {value!r}",
+                f"starting and ending with a letter or digit; got {shown(value)}",
             )
         return value
 
@@ -227,7 +277,7 @@ class DeploymentSpec(BaseModel):
             raise fail(
                 "UNSUPPORTED",
                 f"must be one of {', '.join(DEPLOYMENT_TYPES)} (a prebuilt image from a registry); "
-                f"{value!r} is not supported",
+                f"{shown(value)} is not supported",
             )
         return value
 
@@ -237,7 +287,8 @@ class DeploymentSpec(BaseModel):
         if value is None:
             return value
         try:
-            encoded = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+            # NaN and Infinity are measured here and named, with their path, by the cross-field rules.
+            encoded = json.dumps(value, separators=(",", ":")).encode()
         except (TypeError, ValueError) as exc:
             raise fail("INVALID_TYPE", f"must be a JSON object ({exc})") from None
         maximum = limits_of(info).config_max_bytes
@@ -314,7 +365,7 @@ class DeploymentSpec(BaseModel):
         if not netguard.host_allowed(registry, registries):
             raise fail(
                 "NOT_ALLOWED",
-                f"must come from an allowed registry ({', '.join(registries)}); {value!r} is on {registry}",
+                f"must come from an allowed registry ({', '.join(registries)}); {shown(value)} is on {registry}",
             )
         return value
 
@@ -325,7 +376,6 @@ class DeploymentSpec(BaseModel):
             return value
         not_empty(value)
         no_outer_whitespace(value)
-        max_chars(value, HELM_REPO_URL_MAX)
         allowed = "an absolute https:// or oci:// URL with a host"
         if any(c.isspace() or ord(c) < 32 or c == "\x7f" for c in value):
             raise fail("INVALID_FORMAT", f"must be {allowed}; it contains whitespace or control characters")
@@ -337,7 +387,7 @@ class DeploymentSpec(BaseModel):
         if parts.scheme == "http":
             raise fail("NOT_ALLOWED", f"must be {allowed}: plain http is not allowed, use https")
         if parts.scheme not in HELM_REPO_SCHEMES or not parts.hostname:
-            raise fail("INVALID_FORMAT", f"must be {allowed}, got {value!r}")
+            raise fail("INVALID_FORMAT", f"must be {allowed}, got {shown(value)}")
         # The URL is stored and echoed back in responses; credentials must not ride along in it.
         if parts.username is not None or parts.password is not None:
             raise fail("NOT_ALLOWED", "must not contain credentials (user:password@)")
@@ -353,12 +403,11 @@ class DeploymentSpec(BaseModel):
             return value
         not_empty(value)
         no_outer_whitespace(value)
-        max_chars(value, HELM_CHART_NAME_MAX)
         if not _CHART_NAME.fullmatch(value):
             raise fail(
                 "INVALID_FORMAT",
                 "must be a chart name: lowercase letters, digits, '-', '_' and '.', "
-                f"starting and ending with a letter or digit; got {value!r}",
+                f"starting and ending with a letter or digit; got {shown(value)}",
             )
         return value
 
@@ -369,11 +418,10 @@ class DeploymentSpec(BaseModel):
             return value
         not_empty(value)
         no_outer_whitespace(value)
-        max_chars(value, IMAGE_UPDATE_FIELD_MAX)
         if not SEMVER.fullmatch(value):
             raise fail(
                 "INVALID_FORMAT",
-                f"must be a SemVer 2.0 version such as 1.2.3 or v1.2.3-rc.1, got {value!r}",
+                f"must be a SemVer 2.0 version such as 1.2.3 or v1.2.3-rc.1, got {shown(value)}",
             )
         return value
 
@@ -419,7 +467,7 @@ class DeploymentSpec(BaseModel):
         if value is not None:
             not_empty(value)
             no_outer_whitespace(value)
-            max_chars(value, IMAGE_UPDATE_FIELD_MAX)
+            no_control_chars(value)
         return value
 
     @field_validator("image_allow_tags")
@@ -427,10 +475,10 @@ class DeploymentSpec(BaseModel):
     def _image_allow_tags(cls, value: str | None) -> str | None:
         if value is None or value == "any":
             return value
-        max_chars(value, IMAGE_UPDATE_FIELD_MAX)
+        no_control_chars(value)
         allowed = "must be 'any' or 'regexp:<pattern>'"
         if not value.startswith("regexp:"):
-            raise fail("INVALID_FORMAT", f"{allowed}, got {value[:64]!r}")
+            raise fail("INVALID_FORMAT", f"{allowed}, got {shown(value)}")
         pattern = value.removeprefix("regexp:")
         if pattern == "":
             raise fail("INVALID_FORMAT", f"{allowed} with a non-empty pattern")
@@ -450,15 +498,15 @@ class DeploymentSpec(BaseModel):
     def _image_ignore_tags(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        max_chars(value, IMAGE_UPDATE_FIELD_MAX)
+        no_control_chars(value)
         allowed = "must be comma-separated glob patterns such as '*-rc*,latest'"
         for pattern in value.split(","):
             if pattern == "":
                 raise fail("INVALID_FORMAT", f"{allowed}; it has an empty pattern")
             if pattern != pattern.strip():
-                raise fail("INVALID_FORMAT", f"{allowed}, without spaces around them; got {pattern!r}")
+                raise fail("INVALID_FORMAT", f"{allowed}, without spaces around them; got {shown(pattern)}")
             if not glob_brackets_closed(pattern):
-                raise fail("INVALID_FORMAT", f"{allowed}; {pattern!r} has an unclosed '['")
+                raise fail("INVALID_FORMAT", f"{allowed}; {shown(pattern)} has an unclosed '['")
         return value
 
     @field_validator("kubernetes_version")
@@ -470,9 +518,9 @@ class DeploymentSpec(BaseModel):
         offered = ", ".join(supported)
         parsed = versions.parse(value)
         if parsed is None:
-            raise fail("INVALID_FORMAT", f"must look like 1.N or 1.N.P (one of {offered}), got {value!r}")
+            raise fail("INVALID_FORMAT", f"must look like 1.N or 1.N.P (one of {offered}), got {shown(value)}")
         if parsed[0] not in supported:
-            raise fail("UNSUPPORTED", f"must be one of the supported versions {offered}, got {value!r}")
+            raise fail("UNSUPPORTED", f"must be one of the supported versions {offered}, got {shown(value)}")
         return value
 
 
