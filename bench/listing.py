@@ -147,7 +147,7 @@ async def run(stack: Stack, plan: Plan, log: Any) -> dict[str, Any]:
             queries = {
                 "first_page": pb.ListDeploymentsRequest(page_size=50),
                 "middle_page": pb.ListDeploymentsRequest(
-                    page_size=50, page_token=paging.encode(middle, paging.filter_key([], ""))
+                    page_size=50, page_token=paging.encode(middle, paging.filter_key(LOCAL_USER_ID, [], ""))
                 ),
                 "status_failed": pb.ListDeploymentsRequest(page_size=50, statuses=[pb.DEPLOYMENT_STATUS_FAILED]),
                 "region_asia": pb.ListDeploymentsRequest(page_size=50, geographic_region="asia"),

@@ -179,21 +179,54 @@ def mint_token(
 class _Undecodable:
     """Stands for a request body that is not a valid message, so the call answers INVALID_ARGUMENT."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, field: str | None) -> None:
         self.detail = detail
+        self.field = field
+
+    def error(self) -> ServiceError:
+        if self.field is None:
+            return errors.malformed_request(self.detail)
+        violation = errors.FieldViolation(
+            self.field,
+            f"{self.field} nests deeper than the {PROTOBUF_MAX_DEPTH} levels a protobuf message may have",
+            "TOO_DEEP",
+        )
+        return errors.malformed_request(self.detail, violation)
+
+
+# The nesting a protobuf decoder accepts (upb's and the C++ runtime's default recursion limit).
+PROTOBUF_MAX_DEPTH: Final = 100
+_RECURSIVE_TYPES: Final = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"})
+
+
+def _deep_field(request_type: Any) -> str | None:
+    """The one field of a request type that can nest without bound (a Struct such as `config`), if any.
+
+    The API's other fields are flat, so a decoder's depth failure can only come from that one.
+    """
+    descriptor = getattr(request_type, "DESCRIPTOR", None)
+    if descriptor is None:
+        return None
+    deep = [f.name for f in descriptor.fields if f.message_type and f.message_type.full_name in _RECURSIVE_TYPES]
+    return deep[0] if len(deep) == 1 else None
 
 
 def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     if deserializer is None:
         return None
     decode = deserializer
+    # The generated stubs pass `Request.FromString`, whose __self__ is the request type.
+    deep_field = _deep_field(getattr(decode, "__self__", None))
 
     def deserialize(data: bytes) -> Any:
         # gRPC answers INTERNAL when a deserializer raises; a bad body is the caller's error.
         try:
             return decode(data)
         except Exception as exc:
-            return _Undecodable(f"{type(exc).__name__}: {exc}")
+            detail = f"{type(exc).__name__}: {exc}"
+            # upb names its recursion limit in the error ("Exceeded upb_DecodeOptions_MaxDepth").
+            too_deep = "depth" in str(exc).lower()
+            return _Undecodable(detail, deep_field if too_deep else None)
 
     return deserialize
 
@@ -202,7 +235,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates each call (None verifier: single-user local mode) and decodes its body safely.
 
     A call without a valid token is answered UNAUTHENTICATED before the servicer runs; otherwise the
-    servicer reads the caller with `current_caller()`. Health and reflection are public.
+    servicer reads the caller with `current_caller()`. Health and reflection are public. Whatever fails
+    unexpectedly, here or in the servicer, is answered INTERNAL with a correlation id, never UNKNOWN.
     """
 
     def __init__(self, verifier: JwtVerifier | None) -> None:
@@ -214,25 +248,34 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(PUBLIC_METHOD_PREFIXES):
+        method = handler_call_details.method
+        if handler is None or method.startswith(PUBLIC_METHOD_PREFIXES):
             return handler
         who: Caller | ServiceError = LOCAL_CALLER
         if self._verifier is not None:
             try:
                 who = self._verifier.authenticate(handler_call_details.invocation_metadata)
             except ServiceError as refused:
-                log.info("refused %s: %s", handler_call_details.method, refused)
+                log.info("refused %s: %s", method, refused)
                 who = refused
-        return _wrap(handler, who)
+            except Exception as failure:
+                who = errors.internal(method, failure)
+        return _wrap(method, handler, who)
 
 
-def _wrap(handler: grpc.RpcMethodHandler[Any, Any], who: Caller | ServiceError) -> grpc.RpcMethodHandler[Any, Any]:
+def _wrap(
+    method: str, handler: grpc.RpcMethodHandler[Any, Any], who: Caller | ServiceError
+) -> grpc.RpcMethodHandler[Any, Any]:
     async def admit(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if isinstance(who, ServiceError):
             await context.abort_with_status(who.to_status())
         if isinstance(request, _Undecodable):
-            await context.abort_with_status(errors.malformed_request(request.detail).to_status())
+            await context.abort_with_status(request.error().to_status())
         _caller.set(who)
+
+    async def fail(failure: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        error = failure if isinstance(failure, ServiceError) else errors.internal(method, failure)
+        await context.abort_with_status(error.to_status())
 
     deserializer = _safe(handler.request_deserializer)
     if handler.unary_unary is not None:
@@ -240,7 +283,12 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], who: Caller | ServiceError) 
 
         async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             await admit(request, context)
-            return await unary(request, context)
+            try:
+                return await unary(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as failure:
+                await fail(failure, context)
 
         return grpc.unary_unary_rpc_method_handler(unary_behavior, deserializer, handler.response_serializer)
     if handler.unary_stream is not None:
@@ -248,8 +296,13 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], who: Caller | ServiceError) 
 
         async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             await admit(request, context)
-            async for item in streaming(request, context):
-                yield item
+            try:
+                async for item in streaming(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as failure:
+                await fail(failure, context)
 
         return grpc.unary_stream_rpc_method_handler(stream_behavior, deserializer, handler.response_serializer)
     # The API has no client-streaming methods; refuse rather than serve one unauthenticated.

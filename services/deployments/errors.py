@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 import grpc
 from google.protobuf import any_pb2
@@ -11,6 +14,36 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "apphosting.v1.DeploymentService"
+
+log = logging.getLogger(__name__)
+
+# A default gRPC client refuses more than 8 KiB of response metadata, and an error travels there: its
+# message percent-encoded (up to 3 bytes a byte) in grpc-message, its details base64-encoded (4 bytes
+# per 3) in grpc-status-details-bin. These bounds keep both together near 6 KiB whatever is echoed.
+MESSAGE_MAX_BYTES: Final = 400
+DETAILS_MAX_BYTES: Final = 3_400
+DESCRIPTION_MAX_BYTES: Final = 400
+FIELD_MAX_BYTES: Final = 200
+METADATA_MAX_ENTRIES: Final = 8
+METADATA_KEY_MAX_BYTES: Final = 64
+METADATA_VALUE_MAX_BYTES: Final = 200
+# The fields named in an INVALID_ARGUMENT message; BadRequest lists as many violations as fit.
+MESSAGE_MAX_FIELDS: Final = 8
+
+
+def clip(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` of UTF-8, with an ellipsis when cut; for anything a client sent."""
+    encoded = text.encode("utf-8", "surrogatepass")
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[: max(0, max_bytes - 3)].decode("utf-8", "ignore") + "…"
+
+
+def echo(value: str, max_chars: int = 64) -> str:
+    """A client's value quoted for an error description, shortened so an error stays small."""
+    if len(value) <= max_chars:
+        return repr(value)
+    return f"{value[:max_chars]!r}… ({len(value)} characters)"
 
 
 @dataclass(frozen=True)
@@ -33,22 +66,36 @@ class ServiceError(Exception):
     violations: tuple[FieldViolation, ...] = ()
 
     def __str__(self) -> str:
-        return self.message
+        return clip(self.message, MESSAGE_MAX_BYTES)
 
     def to_status(self) -> grpc.Status:
-        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=dict(self.metadata))
-        details = [_pack(info)]
-        if self.violations:
-            bad_request = error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description, reason=v.reason
-                    )
-                    for v in self.violations
-                ]
+        """The wire form, bounded so a default client can read it whatever a handler put in."""
+        metadata = {
+            clip(key, METADATA_KEY_MAX_BYTES): clip(value, METADATA_VALUE_MAX_BYTES)
+            for key, value in list(self.metadata.items())[:METADATA_MAX_ENTRIES]
+        }
+        info = error_details_pb2.ErrorInfo(
+            reason=clip(self.reason, METADATA_KEY_MAX_BYTES), domain=DOMAIN, metadata=metadata
+        )
+        status = status_pb2.Status(code=self.code.value[0], message=clip(self.message, MESSAGE_MAX_BYTES))
+        # Room is kept for the metadata entry that says how many violations were left out.
+        room = DETAILS_MAX_BYTES - status.ByteSize() - info.ByteSize() - 64
+        listed = error_details_pb2.BadRequest()
+        for violation in self.violations:
+            listed.field_violations.add(
+                field=clip(violation.field, FIELD_MAX_BYTES),
+                description=clip(violation.description, DESCRIPTION_MAX_BYTES),
+                reason=clip(violation.reason, METADATA_KEY_MAX_BYTES),
             )
-            details.append(_pack(bad_request))
-        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+            if listed.ByteSize() > room:
+                del listed.field_violations[-1]
+                break
+        omitted = len(self.violations) - len(listed.field_violations)
+        if omitted:
+            info.metadata["violations_not_listed"] = str(omitted)
+        status.details.append(_pack(info))
+        if listed.field_violations:
+            status.details.append(_pack(listed))
         return rpc_status.to_status(status)
 
 
@@ -60,7 +107,10 @@ def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -
 
 def invalid_argument(violations: Iterable[FieldViolation]) -> ServiceError:
     found = tuple(violations)
-    fields = ", ".join(dict.fromkeys(v.field for v in found))
+    names = list(dict.fromkeys(clip(v.field, 60) for v in found))
+    fields = ", ".join(names[:MESSAGE_MAX_FIELDS])
+    if len(names) > MESSAGE_MAX_FIELDS:
+        fields += f" and {len(names) - MESSAGE_MAX_FIELDS} more"
     noun = "field" if len(found) == 1 else "fields"
     return ServiceError(
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -116,10 +166,25 @@ def quota_exceeded(quota: str, unit: str, limit: float, used: float, requested: 
     )
 
 
-def malformed_request(detail: str) -> ServiceError:
-    """The request body is not a valid protobuf message of the method's request type."""
+def malformed_request(detail: str, violation: FieldViolation | None = None) -> ServiceError:
+    """The request body is not a valid protobuf message of the method's request type; `violation` names
+    the field when the decoder's failure can be pinned to one."""
     return ServiceError(
         grpc.StatusCode.INVALID_ARGUMENT,
         "MALFORMED_REQUEST",
-        f"the request body cannot be decoded as the method's request message ({detail[:200]})",
+        f"the request body cannot be decoded as the method's request message ({clip(detail, 200)})",
+        violations=(violation,) if violation else (),
+    )
+
+
+def internal(method: str, failure: BaseException) -> ServiceError:
+    """An unexpected failure: logged with its traceback under a new correlation id, which the answer carries
+    instead of any detail of the failure."""
+    correlation_id = uuid.uuid4().hex
+    log.error("internal error in %s, correlation_id=%s", method, correlation_id, exc_info=failure)
+    return ServiceError(
+        grpc.StatusCode.INTERNAL,
+        "INTERNAL_ERROR",
+        f"internal error; report correlation_id {correlation_id} to the operator",
+        metadata={"correlation_id": correlation_id},
     )

@@ -45,6 +45,16 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
+def _answer(method: str, failure: Exception) -> ServiceError:
+    """What the caller is told about a failure: never UNKNOWN, never the text of an unexpected exception."""
+    if isinstance(failure, ServiceError):
+        return failure
+    if isinstance(failure, (OperationalError, DBAPIError, PoolTimeout, OSError)):
+        log.warning("database unavailable in %s: %s", method, failure)
+        return errors.unavailable("the database")
+    return errors.internal(method, failure)
+
+
 def _unary(
     method: Callable[[DeploymentServicer, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
 ) -> Callable[[DeploymentServicer, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
@@ -52,11 +62,10 @@ def _unary(
     async def wrapper(self: DeploymentServicer, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
         try:
             return await method(self, request, context)
-        except ServiceError as error:
-            await context.abort_with_status(error.to_status())
-        except (OperationalError, DBAPIError, PoolTimeout, OSError) as error:
-            log.warning("database unavailable in %s: %s", method.__name__, error)
-            await context.abort_with_status(errors.unavailable("the database").to_status())
+        except grpc.aio.AbortError:
+            raise
+        except Exception as failure:
+            await context.abort_with_status(_answer(method.__name__, failure).to_status())
         raise AssertionError("abort_with_status returned")
 
     return wrapper
@@ -72,11 +81,10 @@ def _streaming(
         try:
             async for item in method(self, request, context):
                 yield item
-        except ServiceError as error:
-            await context.abort_with_status(error.to_status())
-        except (OperationalError, DBAPIError, PoolTimeout, OSError) as error:
-            log.warning("database unavailable in %s: %s", method.__name__, error)
-            await context.abort_with_status(errors.unavailable("the database").to_status())
+        except grpc.aio.AbortError:
+            raise
+        except Exception as failure:
+            await context.abort_with_status(_answer(method.__name__, failure).to_status())
 
     return wrapper
 
@@ -94,7 +102,7 @@ def _parse_id(value: str, field: str = "id") -> str:
         return str(uuid.UUID(value))
     except ValueError:
         raise errors.invalid_field(
-            field, f"{field} must be a deployment UUID such as 3f1c…-…; got {value!r}", "INVALID_FORMAT"
+            field, f"{field} must be a deployment UUID such as 3f1c…-…; got {errors.echo(value)}", "INVALID_FORMAT"
         ) from None
 
 
@@ -250,23 +258,43 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
             raise errors.invalid_field("page_size", "page_size must be 0 (the default, 50) or more", "OUT_OF_RANGE")
         size = min(request.page_size or paging.DEFAULT_PAGE_SIZE, paging.MAX_PAGE_SIZE)
         statuses = _statuses(request.statuses, "statuses")
-        key = paging.filter_key(statuses, request.geographic_region)
-        before = None
+        caller = self._caller(context)
+        key = paging.filter_key(caller.user_id, statuses, request.geographic_region)
+        cursor = None
         if request.page_token:
             try:
-                before = paging.decode(request.page_token, key)
+                cursor = paging.decode(request.page_token, key)
             except paging.BadToken as bad:
                 raise errors.invalid_field("page_token", str(bad), "INVALID_PAGE_TOKEN") from None
-        rows = await self._store.page(
-            _owner(self._caller(context)),
-            statuses=statuses,
-            geographic_region=request.geographic_region,
-            before_seq=before,
-            limit=size + 1,
-        )
-        response = pb.ListDeploymentsResponse(deployments=[row_to_proto(r) for r in rows[:size]])
-        if len(rows) > size:
-            response.next_page_token = paging.encode(rows[size - 1].seq, key)
+        response = pb.ListDeploymentsResponse()
+        used = 0
+        full = False
+        # Rows are read in batches: a page that the byte bound ends early reads few rows past its end.
+        while not full:
+            limit = min(size - len(response.deployments), paging.DEFAULT_PAGE_SIZE) + 1
+            rows = await self._store.page(
+                _owner(caller),
+                statuses=statuses,
+                geographic_region=request.geographic_region,
+                before_seq=cursor,
+                limit=limit,
+            )
+            for row in rows:
+                item = row_to_proto(row)
+                # The field's tag and length prefix take at most 6 bytes more per row.
+                cost = item.ByteSize() + 6
+                full = len(response.deployments) == size or (
+                    len(response.deployments) > 0 and used + cost > paging.MAX_PAGE_BYTES
+                )
+                if full:
+                    break
+                response.deployments.append(item)
+                used += cost
+                cursor = row.seq
+            if len(rows) < limit:
+                break
+        if full and cursor is not None:
+            response.next_page_token = paging.encode(cursor, key)
         return response
 
     @_unary
