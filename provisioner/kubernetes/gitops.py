@@ -47,25 +47,33 @@ class GitOpsRepo:
             _git(None, "init", "--bare", "--quiet", f"--initial-branch={branch}", str(path))
         return cls(str(path), branch)
 
-    def _auth(self) -> tuple[str, ...]:
+    def _auth(self) -> Mapping[str, str]:
+        """The environment that gives one git command the token; empty without a token."""
         if self._token_file is None:
-            return ()
-        # The token goes in a header for this one command, never into the clone's config or the URL.
+            return {}
+        # A header for this one command, never in the clone's config or the URL, and passed through
+        # the environment (git's GIT_CONFIG_COUNT/KEY/VALUE), not `-c` on the command line, which
+        # every local user can read in /proc/<pid>/cmdline.
         token = Path(self._token_file).read_text().strip()
         basic = base64.b64encode(f"x-access-token:{token}".encode()).decode()
-        return ("-c", f"http.extraHeader=Authorization: Basic {basic}")
+        index = int(os.environ.get("GIT_CONFIG_COUNT", "0") or 0)
+        return {
+            "GIT_CONFIG_COUNT": str(index + 1),
+            f"GIT_CONFIG_KEY_{index}": "http.extraHeader",
+            f"GIT_CONFIG_VALUE_{index}": f"Authorization: Basic {basic}",
+        }
 
     def _ensure_clone(self) -> Path:
         if self._clone is not None:
             return self._clone
         clone = Path(self._tmp) / "clone"
-        _git(None, *self._auth(), "clone", "--quiet", "--no-checkout", self.url, str(clone))
+        _git(None, "clone", "--quiet", "--no-checkout", self.url, str(clone), env=self._auth())
         self._clone = clone
         return clone
 
     def _sync(self, clone: Path) -> bool:
         """Resets the clone to the remote branch; False when the branch does not exist yet."""
-        _git(clone, *self._auth(), "fetch", "--quiet", "--prune", "origin")
+        _git(clone, "fetch", "--quiet", "--prune", "origin", env=self._auth())
         has_branch = (
             _run_git(clone, ("rev-parse", "--verify", "--quiet", f"refs/remotes/origin/{self.branch}")).returncode == 0
         )
@@ -81,7 +89,7 @@ class GitOpsRepo:
     def _commit_and_push(self, clone: Path, message: str) -> str | None:
         """Commits the staged change and pushes it; None when the push lost a race."""
         _git(clone, *_AUTHOR, "commit", "--quiet", "--allow-empty-message", "-m", message)
-        pushed = _run_git(clone, (*self._auth(), "push", "--quiet", "--porcelain", "origin", self.branch))
+        pushed = _run_git(clone, ("push", "--quiet", "--porcelain", "origin", self.branch), self._auth())
         if pushed.returncode != 0:
             if "rejected" in pushed.stdout or "fetch first" in pushed.stderr or "non-fast-forward" in pushed.stderr:
                 return None
@@ -140,28 +148,30 @@ def _check_path(path: str) -> None:
         raise PermanentError(f"refusing git path {path!r}")
 
 
-def _git(cwd: Path | None, *args: str) -> str:
+def _git(cwd: Path | None, *args: str, env: Mapping[str, str] | None = None) -> str:
     """Runs git and returns its output; a failure is temporary (the remote may be back soon)."""
-    done = _run_git(cwd, args)
+    done = _run_git(cwd, args, env)
     if done.returncode != 0:
         raise TemporaryError(f"git {_verb(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout
 
 
 def _verb(args: tuple[str, ...]) -> str:
-    # Skips `-c key=value` options, which may hold a token.
+    # Skips `-c key=value` options.
     rest = list(args)
     while rest and rest[0] == "-c":
         rest = rest[2:]
     return rest[0] if rest else "git"
 
 
-def _run_git(cwd: Path | None, args: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+def _run_git(
+    cwd: Path | None, args: tuple[str, ...], env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     # No prompts: a missing credential must fail the call, not hang a worker.
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true", "LC_ALL": "C"}
+    environment = {**os.environ, **(env or {}), "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true", "LC_ALL": "C"}
     try:
         return subprocess.run(
-            ["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=_GIT_TIMEOUT, check=False
+            ["git", *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=_GIT_TIMEOUT, check=False
         )
     except FileNotFoundError as exc:
         raise PermanentError("the git command is not installed on this provisioner") from exc
