@@ -59,10 +59,22 @@ async def settle(stub: Any, ids: list[str], within: float = 90) -> dict[str, pb.
 
 
 async def phase_reached(stub: Any, deployment_id: str, phase: str) -> None:
+    """Waits for an event of that phase; read from the log, so one that passed already still counts."""
     async with asyncio.timeout(60):
-        async for item in stub.WatchDeployment(pb.WatchDeploymentRequest(id=deployment_id)):
-            if item.deployment.phase == phase:
+        async for item in stub.WatchDeployment(pb.WatchDeploymentRequest(id=deployment_id, since_revision=1)):
+            if item.event.phase == phase:
                 return
+
+
+async def history(stub: Any, deployment_id: str) -> list[pb.DeploymentEvent]:
+    """Every event after the create, up to the one that settled the deployment."""
+    events = []
+    async with asyncio.timeout(60):
+        async for item in stub.WatchDeployment(pb.WatchDeploymentRequest(id=deployment_id, since_revision=1)):
+            events.append(item.event)
+            if item.deployment.status in SETTLED:
+                return events
+    raise AssertionError(f"the watch of {deployment_id} ended before it settled")
 
 
 def assert_built_once(cluster: Cluster, deployments: int) -> None:
@@ -130,7 +142,8 @@ async def test_scheduler_killed_while_placing(cluster: Cluster, database_url: st
     channel, stub = stub_for(f"127.0.0.1:{api.port}")
     async with channel:
         created = await asyncio.gather(*(stub.CreateAppHostingDeployment(request(f"app-{n}")) for n in range(6)))
-        await asyncio.sleep(0.2)
+        # Placing has begun: the others are being placed, queued or on their way to a provisioner.
+        await phase_reached(stub, created[0].id, "placement")
         await asyncio.to_thread(scheduler.kill)
         await asyncio.to_thread(scheduler.start)
         final = await settle(stub, [d.id for d in created])
@@ -170,6 +183,7 @@ async def test_a_stopping_provisioner_hands_its_job_back(cluster: Cluster) -> No
     await asyncio.to_thread(cluster.nats.start)
     api = await asyncio.to_thread(cluster.add_api, "api")
     await asyncio.to_thread(cluster.add_scheduler, "scheduler")
+    # Two seconds a step: the job is far from done when this worker is asked to stop.
     leaving = await asyncio.to_thread(cluster.add_provisioner, "leaving", 2.0)
     channel, stub = stub_for(f"127.0.0.1:{api.port}")
     async with channel:
@@ -177,10 +191,13 @@ async def test_a_stopping_provisioner_hands_its_job_back(cluster: Cluster) -> No
         await phase_reached(stub, created.id, "host_namespace")
         await asyncio.to_thread(cluster.add_provisioner, "staying", 0.05)
         code = await asyncio.to_thread(leaving.stop)
-        # It left in the middle of the job, without waiting for it to finish.
-        during = await stub.GetDeployment(pb.GetDeploymentRequest(id=created.id))
-        final = await settle(stub, [created.id])
+        events = await history(stub, created.id)
     assert code == 0
-    assert during.status == pb.DEPLOYMENT_STATUS_PROVISIONING
-    assert final[created.id].status == pb.DEPLOYMENT_STATUS_RUNNING
+    steps = [e for e in events if e.source.startswith("provisioner/")]
+    first, last = steps[0], steps[-1]
+    assert first.phase == "host_namespace"
+    assert last.status == pb.DEPLOYMENT_STATUS_RUNNING
+    # The leaving worker did not finish the job before it exited: the staying one resumed it and
+    # built nothing twice.
+    assert last.source != first.source, [(e.phase, e.source) for e in steps]
     assert_built_once(cluster, 1)

@@ -3,7 +3,6 @@ predecessors waits for them instead of being lost."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +14,8 @@ from apphosting.v1 import bus_pb2
 from apphosting.v1 import deployments_pb2 as pb
 from provisioner.simulated import SimulatedDriver
 from scheduler.tables import Reservation
-from services.deployments.tables import EventRow, OutboxRow
+from services.deployments.servicer import placement_outbox
+from services.deployments.tables import EventRow
 from tests.e2e.test_pipeline import SETTLED, request, watch
 from tests.support.stack import Stack, eventually
 
@@ -47,6 +47,26 @@ def status_event(deployment_id: str, status: Any, phase: str, event_id: str | No
     return event
 
 
+async def _consumer_info(stack: Stack, stream: str, durable: str) -> Any:
+    nc = await nats.connect(stack.nats.url)
+    try:
+        return await nc.jetstream().consumer_info(stream, durable)
+    finally:
+        await nc.drain()
+
+
+async def consumed(stack: Stack, stream: str, durable: str, messages: int) -> bool:
+    """True once the consumer was handed `messages` messages and holds none unacknowledged."""
+    info = await _consumer_info(stack, stream, durable)
+    return bool(info.ack_floor.stream_seq >= messages and info.num_ack_pending == 0 and info.num_pending == 0)
+
+
+async def delivered(stack: Stack, stream: str, durable: str, messages: int) -> bool:
+    """True once the consumer has delivered the first `messages` messages of the stream at least once."""
+    info = await _consumer_info(stack, stream, durable)
+    return bool(info.delivered.stream_seq >= messages)
+
+
 async def events_of(stack: Stack, deployment_id: str) -> list[EventRow]:
     return await stack.apis[0].store.events_after(deployment_id, 0)
 
@@ -61,7 +81,8 @@ async def test_a_status_event_delivered_ten_times_is_applied_once(stack: Stack) 
         return len(await events_of(stack, created.id)) == 2
 
     await eventually(applied)
-    await asyncio.sleep(0.5)
+    # Every copy has been handled (acked), not merely the first one.
+    await eventually(lambda: consumed(stack, bus.EVENTS_STREAM, bus.API_EVENTS_CONSUMER, 10))
     assert [e.revision for e in await events_of(stack, created.id)] == [1, 2]
     fetched = await stub.GetDeployment(pb.GetDeploymentRequest(id=created.id))
     assert fetched.revision == 2
@@ -74,7 +95,8 @@ async def test_an_event_that_overtook_its_predecessor_waits_for_it(stack: Stack)
     running.endpoint_url = "https://overtaken.example.test"
     placed = status_event(created.id, pb.DEPLOYMENT_STATUS_PROVISIONING, "placement")
     await publish_again(stack, bus.event_subject(created.id), running.SerializeToString(), 1)
-    await asyncio.sleep(0.5)
+    # The running event has reached the API (and was put back to wait) before its predecessor is sent.
+    await eventually(lambda: delivered(stack, bus.EVENTS_STREAM, bus.API_EVENTS_CONSUMER, 1))
     await publish_again(stack, bus.event_subject(created.id), placed.SerializeToString(), 1)
 
     async def settled() -> bool:
@@ -94,9 +116,10 @@ async def test_placement_requests_and_jobs_delivered_ten_times_build_once(stack:
     assert first[-1].deployment.status == pb.DEPLOYMENT_STATUS_RUNNING
     revision = first[-1].deployment.revision
 
-    async with stack.apis[0].store.session() as session:
-        placement = await session.scalar(select(OutboxRow.payload).order_by(OutboxRow.seq).limit(1))
-    assert placement is not None
+    # The request the API sent for the create, built again from the record as the API builds it.
+    row = await stack.apis[0].store.get(None, created.id)
+    assert row is not None
+    placement = placement_outbox(bus_pb2.OPERATION_CREATE)(row)[0].payload
     request_message = bus_pb2.PlacementRequest.FromString(placement)
     job = bus_pb2.ProvisionJob(
         job_id="job-replayed",

@@ -11,7 +11,7 @@ import pytest
 from apphosting.v1 import deployments_pb2 as pb
 from tests.e2e.test_pipeline import SETTLED, request, watch
 from tests.support.grpc_errors import details_of
-from tests.support.stack import Stack
+from tests.support.stack import Stack, eventually
 
 if TYPE_CHECKING:
     from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub as Stub
@@ -20,19 +20,22 @@ if TYPE_CHECKING:
 async def test_a_stopping_replica_ends_watches_with_the_revision_to_resume_from(stack: Stack) -> None:
     leaving = await stack.add_api()
     staying = await stack.add_api()
+    # No provisioner yet: the deployment is placed and waits there until the replica has left.
     stack.add_scheduler()
-    # Slow enough that the deployment is still on its way when the replica leaves.
-    stack.add_provisioner(simulate_delay=0.3)
     created = await leaving.CreateAppHostingDeployment(request("moving"))
     seen: list[pb.WatchDeploymentResponse] = []
+    placed = asyncio.Event()
     stream = leaving.WatchDeployment(pb.WatchDeploymentRequest(id=created.id))
 
     async def read() -> None:
         async for item in stream:
             seen.append(item)
+            if item.deployment.phase == "placement":
+                placed.set()
 
     reader = asyncio.create_task(read())
-    await asyncio.sleep(0.3)
+    async with asyncio.timeout(30):
+        await placed.wait()
     await stack.apis[0].stop()
     stack.apis.pop(0)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
@@ -42,7 +45,8 @@ async def test_a_stopping_replica_ends_watches_with_the_revision_to_resume_from(
     assert details.reason == "SHUTTING_DOWN"
     resume = int(details.metadata["revision"])
     assert resume == seen[-1].deployment.revision
-    assert seen[-1].deployment.status != pb.DEPLOYMENT_STATUS_RUNNING
+    assert seen[-1].deployment.status == pb.DEPLOYMENT_STATUS_PROVISIONING
+    stack.add_provisioner()
     rest = await watch(staying, created.id, since=resume, until=SETTLED)
     joined = [i.deployment.revision for i in seen] + [i.event.revision for i in rest]
     assert joined == list(range(joined[0], joined[-1] + 1))
@@ -58,7 +62,12 @@ async def test_an_idle_all_deployments_watch_ends_on_shutdown(stack: Stack) -> N
             pass
 
     reader = asyncio.create_task(read())
-    await asyncio.sleep(0.2)
+    hub = stack.apis[0].hub
+
+    async def listening() -> bool:
+        return hub.open_watches == 1
+
+    await eventually(listening)
     await stack.apis[0].stop()
     stack.apis.clear()
     with pytest.raises(grpc.aio.AioRpcError) as raised:
