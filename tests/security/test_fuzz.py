@@ -4,6 +4,8 @@ INTERNAL; nothing is written; the server stays up. One server (in its own thread
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -287,3 +289,36 @@ def test_after_the_fuzz_nothing_is_written_and_the_server_is_up(fuzz_server: Ser
             json_format.ParseDict(VALID, pb.CreateAppHostingDeploymentRequest()), metadata=METADATA, timeout=10
         )
         assert created.status == pb.DEPLOYMENT_STATUS_PENDING
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["s", "f", "x"]), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def _with_checksum(body: bytes) -> str:
+    """A token with a correct checksum around any body, as someone who read the code could make one."""
+    from services.deployments import paging
+
+    return base64.urlsafe_b64encode(paging._checksum(body) + body).decode().rstrip("=")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], database=None)
+@given(
+    token=st.one_of(
+        st.text(min_size=1, max_size=80),
+        st.binary(min_size=1, max_size=80).map(lambda b: base64.urlsafe_b64encode(b).decode()),
+        JSON.map(lambda value: _with_checksum(json.dumps(value).encode())),
+        st.integers().map(lambda n: _with_checksum(json.dumps({"s": n, "f": "0" * 16}).encode())),
+    )
+)
+def test_any_page_token_but_an_issued_one_is_invalid_argument(fuzz_server: ServerThread, token: str) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{fuzz_server.server.port}") as channel:
+        stub: Any = deployments_pb2_grpc.DeploymentServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.ListDeployments(pb.ListDeploymentsRequest(page_token=token), metadata=METADATA, timeout=10)
+    error: Any = raised.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
+    assert _reason(error) == "INVALID_REQUEST"
