@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from apphosting import versions
 from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner.driver import (
     StepResult,
@@ -198,7 +199,7 @@ class SimulatedDriver:
         if not created:
             self.vclusters.setdefault(name, _VCluster(namespace, _kubeconfig(name, namespace), 0))
             return StepResult.done(f"{_PREFIX}vCluster {name} already installed in {namespace}")
-        version = job.deployment.kubernetes_version or "default"
+        version = job.deployment.kubernetes_version or versions.DEFAULT_KUBERNETES_VERSION
         self.vclusters[name] = _VCluster(namespace, _kubeconfig(name, namespace), self.ready_polls)
         return StepResult.done(f"{_PREFIX}vCluster {name} (Kubernetes {version}) installed in {namespace}")
 

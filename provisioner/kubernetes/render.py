@@ -9,8 +9,9 @@ from typing import Any
 
 import yaml
 
-from apphosting import images, resources, versions
+from apphosting import images, resources, versions, yamlbounds
 from apphosting.locations import LocationConfig
+from apphosting.settings import Limits
 from apphosting.v1 import deployments_pb2
 from provisioner.driver import PermanentError
 from provisioner.kubernetes.names import Names
@@ -411,7 +412,11 @@ def platform_helm_values(d: deployments_pb2.Deployment, names: Names, location: 
 
 def helm_values(d: deployments_pb2.Deployment, names: Names, location: LocationConfig) -> Obj:
     """The platform's values with `custom_values_yaml` merged over them."""
-    custom = yaml.safe_load(d.custom_values_yaml) if d.custom_values_yaml else None
+    try:
+        # The same bounds the API checked at create: a stored document is read as it was judged.
+        custom = yamlbounds.load(d.custom_values_yaml, Limits()) if d.custom_values_yaml else None
+    except (yaml.YAMLError, ValueError) as exc:
+        raise PermanentError(f"custom_values_yaml cannot be read: {str(exc)[:200]}") from None
     if custom is not None and not isinstance(custom, dict):
         raise PermanentError("custom_values_yaml must be a YAML mapping")
     return deep_merge(platform_helm_values(d, names, location), custom or {})

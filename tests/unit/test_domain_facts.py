@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from apphosting import images, resources, versions
 from apphosting.settings import Limits
 from apphosting.v1 import deployments_pb2
+from provisioner.driver import PermanentError
 from provisioner.kubernetes import Names, render
 from scheduler.placement import demand_of as reservation_of
 from services.deployments.quotas import demand_of as quota_of
@@ -139,3 +141,17 @@ def test_image_references_split_the_same_for_validation_and_rendering(
     assert render.split_image(reference) == (name, tag)
     registry = name.partition("/")[0] if "/" in name and name.partition("/")[0] != "acme" else "docker.io"
     assert images.registry(reference) == registry
+
+
+def test_the_provisioner_reads_custom_values_with_the_apis_yaml_bounds() -> None:
+    # A document stored before a bound existed is refused by the renderer, not expanded.
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
+    )
+    d = deployments_pb2.Deployment(
+        id="3f2b8c1d-9e4a-4b7c-8d2e-1a2b3c4d5e6f", name="shop", geographic_region="eu", custom_values_yaml=laughs
+    )
+    with pytest.raises(PermanentError, match="custom_values_yaml"):
+        render.helm_values(d, Names.of(d, LOCATION), LOCATION)
+    d.custom_values_yaml = "service: {type: ClusterIP}\n"
+    assert render.helm_values(d, Names.of(d, LOCATION), LOCATION)["service"] == {"type": "ClusterIP"}
