@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, timedelta
+from datetime import UTC
 from typing import Any
 
 import grpc
@@ -285,7 +285,7 @@ class ApiServer:
         if isinstance(applied, Exception):
             raise applied
         if applied is not None:
-            self.announce(change_of(applied.event))
+            self.announce(change_of(applied))
         await msg.ack()
 
     async def _applier(self) -> None:
@@ -314,7 +314,6 @@ class ApiServer:
                 await asyncio.wait_for(self._stopping.wait(), timeout=60)
                 return
             try:
-                await self.store.forget_sent(timedelta(hours=1))
                 await self.store.trim_events(self.options.event_history)
             except Exception as exc:
                 log.warning("housekeeping failed: %s", exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -47,6 +48,12 @@ _ROW_OPTIONALS = (
     "cluster_error",
     "location_id",
 )
+
+# What events change: the record's observed fields. An event stores the ones it changed (their
+# values after it); the oldest kept event of a deployment stores them all, as the base the later
+# ones are folded onto. The spec is not among them: it is the record's.
+OBSERVED = ("status", "phase", "updated_at", "deleted_at", "is_adopted", *_ROW_OPTIONALS)
+_MOMENTS = ("updated_at", "deleted_at")
 
 APP_TYPES = {
     "web_app": pb.APP_TYPE_WEB_APP,
@@ -118,7 +125,36 @@ def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
-def row_to_proto(row: DeploymentRow) -> pb.Deployment:
+def observed_of(row: DeploymentRow) -> dict[str, Any]:
+    """The record's observed fields as an event stores them (JSON: moments as ISO 8601)."""
+    values: dict[str, Any] = {}
+    for name in OBSERVED:
+        value = getattr(row, name)
+        values[name] = value.isoformat() if isinstance(value, datetime) else value
+    return values
+
+
+def changed(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """The observed fields whose values differ, with their values in `after`."""
+    return {name: value for name, value in after.items() if name not in before or before[name] != value}
+
+
+def fold(state: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """The observed fields after a change: what it set over what held before."""
+    state.update(changes)
+    return state
+
+
+def row_to_proto(row: DeploymentRow, observed: Mapping[str, Any] | None = None, revision: int = 0) -> pb.Deployment:
+    """The Deployment of a record; with `observed` (as an event stores it), as of `revision`."""
+    if observed is None:
+        observed = {name: getattr(row, name) for name in OBSERVED}
+        revision = row.revision
+    else:
+        observed = {
+            name: datetime.fromisoformat(value) if name in _MOMENTS and value is not None else value
+            for name, value in observed.items()
+        }
     spec = row.spec
     message = pb.Deployment(
         id=row.id,
@@ -126,19 +162,19 @@ def row_to_proto(row: DeploymentRow) -> pb.Deployment:
         cluster_id=row.cluster_id,
         name=row.name,
         app_type=APP_TYPES[row.app_type],
-        status=STATUSES[row.status],
-        is_adopted=row.is_adopted,
+        status=STATUSES[observed["status"]],
+        is_adopted=observed["is_adopted"],
         created_at=timestamp(row.created_at),
-        updated_at=timestamp(row.updated_at),
+        updated_at=timestamp(observed["updated_at"]),
         geographic_region=row.geographic_region,
-        revision=row.revision,
-        phase=row.phase,
+        revision=revision,
+        phase=observed["phase"],
     )
     for name in _SPEC_SCALARS:
         if spec.get(name) is not None:
             setattr(message, name, spec[name])
     for name in _ROW_OPTIONALS:
-        value = getattr(row, name)
+        value = observed.get(name)
         if value is not None:
             setattr(message, name, value)
     if spec.get("config") is not None:
@@ -150,8 +186,8 @@ def row_to_proto(row: DeploymentRow) -> pb.Deployment:
         entry = message.volumes.add(path=volume["path"], size_gb=volume["size_gb"])
         if volume.get("purpose") is not None:
             entry.purpose = volume["purpose"]
-    if row.deleted_at is not None:
-        message.deleted_at.CopyFrom(timestamp(row.deleted_at))
+    if observed["deleted_at"] is not None:
+        message.deleted_at.CopyFrom(timestamp(observed["deleted_at"]))
     return message
 
 

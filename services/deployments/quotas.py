@@ -20,13 +20,18 @@ class Quotas(BaseModel):
     cpu: float | None = Field(64.0, ge=0)
     memory_mb: int | None = Field(262_144, ge=0)
     storage_gb: int | None = Field(4_096, ge=0)
+    # Bytes the deployments' records and their kept history take in the database, in MiB (2^20).
+    stored_mb: int | None = Field(256, ge=0)
 
     @property
     def enforced(self) -> bool:
-        return any(limit is not None for limit in (self.deployments, self.cpu, self.memory_mb, self.storage_gb))
+        limits = (self.deployments, self.cpu, self.memory_mb, self.storage_gb, self.stored_mb)
+        return any(limit is not None for limit in limits)
 
 
-UNLIMITED = Quotas(deployments=None, cpu=None, memory_mb=None, storage_gb=None)
+UNLIMITED = Quotas(deployments=None, cpu=None, memory_mb=None, storage_gb=None, stored_mb=None)
+
+_MIB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,8 @@ class Usage:
     cpu_millis: int = 0
     memory_mb: int = 0
     storage_gb: int = 0
+    # Database bytes: what the store counts for each record and its history.
+    stored_bytes: int = 0
 
 
 def demand_of(spec: DeploymentSpec) -> Usage:
@@ -67,3 +74,6 @@ def check(quotas: Quotas, used: Usage, demand: Usage) -> None:
         raise errors.quota_exceeded("memory_mb", " MB", quotas.memory_mb, used.memory_mb, demand.memory_mb)
     if quotas.storage_gb is not None and used.storage_gb + demand.storage_gb > quotas.storage_gb:
         raise errors.quota_exceeded("storage_gb", " GiB", quotas.storage_gb, used.storage_gb, demand.storage_gb)
+    if quotas.stored_mb is not None and used.stored_bytes + demand.stored_bytes > quotas.stored_mb * _MIB:
+        used_mib, demand_mib = round(used.stored_bytes / _MIB, 3), round(demand.stored_bytes / _MIB, 3)
+        raise errors.quota_exceeded("stored_mb", " MiB", quotas.stored_mb, used_mib, demand_mib)

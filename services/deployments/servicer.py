@@ -25,6 +25,7 @@ from services.deployments.errors import FieldViolation, ServiceError
 from services.deployments.lifecycle import TERMINAL
 from services.deployments.quotas import Quotas, demand_of
 from services.deployments.store import (
+    Change,
     DeploymentStore,
     EventInput,
     NameTaken,
@@ -133,13 +134,13 @@ def placement_outbox(operation: bus_pb2.Operation.ValueType) -> Callable[[Deploy
     return build
 
 
-def change_of(event: EventRow) -> pb.WatchDeploymentsResponse:
+def change_of(change: Change) -> pb.WatchDeploymentsResponse:
     """The announcement of an applied change: the deployment exactly as that change left it."""
-    return pb.WatchDeploymentsResponse(deployment=pb.Deployment.FromString(event.snapshot), event=event_to_proto(event))
+    return pb.WatchDeploymentsResponse(deployment=change.deployment, event=event_to_proto(change.event))
 
 
-def _from_log(event: EventRow) -> pb.WatchDeploymentResponse:
-    return pb.WatchDeploymentResponse(deployment=pb.Deployment.FromString(event.snapshot), event=event_to_proto(event))
+def _from_log(event: EventRow, deployment: pb.Deployment) -> pb.WatchDeploymentResponse:
+    return pb.WatchDeploymentResponse(deployment=deployment, event=event_to_proto(event))
 
 
 def _shutting_down(revision: int | None) -> ServiceError:
@@ -360,7 +361,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, refusal, str(rejected)) from None
         if applied is None:
             return row_to_proto(await self._get(user_id, row.id))
-        self._announce(change_of(applied.event))
+        self._announce(change_of(applied))
         return row_to_proto(applied.row)
 
     @_streaming
@@ -418,14 +419,14 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
     ) -> AsyncIterator[pb.WatchDeploymentResponse]:
         """The logged changes after a revision; with strict, a gap (history trimmed) is an error."""
         while True:
-            events = await self._store.events_after(deployment_id, after)
-            if not events:
+            history = await self._store.history_after(deployment_id, after)
+            if not history:
                 return
-            if strict and events[0].revision != after + 1:
-                raise _too_old(after, events[0].revision)
+            if strict and history[0][0].revision != after + 1:
+                raise _too_old(after, history[0][0].revision)
             strict = True
-            for event in events:
-                yield _from_log(event)
+            for event, deployment in history:
+                yield _from_log(event, deployment)
                 after = event.revision
 
     @_streaming

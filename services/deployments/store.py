@@ -4,24 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from apphosting.v1 import deployments_pb2 as pb
 from services.deployments import quotas as quota_rules
-from services.deployments.convert import row_to_proto
+from services.deployments.convert import OBSERVED, changed, fold, observed_of, row_to_proto
 from services.deployments.lifecycle import allowed, early
 from services.deployments.tables import DeploymentRow, EventRow, OutboxRow
 
 # First key of the PostgreSQL advisory locks that serialise one user's quota-checked creates
 # (arbitrary; the scheduler's ledger uses a single 64-bit key, which cannot collide with a pair).
 _QUOTA_LOCK_SPACE = 0x71756F74  # "quot"
+
+# What a deployment's kept history may hold besides the newest `keep` events (trim_events): the
+# oldest are forgotten past either bound. A few hundred events of a failing deployment's retries.
+HISTORY_BYTES = 256 * 1024
+# What a row costs besides its variable-length fields (keys, ids, times, indexes): a round figure,
+# so that many small rows count too.
+_RECORD_OVERHEAD = 512
+_EVENT_OVERHEAD = 128
 
 
 def now() -> datetime:
@@ -66,10 +77,32 @@ class RequestIdReused(Exception):
 
 @dataclass(frozen=True)
 class Change:
-    """A change applied to a record: the record after it and the event that made it."""
+    """A change applied to a record: the record after it, the event that made it, and the
+    Deployment as it left it (built at once: a later change in the same batch refreshes `row`)."""
 
     row: DeploymentRow
     event: EventRow
+    deployment: pb.Deployment
+
+
+def _json_bytes(value: Any) -> int:
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def _text_bytes(observed: Mapping[str, Any]) -> int:
+    return sum(len(value.encode()) for value in observed.values() if isinstance(value, str))
+
+
+def _record_bytes(row: DeploymentRow) -> int:
+    """What a record stores: its spec, its observed fields and its names; counted in the quota."""
+    names = (row.name, row.geographic_region, row.request_hash, row.request_id or "")
+    return _RECORD_OVERHEAD + _json_bytes(row.spec) + _text_bytes(observed_of(row)) + sum(map(len, names))
+
+
+def _event_bytes(event: EventRow) -> int:
+    """What an event stores; a deployment's history_bytes is the sum over its kept events."""
+    texts = (event.event_id, event.message, event.source, event.actor or "")
+    return _EVENT_OVERHEAD + _json_bytes(event.changes) + sum(len(text.encode()) for text in texts)
 
 
 @dataclass(frozen=True)
@@ -139,10 +172,11 @@ class DeploymentStore:
                     func.coalesce(func.sum(DeploymentRow.cpu_millis), 0),
                     func.coalesce(func.sum(DeploymentRow.memory_mb), 0),
                     func.coalesce(func.sum(DeploymentRow.storage_gb), 0),
+                    func.coalesce(func.sum(DeploymentRow.record_bytes + DeploymentRow.history_bytes), 0),
                 ).where(DeploymentRow.user_id == user_id, DeploymentRow.deleted_at.is_(None))
             )
         ).one()
-        return quota_rules.Usage(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+        return quota_rules.Usage(*(int(value) for value in row))
 
     @staticmethod
     async def _lock_user(session: AsyncSession, user_id: str) -> None:
@@ -165,8 +199,8 @@ class DeploymentStore:
 
     async def create(
         self, new: NewDeployment, outbox: OutboxFn, *, quotas: quota_rules.Quotas | None = None
-    ) -> tuple[DeploymentRow, EventRow | None]:
-        """Stores a pending deployment; returns it with its first event, or with None on a request_id replay.
+    ) -> tuple[DeploymentRow, Change | None]:
+        """Stores a pending deployment; returns it with its first change, or with None on a request_id replay.
 
         With quotas, raises the QUOTA_EXCEEDED ServiceError when the user's deployments and this one
         together would exceed one; a request_id replay is answered even then.
@@ -209,14 +243,18 @@ class DeploymentStore:
             final=False,
             time=moment,
             actor=new.user_id,
-            snapshot=row_to_proto(row).SerializeToString(),
+            # The first event is the base every later change is folded onto.
+            changes=observed_of(row),
         )
+        row.record_bytes = _record_bytes(row)
+        row.history_bytes = _event_bytes(event)
+        demand = dataclasses.replace(new.demand, stored_bytes=row.record_bytes + row.history_bytes)
         checked = quotas is not None and quotas.enforced
         try:
             async with self.transaction() as session:
                 if quotas is not None and checked:
                     await self._lock_user(session, new.user_id)
-                    quota_rules.check(quotas, await self._usage(session, new.user_id), new.demand)
+                    quota_rules.check(quotas, await self._usage(session, new.user_id), demand)
                 session.add(row)
                 await session.flush()
                 session.add(event)
@@ -228,7 +266,7 @@ class DeploymentStore:
                     return replay, None
             raise NameTaken(await self._live_id(new.user_id, new.name)) from None
         self.outbox_written()
-        return row, event
+        return row, Change(row, event, row_to_proto(row))
 
     async def _replay(self, new: NewDeployment) -> DeploymentRow | None:
         async with self._sessions() as session:
@@ -365,6 +403,7 @@ class DeploymentStore:
         self, session: AsyncSession, row: DeploymentRow, change: EventInput, outbox: OutboxFn | None, *, late: bool
     ) -> Change:
         moment = now()
+        before = observed_of(row)
         values: dict[str, Any] = {"revision": row.revision + 1, "updated_at": moment}
         if not late:
             values.update(status=change.status, phase=change.phase)
@@ -374,6 +413,29 @@ class DeploymentStore:
                 values.update(error_message=None, cluster_error=None)
             if change.final:
                 values.update(deleted_at=moment, live_name=None)
+        after = {
+            **before,
+            **{name: v.isoformat() if isinstance(v, datetime) else v for name, v in values.items() if name in OBSERVED},
+        }
+        event = EventRow(
+            event_id=change.event_id,
+            deployment_id=row.id,
+            revision=row.revision + 1,
+            status=change.status,
+            phase=change.phase,
+            message=change.message,
+            source=change.source,
+            simulated=change.simulated,
+            final=change.final and not late,
+            time=change.time or moment,
+            actor=change.actor,
+            changes=changed(before, after),
+        )
+        values.update(
+            record_bytes=DeploymentRow.record_bytes + _text_bytes(after) - _text_bytes(before),
+            # Relative, as trim_events changes it too.
+            history_bytes=DeploymentRow.history_bytes + _event_bytes(event),
+        )
         result = await session.execute(
             update(DeploymentRow)
             .where(DeploymentRow.id == row.id, DeploymentRow.revision == row.revision)
@@ -386,24 +448,10 @@ class DeploymentStore:
             select(DeploymentRow).where(DeploymentRow.id == row.id).execution_options(populate_existing=True)
         )
         assert updated is not None
-        event = EventRow(
-            event_id=change.event_id,
-            deployment_id=row.id,
-            revision=updated.revision,
-            status=change.status,
-            phase=change.phase,
-            message=change.message,
-            source=change.source,
-            simulated=change.simulated,
-            final=change.final and not late,
-            time=change.time or moment,
-            actor=change.actor,
-            snapshot=row_to_proto(updated).SerializeToString(),
-        )
         session.add(event)
         if outbox is not None:
             self._add_outbox(session, outbox(updated), moment)
-        return Change(updated, event)
+        return Change(updated, event, row_to_proto(updated))
 
     async def events_after(self, deployment_id: str, revision: int, limit: int = 1000) -> list[EventRow]:
         async with self._sessions() as session:
@@ -415,35 +463,90 @@ class DeploymentStore:
             )
             return list((await session.scalars(query)).all())
 
-    async def trim_events(self, keep: int) -> None:
-        """Forgets all but the newest `keep` events of each deployment."""
-        async with self.transaction() as session:
-            newest = (
-                select(EventRow.deployment_id, func.max(EventRow.revision).label("top"))
-                .group_by(EventRow.deployment_id)
-                .subquery()
+    async def history_after(
+        self, deployment_id: str, revision: int, limit: int = 1000
+    ) -> list[tuple[EventRow, pb.Deployment]]:
+        """The logged changes after a revision, each with the Deployment exactly as it left it.
+
+        Rebuilt from the record's spec and the observed fields folded from the oldest kept event
+        (a complete base) up to each change's revision.
+        """
+        async with self._sessions() as session:
+            row = await session.scalar(select(DeploymentRow).where(DeploymentRow.id == deployment_id))
+            if row is None:
+                return []
+            query = (
+                select(EventRow)
+                .where(EventRow.deployment_id == deployment_id, EventRow.revision <= revision + limit)
+                .order_by(EventRow.revision)
             )
-            stale = (
-                select(EventRow.seq)
-                .join(newest, EventRow.deployment_id == newest.c.deployment_id)
-                .where(EventRow.revision <= newest.c.top - keep)
-            )
-            await session.execute(delete(EventRow).where(EventRow.seq.in_(stale)))
+            events = (await session.scalars(query)).all()
+        state: dict[str, Any] = {}
+        history = []
+        for event in events:
+            fold(state, event.changes)
+            if event.revision > revision:
+                history.append((event, row_to_proto(row, state, event.revision)))
+        return history
+
+    async def trim_events(self, keep: int, keep_bytes: int = HISTORY_BYTES) -> None:
+        """Forgets the oldest events of each deployment past the newest `keep`, or past `keep_bytes`.
+
+        The newest event is always kept, and the oldest kept one becomes a complete base: the
+        changes before it are folded into it.
+        """
+        async with self._sessions() as session:
+            by_count = select(EventRow.deployment_id).group_by(EventRow.deployment_id).having(func.count() > keep)
+            by_bytes = select(DeploymentRow.id).where(DeploymentRow.history_bytes > keep_bytes)
+            heavy = {*(await session.scalars(by_count)).all(), *(await session.scalars(by_bytes)).all()}
+        for deployment_id in heavy:
+            async with self.transaction() as session:
+                await self._trim(session, deployment_id, keep, keep_bytes)
+
+    @staticmethod
+    async def _trim(session: AsyncSession, deployment_id: str, keep: int, keep_bytes: int) -> None:
+        connection = await session.connection()
+        # The history must not change between its read and the rewrite of its base.
+        if connection.dialect.name == "sqlite":
+            await connection.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            await session.execute(select(DeploymentRow.id).where(DeploymentRow.id == deployment_id).with_for_update())
+        query = select(EventRow).where(EventRow.deployment_id == deployment_id).order_by(EventRow.revision)
+        events = list((await session.scalars(query)).all())
+        sizes = [_event_bytes(event) for event in events]
+        kept_bytes = sum(sizes)
+        dropped = 0
+        while dropped < len(events) - 1 and (len(events) - dropped > keep or kept_bytes > keep_bytes):
+            kept_bytes -= sizes[dropped]
+            dropped += 1
+        if dropped == 0:
+            return
+        base = events[dropped]
+        state: dict[str, Any] = {}
+        for event in events[: dropped + 1]:
+            fold(state, event.changes)
+        base.changes = state
+        grown = _event_bytes(base) - sizes[dropped]
+        await session.execute(
+            delete(EventRow).where(EventRow.deployment_id == deployment_id, EventRow.revision < base.revision)
+        )
+        await session.execute(
+            update(DeploymentRow)
+            .where(DeploymentRow.id == deployment_id)
+            .values(history_bytes=DeploymentRow.history_bytes - sum(sizes[:dropped]) + grown)
+        )
 
     async def unsent(self, limit: int = 256) -> list[OutboxRow]:
         async with self._sessions() as session:
-            query = select(OutboxRow).where(OutboxRow.sent_at.is_(None)).order_by(OutboxRow.seq).limit(limit)
+            query = select(OutboxRow).order_by(OutboxRow.seq).limit(limit)
             return list((await session.scalars(query)).all())
 
     async def mark_sent(self, seqs: Sequence[int]) -> None:
+        """Forgets the rows JetStream stored: the stream holds them now, and keeps no second copy here."""
         if not seqs:
             return
         async with self.transaction() as session:
-            await session.execute(update(OutboxRow).where(OutboxRow.seq.in_(seqs)).values(sent_at=now()))
-
-    async def forget_sent(self, older_than: timedelta) -> None:
-        async with self.transaction() as session:
-            await session.execute(delete(OutboxRow).where(OutboxRow.sent_at < now() - older_than))
+            await session.execute(delete(OutboxRow).where(OutboxRow.seq.in_(seqs)))
 
 
 class _Raced(Exception):

@@ -73,6 +73,9 @@ class DeploymentRow(Base):
     cpu_millis: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     memory_mb: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     storage_gb: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Bytes it stores (counted in its owner's `stored_mb` quota): the record, and its kept history.
+    record_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    history_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -101,15 +104,19 @@ class EventRow(Base):
     time: Mapped[datetime] = mapped_column(UTCDateTime())
     # The user who asked for this change (create, delete, retry); NULL for what the platform reported.
     actor: Mapped[str | None] = mapped_column(String(36))
-    # The Deployment message right after this change, so a resumed watch replays it exactly.
-    snapshot: Mapped[bytes] = mapped_column(LargeBinary)
+    # The observed fields this change set, with their values after it (convert.OBSERVED); the
+    # oldest kept event holds them all. The spec is the record's: a resumed watch rebuilds the
+    # Deployment as of this revision from the spec and these changes folded in revision order.
+    changes: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
 class OutboxRow(Base):
-    """A bus message written in the same transaction as the change it announces; the relay sends it."""
+    """A bus message written in the same transaction as the change it announces; the relay sends it.
+
+    Deleted once JetStream stored it: the stream holds it from then on.
+    """
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_unsent", "sent_at", "seq"),)
 
     seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
     # Also the Nats-Msg-Id, so a resend after a crash is dropped by JetStream.
@@ -117,4 +124,3 @@ class OutboxRow(Base):
     subject: Mapped[str] = mapped_column(String(255))
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -11,9 +11,10 @@ import pytest
 from apphosting.v1 import deployments_pb2 as pb
 from services.deployments.quotas import Quotas
 from tests.integration.test_api import create_request, expect_error
+from tests.integration.test_storage import maximum_request
 from tests.security.conftest import ApiFactory
 
-NO_LIMIT: dict[str, Any] = {"deployments": None, "cpu": None, "memory_mb": None, "storage_gb": None}
+NO_LIMIT: dict[str, Any] = {"deployments": None, "cpu": None, "memory_mb": None, "storage_gb": None, "stored_mb": None}
 
 
 @pytest.mark.parametrize(
@@ -59,6 +60,26 @@ async def test_each_quota_names_itself_its_limit_and_the_use(
     await api.stub.CreateAppHostingDeployment(create_request(deployment_name="one", **fits), metadata=bob.metadata)
     listed = await api.stub.ListDeployments(pb.ListDeploymentsRequest(), metadata=alice.metadata)
     assert len(listed.deployments) == 2
+
+
+async def test_stored_bytes_count_against_their_own_quota(secure_api_factory: ApiFactory) -> None:
+    # One maximum-size deployment (about 0.57 MiB of request) fits in 1 MiB, a second does not.
+    api = await secure_api_factory(quotas=Quotas(**{**NO_LIMIT, "stored_mb": 1}))
+    alice, bob = api.user("alice"), api.user("bob")
+    await api.stub.CreateAppHostingDeployment(maximum_request("one"), metadata=alice.metadata)
+    details = await expect_error(
+        api.stub.CreateAppHostingDeployment(maximum_request("two"), metadata=alice.metadata),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    assert details.reason == "QUOTA_EXCEEDED"
+    assert details.metadata["quota"] == "stored_mb"
+    assert details.metadata["limit"] == "1"
+    assert 0.5 < float(details.metadata["used"]) < 1
+    assert 0.5 < float(details.metadata["requested"]) < 1
+    # Small deployments still fit beside it, and bob starts from nothing.
+    await api.stub.CreateAppHostingDeployment(create_request(deployment_name="small"), metadata=alice.metadata)
+    await api.stub.CreateAppHostingDeployment(maximum_request("one"), metadata=bob.metadata)
+    assert await api.rows() == 3
 
 
 async def test_a_replay_is_answered_at_full_quota(secure_api_factory: ApiFactory) -> None:
