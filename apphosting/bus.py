@@ -25,6 +25,8 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
+from apphosting.supervise import Supervisor
+
 log = logging.getLogger(__name__)
 
 # Placement requests, scheduler-bound: one subject, a work queue.
@@ -372,8 +374,12 @@ class Worker:
             )
             for s in self.subscriptions()
         ]
+        # A consumer that fails (its database away, a NATS error at start) is restarted, not fatal.
+        supervisor = Supervisor(self._stopping)
+        for consumer in consumers:
+            supervisor.start(f"{self.name} consumer {consumer.durable}", consumer.run)
         try:
-            await asyncio.gather(*(consumer.run() for consumer in consumers))
+            await asyncio.gather(*supervisor.tasks)
         finally:
             with contextlib.suppress(Exception):
                 await nc.drain()

@@ -20,6 +20,7 @@ from apphosting import bus, db
 from apphosting.locations import load_locations
 from apphosting.netguard import Resolver
 from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN, Limits
+from apphosting.supervise import Backoff, Supervisor
 from apphosting.v1 import bus_pb2, deployments_pb2_grpc
 from apphosting.v1 import deployments_pb2 as pb
 from services.deployments.auth import (
@@ -31,6 +32,7 @@ from services.deployments.auth import (
 )
 from services.deployments.convert import STATUS_NAMES, has
 from services.deployments.quotas import Quotas
+from services.deployments.resync import Resync
 from services.deployments.servicer import DeploymentServicer, change_of
 from services.deployments.store import (
     SETTABLE,
@@ -78,6 +80,20 @@ class ApiOptions:
     max_request_bytes: int = 1 << 20
     # Resolves helm_repo_url host names at create time (None: the system resolver); tests stub it.
     resolver: Resolver | None = None
+    # Resync (services/deployments/resync.py): a deployment pending, provisioning or deleting with no
+    # change for stuck_after seconds has its request sent again, at most max_redrives times after the
+    # owner's last create, retry or delete; then it is moved to error. Looked for at start and every
+    # resync_interval seconds. stuck_after is above the longest silence of a healthy job: a step's
+    # 600 s timeout plus a 120 s driver call (provisioner RetryPolicy), plus a redelivery's 300 s wait.
+    stuck_after: float = 1200.0
+    resync_interval: float = 60.0
+    max_redrives: int = 3
+    # How a failed long-lived task (relay, consumer, applier, housekeeping, resync) is restarted.
+    restart_backoff: Backoff = field(default_factory=Backoff)
+
+
+class ApplierStopped(Exception):
+    """The applier ended before it applied an event; the event's message is redelivered."""
 
 
 def event_input(event: bus_pb2.StatusEvent) -> EventInput:
@@ -114,6 +130,12 @@ class ApiServer:
             asyncio.Queue()
         )
         self.store.outbox_written = self._outbox_ready.set
+        # Every long-lived task; while one is down, health says NOT_SERVING.
+        self.supervisor = Supervisor(self._stopping, backoff=options.restart_backoff, on_change=self._health_changed)
+        self._serving = False
+        # Reports run one at a time, each reading the state afresh: the last one says how it is now.
+        self._health_lock = asyncio.Lock()
+        self._changes: Any = None
 
     async def start(self) -> int:
         if self.options.auth is NOT_CONFIGURED:
@@ -163,11 +185,39 @@ class ApiServer:
         await server.start()
         self._server = server
         if self.options.nats_url is not None:
-            self._tasks.append(asyncio.create_task(self._bus(self.options.nats_url)))
-        self._tasks.append(asyncio.create_task(self._housekeeping()))
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            url = self.options.nats_url
+            self.supervisor.start("bus connection", lambda: self._bus(url))
+        self.supervisor.start("housekeeping", self._housekeeping)
+        if self.options.nats_url is not None:
+            # Without a bus nothing is sent, so nothing is lost either: no resync.
+            resync = Resync(
+                self.store,
+                on_applied=lambda applied: self.announce(change_of(applied)),
+                stuck_after=self.options.stuck_after,
+                max_redrives=self.options.max_redrives,
+                ready=lambda: self._nc is not None and self._nc.is_connected,
+            )
+            self.supervisor.start("resync", lambda: resync.run(self.options.resync_interval, self._stopping))
+        self._serving = True
+        await self._report_health()
         return self.port
+
+    def _health_changed(self) -> None:
+        task = asyncio.create_task(self._report_health())
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    async def _report_health(self) -> None:
+        """SERVING while every supervised task runs; after a graceful shutdown began, set calls are ignored."""
+        async with self._health_lock:
+            if not self._serving:
+                return
+            healthy = self.supervisor.healthy
+            if not healthy:
+                log.warning("not serving: %s down", ", ".join(sorted(self.supervisor.down)))
+            status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, status)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -177,11 +227,12 @@ class ApiServer:
         if self._server is not None:
             await self._server.stop(self.options.grace)
         # The consumer and the relay finish what they hold; only then is anything cancelled.
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.options.grace)
-        for task in self._tasks:
+        tasks = [*self.supervisor.tasks, *self._tasks]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.options.grace)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._nc is not None and self._nc.is_connected:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
@@ -201,11 +252,13 @@ class ApiServer:
             task.add_done_callback(self._tasks.remove)
 
     async def _bus(self, url: str) -> None:
-        nc = await self._connect(url)
+        """Connects (once: the client reconnects by itself) and starts the supervised bus tasks."""
+        nc = self._nc if self._nc is not None else await self._connect(url)
         js = nc.jetstream()
         await bus.ensure_streams(js)
         self._js = js
-        await nc.subscribe(bus.CHANGES_SUBJECTS, cb=self._on_change)
+        if self._changes is None:
+            self._changes = await nc.subscribe(bus.CHANGES_SUBJECTS, cb=self._on_change)
         consumer = bus.Consumer(
             js,
             bus.EVENTS_STREAM,
@@ -216,11 +269,9 @@ class ApiServer:
             concurrency=APPLY_BATCH,
             stopping=self._stopping,
         )
-        applier = asyncio.create_task(self._applier())
-        try:
-            await asyncio.gather(consumer.run(), self._relay(js))
-        finally:
-            applier.cancel()
+        self.supervisor.start("status-event applier", self._applier)
+        self.supervisor.start("status-event consumer", consumer.run)
+        self.supervisor.start("outbox relay", lambda: self._relay(js))
 
     async def _connect(self, url: str) -> Client:
         delay = 0.2
@@ -294,19 +345,31 @@ class ApiServer:
         One task: this replica applies its events in the order it received them, and a burst of
         events costs one transaction instead of one per event.
         """
-        while True:
-            batch = [await self._applying.get()]
-            while not self._applying.empty() and len(batch) < APPLY_BATCH:
+        batch: list[tuple[bus_pb2.StatusEvent, asyncio.Future[Change | Exception | None]]] = []
+        try:
+            while True:
+                batch = [await self._applying.get()]
+                while not self._applying.empty() and len(batch) < APPLY_BATCH:
+                    batch.append(self._applying.get_nowait())
+                changes = [(event.deployment_id, event_input(event)) for event, _ in batch]
+                try:
+                    results: list[Change | Exception | None] = list(await self.store.apply_batch(changes))
+                except Exception as exc:
+                    log.warning("applying %d status events failed: %s", len(batch), exc)
+                    results = [exc] * len(batch)
+                for (_, done), result in zip(batch, results, strict=True):
+                    if not done.done():
+                        done.set_result(result)
+                batch = []
+        finally:
+            # Nobody applies what this applier held or what waits for it: fail each, so its message is
+            # nak'ed and comes again, instead of waiting for ever while heartbeats keep it from redelivery.
+            while not self._applying.empty():
                 batch.append(self._applying.get_nowait())
-            changes = [(event.deployment_id, event_input(event)) for event, _ in batch]
-            try:
-                results: list[Change | Exception | None] = list(await self.store.apply_batch(changes))
-            except Exception as exc:
-                log.warning("applying %d status events failed: %s", len(batch), exc)
-                results = [exc] * len(batch)
-            for (_, done), result in zip(batch, results, strict=True):
+            gone = ApplierStopped("the status-event applier stopped")
+            for _, done in batch:
                 if not done.done():
-                    done.set_result(result)
+                    done.set_result(gone)
 
     async def _housekeeping(self) -> None:
         while not self._stopping.is_set():

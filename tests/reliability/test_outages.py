@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
-from sqlalchemy.engine import make_url
 
 from apphosting.nats_server import NatsServer
 from apphosting.v1 import deployments_pb2 as pb
@@ -18,23 +16,10 @@ from tests.support.grpc_errors import details_of
 from tests.support.tcp_proxy import TcpProxy
 
 
-@pytest.fixture
-async def proxied_url(database_url: str) -> AsyncIterator[tuple[str, TcpProxy]]:
-    url = make_url(database_url)
-    if url.get_backend_name() != "postgresql":
-        pytest.skip("SQLite is a file in this process: there is no database server to lose")
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    await proxy.start()
-    try:
-        yield url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False), proxy
-    finally:
-        await proxy.cut()
-
-
 async def test_database_down_is_unavailable_and_writes_nothing(
-    proxied_url: tuple[str, TcpProxy], nats_server: NatsServer, tmp_path: Path
+    proxied_database: tuple[str, TcpProxy], nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    url, proxy = proxied_url
+    url, proxy = proxied_database
     api = ApiServer(ApiOptions(listen="127.0.0.1:0", database_url=url, nats_url=nats_server.url, auth=None))
     await api.start()
     try:

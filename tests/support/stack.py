@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 
 from apphosting.nats_server import NatsServer
 from apphosting.v1 import deployments_pb2_grpc
@@ -20,6 +21,7 @@ from provisioner.worker import Provisioner, ProvisionerOptions
 from scheduler.service import Scheduler, SchedulerOptions
 from services.deployments.app import ApiOptions, ApiServer
 from services.deployments.quotas import UNLIMITED
+from tests.support.tcp_proxy import TcpProxy
 
 if TYPE_CHECKING:
     from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub
@@ -39,7 +41,7 @@ class Stack:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     channels: list[grpc.aio.Channel] = field(default_factory=list)
 
-    async def add_api(self) -> DeploymentServiceAsyncStub:
+    async def add_api(self, **options: Any) -> DeploymentServiceAsyncStub:
         api = ApiServer(
             ApiOptions(
                 listen="127.0.0.1:0",
@@ -48,6 +50,7 @@ class Stack:
                 locations_file=self.locations_file,
                 auth=None,
                 quotas=UNLIMITED,
+                **options,
             )
         )
         await api.start()
@@ -90,6 +93,20 @@ class Stack:
         results = await asyncio.gather(*self.tasks, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         assert not errors, errors
+
+
+@pytest.fixture
+async def proxied_database(database_url: str) -> AsyncIterator[tuple[str, TcpProxy]]:
+    """The test's PostgreSQL database behind a proxy the test can cut and restore; SQLite is skipped."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "postgresql":
+        pytest.skip("SQLite is a file in this process: there is no database server to lose")
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    await proxy.start()
+    try:
+        yield url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False), proxy
+    finally:
+        await proxy.cut()
 
 
 @pytest.fixture
