@@ -61,10 +61,16 @@ def test_a_port_already_served_is_refused_in_one_line(tmp_path: Path, served_por
 
 @pytest.mark.parametrize("command", ["api", "dev"])
 def test_no_authentication_beyond_loopback_is_refused_without_a_second_flag(tmp_path: Path, command: str) -> None:
-    where = ["--database-url", f"sqlite:///{tmp_path / 'api.db'}"] if command == "api" else []
+    where = (
+        ["--database-url", f"sqlite:///{tmp_path / 'api.db'}"]
+        if command == "api"
+        else ["--data-dir", str(tmp_path / "data")]
+    )
     result = apphosting(command, "--listen", f"0.0.0.0:{free_port()}", "--insecure-no-auth", *where)
     assert_one_line(result, 2, "--insecure-no-auth", "--allow-insecure-remote", "0.0.0.0")
+    # Refused before anything started.
     assert not (tmp_path / "api.db").exists()
+    assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.parametrize("command", ["api", "dev"])
