@@ -48,7 +48,7 @@ def encode(before_seq: int, key: str) -> str:
 def decode(token: str, key: str) -> int:
     """The keyset position of a token; BadToken when it is edited, corrupt, out of range or another's.
 
-    The checksum detects an edited token; it is not a secret, and needs not be one: the position only
+    The checksum detects an edited token; it is not a secret, and need not be one: the position only
     says where a listing resumes among rows the caller may see anyway.
     """
     if len(token) > MAX_TOKEN_CHARS:
