@@ -203,6 +203,10 @@ async def publish(js: JetStreamContext, subject: str, payload: bytes, msg_id: st
 Handler = Callable[[Msg], Awaitable[None]]
 
 
+class ConsumerGone(Exception):
+    """The durable consumer a Consumer pulls from was deleted."""
+
+
 @dataclass
 class Consumer:
     """Pulls from a durable consumer and runs a handler per message until stopped.
@@ -245,6 +249,7 @@ class Consumer:
                     if self._stopping.is_set():
                         break
                     log.warning("fetch from %s/%s failed: %s", self.stream, self.durable, exc)
+                    await self._check_consumer()
                     await asyncio.sleep(0.5)
                     continue
                 await self._start(first)
@@ -259,6 +264,17 @@ class Consumer:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _check_consumer(self) -> None:
+        """Raises ConsumerGone when the durable consumer no longer exists (deleted, or lost with the
+        server's state): fetching again would fail for ever, and a restart of run() declares it anew."""
+        try:
+            await self.js.consumer_info(self.stream, self.durable)
+        except NotFoundError as exc:
+            raise ConsumerGone(f"consumer {self.stream}/{self.durable} no longer exists") from exc
+        except Exception as exc:
+            # NATS itself is away: the client reconnects, and the fetches resume.
+            log.debug("consumer %s/%s not checked: %s", self.stream, self.durable, exc)
 
     async def _start(self, msgs: list[Msg]) -> None:
         for msg in msgs:

@@ -7,9 +7,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+import nats
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from apphosting import bus
 from apphosting.nats_server import NatsServer
 from apphosting.supervise import Backoff
 from apphosting.v1 import deployments_pb2 as pb
@@ -97,3 +99,20 @@ async def test_database_cut_mid_pipeline_every_deployment_still_reaches_running(
         return all(d.status == pb.DEPLOYMENT_STATUS_RUNNING for d in found)
 
     await eventually(all_running, within=120)
+
+
+async def test_a_consumer_deleted_under_a_running_scheduler_is_declared_again(stack: Stack) -> None:
+    stub: Stub = await stack.add_api()
+    stack.add_scheduler()
+    stack.add_provisioner()
+    first = await stub.CreateAppHostingDeployment(request("before"))
+    await watch(stub, first.id, until=SETTLED)
+    nc = await nats.connect(stack.nats.url)
+    try:
+        await nc.jetstream().delete_consumer(bus.REQUESTS_STREAM, bus.SCHEDULER_CONSUMER)
+    finally:
+        await nc.drain()
+    # Its fetches fail from now on; the supervised consumer restarts and declares it again.
+    created = await stub.CreateAppHostingDeployment(request("after"))
+    items = await watch(stub, created.id, until=SETTLED)
+    assert items[-1].deployment.status == pb.DEPLOYMENT_STATUS_RUNNING
