@@ -41,6 +41,9 @@ EVENTS_SUBJECTS = "apphosting.events.*"
 # Core NATS (not stored): every API replica announces what it applied, so all replicas' watches hear it.
 CHANGES_SUBJECTS = "apphosting.changes.*"
 
+# JetStream announces here each message that reached its last delivery: ….<stream>.<consumer>.
+MAX_DELIVERIES_ADVISORIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>"
+
 SCHEDULER_CONSUMER = "scheduler"
 SCHEDULER_EVENTS_CONSUMER = "scheduler-events"
 API_EVENTS_CONSUMER = "api-events"

@@ -136,6 +136,14 @@ class ApiServer:
         # Reports run one at a time, each reading the state afresh: the last one says how it is now.
         self._health_lock = asyncio.Lock()
         self._changes: Any = None
+        self._dead_letters: Any = None
+        self.resync = Resync(
+            self.store,
+            on_applied=lambda applied: self.announce(change_of(applied)),
+            stuck_after=options.stuck_after,
+            max_redrives=options.max_redrives,
+            ready=lambda: self._nc is not None and self._nc.is_connected,
+        )
 
     async def start(self) -> int:
         if self.options.auth is NOT_CONFIGURED:
@@ -190,14 +198,7 @@ class ApiServer:
         self.supervisor.start("housekeeping", self._housekeeping)
         if self.options.nats_url is not None:
             # Without a bus nothing is sent, so nothing is lost either: no resync.
-            resync = Resync(
-                self.store,
-                on_applied=lambda applied: self.announce(change_of(applied)),
-                stuck_after=self.options.stuck_after,
-                max_redrives=self.options.max_redrives,
-                ready=lambda: self._nc is not None and self._nc.is_connected,
-            )
-            self.supervisor.start("resync", lambda: resync.run(self.options.resync_interval, self._stopping))
+            self.supervisor.start("resync", lambda: self.resync.run(self.options.resync_interval, self._stopping))
         self._serving = True
         await self._report_health()
         return self.port
@@ -259,6 +260,9 @@ class ApiServer:
         self._js = js
         if self._changes is None:
             self._changes = await nc.subscribe(bus.CHANGES_SUBJECTS, cb=self._on_change)
+        if self._dead_letters is None:
+            # A message that ran out of deliveries: its deployment is resynced now, not once it looks stuck.
+            self._dead_letters = await nc.subscribe(bus.MAX_DELIVERIES_ADVISORIES, cb=self._on_dead_letter)
         consumer = bus.Consumer(
             js,
             bus.EVENTS_STREAM,
@@ -312,6 +316,10 @@ class ApiServer:
             if failures:
                 log.warning("outbox relay paused: %s", failures[0])
                 await asyncio.sleep(0.5)
+
+    async def _on_dead_letter(self, msg: Msg) -> None:
+        if self._js is not None:
+            await self.resync.dead_letter(self._js, msg)
 
     async def _on_change(self, msg: Msg) -> None:
         self.hub.notify(pb.WatchDeploymentsResponse.FromString(msg.data))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from sqlalchemy import func, select
 
 from apphosting import bus
@@ -88,6 +91,28 @@ class Resync:
                 acted += 1
         return acted
 
+    async def dead_letter(self, js: JetStreamContext, advisory: Msg) -> None:
+        """Drives again at once the deployment of a message that JetStream stopped delivering.
+
+        `advisory` is JetStream's max-deliveries advisory; the message it names is still in its
+        stream, and says which deployment it was for. Every replica hears it; the re-drive's id
+        (from the record's revision) makes them apply it once.
+        """
+        try:
+            notice = json.loads(advisory.data)
+            stream, seq = notice["stream"], int(notice["stream_seq"])
+            parse = _DEPLOYMENT_OF.get(stream)
+            if parse is None:
+                return
+            deployment_id = parse((await js.get_msg(stream, seq)).data or b"")
+            row = await self._store.get(None, deployment_id)
+        except Exception as exc:
+            log.warning("max-deliveries advisory not followed: %s", exc)
+            return
+        if row is not None and row.status in _TRANSIENT and row.deleted_at is None:
+            log.warning("deployment %s: a message for it was delivered for the last time", row.id)
+            await self._resync(row, quiet=f"a {stream} message for it was delivered for the last time")
+
     async def _stuck(self, cutoff: datetime) -> list[DeploymentRow]:
         query = (
             select(DeploymentRow)
@@ -121,10 +146,10 @@ class Resync:
         async with self._store.session() as session:
             return int(await session.scalar(query) or 0)
 
-    async def _resync(self, row: DeploymentRow) -> bool:
+    async def _resync(self, row: DeploymentRow, quiet: str = "") -> bool:
         operation = _TRANSIENT[row.status]
         step = row.phase or row.status
-        quiet = f"no progress in step {step} ({row.status}) for {self._stuck_after.total_seconds():g} s"
+        quiet = quiet or f"no progress in step {step} ({row.status}) for {self._stuck_after.total_seconds():g} s"
         done = await self._redrives(row.id)
         if done < self._max_redrives:
             kind = "delete" if operation == bus_pb2.OPERATION_DELETE else "placement"
@@ -161,6 +186,14 @@ class Resync:
             return False
         self._on_applied(applied)
         return True
+
+
+# The streams whose messages stand for a deployment's progress, and how to read its id from one.
+_DEPLOYMENT_OF: dict[str, Callable[[bytes], str]] = {
+    bus.REQUESTS_STREAM: lambda data: bus_pb2.PlacementRequest.FromString(data).deployment.id,
+    bus.JOBS_STREAM: lambda data: bus_pb2.ProvisionJob.FromString(data).deployment.id,
+    bus.EVENTS_STREAM: lambda data: bus_pb2.StatusEvent.FromString(data).deployment_id,
+}
 
 
 def _status_event(deployment_id: str, change: EventInput) -> Outgoing:

@@ -3,6 +3,7 @@ the step, so no deployment stays pending, provisioning or deleting for ever."""
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 import nats
@@ -111,3 +112,38 @@ async def test_a_deletion_whose_request_was_dropped_ends_deleted(stack: Stack) -
     assert items[-1].event.final
     assert items[-1].deployment.HasField("deleted_at")
     assert any(item.event.source == SOURCE for item in items)
+
+
+async def test_a_request_that_ran_out_of_deliveries_is_driven_again_at_once(stack: Stack) -> None:
+    # Only JetStream's max-deliveries advisory can drive it again within this test.
+    stub = await stack.add_api(stuck_after=3600.0)
+    created = await stub.CreateAppHostingDeployment(request("dead-lettered"))
+    nc = await nats.connect(stack.nats.url)
+    try:
+        js = nc.jetstream()
+
+        async def held() -> bool:
+            return (await js.stream_info(bus.REQUESTS_STREAM)).state.messages > 0
+
+        await eventually(held)
+        # Reaching the last of its deliveries takes the consumer's whole backoff (many minutes): the
+        # advisory nats-server then publishes is sent here as the server writes it.
+        stream_seq = (await js.stream_info(bus.REQUESTS_STREAM)).state.last_seq
+        advisory = {
+            "type": "io.nats.jetstream.advisory.v1.max_deliver",
+            "stream": bus.REQUESTS_STREAM,
+            "consumer": bus.SCHEDULER_CONSUMER,
+            "stream_seq": stream_seq,
+            "deliveries": bus.MAX_DELIVER,
+        }
+        subject = bus.MAX_DELIVERIES_ADVISORIES.replace(">", f"{bus.REQUESTS_STREAM}.{bus.SCHEDULER_CONSUMER}")
+        await nc.publish(subject, json.dumps(advisory).encode())
+    finally:
+        await nc.drain()
+    items = await watch(stub, created.id, since=1, limit=1)
+    assert items[-1].event.source == SOURCE
+    assert "delivered for the last time" in items[-1].event.message
+    stack.add_scheduler()
+    stack.add_provisioner()
+    settled = await watch(stub, created.id, since=1, until=SETTLED)
+    assert settled[-1].deployment.status == pb.DEPLOYMENT_STATUS_RUNNING
