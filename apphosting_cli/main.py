@@ -14,6 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
+from apphosting import CannotStart
 from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN
 
 # Each command imports only the process it runs (a provisioner never loads the API's code), so the
@@ -73,7 +74,8 @@ def _limit(kind: Callable[[str], float]) -> Callable[[str], float | None]:
 
 
 def _add_api_security(parser: argparse.ArgumentParser, *, dev: bool = False) -> None:
-    """Authentication, TLS, quotas and input allow-lists of the API (see the README's Security section)."""
+    """Authentication, TLS, quotas, resync and input allow-lists of the API (see the README's Security section)."""
+    from services.deployments.app import ApiOptions
     from services.deployments.quotas import Quotas
 
     auth = parser.add_argument_group("authentication (Bearer JWT on every call but health and reflection)")
@@ -103,7 +105,33 @@ def _add_api_security(parser: argparse.ArgumentParser, *, dev: bool = False) -> 
     quotas.add_argument("--quota-cpu", type=_limit(float), default=defaults.cpu, help="cores")
     quotas.add_argument("--quota-memory-mb", type=_limit(int), default=defaults.memory_mb)
     quotas.add_argument("--quota-storage-gb", type=_limit(int), default=defaults.storage_gb)
+    quotas.add_argument(
+        "--quota-stored-mb",
+        type=_limit(int),
+        default=defaults.stored_mb,
+        help="MiB of records and kept history in the database",
+    )
     quotas.add_argument("--no-quotas", action="store_true", help="no quota at all")
+    resync = parser.add_argument_group("resync of deployments whose request or job was lost")
+    resync.add_argument(
+        "--stuck-after",
+        type=_positive_seconds,
+        default=ApiOptions.stuck_after,
+        help=f"seconds without progress after which a pending, provisioning or deleting deployment is driven "
+        f"again (default {ApiOptions.stuck_after:g})",
+    )
+    resync.add_argument(
+        "--resync-interval",
+        type=_positive_seconds,
+        default=ApiOptions.resync_interval,
+        help=f"seconds between two looks for stuck deployments (default {ApiOptions.resync_interval:g})",
+    )
+    resync.add_argument(
+        "--max-redrives",
+        type=_count,
+        default=ApiOptions.max_redrives,
+        help=f"times a stuck deployment is driven again before it ends in error (default {ApiOptions.max_redrives})",
+    )
     hardening = parser.add_argument_group("input")
     hardening.add_argument(
         "--helm-repo-host",
@@ -150,6 +178,7 @@ def _api_options(args: argparse.Namespace) -> ApiOptions:
             cpu=args.quota_cpu,
             memory_mb=args.quota_memory_mb,
             storage_gb=args.quota_storage_gb,
+            stored_mb=args.quota_stored_mb,
         )
     )
     return ApiOptions(
@@ -161,6 +190,9 @@ def _api_options(args: argparse.Namespace) -> ApiOptions:
         tls_client_ca=args.tls_client_ca,
         quotas=quotas,
         max_request_bytes=args.max_request_bytes,
+        stuck_after=args.stuck_after,
+        resync_interval=args.resync_interval,
+        max_redrives=args.max_redrives,
         limits=Limits(helm_repo_hosts=tuple(args.helm_repo_host), image_registries=tuple(args.image_registry)),
     )
 
@@ -259,6 +291,20 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _add_provisioner_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--simulate-delay", type=_seconds, default=0.5, help="seconds each simulated step takes (default 0.5)"
@@ -345,7 +391,10 @@ def _run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await main(stop)
+        try:
+            await main(stop)
+        except CannotStart as refused:
+            return str(refused)
         return None
 
     problem = asyncio.run(runner())

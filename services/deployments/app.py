@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any
@@ -16,7 +17,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from apphosting import bus, db
+from apphosting import CannotStart, bus, db
 from apphosting.locations import load_locations
 from apphosting.netguard import Resolver
 from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN, Limits
@@ -110,6 +111,17 @@ def event_input(event: bus_pb2.StatusEvent) -> EventInput:
     )
 
 
+def _bind(add_port: Callable[[], int], listen: str) -> int:
+    """The port gRPC bound; CannotStart when it could not (taken by another server, or not an address here)."""
+    try:
+        port = add_port()
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise CannotStart(f"cannot listen on {listen}: another process serves that port, or it is not an address here")
+    return port
+
+
 class ApiServer:
     """One replica of the API; several may share a database and a NATS cluster."""
 
@@ -183,13 +195,11 @@ class ApiServer:
             credentials = tls_server_credentials(
                 self.options.tls_cert, self.options.tls_key, self.options.tls_client_ca
             )
-            self.port = server.add_secure_port(self.options.listen, credentials)
+            self.port = _bind(lambda: server.add_secure_port(self.options.listen, credentials), self.options.listen)
         elif self.options.tls_client_ca:
             raise ValueError("a client CA (mutual TLS) needs a TLS certificate and key")
         else:
-            self.port = server.add_insecure_port(self.options.listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.options.listen}")
+            self.port = _bind(lambda: server.add_insecure_port(self.options.listen), self.options.listen)
         await server.start()
         self._server = server
         if self.options.nats_url is not None:

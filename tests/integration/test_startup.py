@@ -48,6 +48,26 @@ def served_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
+async def test_a_port_taken_after_the_check_still_cannot_start_the_api(tmp_path: Path, served_port: int) -> None:
+    """The bind itself refuses a served port (no SO_REUSEPORT), with the line the command shows."""
+    from apphosting import CannotStart
+    from services.deployments.app import ApiOptions, ApiServer
+
+    server = ApiServer(
+        ApiOptions(
+            listen=f"127.0.0.1:{served_port}",
+            database_url=f"sqlite+aiosqlite:///{tmp_path / 'api.db'}",
+            nats_url=None,
+            auth=None,
+        )
+    )
+    try:
+        with pytest.raises(CannotStart, match=f"cannot listen on 127.0.0.1:{served_port}"):
+            await server.start()
+    finally:
+        await server.stop()
+
+
 @pytest.mark.parametrize("command", ["api", "dev"])
 def test_a_port_already_served_is_refused_in_one_line(tmp_path: Path, served_port: int, command: str) -> None:
     where = (
