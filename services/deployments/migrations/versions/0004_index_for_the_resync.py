@@ -1,0 +1,23 @@
+"""an index for the resync's look at deployments in progress that stopped moving
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-11-28 19:40:00
+"""
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0004"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_index("ix_deployments_status_updated", "deployments", ["status", "updated_at"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_deployments_status_updated", table_name="deployments")
