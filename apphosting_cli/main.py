@@ -132,6 +132,13 @@ def _add_api_security(parser: argparse.ArgumentParser, *, dev: bool = False) -> 
         default=ApiOptions.max_redrives,
         help=f"times a stuck deployment is driven again before it ends in error (default {ApiOptions.max_redrives})",
     )
+    parser.add_argument(
+        "--deleted-retention",
+        type=_seconds,
+        default=ApiOptions.deleted_retention,
+        help="seconds a deleted deployment's record and history are kept, counted in --quota-stored-mb, "
+        f"before they are purged (default {ApiOptions.deleted_retention:g}: 7 days)",
+    )
     hardening = parser.add_argument_group("input")
     hardening.add_argument(
         "--helm-repo-host",
@@ -193,6 +200,7 @@ def _api_options(args: argparse.Namespace) -> ApiOptions:
         stuck_after=args.stuck_after,
         resync_interval=args.resync_interval,
         max_redrives=args.max_redrives,
+        deleted_retention=args.deleted_retention,
         limits=Limits(helm_repo_hosts=tuple(args.helm_repo_host), image_registries=tuple(args.image_registry)),
     )
 

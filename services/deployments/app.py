@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, timedelta
 from typing import Any
 
 import grpc
@@ -91,6 +91,12 @@ class ApiOptions:
     max_redrives: int = 3
     # How a failed long-lived task (relay, consumer, applier, housekeeping, resync) is restarted.
     restart_backoff: Backoff = field(default_factory=Backoff)
+    # A deleted deployment's record and history are kept this many seconds after its teardown ended
+    # (Get shows it, a request_id replay finds it, its bytes count in the owner's stored_mb quota),
+    # then purged; so deleting and creating again cannot grow the database without bound.
+    deleted_retention: float = 7 * 24 * 3600.0
+    # Seconds between two rounds of housekeeping (history trimming, purging deleted records).
+    housekeeping_interval: float = 60.0
 
 
 class ApplierStopped(Exception):
@@ -392,10 +398,11 @@ class ApiServer:
     async def _housekeeping(self) -> None:
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=60)
+                await asyncio.wait_for(self._stopping.wait(), timeout=self.options.housekeeping_interval)
                 return
             try:
                 await self.store.trim_events(self.options.event_history)
+                await self.store.purge_deleted(timedelta(seconds=self.options.deleted_retention))
             except Exception as exc:
                 log.warning("housekeeping failed: %s", exc)
 

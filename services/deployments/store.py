@@ -9,7 +9,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -159,7 +159,7 @@ class DeploymentStore:
             yield await held.enter_async_context(self._sessions.begin())
 
     async def usage(self, user_id: str) -> quota_rules.Usage:
-        """What the user's deployments hold until their teardown ends."""
+        """What the user's deployments hold: resources until their teardown ends, stored bytes until purged."""
         async with self._sessions() as session:
             return await self._usage(session, user_id)
 
@@ -176,7 +176,14 @@ class DeploymentStore:
                 ).where(DeploymentRow.user_id == user_id, DeploymentRow.deleted_at.is_(None))
             )
         ).one()
-        return quota_rules.Usage(*(int(value) for value in row))
+        # A deleted record stays stored until it is purged (purge_deleted): its bytes still count.
+        kept_deleted = await session.scalar(
+            select(func.coalesce(func.sum(DeploymentRow.record_bytes + DeploymentRow.history_bytes), 0)).where(
+                DeploymentRow.user_id == user_id, DeploymentRow.deleted_at.is_not(None)
+            )
+        )
+        usage = quota_rules.Usage(*(int(value) for value in row))
+        return dataclasses.replace(usage, stored_bytes=usage.stored_bytes + int(kept_deleted or 0))
 
     @staticmethod
     async def _lock_user(session: AsyncSession, user_id: str) -> None:
@@ -488,6 +495,28 @@ class DeploymentStore:
             if event.revision > revision:
                 history.append((event, row_to_proto(row, state, event.revision)))
         return history
+
+    async def purge_deleted(self, older_than: timedelta, batch: int = 500) -> int:
+        """Removes the records and history of deployments whose teardown ended before `older_than` ago.
+
+        Returns how many were removed; a batch per transaction, so a backlog never holds the writer long.
+        """
+        cutoff = now() - older_than
+        removed = 0
+        while True:
+            async with self.transaction() as session:
+                ids = list(
+                    (
+                        await session.scalars(
+                            select(DeploymentRow.id).where(DeploymentRow.deleted_at < cutoff).limit(batch)
+                        )
+                    ).all()
+                )
+                if not ids:
+                    return removed
+                await session.execute(delete(EventRow).where(EventRow.deployment_id.in_(ids)))
+                await session.execute(delete(DeploymentRow).where(DeploymentRow.id.in_(ids)))
+            removed += len(ids)
 
     async def trim_events(self, keep: int, keep_bytes: int = HISTORY_BYTES) -> None:
         """Forgets the oldest events of each deployment past the newest `keep`, or past `keep_bytes`.

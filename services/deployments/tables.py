@@ -42,6 +42,8 @@ class DeploymentRow(Base):
         Index("ix_deployments_user_region_seq", "user_id", "geographic_region", "seq"),
         # The resync's look for deployments in progress that stopped moving, without a full scan.
         Index("ix_deployments_status_updated", "status", "updated_at"),
+        # Housekeeping's look for deleted records past their retention.
+        Index("ix_deployments_deleted_at", "deleted_at"),
     )
 
     # Insertion order: the keyset that List pages by, newest first.

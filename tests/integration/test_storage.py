@@ -20,9 +20,11 @@ from apphosting.v1 import deployments_pb2 as pb
 from services.deployments.app import MIGRATIONS, VERSION_TABLE
 from services.deployments.auth import LOCAL_USER_ID
 from services.deployments.convert import STATUSES, timestamp
+from services.deployments.quotas import Quotas
 from services.deployments.store import DeploymentStore
 from services.deployments.tables import Base
 from tests.e2e.test_pipeline import SETTLED, watch
+from tests.integration.test_api import expect_error
 from tests.support.stack import Stack, eventually
 
 if TYPE_CHECKING:
@@ -284,3 +286,36 @@ async def test_an_existing_database_upgrades_its_snapshots_to_changes(database_u
         assert await store.unsent() == []
     finally:
         await engine.dispose()
+
+
+async def test_a_deleted_deployment_counts_until_it_is_purged(stack: Stack) -> None:
+    """Deleting and creating again cannot grow the database without bound: a deleted record's bytes
+    count in the stored_mb quota until housekeeping purges it after its retention."""
+    keeping = await stack.add_api(
+        quotas=Quotas(deployments=None, cpu=None, memory_mb=None, storage_gb=None, stored_mb=1),
+        deleted_retention=3600.0,
+    )
+    stack.add_scheduler()
+    stack.add_provisioner()
+    first = await keeping.CreateAppHostingDeployment(maximum_request("first"))
+    assert (await watch(keeping, first.id, until=SETTLED))[-1].deployment.status == pb.DEPLOYMENT_STATUS_RUNNING
+    await keeping.DeleteDeployment(pb.DeleteDeploymentRequest(id=first.id))
+    assert (await watch(keeping, first.id, since=1))[-1].event.final
+
+    details = await expect_error(
+        keeping.CreateAppHostingDeployment(maximum_request("second")), grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    assert details.metadata["quota"] == "stored_mb"
+    assert (await keeping.GetDeployment(pb.GetDeploymentRequest(id=first.id))).HasField("deleted_at")
+
+    # A replica whose housekeeping keeps deleted records no time at all purges it.
+    await stack.add_api(deleted_retention=0.0, housekeeping_interval=0.05)
+
+    async def purged() -> bool:
+        return await stack.apis[0].store.get(None, first.id) is None
+
+    await eventually(purged)
+    await expect_error(keeping.GetDeployment(pb.GetDeploymentRequest(id=first.id)), grpc.StatusCode.NOT_FOUND)
+    assert await rows_bytes(stack.database_url, first.id) == 0
+    second = await keeping.CreateAppHostingDeployment(maximum_request("second"))
+    assert second.id != first.id

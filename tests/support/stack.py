@@ -48,9 +48,7 @@ class Stack:
                 database_url=self.database_url,
                 nats_url=self.nats.url,
                 locations_file=self.locations_file,
-                auth=None,
-                quotas=UNLIMITED,
-                **options,
+                **{"auth": None, "quotas": UNLIMITED, **options},
             )
         )
         await api.start()

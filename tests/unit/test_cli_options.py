@@ -20,6 +20,7 @@ def test_defaults_are_the_options_defaults() -> None:
         ApiOptions.max_redrives,
     )
     assert options.quotas.stored_mb == 256
+    assert options.deleted_retention == ApiOptions.deleted_retention
 
 
 def test_resync_and_stored_quota_flags_reach_the_options() -> None:
@@ -29,6 +30,7 @@ def test_resync_and_stored_quota_flags_reach_the_options() -> None:
     assert (options.stuck_after, options.resync_interval, options.max_redrives) == (90.0, 5.0, 0)
     assert options.quotas.stored_mb is None
     assert _options("--quota-stored-mb", "12").quotas.stored_mb == 12
+    assert _options("--deleted-retention", "0").deleted_retention == 0.0
 
 
 @pytest.mark.parametrize(
@@ -40,6 +42,7 @@ def test_resync_and_stored_quota_flags_reach_the_options() -> None:
         ("--max-redrives", "-1"),
         ("--max-redrives", "1.5"),
         ("--quota-stored-mb", "-3"),
+        ("--deleted-retention", "-1"),
     ],
 )
 def test_bad_values_are_refused_naming_the_flag(flags: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:

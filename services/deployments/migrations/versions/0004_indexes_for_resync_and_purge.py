@@ -1,4 +1,4 @@
-"""an index for the resync's look at deployments in progress that stopped moving
+"""indexes for the resync (deployments in progress that stopped moving) and the purge of deleted records
 
 Revision ID: 0004
 Revises: 0003
@@ -17,7 +17,9 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.create_index("ix_deployments_status_updated", "deployments", ["status", "updated_at"])
+    op.create_index("ix_deployments_deleted_at", "deployments", ["deleted_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_deployments_deleted_at", table_name="deployments")
     op.drop_index("ix_deployments_status_updated", table_name="deployments")
