@@ -292,25 +292,21 @@ def _probability(text: str) -> float:
     return value
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+def _at_least(kind: Callable[[str], float], low: float, *, above: bool = False) -> Callable[[str], float]:
+    """A flag value parser: a number of `kind` that is at least `low` (with above, more than it)."""
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'more than' if above else 'at least'} {low:g}, got {text}")
+        return value
+
+    return parse
 
 
-def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+_seconds = _at_least(float, 0)
+_positive_seconds = _at_least(float, 0, above=True)
+_count = _at_least(int, 0)
 
 
 def _add_provisioner_options(parser: argparse.ArgumentParser) -> None:
