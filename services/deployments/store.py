@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -165,25 +165,24 @@ class DeploymentStore:
 
     @staticmethod
     async def _usage(session: AsyncSession, user_id: str) -> quota_rules.Usage:
+        live = DeploymentRow.deleted_at.is_(None)
+
+        def live_sum(column: Any) -> Any:
+            return func.coalesce(func.sum(case((live, column), else_=0)), 0)
+
         row = (
             await session.execute(
                 select(
-                    func.count(),
-                    func.coalesce(func.sum(DeploymentRow.cpu_millis), 0),
-                    func.coalesce(func.sum(DeploymentRow.memory_mb), 0),
-                    func.coalesce(func.sum(DeploymentRow.storage_gb), 0),
+                    func.coalesce(func.sum(case((live, 1), else_=0)), 0),
+                    live_sum(DeploymentRow.cpu_millis),
+                    live_sum(DeploymentRow.memory_mb),
+                    live_sum(DeploymentRow.storage_gb),
+                    # A deleted record stays stored until it is purged (purge_deleted): its bytes still count.
                     func.coalesce(func.sum(DeploymentRow.record_bytes + DeploymentRow.history_bytes), 0),
-                ).where(DeploymentRow.user_id == user_id, DeploymentRow.deleted_at.is_(None))
+                ).where(DeploymentRow.user_id == user_id)
             )
         ).one()
-        # A deleted record stays stored until it is purged (purge_deleted): its bytes still count.
-        kept_deleted = await session.scalar(
-            select(func.coalesce(func.sum(DeploymentRow.record_bytes + DeploymentRow.history_bytes), 0)).where(
-                DeploymentRow.user_id == user_id, DeploymentRow.deleted_at.is_not(None)
-            )
-        )
-        usage = quota_rules.Usage(*(int(value) for value in row))
-        return dataclasses.replace(usage, stored_bytes=usage.stored_bytes + int(kept_deleted or 0))
+        return quota_rules.Usage(*(int(value) for value in row))
 
     @staticmethod
     async def _lock_user(session: AsyncSession, user_id: str) -> None:
