@@ -94,11 +94,33 @@ class Driver(Protocol):
         ...
 
     async def ensure_app(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
-        """Deploy the app (chart or image) into the vCluster, or find it deployed."""
+        """Deploy the app (chart or image) as the job's deployment and release say: create it, change
+        it where it differs (an update, a rollback, a start after a stop), or find it so."""
         ...
 
     async def app_rollout(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
-        """Done when every replica of the app is available; retry while it rolls out."""
+        """Done when every replica of the job's release is available and healthy; retry while it rolls out."""
+        ...
+
+    async def stop_app(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
+        """Scale the app to zero replicas, keeping its volumes and config; done once none runs."""
+        ...
+
+    async def sleep_vcluster(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        """Put the vCluster to sleep (its control plane scaled to zero); done once it is down."""
+        ...
+
+    async def wake_vcluster(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        """Scale the vCluster's control plane back up (vcluster_ready then waits for it)."""
+        ...
+
+    async def adopt_namespace(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        """Take the existing namespace `job.deployment.source_namespace` under management without
+        recreating what runs there; a permanent failure when it does not exist."""
+        ...
+
+    async def release_namespace(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        """Give an adopted namespace back: drop what marks it managed, leave its workloads running."""
         ...
 
     async def endpoint(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
@@ -133,7 +155,10 @@ def _label(*parts: str, limit: int) -> str:
 
 
 def host_namespace_name(deployment: deployments_pb2.Deployment) -> str:
-    """The host namespace of a deployment: `vc-<12 hex of id>-<name>`, at most 63 characters."""
+    """The host namespace of a deployment: `vc-<12 hex of id>-<name>`, at most 63 characters; an
+    adopted deployment's is the namespace it was adopted from."""
+    if deployment.is_adopted and deployment.source_namespace:
+        return deployment.source_namespace
     return _label("vc", deployment_key(deployment), deployment.name, limit=_LABEL_MAX)
 
 

@@ -30,6 +30,14 @@ class _OperationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Operation.V
     OPERATION_UNSPECIFIED: _Operation.ValueType  # 0
     OPERATION_CREATE: _Operation.ValueType  # 1
     OPERATION_DELETE: _Operation.ValueType  # 2
+    OPERATION_UPDATE: _Operation.ValueType  # 3
+    """Roll the deployment's current release out in its existing vCluster."""
+    OPERATION_STOP: _Operation.ValueType  # 4
+    """Scale the app to zero and put the vCluster to sleep."""
+    OPERATION_START: _Operation.ValueType  # 5
+    """Wake the vCluster and bring the app back (its current release)."""
+    OPERATION_ADOPT: _Operation.ValueType  # 6
+    """Take an existing namespace under management without recreating what runs there."""
 
 class Operation(_Operation, metaclass=_OperationEnumTypeWrapper):
     """Operation is what a request or a job asks for."""
@@ -37,7 +45,45 @@ class Operation(_Operation, metaclass=_OperationEnumTypeWrapper):
 OPERATION_UNSPECIFIED: Operation.ValueType  # 0
 OPERATION_CREATE: Operation.ValueType  # 1
 OPERATION_DELETE: Operation.ValueType  # 2
+OPERATION_UPDATE: Operation.ValueType  # 3
+"""Roll the deployment's current release out in its existing vCluster."""
+OPERATION_STOP: Operation.ValueType  # 4
+"""Scale the app to zero and put the vCluster to sleep."""
+OPERATION_START: Operation.ValueType  # 5
+"""Wake the vCluster and bring the app back (its current release)."""
+OPERATION_ADOPT: Operation.ValueType  # 6
+"""Take an existing namespace under management without recreating what runs there."""
 Global___Operation: _TypeAlias = Operation  # noqa: Y015
+
+class _CapacityMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CapacityModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CapacityMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CAPACITY_MODE_UNSPECIFIED: _CapacityMode.ValueType  # 0
+    CAPACITY_MODE_EXPLAIN: _CapacityMode.ValueType  # 1
+    """Say where the deployment would be placed and why; hold nothing."""
+    CAPACITY_MODE_CHECK: _CapacityMode.ValueType  # 2
+    """Check that the deployment's location has room for its demand as given (less what it holds
+    already); hold nothing.
+    """
+    CAPACITY_MODE_RESERVE: _CapacityMode.ValueType  # 3
+    """As CHECK, and when it fits, set what the deployment holds there to that demand."""
+
+class CapacityMode(_CapacityMode, metaclass=_CapacityModeEnumTypeWrapper):
+    """CapacityMode is what a CapacityRequest asks the scheduler."""
+
+CAPACITY_MODE_UNSPECIFIED: CapacityMode.ValueType  # 0
+CAPACITY_MODE_EXPLAIN: CapacityMode.ValueType  # 1
+"""Say where the deployment would be placed and why; hold nothing."""
+CAPACITY_MODE_CHECK: CapacityMode.ValueType  # 2
+"""Check that the deployment's location has room for its demand as given (less what it holds
+already); hold nothing.
+"""
+CAPACITY_MODE_RESERVE: CapacityMode.ValueType  # 3
+"""As CHECK, and when it fits, set what the deployment holds there to that demand."""
+Global___CapacityMode: _TypeAlias = CapacityMode  # noqa: Y015
 
 @_typing.final
 class PlacementRequest(_message.Message):
@@ -48,9 +94,18 @@ class PlacementRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     OPERATION_FIELD_NUMBER: _builtins.int
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    ROLLOUT_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Unique per request; also the Nats-Msg-Id."""
     operation: Global___Operation.ValueType
+    release: _builtins.int
+    """The release to converge to (the job carries it to the provisioner)."""
+    rollout_timeout_seconds: _builtins.float
+    """For an update: seconds the new release may take to become healthy before it is rolled back."""
+    force: _builtins.bool
+    """For the delete of an adopted deployment: delete its workloads too, instead of releasing them."""
     @_builtins.property
     def deployment(self) -> _deployments_pb2.Deployment:
         """The deployment as recorded when the request was made."""
@@ -61,10 +116,13 @@ class PlacementRequest(_message.Message):
         request_id: _builtins.str = ...,
         operation: Global___Operation.ValueType = ...,
         deployment: _deployments_pb2.Deployment | None = ...,
+        release: _builtins.int = ...,
+        rollout_timeout_seconds: _builtins.float = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "operation", b"operation", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "force", b"force", "operation", b"operation", "release", b"release", "request_id", b"request_id", "rollout_timeout_seconds", b"rollout_timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -110,9 +168,15 @@ class ProvisionJob(_message.Message):
     OPERATION_FIELD_NUMBER: _builtins.int
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
     LOCATION_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    ROLLOUT_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Unique per job; also the Nats-Msg-Id."""
     operation: Global___Operation.ValueType
+    release: _builtins.int
+    rollout_timeout_seconds: _builtins.float
+    force: _builtins.bool
     @_builtins.property
     def deployment(self) -> _deployments_pb2.Deployment: ...
     @_builtins.property
@@ -124,10 +188,13 @@ class ProvisionJob(_message.Message):
         operation: Global___Operation.ValueType = ...,
         deployment: _deployments_pb2.Deployment | None = ...,
         location: Global___Location | None = ...,
+        release: _builtins.int = ...,
+        rollout_timeout_seconds: _builtins.float = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "location", b"location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "job_id", b"job_id", "location", b"location", "operation", b"operation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "force", b"force", "job_id", b"job_id", "location", b"location", "operation", b"operation", "release", b"release", "rollout_timeout_seconds", b"rollout_timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -193,6 +260,10 @@ class StatusEvent(_message.Message):
     VALUES_YAML_FIELD_NUMBER: _builtins.int
     LOCATION_ID_FIELD_NUMBER: _builtins.int
     CONDITIONS_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    RELEASE_HEALTHY_FIELD_NUMBER: _builtins.int
+    RELEASE_FAILED_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique per event; also the Nats-Msg-Id, so a repeated publish is dropped."""
     deployment_id: _builtins.str
@@ -214,10 +285,22 @@ class StatusEvent(_message.Message):
     git_path: _builtins.str
     values_yaml: _builtins.str
     location_id: _builtins.str
+    release: _builtins.int
+    """The release the event reports on (the job's); 0 when none."""
+    release_healthy: _builtins.bool
+    """The release runs healthy: the last event of a create, update, start or adopt."""
+    release_failed: _builtins.bool
+    """The release could not be rolled out (not healthy in time, or a step failed); the previous
+    one still runs. The service rolls back to the last healthy release.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Condition]: ...
+    @_builtins.property
+    def placement(self) -> _deployments_pb2.PlacementExplanation:
+        """The scheduler's explanation of a placement."""
+
     def __init__(
         self,
         *,
@@ -240,10 +323,14 @@ class StatusEvent(_message.Message):
         values_yaml: _builtins.str | None = ...,
         location_id: _builtins.str | None = ...,
         conditions: _abc.Iterable[Global___Condition] | None = ...,
+        release: _builtins.int = ...,
+        release_healthy: _builtins.bool = ...,
+        release_failed: _builtins.bool = ...,
+        placement: _deployments_pb2.PlacementExplanation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cluster_error", b"_cluster_error", "_cluster_status", b"_cluster_status", "_endpoint_url", b"_endpoint_url", "_error_message", b"_error_message", "_git_path", b"_git_path", "_location_id", b"_location_id", "_provider", b"_provider", "_region", b"_region", "_values_yaml", b"_values_yaml", "cluster_error", b"cluster_error", "cluster_status", b"cluster_status", "endpoint_url", b"endpoint_url", "error_message", b"error_message", "git_path", b"git_path", "location_id", b"location_id", "provider", b"provider", "region", b"region", "time", b"time", "values_yaml", b"values_yaml"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cluster_error", b"_cluster_error", "_cluster_status", b"_cluster_status", "_endpoint_url", b"_endpoint_url", "_error_message", b"_error_message", "_git_path", b"_git_path", "_location_id", b"_location_id", "_provider", b"_provider", "_region", b"_region", "_values_yaml", b"_values_yaml", "cluster_error", b"cluster_error", "cluster_status", b"cluster_status", "endpoint_url", b"endpoint_url", "error_message", b"error_message", "git_path", b"git_path", "location_id", b"location_id", "placement", b"placement", "provider", b"provider", "region", b"region", "time", b"time", "values_yaml", b"values_yaml"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cluster_error", b"_cluster_error", "_cluster_status", b"_cluster_status", "_endpoint_url", b"_endpoint_url", "_error_message", b"_error_message", "_git_path", b"_git_path", "_location_id", b"_location_id", "_provider", b"_provider", "_region", b"_region", "_values_yaml", b"_values_yaml", "cluster_error", b"cluster_error", "cluster_status", b"cluster_status", "conditions", b"conditions", "deployment_id", b"deployment_id", "endpoint_url", b"endpoint_url", "error_message", b"error_message", "event_id", b"event_id", "final", b"final", "git_path", b"git_path", "location_id", b"location_id", "message", b"message", "phase", b"phase", "provider", b"provider", "region", b"region", "simulated", b"simulated", "source", b"source", "status", b"status", "time", b"time", "values_yaml", b"values_yaml"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cluster_error", b"_cluster_error", "_cluster_status", b"_cluster_status", "_endpoint_url", b"_endpoint_url", "_error_message", b"_error_message", "_git_path", b"_git_path", "_location_id", b"_location_id", "_provider", b"_provider", "_region", b"_region", "_values_yaml", b"_values_yaml", "cluster_error", b"cluster_error", "cluster_status", b"cluster_status", "conditions", b"conditions", "deployment_id", b"deployment_id", "endpoint_url", b"endpoint_url", "error_message", b"error_message", "event_id", b"event_id", "final", b"final", "git_path", b"git_path", "location_id", b"location_id", "message", b"message", "phase", b"phase", "placement", b"placement", "provider", b"provider", "region", b"region", "release", b"release", "release_failed", b"release_failed", "release_healthy", b"release_healthy", "simulated", b"simulated", "source", b"source", "status", b"status", "time", b"time", "values_yaml", b"values_yaml"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cluster_error: _TypeAlias = _typing.Literal["cluster_error"]  # noqa: Y015
     _WhichOneofArgType__cluster_error: _TypeAlias = _typing.Literal["_cluster_error", b"_cluster_error"]  # noqa: Y015
@@ -283,3 +370,67 @@ class StatusEvent(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__values_yaml) -> _WhichOneofReturnType__values_yaml | None: ...
 
 Global___StatusEvent: _TypeAlias = StatusEvent  # noqa: Y015
+
+@_typing.final
+class CapacityRequest(_message.Message):
+    """CapacityRequest asks the scheduler about capacity, over NATS request/reply
+    (apphosting.scheduler.capacity); the scheduler owns the ledger.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    LOCATION_ID_FIELD_NUMBER: _builtins.int
+    mode: Global___CapacityMode.ValueType
+    location_id: _builtins.str
+    """EXPLAIN: only this location is considered when set; otherwise the deployment's geographic_region."""
+    @_builtins.property
+    def deployment(self) -> _deployments_pb2.Deployment:
+        """Its spec gives the demand (a STOPPED status: storage only); its location_id says where it
+        is held (CHECK, RESERVE).
+        """
+
+    def __init__(
+        self,
+        *,
+        mode: Global___CapacityMode.ValueType = ...,
+        deployment: _deployments_pb2.Deployment | None = ...,
+        location_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "location_id", b"location_id", "mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CapacityRequest: _TypeAlias = CapacityRequest  # noqa: Y015
+
+@_typing.final
+class CapacityReply(_message.Message):
+    """CapacityReply is the scheduler's answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FITS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    EXPLANATION_FIELD_NUMBER: _builtins.int
+    fits: _builtins.bool
+    message: _builtins.str
+    """When it does not fit: which dimension is short and by how much."""
+    @_builtins.property
+    def explanation(self) -> _deployments_pb2.PlacementExplanation: ...
+    def __init__(
+        self,
+        *,
+        fits: _builtins.bool = ...,
+        message: _builtins.str = ...,
+        explanation: _deployments_pb2.PlacementExplanation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation", "fits", b"fits", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CapacityReply: _TypeAlias = CapacityReply  # noqa: Y015

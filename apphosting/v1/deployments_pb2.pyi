@@ -11,6 +11,7 @@ request here.
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -152,6 +153,7 @@ class CreateAppHostingDeploymentRequest(_message.Message):
     IMAGE_IGNORE_TAGS_FIELD_NUMBER: _builtins.int
     KUBERNETES_VERSION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     geographic_region: _builtins.str
     deployment_name: _builtins.str
     app_type: _builtins.str
@@ -176,6 +178,8 @@ class CreateAppHostingDeploymentRequest(_message.Message):
     kubernetes_version: _builtins.str
     request_id: _builtins.str
     """Idempotency key (a UUID): a repeated request with the same key returns the first result."""
+    validate_only: _builtins.bool
+    """Check validation, quota and capacity, and say where it would be placed; write nothing (AIP-163)."""
     @_builtins.property
     def config(self) -> _struct_pb2.Struct: ...
     @_builtins.property
@@ -211,10 +215,11 @@ class CreateAppHostingDeploymentRequest(_message.Message):
         image_ignore_tags: _builtins.str | None = ...,
         kubernetes_version: _builtins.str | None = ...,
         request_id: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_app_type", b"_app_type", "_container_port", b"_container_port", "_cpu_request", b"_cpu_request", "_custom_values_yaml", b"_custom_values_yaml", "_deployment_type", b"_deployment_type", "_docker_image", b"_docker_image", "_helm_chart_name", b"_helm_chart_name", "_helm_chart_version", b"_helm_chart_version", "_helm_repo_url", b"_helm_repo_url", "_image_allow_tags", b"_image_allow_tags", "_image_ignore_tags", b"_image_ignore_tags", "_image_update_constraint", b"_image_update_constraint", "_image_update_strategy", b"_image_update_strategy", "_kubernetes_version", b"_kubernetes_version", "_memory_request_mb", b"_memory_request_mb", "_replicas", b"_replicas", "_run_as_uid", b"_run_as_uid", "_storage_size_gb", b"_storage_size_gb", "app_type", b"app_type", "config", b"config", "container_port", b"container_port", "cpu_request", b"cpu_request", "custom_values_yaml", b"custom_values_yaml", "deployment_type", b"deployment_type", "docker_image", b"docker_image", "helm_chart_name", b"helm_chart_name", "helm_chart_version", b"helm_chart_version", "helm_repo_url", b"helm_repo_url", "image_allow_tags", b"image_allow_tags", "image_ignore_tags", b"image_ignore_tags", "image_update_constraint", b"image_update_constraint", "image_update_strategy", b"image_update_strategy", "kubernetes_version", b"kubernetes_version", "memory_request_mb", b"memory_request_mb", "replicas", b"replicas", "run_as_uid", b"run_as_uid", "storage_size_gb", b"storage_size_gb"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_app_type", b"_app_type", "_container_port", b"_container_port", "_cpu_request", b"_cpu_request", "_custom_values_yaml", b"_custom_values_yaml", "_deployment_type", b"_deployment_type", "_docker_image", b"_docker_image", "_helm_chart_name", b"_helm_chart_name", "_helm_chart_version", b"_helm_chart_version", "_helm_repo_url", b"_helm_repo_url", "_image_allow_tags", b"_image_allow_tags", "_image_ignore_tags", b"_image_ignore_tags", "_image_update_constraint", b"_image_update_constraint", "_image_update_strategy", b"_image_update_strategy", "_kubernetes_version", b"_kubernetes_version", "_memory_request_mb", b"_memory_request_mb", "_replicas", b"_replicas", "_run_as_uid", b"_run_as_uid", "_storage_size_gb", b"_storage_size_gb", "app_type", b"app_type", "config", b"config", "container_port", b"container_port", "cpu_request", b"cpu_request", "custom_values_yaml", b"custom_values_yaml", "deployment_name", b"deployment_name", "deployment_type", b"deployment_type", "docker_image", b"docker_image", "environment_variables", b"environment_variables", "geographic_region", b"geographic_region", "helm_chart_name", b"helm_chart_name", "helm_chart_version", b"helm_chart_version", "helm_repo_url", b"helm_repo_url", "image_allow_tags", b"image_allow_tags", "image_ignore_tags", b"image_ignore_tags", "image_update_constraint", b"image_update_constraint", "image_update_strategy", b"image_update_strategy", "kubernetes_version", b"kubernetes_version", "memory_request_mb", b"memory_request_mb", "replicas", b"replicas", "request_id", b"request_id", "run_as_uid", b"run_as_uid", "storage_size_gb", b"storage_size_gb", "volumes", b"volumes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_app_type", b"_app_type", "_container_port", b"_container_port", "_cpu_request", b"_cpu_request", "_custom_values_yaml", b"_custom_values_yaml", "_deployment_type", b"_deployment_type", "_docker_image", b"_docker_image", "_helm_chart_name", b"_helm_chart_name", "_helm_chart_version", b"_helm_chart_version", "_helm_repo_url", b"_helm_repo_url", "_image_allow_tags", b"_image_allow_tags", "_image_ignore_tags", b"_image_ignore_tags", "_image_update_constraint", b"_image_update_constraint", "_image_update_strategy", b"_image_update_strategy", "_kubernetes_version", b"_kubernetes_version", "_memory_request_mb", b"_memory_request_mb", "_replicas", b"_replicas", "_run_as_uid", b"_run_as_uid", "_storage_size_gb", b"_storage_size_gb", "app_type", b"app_type", "config", b"config", "container_port", b"container_port", "cpu_request", b"cpu_request", "custom_values_yaml", b"custom_values_yaml", "deployment_name", b"deployment_name", "deployment_type", b"deployment_type", "docker_image", b"docker_image", "environment_variables", b"environment_variables", "geographic_region", b"geographic_region", "helm_chart_name", b"helm_chart_name", "helm_chart_version", b"helm_chart_version", "helm_repo_url", b"helm_repo_url", "image_allow_tags", b"image_allow_tags", "image_ignore_tags", b"image_ignore_tags", "image_update_constraint", b"image_update_constraint", "image_update_strategy", b"image_update_strategy", "kubernetes_version", b"kubernetes_version", "memory_request_mb", b"memory_request_mb", "replicas", b"replicas", "request_id", b"request_id", "run_as_uid", b"run_as_uid", "storage_size_gb", b"storage_size_gb", "validate_only", b"validate_only", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__app_type: _TypeAlias = _typing.Literal["app_type"]  # noqa: Y015
     _WhichOneofArgType__app_type: _TypeAlias = _typing.Literal["_app_type", b"_app_type"]  # noqa: Y015
@@ -340,6 +345,16 @@ class Deployment(_message.Message):
     PHASE_FIELD_NUMBER: _builtins.int
     DELETED_AT_FIELD_NUMBER: _builtins.int
     LOCATION_ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    HEALTHY_RELEASE_FIELD_NUMBER: _builtins.int
+    RECONCILING_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    IMAGE_UPDATES_PAUSED_FIELD_NUMBER: _builtins.int
+    PROMOTED_FROM_FIELD_NUMBER: _builtins.int
+    PROMOTED_TO_FIELD_NUMBER: _builtins.int
+    TARGET_LOCATION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     user_id: _builtins.str
     cluster_id: _builtins.str
@@ -381,6 +396,27 @@ class Deployment(_message.Message):
     """The step the deployment is at (placement, vcluster, app, ...)."""
     location_id: _builtins.str
     """The location (host cluster) the deployment was placed on."""
+    etag: _builtins.str
+    """Changes with every change of the record (AIP-154); pass it back on a mutation to refuse a
+    stale one with ABORTED.
+    """
+    release: _builtins.int
+    """The number of the current release: the spec above is that release's."""
+    healthy_release: _builtins.int
+    """The newest release that ran healthy; 0 when none has yet."""
+    reconciling: _builtins.bool
+    """True while an operation converges the deployment to its desired state (AIP-128)."""
+    operation: _builtins.str
+    """The operation in flight (update, scale, stop, start, rollback, promote, migrate, delete);
+    empty when none.
+    """
+    image_updates_paused: _builtins.bool
+    """True after a rollback, until an update that sets an image_* policy field turns them on again."""
+    promoted_from: _builtins.str
+    """The deployment this one is a copy of (promote), and the copy this one is being promoted to."""
+    promoted_to: _builtins.str
+    target_location: _builtins.str
+    """The location a placement is pinned to (promote to a location, adopt); empty: any in the region."""
     @_builtins.property
     def config(self) -> _struct_pb2.Struct: ...
     @_builtins.property
@@ -394,6 +430,10 @@ class Deployment(_message.Message):
     @_builtins.property
     def deleted_at(self) -> _timestamp_pb2.Timestamp:
         """Set when the record is gone for good (teardown finished)."""
+
+    @_builtins.property
+    def placement(self) -> Global___PlacementExplanation:
+        """How the location was chosen: every candidate with its score, and why the others were not."""
 
     def __init__(
         self,
@@ -441,10 +481,20 @@ class Deployment(_message.Message):
         phase: _builtins.str = ...,
         deleted_at: _timestamp_pb2.Timestamp | None = ...,
         location_id: _builtins.str | None = ...,
+        etag: _builtins.str = ...,
+        release: _builtins.int = ...,
+        healthy_release: _builtins.int = ...,
+        reconciling: _builtins.bool = ...,
+        operation: _builtins.str = ...,
+        placement: Global___PlacementExplanation | None = ...,
+        image_updates_paused: _builtins.bool = ...,
+        promoted_from: _builtins.str | None = ...,
+        promoted_to: _builtins.str | None = ...,
+        target_location: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cluster_error", b"_cluster_error", "_cluster_status", b"_cluster_status", "_container_port", b"_container_port", "_cpu_request", b"_cpu_request", "_custom_values_yaml", b"_custom_values_yaml", "_deployment_type", b"_deployment_type", "_docker_image", b"_docker_image", "_endpoint_url", b"_endpoint_url", "_error_message", b"_error_message", "_git_path", b"_git_path", "_helm_chart_name", b"_helm_chart_name", "_helm_chart_version", b"_helm_chart_version", "_helm_repo_url", b"_helm_repo_url", "_image_allow_tags", b"_image_allow_tags", "_image_ignore_tags", b"_image_ignore_tags", "_image_update_constraint", b"_image_update_constraint", "_image_update_strategy", b"_image_update_strategy", "_kubernetes_version", b"_kubernetes_version", "_location_id", b"_location_id", "_memory_request_mb", b"_memory_request_mb", "_provider", b"_provider", "_region", b"_region", "_replicas", b"_replicas", "_run_as_uid", b"_run_as_uid", "_source_namespace", b"_source_namespace", "_storage_size_gb", b"_storage_size_gb", "_values_yaml", b"_values_yaml", "cluster_error", b"cluster_error", "cluster_status", b"cluster_status", "config", b"config", "container_port", b"container_port", "cpu_request", b"cpu_request", "created_at", b"created_at", "custom_values_yaml", b"custom_values_yaml", "deleted_at", b"deleted_at", "deployment_type", b"deployment_type", "docker_image", b"docker_image", "endpoint_url", b"endpoint_url", "error_message", b"error_message", "git_path", b"git_path", "helm_chart_name", b"helm_chart_name", "helm_chart_version", b"helm_chart_version", "helm_repo_url", b"helm_repo_url", "image_allow_tags", b"image_allow_tags", "image_ignore_tags", b"image_ignore_tags", "image_update_constraint", b"image_update_constraint", "image_update_strategy", b"image_update_strategy", "kubernetes_version", b"kubernetes_version", "location_id", b"location_id", "memory_request_mb", b"memory_request_mb", "provider", b"provider", "region", b"region", "replicas", b"replicas", "run_as_uid", b"run_as_uid", "source_namespace", b"source_namespace", "storage_size_gb", b"storage_size_gb", "updated_at", b"updated_at", "values_yaml", b"values_yaml"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cluster_error", b"_cluster_error", "_cluster_status", b"_cluster_status", "_container_port", b"_container_port", "_cpu_request", b"_cpu_request", "_custom_values_yaml", b"_custom_values_yaml", "_deployment_type", b"_deployment_type", "_docker_image", b"_docker_image", "_endpoint_url", b"_endpoint_url", "_error_message", b"_error_message", "_git_path", b"_git_path", "_helm_chart_name", b"_helm_chart_name", "_helm_chart_version", b"_helm_chart_version", "_helm_repo_url", b"_helm_repo_url", "_image_allow_tags", b"_image_allow_tags", "_image_ignore_tags", b"_image_ignore_tags", "_image_update_constraint", b"_image_update_constraint", "_image_update_strategy", b"_image_update_strategy", "_kubernetes_version", b"_kubernetes_version", "_location_id", b"_location_id", "_memory_request_mb", b"_memory_request_mb", "_promoted_from", b"_promoted_from", "_promoted_to", b"_promoted_to", "_provider", b"_provider", "_region", b"_region", "_replicas", b"_replicas", "_run_as_uid", b"_run_as_uid", "_source_namespace", b"_source_namespace", "_storage_size_gb", b"_storage_size_gb", "_target_location", b"_target_location", "_values_yaml", b"_values_yaml", "cluster_error", b"cluster_error", "cluster_status", b"cluster_status", "config", b"config", "container_port", b"container_port", "cpu_request", b"cpu_request", "created_at", b"created_at", "custom_values_yaml", b"custom_values_yaml", "deleted_at", b"deleted_at", "deployment_type", b"deployment_type", "docker_image", b"docker_image", "endpoint_url", b"endpoint_url", "error_message", b"error_message", "git_path", b"git_path", "helm_chart_name", b"helm_chart_name", "helm_chart_version", b"helm_chart_version", "helm_repo_url", b"helm_repo_url", "image_allow_tags", b"image_allow_tags", "image_ignore_tags", b"image_ignore_tags", "image_update_constraint", b"image_update_constraint", "image_update_strategy", b"image_update_strategy", "kubernetes_version", b"kubernetes_version", "location_id", b"location_id", "memory_request_mb", b"memory_request_mb", "placement", b"placement", "promoted_from", b"promoted_from", "promoted_to", b"promoted_to", "provider", b"provider", "region", b"region", "replicas", b"replicas", "run_as_uid", b"run_as_uid", "source_namespace", b"source_namespace", "storage_size_gb", b"storage_size_gb", "target_location", b"target_location", "updated_at", b"updated_at", "values_yaml", b"values_yaml"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cluster_error", b"_cluster_error", "_cluster_status", b"_cluster_status", "_container_port", b"_container_port", "_cpu_request", b"_cpu_request", "_custom_values_yaml", b"_custom_values_yaml", "_deployment_type", b"_deployment_type", "_docker_image", b"_docker_image", "_endpoint_url", b"_endpoint_url", "_error_message", b"_error_message", "_git_path", b"_git_path", "_helm_chart_name", b"_helm_chart_name", "_helm_chart_version", b"_helm_chart_version", "_helm_repo_url", b"_helm_repo_url", "_image_allow_tags", b"_image_allow_tags", "_image_ignore_tags", b"_image_ignore_tags", "_image_update_constraint", b"_image_update_constraint", "_image_update_strategy", b"_image_update_strategy", "_kubernetes_version", b"_kubernetes_version", "_location_id", b"_location_id", "_memory_request_mb", b"_memory_request_mb", "_provider", b"_provider", "_region", b"_region", "_replicas", b"_replicas", "_run_as_uid", b"_run_as_uid", "_source_namespace", b"_source_namespace", "_storage_size_gb", b"_storage_size_gb", "_values_yaml", b"_values_yaml", "app_type", b"app_type", "cluster_error", b"cluster_error", "cluster_id", b"cluster_id", "cluster_status", b"cluster_status", "config", b"config", "container_port", b"container_port", "cpu_request", b"cpu_request", "created_at", b"created_at", "custom_values_yaml", b"custom_values_yaml", "deleted_at", b"deleted_at", "deployment_type", b"deployment_type", "docker_image", b"docker_image", "endpoint_url", b"endpoint_url", "environment_variables", b"environment_variables", "error_message", b"error_message", "geographic_region", b"geographic_region", "git_path", b"git_path", "helm_chart_name", b"helm_chart_name", "helm_chart_version", b"helm_chart_version", "helm_repo_url", b"helm_repo_url", "id", b"id", "image_allow_tags", b"image_allow_tags", "image_ignore_tags", b"image_ignore_tags", "image_update_constraint", b"image_update_constraint", "image_update_strategy", b"image_update_strategy", "is_adopted", b"is_adopted", "kubernetes_version", b"kubernetes_version", "location_id", b"location_id", "memory_request_mb", b"memory_request_mb", "name", b"name", "phase", b"phase", "provider", b"provider", "region", b"region", "replicas", b"replicas", "revision", b"revision", "run_as_uid", b"run_as_uid", "source_namespace", b"source_namespace", "status", b"status", "storage_size_gb", b"storage_size_gb", "updated_at", b"updated_at", "user_id", b"user_id", "values_yaml", b"values_yaml", "volumes", b"volumes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cluster_error", b"_cluster_error", "_cluster_status", b"_cluster_status", "_container_port", b"_container_port", "_cpu_request", b"_cpu_request", "_custom_values_yaml", b"_custom_values_yaml", "_deployment_type", b"_deployment_type", "_docker_image", b"_docker_image", "_endpoint_url", b"_endpoint_url", "_error_message", b"_error_message", "_git_path", b"_git_path", "_helm_chart_name", b"_helm_chart_name", "_helm_chart_version", b"_helm_chart_version", "_helm_repo_url", b"_helm_repo_url", "_image_allow_tags", b"_image_allow_tags", "_image_ignore_tags", b"_image_ignore_tags", "_image_update_constraint", b"_image_update_constraint", "_image_update_strategy", b"_image_update_strategy", "_kubernetes_version", b"_kubernetes_version", "_location_id", b"_location_id", "_memory_request_mb", b"_memory_request_mb", "_promoted_from", b"_promoted_from", "_promoted_to", b"_promoted_to", "_provider", b"_provider", "_region", b"_region", "_replicas", b"_replicas", "_run_as_uid", b"_run_as_uid", "_source_namespace", b"_source_namespace", "_storage_size_gb", b"_storage_size_gb", "_target_location", b"_target_location", "_values_yaml", b"_values_yaml", "app_type", b"app_type", "cluster_error", b"cluster_error", "cluster_id", b"cluster_id", "cluster_status", b"cluster_status", "config", b"config", "container_port", b"container_port", "cpu_request", b"cpu_request", "created_at", b"created_at", "custom_values_yaml", b"custom_values_yaml", "deleted_at", b"deleted_at", "deployment_type", b"deployment_type", "docker_image", b"docker_image", "endpoint_url", b"endpoint_url", "environment_variables", b"environment_variables", "error_message", b"error_message", "etag", b"etag", "geographic_region", b"geographic_region", "git_path", b"git_path", "healthy_release", b"healthy_release", "helm_chart_name", b"helm_chart_name", "helm_chart_version", b"helm_chart_version", "helm_repo_url", b"helm_repo_url", "id", b"id", "image_allow_tags", b"image_allow_tags", "image_ignore_tags", b"image_ignore_tags", "image_update_constraint", b"image_update_constraint", "image_update_strategy", b"image_update_strategy", "image_updates_paused", b"image_updates_paused", "is_adopted", b"is_adopted", "kubernetes_version", b"kubernetes_version", "location_id", b"location_id", "memory_request_mb", b"memory_request_mb", "name", b"name", "operation", b"operation", "phase", b"phase", "placement", b"placement", "promoted_from", b"promoted_from", "promoted_to", b"promoted_to", "provider", b"provider", "reconciling", b"reconciling", "region", b"region", "release", b"release", "replicas", b"replicas", "revision", b"revision", "run_as_uid", b"run_as_uid", "source_namespace", b"source_namespace", "status", b"status", "storage_size_gb", b"storage_size_gb", "target_location", b"target_location", "updated_at", b"updated_at", "user_id", b"user_id", "values_yaml", b"values_yaml", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cluster_error: _TypeAlias = _typing.Literal["cluster_error"]  # noqa: Y015
     _WhichOneofArgType__cluster_error: _TypeAlias = _typing.Literal["_cluster_error", b"_cluster_error"]  # noqa: Y015
@@ -486,6 +536,10 @@ class Deployment(_message.Message):
     _WhichOneofArgType__location_id: _TypeAlias = _typing.Literal["_location_id", b"_location_id"]  # noqa: Y015
     _WhichOneofReturnType__memory_request_mb: _TypeAlias = _typing.Literal["memory_request_mb"]  # noqa: Y015
     _WhichOneofArgType__memory_request_mb: _TypeAlias = _typing.Literal["_memory_request_mb", b"_memory_request_mb"]  # noqa: Y015
+    _WhichOneofReturnType__promoted_from: _TypeAlias = _typing.Literal["promoted_from"]  # noqa: Y015
+    _WhichOneofArgType__promoted_from: _TypeAlias = _typing.Literal["_promoted_from", b"_promoted_from"]  # noqa: Y015
+    _WhichOneofReturnType__promoted_to: _TypeAlias = _typing.Literal["promoted_to"]  # noqa: Y015
+    _WhichOneofArgType__promoted_to: _TypeAlias = _typing.Literal["_promoted_to", b"_promoted_to"]  # noqa: Y015
     _WhichOneofReturnType__provider: _TypeAlias = _typing.Literal["provider"]  # noqa: Y015
     _WhichOneofArgType__provider: _TypeAlias = _typing.Literal["_provider", b"_provider"]  # noqa: Y015
     _WhichOneofReturnType__region: _TypeAlias = _typing.Literal["region"]  # noqa: Y015
@@ -498,6 +552,8 @@ class Deployment(_message.Message):
     _WhichOneofArgType__source_namespace: _TypeAlias = _typing.Literal["_source_namespace", b"_source_namespace"]  # noqa: Y015
     _WhichOneofReturnType__storage_size_gb: _TypeAlias = _typing.Literal["storage_size_gb"]  # noqa: Y015
     _WhichOneofArgType__storage_size_gb: _TypeAlias = _typing.Literal["_storage_size_gb", b"_storage_size_gb"]  # noqa: Y015
+    _WhichOneofReturnType__target_location: _TypeAlias = _typing.Literal["target_location"]  # noqa: Y015
+    _WhichOneofArgType__target_location: _TypeAlias = _typing.Literal["_target_location", b"_target_location"]  # noqa: Y015
     _WhichOneofReturnType__values_yaml: _TypeAlias = _typing.Literal["values_yaml"]  # noqa: Y015
     _WhichOneofArgType__values_yaml: _TypeAlias = _typing.Literal["_values_yaml", b"_values_yaml"]  # noqa: Y015
     @_typing.overload
@@ -541,6 +597,10 @@ class Deployment(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_request_mb) -> _WhichOneofReturnType__memory_request_mb | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__promoted_from) -> _WhichOneofReturnType__promoted_from | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__promoted_to) -> _WhichOneofReturnType__promoted_to | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__provider) -> _WhichOneofReturnType__provider | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__region) -> _WhichOneofReturnType__region | None: ...
@@ -553,9 +613,136 @@ class Deployment(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__storage_size_gb) -> _WhichOneofReturnType__storage_size_gb | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__target_location) -> _WhichOneofReturnType__target_location | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__values_yaml) -> _WhichOneofReturnType__values_yaml | None: ...
 
 Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
+
+@_typing.final
+class PlacementExplanation(_message.Message):
+    """PlacementExplanation says why a deployment is (or would be) placed where it is."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHOSEN_LOCATION_ID_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
+    chosen_location_id: _builtins.str
+    """The location chosen; empty when none fits."""
+    more: _builtins.int
+    refusal: _builtins.str
+    """Why no location fits, when none does."""
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlacementCandidate]:
+        """The candidates of the region, best score first (at most 20; `more` counts the rest)."""
+
+    def __init__(
+        self,
+        *,
+        chosen_location_id: _builtins.str = ...,
+        candidates: _abc.Iterable[Global___PlacementCandidate] | None = ...,
+        more: _builtins.int = ...,
+        refusal: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "chosen_location_id", b"chosen_location_id", "more", b"more", "refusal", b"refusal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlacementExplanation: _TypeAlias = PlacementExplanation  # noqa: Y015
+
+@_typing.final
+class PlacementCandidate(_message.Message):
+    """PlacementCandidate is one location considered for a placement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCATION_ID_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    CHOSEN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    location_id: _builtins.str
+    score: _builtins.float
+    """Higher wins: 1 - the worst utilisation after placing + the operator's weight."""
+    chosen: _builtins.bool
+    reason: _builtins.str
+    """Why it was not chosen: unhealthy, short of cpu by N, a lower score, not the pinned location."""
+    weight: _builtins.float
+    def __init__(
+        self,
+        *,
+        location_id: _builtins.str = ...,
+        score: _builtins.float = ...,
+        chosen: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chosen", b"chosen", "location_id", b"location_id", "reason", b"reason", "score", b"score", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlacementCandidate: _TypeAlias = PlacementCandidate  # noqa: Y015
+
+@_typing.final
+class Release(_message.Message):
+    """Release is one accepted version of a deployment's spec."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    NUMBER_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    HEALTHY_FIELD_NUMBER: _builtins.int
+    ROLLBACK_OF_FIELD_NUMBER: _builtins.int
+    deployment_id: _builtins.str
+    number: _builtins.int
+    """1 for the create, then one more for every accepted change of the spec."""
+    operation: _builtins.str
+    """What made it: create, update, scale, rollback, rollback-automatic, adopt."""
+    actor: _builtins.str
+    """The user who asked for it; empty when the platform made it (an automatic rollback)."""
+    reason: _builtins.str
+    """Why: the caller's reason, or what the platform says."""
+    healthy: _builtins.bool
+    """True once this release ran healthy."""
+    rollback_of: _builtins.int
+    """For a rollback: the release whose spec it re-applied."""
+    @_builtins.property
+    def spec(self) -> Global___CreateAppHostingDeploymentRequest:
+        """The spec as it was in this release, in the shape of the create request."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        deployment_id: _builtins.str = ...,
+        number: _builtins.int = ...,
+        spec: Global___CreateAppHostingDeploymentRequest | None = ...,
+        operation: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        healthy: _builtins.bool = ...,
+        rollback_of: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "create_time", b"create_time", "deployment_id", b"deployment_id", "healthy", b"healthy", "number", b"number", "operation", b"operation", "reason", b"reason", "rollback_of", b"rollback_of", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Release: _TypeAlias = Release  # noqa: Y015
 
 @_typing.final
 class GetDeploymentRequest(_message.Message):
@@ -648,15 +835,29 @@ class DeleteDeploymentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    etag: _builtins.str
+    """When set, the deployment's etag: a stale one is ABORTED."""
+    force: _builtins.bool
+    """For an adopted deployment: also delete the workloads it was adopted with (by default they
+    are released, left running in their namespace).
+    """
+    validate_only: _builtins.bool
+    """Check the deletion is allowed; write nothing."""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        force: _builtins.bool = ...,
+        validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "force", b"force", "id", b"id", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -669,19 +870,536 @@ class RetryDeploymentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    etag: _builtins.str
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetryDeploymentRequest: _TypeAlias = RetryDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class UpdateDeploymentRequest(_message.Message):
+    """UpdateDeploymentRequest changes the fields of `deployment` named in update_mask."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    etag: _builtins.str
+    """When set, the deployment's etag (deployment.etag is read when this is empty)."""
+    validate_only: _builtins.bool
+    reason: _builtins.str
+    """Why, kept with the release."""
+    @_builtins.property
+    def deployment(self) -> Global___Deployment:
+        """Its id names the deployment; the fields in update_mask carry the new values."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Updatable: docker_image, helm_chart_version, custom_values_yaml, config,
+        environment_variables, cpu_request, memory_request_mb, replicas, container_port,
+        image_update_strategy, image_update_constraint, image_allow_tags, image_ignore_tags,
+        storage_size_gb (grow only) and volumes (add only). An absent field in the mask clears it.
+        """
+
+    def __init__(
+        self,
+        *,
+        deployment: Global___Deployment | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        etag: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "etag", b"etag", "reason", b"reason", "update_mask", b"update_mask", "validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateDeploymentRequest: _TypeAlias = UpdateDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class ScaleDeploymentRequest(_message.Message):
+    """ScaleDeploymentRequest sets the number of replicas."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    replicas: _builtins.int
+    etag: _builtins.str
+    validate_only: _builtins.bool
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        replicas: _builtins.int = ...,
+        etag: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id", "reason", b"reason", "replicas", b"replicas", "validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScaleDeploymentRequest: _TypeAlias = ScaleDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class StopDeploymentRequest(_message.Message):
+    """StopDeploymentRequest names the running deployment to stop."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    etag: _builtins.str
+    validate_only: _builtins.bool
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id", "reason", b"reason", "validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopDeploymentRequest: _TypeAlias = StopDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class StartDeploymentRequest(_message.Message):
+    """StartDeploymentRequest names the stopped deployment to start."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    etag: _builtins.str
+    validate_only: _builtins.bool
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id", "reason", b"reason", "validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartDeploymentRequest: _TypeAlias = StartDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class RollbackDeploymentRequest(_message.Message):
+    """RollbackDeploymentRequest names the release to go back to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    release: _builtins.int
+    """The release whose spec is applied again; 0: the newest healthy release before the current one."""
+    etag: _builtins.str
+    validate_only: _builtins.bool
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        release: _builtins.int = ...,
+        etag: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id", "reason", b"reason", "release", b"release", "validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackDeploymentRequest: _TypeAlias = RollbackDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class PromoteOverrides(_message.Message):
+    """PromoteOverrides are the fields of the copy that differ from the source's."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    CPU_REQUEST_FIELD_NUMBER: _builtins.int
+    MEMORY_REQUEST_MB_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    CONTAINER_PORT_FIELD_NUMBER: _builtins.int
+    STORAGE_SIZE_GB_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_VARIABLES_FIELD_NUMBER: _builtins.int
+    DOCKER_IMAGE_FIELD_NUMBER: _builtins.int
+    VOLUMES_FIELD_NUMBER: _builtins.int
+    HELM_CHART_VERSION_FIELD_NUMBER: _builtins.int
+    CUSTOM_VALUES_YAML_FIELD_NUMBER: _builtins.int
+    IMAGE_UPDATE_STRATEGY_FIELD_NUMBER: _builtins.int
+    IMAGE_UPDATE_CONSTRAINT_FIELD_NUMBER: _builtins.int
+    IMAGE_ALLOW_TAGS_FIELD_NUMBER: _builtins.int
+    IMAGE_IGNORE_TAGS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    cpu_request: _builtins.float
+    memory_request_mb: _builtins.int
+    replicas: _builtins.int
+    container_port: _builtins.int
+    storage_size_gb: _builtins.int
+    docker_image: _builtins.str
+    helm_chart_version: _builtins.str
+    custom_values_yaml: _builtins.str
+    image_update_strategy: _builtins.str
+    image_update_constraint: _builtins.str
+    image_allow_tags: _builtins.str
+    image_ignore_tags: _builtins.str
+    @_builtins.property
+    def config(self) -> _struct_pb2.Struct: ...
+    @_builtins.property
+    def environment_variables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def volumes(self) -> _containers.RepeatedCompositeFieldContainer[Global___VolumeConfig]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str | None = ...,
+        config: _struct_pb2.Struct | None = ...,
+        cpu_request: _builtins.float | None = ...,
+        memory_request_mb: _builtins.int | None = ...,
+        replicas: _builtins.int | None = ...,
+        container_port: _builtins.int | None = ...,
+        storage_size_gb: _builtins.int | None = ...,
+        environment_variables: _abc.Iterable[_builtins.str] | None = ...,
+        docker_image: _builtins.str | None = ...,
+        volumes: _abc.Iterable[Global___VolumeConfig] | None = ...,
+        helm_chart_version: _builtins.str | None = ...,
+        custom_values_yaml: _builtins.str | None = ...,
+        image_update_strategy: _builtins.str | None = ...,
+        image_update_constraint: _builtins.str | None = ...,
+        image_allow_tags: _builtins.str | None = ...,
+        image_ignore_tags: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_container_port", b"_container_port", "_cpu_request", b"_cpu_request", "_custom_values_yaml", b"_custom_values_yaml", "_docker_image", b"_docker_image", "_helm_chart_version", b"_helm_chart_version", "_image_allow_tags", b"_image_allow_tags", "_image_ignore_tags", b"_image_ignore_tags", "_image_update_constraint", b"_image_update_constraint", "_image_update_strategy", b"_image_update_strategy", "_memory_request_mb", b"_memory_request_mb", "_name", b"_name", "_replicas", b"_replicas", "_storage_size_gb", b"_storage_size_gb", "config", b"config", "container_port", b"container_port", "cpu_request", b"cpu_request", "custom_values_yaml", b"custom_values_yaml", "docker_image", b"docker_image", "helm_chart_version", b"helm_chart_version", "image_allow_tags", b"image_allow_tags", "image_ignore_tags", b"image_ignore_tags", "image_update_constraint", b"image_update_constraint", "image_update_strategy", b"image_update_strategy", "memory_request_mb", b"memory_request_mb", "name", b"name", "replicas", b"replicas", "storage_size_gb", b"storage_size_gb"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_container_port", b"_container_port", "_cpu_request", b"_cpu_request", "_custom_values_yaml", b"_custom_values_yaml", "_docker_image", b"_docker_image", "_helm_chart_version", b"_helm_chart_version", "_image_allow_tags", b"_image_allow_tags", "_image_ignore_tags", b"_image_ignore_tags", "_image_update_constraint", b"_image_update_constraint", "_image_update_strategy", b"_image_update_strategy", "_memory_request_mb", b"_memory_request_mb", "_name", b"_name", "_replicas", b"_replicas", "_storage_size_gb", b"_storage_size_gb", "config", b"config", "container_port", b"container_port", "cpu_request", b"cpu_request", "custom_values_yaml", b"custom_values_yaml", "docker_image", b"docker_image", "environment_variables", b"environment_variables", "helm_chart_version", b"helm_chart_version", "image_allow_tags", b"image_allow_tags", "image_ignore_tags", b"image_ignore_tags", "image_update_constraint", b"image_update_constraint", "image_update_strategy", b"image_update_strategy", "memory_request_mb", b"memory_request_mb", "name", b"name", "replicas", b"replicas", "storage_size_gb", b"storage_size_gb", "volumes", b"volumes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__container_port: _TypeAlias = _typing.Literal["container_port"]  # noqa: Y015
+    _WhichOneofArgType__container_port: _TypeAlias = _typing.Literal["_container_port", b"_container_port"]  # noqa: Y015
+    _WhichOneofReturnType__cpu_request: _TypeAlias = _typing.Literal["cpu_request"]  # noqa: Y015
+    _WhichOneofArgType__cpu_request: _TypeAlias = _typing.Literal["_cpu_request", b"_cpu_request"]  # noqa: Y015
+    _WhichOneofReturnType__custom_values_yaml: _TypeAlias = _typing.Literal["custom_values_yaml"]  # noqa: Y015
+    _WhichOneofArgType__custom_values_yaml: _TypeAlias = _typing.Literal["_custom_values_yaml", b"_custom_values_yaml"]  # noqa: Y015
+    _WhichOneofReturnType__docker_image: _TypeAlias = _typing.Literal["docker_image"]  # noqa: Y015
+    _WhichOneofArgType__docker_image: _TypeAlias = _typing.Literal["_docker_image", b"_docker_image"]  # noqa: Y015
+    _WhichOneofReturnType__helm_chart_version: _TypeAlias = _typing.Literal["helm_chart_version"]  # noqa: Y015
+    _WhichOneofArgType__helm_chart_version: _TypeAlias = _typing.Literal["_helm_chart_version", b"_helm_chart_version"]  # noqa: Y015
+    _WhichOneofReturnType__image_allow_tags: _TypeAlias = _typing.Literal["image_allow_tags"]  # noqa: Y015
+    _WhichOneofArgType__image_allow_tags: _TypeAlias = _typing.Literal["_image_allow_tags", b"_image_allow_tags"]  # noqa: Y015
+    _WhichOneofReturnType__image_ignore_tags: _TypeAlias = _typing.Literal["image_ignore_tags"]  # noqa: Y015
+    _WhichOneofArgType__image_ignore_tags: _TypeAlias = _typing.Literal["_image_ignore_tags", b"_image_ignore_tags"]  # noqa: Y015
+    _WhichOneofReturnType__image_update_constraint: _TypeAlias = _typing.Literal["image_update_constraint"]  # noqa: Y015
+    _WhichOneofArgType__image_update_constraint: _TypeAlias = _typing.Literal["_image_update_constraint", b"_image_update_constraint"]  # noqa: Y015
+    _WhichOneofReturnType__image_update_strategy: _TypeAlias = _typing.Literal["image_update_strategy"]  # noqa: Y015
+    _WhichOneofArgType__image_update_strategy: _TypeAlias = _typing.Literal["_image_update_strategy", b"_image_update_strategy"]  # noqa: Y015
+    _WhichOneofReturnType__memory_request_mb: _TypeAlias = _typing.Literal["memory_request_mb"]  # noqa: Y015
+    _WhichOneofArgType__memory_request_mb: _TypeAlias = _typing.Literal["_memory_request_mb", b"_memory_request_mb"]  # noqa: Y015
+    _WhichOneofReturnType__name: _TypeAlias = _typing.Literal["name"]  # noqa: Y015
+    _WhichOneofArgType__name: _TypeAlias = _typing.Literal["_name", b"_name"]  # noqa: Y015
+    _WhichOneofReturnType__replicas: _TypeAlias = _typing.Literal["replicas"]  # noqa: Y015
+    _WhichOneofArgType__replicas: _TypeAlias = _typing.Literal["_replicas", b"_replicas"]  # noqa: Y015
+    _WhichOneofReturnType__storage_size_gb: _TypeAlias = _typing.Literal["storage_size_gb"]  # noqa: Y015
+    _WhichOneofArgType__storage_size_gb: _TypeAlias = _typing.Literal["_storage_size_gb", b"_storage_size_gb"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__container_port) -> _WhichOneofReturnType__container_port | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_request) -> _WhichOneofReturnType__cpu_request | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__custom_values_yaml) -> _WhichOneofReturnType__custom_values_yaml | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__docker_image) -> _WhichOneofReturnType__docker_image | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__helm_chart_version) -> _WhichOneofReturnType__helm_chart_version | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__image_allow_tags) -> _WhichOneofReturnType__image_allow_tags | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__image_ignore_tags) -> _WhichOneofReturnType__image_ignore_tags | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__image_update_constraint) -> _WhichOneofReturnType__image_update_constraint | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__image_update_strategy) -> _WhichOneofReturnType__image_update_strategy | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_request_mb) -> _WhichOneofReturnType__memory_request_mb | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__name) -> _WhichOneofReturnType__name | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__replicas) -> _WhichOneofReturnType__replicas | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__storage_size_gb) -> _WhichOneofReturnType__storage_size_gb | None: ...
+
+Global___PromoteOverrides: _TypeAlias = PromoteOverrides  # noqa: Y015
+
+@_typing.final
+class PromoteDeploymentRequest(_message.Message):
+    """PromoteDeploymentRequest is POST /deployments/{deployment_id}/promote."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TARGET_LOCATION_FIELD_NUMBER: _builtins.int
+    TARGET_CLUSTER_ID_FIELD_NUMBER: _builtins.int
+    TARGET_GEOGRAPHIC_REGION_FIELD_NUMBER: _builtins.int
+    NEW_NAME_FIELD_NUMBER: _builtins.int
+    DELETE_SOURCE_FIELD_NUMBER: _builtins.int
+    OVERRIDES_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The source deployment."""
+    target_location: _builtins.str
+    """The location (host cluster) for the copy; target_cluster_id is the vendor's name for it.
+    Both empty: the scheduler chooses in target_geographic_region.
+    """
+    target_cluster_id: _builtins.str
+    target_geographic_region: _builtins.str
+    """Empty: the source's geographic region."""
+    new_name: _builtins.str
+    """The copy's name; empty: overrides.name, else the source's name with "-copy"."""
+    delete_source: _builtins.bool
+    """A migration: the source shows `migrating` and is deleted once the copy runs."""
+    etag: _builtins.str
+    validate_only: _builtins.bool
+    request_id: _builtins.str
+    """Idempotency key (a UUID) of the copy's creation."""
+    @_builtins.property
+    def overrides(self) -> Global___PromoteOverrides: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        target_location: _builtins.str = ...,
+        target_cluster_id: _builtins.str = ...,
+        target_geographic_region: _builtins.str = ...,
+        new_name: _builtins.str = ...,
+        delete_source: _builtins.bool = ...,
+        overrides: Global___PromoteOverrides | None = ...,
+        etag: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["overrides", b"overrides"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete_source", b"delete_source", "etag", b"etag", "id", b"id", "new_name", b"new_name", "overrides", b"overrides", "request_id", b"request_id", "target_cluster_id", b"target_cluster_id", "target_geographic_region", b"target_geographic_region", "target_location", b"target_location", "validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteDeploymentRequest: _TypeAlias = PromoteDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class PromoteDeploymentResponse(_message.Message):
+    """PromoteDeploymentResponse is the source as the promotion left it, and the copy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def source(self) -> Global___Deployment: ...
+    @_builtins.property
+    def target(self) -> Global___Deployment: ...
+    def __init__(
+        self,
+        *,
+        source: Global___Deployment | None = ...,
+        target: Global___Deployment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteDeploymentResponse: _TypeAlias = PromoteDeploymentResponse  # noqa: Y015
+
+@_typing.final
+class AdoptDeploymentRequest(_message.Message):
+    """AdoptDeploymentRequest takes an existing namespace under management."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCATION_FIELD_NUMBER: _builtins.int
+    SOURCE_NAMESPACE_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_NAME_FIELD_NUMBER: _builtins.int
+    APP_TYPE_FIELD_NUMBER: _builtins.int
+    CPU_REQUEST_FIELD_NUMBER: _builtins.int
+    MEMORY_REQUEST_MB_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    CONTAINER_PORT_FIELD_NUMBER: _builtins.int
+    DOCKER_IMAGE_FIELD_NUMBER: _builtins.int
+    STORAGE_SIZE_GB_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    location: _builtins.str
+    """The location (host cluster) the namespace is on."""
+    source_namespace: _builtins.str
+    """The namespace whose workloads are adopted."""
+    deployment_name: _builtins.str
+    """The name the deployment gets; empty: the namespace's."""
+    app_type: _builtins.str
+    """One of web_app, api, database, static_site, container, helm; container when unset."""
+    cpu_request: _builtins.float
+    """What the adopted workloads hold, for quota and capacity (the defaults when unset)."""
+    memory_request_mb: _builtins.int
+    replicas: _builtins.int
+    container_port: _builtins.int
+    docker_image: _builtins.str
+    storage_size_gb: _builtins.int
+    request_id: _builtins.str
+    validate_only: _builtins.bool
+    def __init__(
+        self,
+        *,
+        location: _builtins.str = ...,
+        source_namespace: _builtins.str = ...,
+        deployment_name: _builtins.str = ...,
+        app_type: _builtins.str | None = ...,
+        cpu_request: _builtins.float | None = ...,
+        memory_request_mb: _builtins.int | None = ...,
+        replicas: _builtins.int | None = ...,
+        container_port: _builtins.int | None = ...,
+        docker_image: _builtins.str | None = ...,
+        storage_size_gb: _builtins.int | None = ...,
+        request_id: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_app_type", b"_app_type", "_container_port", b"_container_port", "_cpu_request", b"_cpu_request", "_docker_image", b"_docker_image", "_memory_request_mb", b"_memory_request_mb", "_replicas", b"_replicas", "_storage_size_gb", b"_storage_size_gb", "app_type", b"app_type", "container_port", b"container_port", "cpu_request", b"cpu_request", "docker_image", b"docker_image", "memory_request_mb", b"memory_request_mb", "replicas", b"replicas", "storage_size_gb", b"storage_size_gb"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_app_type", b"_app_type", "_container_port", b"_container_port", "_cpu_request", b"_cpu_request", "_docker_image", b"_docker_image", "_memory_request_mb", b"_memory_request_mb", "_replicas", b"_replicas", "_storage_size_gb", b"_storage_size_gb", "app_type", b"app_type", "container_port", b"container_port", "cpu_request", b"cpu_request", "deployment_name", b"deployment_name", "docker_image", b"docker_image", "location", b"location", "memory_request_mb", b"memory_request_mb", "replicas", b"replicas", "request_id", b"request_id", "source_namespace", b"source_namespace", "storage_size_gb", b"storage_size_gb", "validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__app_type: _TypeAlias = _typing.Literal["app_type"]  # noqa: Y015
+    _WhichOneofArgType__app_type: _TypeAlias = _typing.Literal["_app_type", b"_app_type"]  # noqa: Y015
+    _WhichOneofReturnType__container_port: _TypeAlias = _typing.Literal["container_port"]  # noqa: Y015
+    _WhichOneofArgType__container_port: _TypeAlias = _typing.Literal["_container_port", b"_container_port"]  # noqa: Y015
+    _WhichOneofReturnType__cpu_request: _TypeAlias = _typing.Literal["cpu_request"]  # noqa: Y015
+    _WhichOneofArgType__cpu_request: _TypeAlias = _typing.Literal["_cpu_request", b"_cpu_request"]  # noqa: Y015
+    _WhichOneofReturnType__docker_image: _TypeAlias = _typing.Literal["docker_image"]  # noqa: Y015
+    _WhichOneofArgType__docker_image: _TypeAlias = _typing.Literal["_docker_image", b"_docker_image"]  # noqa: Y015
+    _WhichOneofReturnType__memory_request_mb: _TypeAlias = _typing.Literal["memory_request_mb"]  # noqa: Y015
+    _WhichOneofArgType__memory_request_mb: _TypeAlias = _typing.Literal["_memory_request_mb", b"_memory_request_mb"]  # noqa: Y015
+    _WhichOneofReturnType__replicas: _TypeAlias = _typing.Literal["replicas"]  # noqa: Y015
+    _WhichOneofArgType__replicas: _TypeAlias = _typing.Literal["_replicas", b"_replicas"]  # noqa: Y015
+    _WhichOneofReturnType__storage_size_gb: _TypeAlias = _typing.Literal["storage_size_gb"]  # noqa: Y015
+    _WhichOneofArgType__storage_size_gb: _TypeAlias = _typing.Literal["_storage_size_gb", b"_storage_size_gb"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__app_type) -> _WhichOneofReturnType__app_type | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__container_port) -> _WhichOneofReturnType__container_port | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_request) -> _WhichOneofReturnType__cpu_request | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__docker_image) -> _WhichOneofReturnType__docker_image | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_request_mb) -> _WhichOneofReturnType__memory_request_mb | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__replicas) -> _WhichOneofReturnType__replicas | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__storage_size_gb) -> _WhichOneofReturnType__storage_size_gb | None: ...
+
+Global___AdoptDeploymentRequest: _TypeAlias = AdoptDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class ListReleasesRequest(_message.Message):
+    """ListReleasesRequest pages through one deployment's releases, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    page_size: _builtins.int
+    """50 when 0, at most 1000."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReleasesRequest: _TypeAlias = ListReleasesRequest  # noqa: Y015
+
+@_typing.final
+class ListReleasesResponse(_message.Message):
+    """ListReleasesResponse is one page of releases."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def releases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Release]: ...
+    def __init__(
+        self,
+        *,
+        releases: _abc.Iterable[Global___Release] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "releases", b"releases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReleasesResponse: _TypeAlias = ListReleasesResponse  # noqa: Y015
 
 @_typing.final
 class WatchDeploymentRequest(_message.Message):
@@ -805,6 +1523,8 @@ class DeploymentEvent(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
     deployment_id: _builtins.str
     revision: _builtins.int
     status: Global___DeploymentStatus.ValueType
@@ -817,9 +1537,15 @@ class DeploymentEvent(_message.Message):
     final: _builtins.bool
     """True on the last event of a deployment; the watch ends after it."""
     actor: _builtins.str
-    """The user (a UUID) who asked for this change: set on create, delete and retry; empty when the
-    platform reported it.
+    """The user (a UUID) who asked for this change: set on every operation a caller asked for;
+    empty when the platform reported it (image-updater for its updates).
     """
+    operation: _builtins.str
+    """The operation this change belongs to (create, update, scale, stop, start, rollback, promote,
+    migrate, adopt, delete, retry); empty for a worker's progress report of no operation.
+    """
+    release: _builtins.int
+    """The release the change is about; 0 when it is about none."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -835,10 +1561,12 @@ class DeploymentEvent(_message.Message):
         time: _timestamp_pb2.Timestamp | None = ...,
         final: _builtins.bool = ...,
         actor: _builtins.str = ...,
+        operation: _builtins.str = ...,
+        release: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "deployment_id", b"deployment_id", "final", b"final", "message", b"message", "phase", b"phase", "revision", b"revision", "simulated", b"simulated", "source", b"source", "status", b"status", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "deployment_id", b"deployment_id", "final", b"final", "message", b"message", "operation", b"operation", "phase", b"phase", "release", b"release", "revision", b"revision", "simulated", b"simulated", "source", b"source", "status", b"status", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -70,6 +70,46 @@ class DeploymentServiceStub:
                 request_serializer=apphosting_dot_v1_dot_deployments__pb2.WatchDeploymentsRequest.SerializeToString,
                 response_deserializer=apphosting_dot_v1_dot_deployments__pb2.WatchDeploymentsResponse.FromString,
                 _registered_method=True)
+        self.UpdateDeployment = channel.unary_unary(
+                '/apphosting.v1.DeploymentService/UpdateDeployment',
+                request_serializer=apphosting_dot_v1_dot_deployments__pb2.UpdateDeploymentRequest.SerializeToString,
+                response_deserializer=apphosting_dot_v1_dot_deployments__pb2.Deployment.FromString,
+                _registered_method=True)
+        self.ScaleDeployment = channel.unary_unary(
+                '/apphosting.v1.DeploymentService/ScaleDeployment',
+                request_serializer=apphosting_dot_v1_dot_deployments__pb2.ScaleDeploymentRequest.SerializeToString,
+                response_deserializer=apphosting_dot_v1_dot_deployments__pb2.Deployment.FromString,
+                _registered_method=True)
+        self.StopDeployment = channel.unary_unary(
+                '/apphosting.v1.DeploymentService/StopDeployment',
+                request_serializer=apphosting_dot_v1_dot_deployments__pb2.StopDeploymentRequest.SerializeToString,
+                response_deserializer=apphosting_dot_v1_dot_deployments__pb2.Deployment.FromString,
+                _registered_method=True)
+        self.StartDeployment = channel.unary_unary(
+                '/apphosting.v1.DeploymentService/StartDeployment',
+                request_serializer=apphosting_dot_v1_dot_deployments__pb2.StartDeploymentRequest.SerializeToString,
+                response_deserializer=apphosting_dot_v1_dot_deployments__pb2.Deployment.FromString,
+                _registered_method=True)
+        self.RollbackDeployment = channel.unary_unary(
+                '/apphosting.v1.DeploymentService/RollbackDeployment',
+                request_serializer=apphosting_dot_v1_dot_deployments__pb2.RollbackDeploymentRequest.SerializeToString,
+                response_deserializer=apphosting_dot_v1_dot_deployments__pb2.Deployment.FromString,
+                _registered_method=True)
+        self.PromoteDeployment = channel.unary_unary(
+                '/apphosting.v1.DeploymentService/PromoteDeployment',
+                request_serializer=apphosting_dot_v1_dot_deployments__pb2.PromoteDeploymentRequest.SerializeToString,
+                response_deserializer=apphosting_dot_v1_dot_deployments__pb2.PromoteDeploymentResponse.FromString,
+                _registered_method=True)
+        self.AdoptDeployment = channel.unary_unary(
+                '/apphosting.v1.DeploymentService/AdoptDeployment',
+                request_serializer=apphosting_dot_v1_dot_deployments__pb2.AdoptDeploymentRequest.SerializeToString,
+                response_deserializer=apphosting_dot_v1_dot_deployments__pb2.Deployment.FromString,
+                _registered_method=True)
+        self.ListReleases = channel.unary_unary(
+                '/apphosting.v1.DeploymentService/ListReleases',
+                request_serializer=apphosting_dot_v1_dot_deployments__pb2.ListReleasesRequest.SerializeToString,
+                response_deserializer=apphosting_dot_v1_dot_deployments__pb2.ListReleasesResponse.FromString,
+                _registered_method=True)
 
 
 class DeploymentServiceServicer:
@@ -125,6 +165,66 @@ class DeploymentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateDeployment(self, request, context):
+        """Day-2 operations. Each changes the desired state (a new release, or whether the app should
+        run) and answers at once; the workers converge to it and report every step as an event.
+
+        Changes the fields named in update_mask (AIP-134); rolls the new release out in place.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScaleDeployment(self, request, context):
+        """Sets the number of replicas: an update of `replicas` alone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopDeployment(self, request, context):
+        """Scales the app to zero and puts its vCluster to sleep; volumes and config are kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartDeployment(self, request, context):
+        """Wakes a stopped deployment and scales its app back up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackDeployment(self, request, context):
+        """Re-applies an earlier release as a new release and pauses automatic image updates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteDeployment(self, request, context):
+        """Copies the deployment's configuration (plus overrides) to a new deployment on a target;
+        with delete_source, a migration: the source goes once the copy runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdoptDeployment(self, request, context):
+        """Takes an existing namespace with its workloads on a host cluster under management.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReleases(self, request, context):
+        """Pages through a deployment's releases, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeploymentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +262,46 @@ def add_DeploymentServiceServicer_to_server(servicer, server):
                     servicer.WatchDeployments,
                     request_deserializer=apphosting_dot_v1_dot_deployments__pb2.WatchDeploymentsRequest.FromString,
                     response_serializer=apphosting_dot_v1_dot_deployments__pb2.WatchDeploymentsResponse.SerializeToString,
+            ),
+            'UpdateDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateDeployment,
+                    request_deserializer=apphosting_dot_v1_dot_deployments__pb2.UpdateDeploymentRequest.FromString,
+                    response_serializer=apphosting_dot_v1_dot_deployments__pb2.Deployment.SerializeToString,
+            ),
+            'ScaleDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleDeployment,
+                    request_deserializer=apphosting_dot_v1_dot_deployments__pb2.ScaleDeploymentRequest.FromString,
+                    response_serializer=apphosting_dot_v1_dot_deployments__pb2.Deployment.SerializeToString,
+            ),
+            'StopDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopDeployment,
+                    request_deserializer=apphosting_dot_v1_dot_deployments__pb2.StopDeploymentRequest.FromString,
+                    response_serializer=apphosting_dot_v1_dot_deployments__pb2.Deployment.SerializeToString,
+            ),
+            'StartDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartDeployment,
+                    request_deserializer=apphosting_dot_v1_dot_deployments__pb2.StartDeploymentRequest.FromString,
+                    response_serializer=apphosting_dot_v1_dot_deployments__pb2.Deployment.SerializeToString,
+            ),
+            'RollbackDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackDeployment,
+                    request_deserializer=apphosting_dot_v1_dot_deployments__pb2.RollbackDeploymentRequest.FromString,
+                    response_serializer=apphosting_dot_v1_dot_deployments__pb2.Deployment.SerializeToString,
+            ),
+            'PromoteDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteDeployment,
+                    request_deserializer=apphosting_dot_v1_dot_deployments__pb2.PromoteDeploymentRequest.FromString,
+                    response_serializer=apphosting_dot_v1_dot_deployments__pb2.PromoteDeploymentResponse.SerializeToString,
+            ),
+            'AdoptDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdoptDeployment,
+                    request_deserializer=apphosting_dot_v1_dot_deployments__pb2.AdoptDeploymentRequest.FromString,
+                    response_serializer=apphosting_dot_v1_dot_deployments__pb2.Deployment.SerializeToString,
+            ),
+            'ListReleases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReleases,
+                    request_deserializer=apphosting_dot_v1_dot_deployments__pb2.ListReleasesRequest.FromString,
+                    response_serializer=apphosting_dot_v1_dot_deployments__pb2.ListReleasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +494,222 @@ class DeploymentService:
             '/apphosting.v1.DeploymentService/WatchDeployments',
             apphosting_dot_v1_dot_deployments__pb2.WatchDeploymentsRequest.SerializeToString,
             apphosting_dot_v1_dot_deployments__pb2.WatchDeploymentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apphosting.v1.DeploymentService/UpdateDeployment',
+            apphosting_dot_v1_dot_deployments__pb2.UpdateDeploymentRequest.SerializeToString,
+            apphosting_dot_v1_dot_deployments__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apphosting.v1.DeploymentService/ScaleDeployment',
+            apphosting_dot_v1_dot_deployments__pb2.ScaleDeploymentRequest.SerializeToString,
+            apphosting_dot_v1_dot_deployments__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apphosting.v1.DeploymentService/StopDeployment',
+            apphosting_dot_v1_dot_deployments__pb2.StopDeploymentRequest.SerializeToString,
+            apphosting_dot_v1_dot_deployments__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apphosting.v1.DeploymentService/StartDeployment',
+            apphosting_dot_v1_dot_deployments__pb2.StartDeploymentRequest.SerializeToString,
+            apphosting_dot_v1_dot_deployments__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apphosting.v1.DeploymentService/RollbackDeployment',
+            apphosting_dot_v1_dot_deployments__pb2.RollbackDeploymentRequest.SerializeToString,
+            apphosting_dot_v1_dot_deployments__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apphosting.v1.DeploymentService/PromoteDeployment',
+            apphosting_dot_v1_dot_deployments__pb2.PromoteDeploymentRequest.SerializeToString,
+            apphosting_dot_v1_dot_deployments__pb2.PromoteDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdoptDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apphosting.v1.DeploymentService/AdoptDeployment',
+            apphosting_dot_v1_dot_deployments__pb2.AdoptDeploymentRequest.SerializeToString,
+            apphosting_dot_v1_dot_deployments__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReleases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apphosting.v1.DeploymentService/ListReleases',
+            apphosting_dot_v1_dot_deployments__pb2.ListReleasesRequest.SerializeToString,
+            apphosting_dot_v1_dot_deployments__pb2.ListReleasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

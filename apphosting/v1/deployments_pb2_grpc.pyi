@@ -53,6 +53,28 @@ class DeploymentServiceStub:
     """Streams the current state of one deployment, then every change."""
     WatchDeployments: _grpc.UnaryStreamMultiCallable[_deployments_pb2.WatchDeploymentsRequest, _deployments_pb2.WatchDeploymentsResponse]
     """Streams the changes of all the caller's deployments."""
+    UpdateDeployment: _grpc.UnaryUnaryMultiCallable[_deployments_pb2.UpdateDeploymentRequest, _deployments_pb2.Deployment]
+    """Day-2 operations. Each changes the desired state (a new release, or whether the app should
+    run) and answers at once; the workers converge to it and report every step as an event.
+
+    Changes the fields named in update_mask (AIP-134); rolls the new release out in place.
+    """
+    ScaleDeployment: _grpc.UnaryUnaryMultiCallable[_deployments_pb2.ScaleDeploymentRequest, _deployments_pb2.Deployment]
+    """Sets the number of replicas: an update of `replicas` alone."""
+    StopDeployment: _grpc.UnaryUnaryMultiCallable[_deployments_pb2.StopDeploymentRequest, _deployments_pb2.Deployment]
+    """Scales the app to zero and puts its vCluster to sleep; volumes and config are kept."""
+    StartDeployment: _grpc.UnaryUnaryMultiCallable[_deployments_pb2.StartDeploymentRequest, _deployments_pb2.Deployment]
+    """Wakes a stopped deployment and scales its app back up."""
+    RollbackDeployment: _grpc.UnaryUnaryMultiCallable[_deployments_pb2.RollbackDeploymentRequest, _deployments_pb2.Deployment]
+    """Re-applies an earlier release as a new release and pauses automatic image updates."""
+    PromoteDeployment: _grpc.UnaryUnaryMultiCallable[_deployments_pb2.PromoteDeploymentRequest, _deployments_pb2.PromoteDeploymentResponse]
+    """Copies the deployment's configuration (plus overrides) to a new deployment on a target;
+    with delete_source, a migration: the source goes once the copy runs.
+    """
+    AdoptDeployment: _grpc.UnaryUnaryMultiCallable[_deployments_pb2.AdoptDeploymentRequest, _deployments_pb2.Deployment]
+    """Takes an existing namespace with its workloads on a host cluster under management."""
+    ListReleases: _grpc.UnaryUnaryMultiCallable[_deployments_pb2.ListReleasesRequest, _deployments_pb2.ListReleasesResponse]
+    """Pages through a deployment's releases, newest first."""
 
 @_typing.type_check_only
 class DeploymentServiceAsyncStub(DeploymentServiceStub):
@@ -73,6 +95,28 @@ class DeploymentServiceAsyncStub(DeploymentServiceStub):
     """Streams the current state of one deployment, then every change."""
     WatchDeployments: _aio.UnaryStreamMultiCallable[_deployments_pb2.WatchDeploymentsRequest, _deployments_pb2.WatchDeploymentsResponse]  # type: ignore[assignment]
     """Streams the changes of all the caller's deployments."""
+    UpdateDeployment: _aio.UnaryUnaryMultiCallable[_deployments_pb2.UpdateDeploymentRequest, _deployments_pb2.Deployment]  # type: ignore[assignment]
+    """Day-2 operations. Each changes the desired state (a new release, or whether the app should
+    run) and answers at once; the workers converge to it and report every step as an event.
+
+    Changes the fields named in update_mask (AIP-134); rolls the new release out in place.
+    """
+    ScaleDeployment: _aio.UnaryUnaryMultiCallable[_deployments_pb2.ScaleDeploymentRequest, _deployments_pb2.Deployment]  # type: ignore[assignment]
+    """Sets the number of replicas: an update of `replicas` alone."""
+    StopDeployment: _aio.UnaryUnaryMultiCallable[_deployments_pb2.StopDeploymentRequest, _deployments_pb2.Deployment]  # type: ignore[assignment]
+    """Scales the app to zero and puts its vCluster to sleep; volumes and config are kept."""
+    StartDeployment: _aio.UnaryUnaryMultiCallable[_deployments_pb2.StartDeploymentRequest, _deployments_pb2.Deployment]  # type: ignore[assignment]
+    """Wakes a stopped deployment and scales its app back up."""
+    RollbackDeployment: _aio.UnaryUnaryMultiCallable[_deployments_pb2.RollbackDeploymentRequest, _deployments_pb2.Deployment]  # type: ignore[assignment]
+    """Re-applies an earlier release as a new release and pauses automatic image updates."""
+    PromoteDeployment: _aio.UnaryUnaryMultiCallable[_deployments_pb2.PromoteDeploymentRequest, _deployments_pb2.PromoteDeploymentResponse]  # type: ignore[assignment]
+    """Copies the deployment's configuration (plus overrides) to a new deployment on a target;
+    with delete_source, a migration: the source goes once the copy runs.
+    """
+    AdoptDeployment: _aio.UnaryUnaryMultiCallable[_deployments_pb2.AdoptDeploymentRequest, _deployments_pb2.Deployment]  # type: ignore[assignment]
+    """Takes an existing namespace with its workloads on a host cluster under management."""
+    ListReleases: _aio.UnaryUnaryMultiCallable[_deployments_pb2.ListReleasesRequest, _deployments_pb2.ListReleasesResponse]  # type: ignore[assignment]
+    """Pages through a deployment's releases, newest first."""
 
 class DeploymentServiceServicer(metaclass=_abc_1.ABCMeta):
     """DeploymentService creates App Hosting deployments and reports their state."""
@@ -132,5 +176,75 @@ class DeploymentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_deployments_pb2.WatchDeploymentsResponse], _abc.AsyncIterator[_deployments_pb2.WatchDeploymentsResponse]]:
         """Streams the changes of all the caller's deployments."""
+
+    @_abc_1.abstractmethod
+    def UpdateDeployment(
+        self,
+        request: _deployments_pb2.UpdateDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployments_pb2.Deployment, _abc.Awaitable[_deployments_pb2.Deployment]]:
+        """Day-2 operations. Each changes the desired state (a new release, or whether the app should
+        run) and answers at once; the workers converge to it and report every step as an event.
+
+        Changes the fields named in update_mask (AIP-134); rolls the new release out in place.
+        """
+
+    @_abc_1.abstractmethod
+    def ScaleDeployment(
+        self,
+        request: _deployments_pb2.ScaleDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployments_pb2.Deployment, _abc.Awaitable[_deployments_pb2.Deployment]]:
+        """Sets the number of replicas: an update of `replicas` alone."""
+
+    @_abc_1.abstractmethod
+    def StopDeployment(
+        self,
+        request: _deployments_pb2.StopDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployments_pb2.Deployment, _abc.Awaitable[_deployments_pb2.Deployment]]:
+        """Scales the app to zero and puts its vCluster to sleep; volumes and config are kept."""
+
+    @_abc_1.abstractmethod
+    def StartDeployment(
+        self,
+        request: _deployments_pb2.StartDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployments_pb2.Deployment, _abc.Awaitable[_deployments_pb2.Deployment]]:
+        """Wakes a stopped deployment and scales its app back up."""
+
+    @_abc_1.abstractmethod
+    def RollbackDeployment(
+        self,
+        request: _deployments_pb2.RollbackDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployments_pb2.Deployment, _abc.Awaitable[_deployments_pb2.Deployment]]:
+        """Re-applies an earlier release as a new release and pauses automatic image updates."""
+
+    @_abc_1.abstractmethod
+    def PromoteDeployment(
+        self,
+        request: _deployments_pb2.PromoteDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployments_pb2.PromoteDeploymentResponse, _abc.Awaitable[_deployments_pb2.PromoteDeploymentResponse]]:
+        """Copies the deployment's configuration (plus overrides) to a new deployment on a target;
+        with delete_source, a migration: the source goes once the copy runs.
+        """
+
+    @_abc_1.abstractmethod
+    def AdoptDeployment(
+        self,
+        request: _deployments_pb2.AdoptDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployments_pb2.Deployment, _abc.Awaitable[_deployments_pb2.Deployment]]:
+        """Takes an existing namespace with its workloads on a host cluster under management."""
+
+    @_abc_1.abstractmethod
+    def ListReleases(
+        self,
+        request: _deployments_pb2.ListReleasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployments_pb2.ListReleasesResponse, _abc.Awaitable[_deployments_pb2.ListReleasesResponse]]:
+        """Pages through a deployment's releases, newest first."""
 
 def add_DeploymentServiceServicer_to_server(servicer: DeploymentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

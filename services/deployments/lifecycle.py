@@ -1,16 +1,17 @@
-"""The status lifecycle of a deployment: which changes are allowed."""
+"""The status lifecycle of a deployment: which changes are allowed, and which operations from where."""
 
 from __future__ import annotations
 
 # From each status, the statuses a reported event may move a deployment to. A status may always
-# repeat itself (a new phase of the same status). failed and error wait for a retry or a delete.
+# repeat itself (a new phase of the same status). failed and error wait for a retry, an update
+# (recorded, rolled out by the retry) or a delete.
 _NEXT: dict[str, frozenset[str]] = {
     "pending": frozenset({"provisioning", "failed", "error", "deleting"}),
     "provisioning": frozenset({"running", "failed", "error", "deleting"}),
     "running": frozenset({"promoting", "stopped", "migrating", "failed", "error", "deleting"}),
     "promoting": frozenset({"running", "failed", "error", "deleting"}),
     "migrating": frozenset({"running", "failed", "error", "deleting"}),
-    "stopped": frozenset({"provisioning", "running", "deleting"}),
+    "stopped": frozenset({"provisioning", "running", "failed", "error", "deleting"}),
     "failed": frozenset({"pending", "deleting"}),
     "error": frozenset({"pending", "deleting"}),
     "deleting": frozenset({"error"}),
@@ -20,6 +21,22 @@ STATUSES = frozenset(_NEXT)
 _FORWARD = ("pending", "provisioning", "running")
 TERMINAL = frozenset({"failed", "error"})
 
+# The operations an owner may ask for, and the statuses each is allowed from. An update (and its
+# short forms) of a stopped, failed or error deployment is recorded as a release and rolled out by
+# the next start or retry. docs/api.md shows this table.
+OPERATIONS: dict[str, frozenset[str]] = {
+    "update": frozenset({"running", "stopped", "failed", "error"}),
+    "scale": frozenset({"running", "stopped", "failed", "error"}),
+    "rollback": frozenset({"running", "stopped", "failed", "error"}),
+    "stop": frozenset({"running"}),
+    "start": frozenset({"stopped"}),
+    "promote": frozenset({"running"}),
+    "retry": frozenset({"failed", "error"}),
+    "delete": frozenset(STATUSES),
+}
+# What an adopted deployment allows: it is managed in place, so nothing that would rebuild it.
+ADOPTED_OPERATIONS = frozenset({"delete", "retry"})
+
 
 def allowed(current: str, new: str) -> bool:
     return new == current or new in _NEXT[current]
@@ -28,3 +45,10 @@ def allowed(current: str, new: str) -> bool:
 def early(current: str, new: str) -> bool:
     """True when `new` lies ahead on the way forward: the events in between have not arrived yet."""
     return current in _FORWARD and new in _FORWARD and _FORWARD.index(new) > _FORWARD.index(current) + 1
+
+
+def operation_allowed(operation: str, status: str, *, adopted: bool = False) -> bool:
+    """Whether the owner may ask for `operation` while the deployment has `status`."""
+    if adopted and operation not in ADOPTED_OPERATIONS:
+        return False
+    return status in OPERATIONS[operation]
