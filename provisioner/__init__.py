@@ -12,9 +12,16 @@ from provisioner.driver import (
     vcluster_name,
 )
 from provisioner.reconcile import (
+    ADOPT_STEPS,
     CREATE_STEPS,
+    DELETE_ADOPTED_FORCE_STEPS,
+    DELETE_ADOPTED_STEPS,
     DELETE_STEPS,
     DELETED_PHASE,
+    START_STEPS,
+    STOP_STEPS,
+    STOPPED_PHASE,
+    UPDATE_STEPS,
     Emit,
     Heartbeat,
     Reconciler,
@@ -22,14 +29,22 @@ from provisioner.reconcile import (
     Sleep,
     event_id,
 )
-from provisioner.simulated import FAIL_PERMANENT_MARK, FAIL_TEMPORARY_MARK, SimulatedDriver
+from provisioner.simulated import FAIL_PERMANENT_MARK, FAIL_TEMPORARY_MARK, NEVER_HEALTHY_MARK, SimulatedDriver
 
 __all__ = [
+    "ADOPT_STEPS",
     "CREATE_STEPS",
     "DELETED_PHASE",
+    "DELETE_ADOPTED_FORCE_STEPS",
+    "DELETE_ADOPTED_STEPS",
     "DELETE_STEPS",
     "FAIL_PERMANENT_MARK",
     "FAIL_TEMPORARY_MARK",
+    "NEVER_HEALTHY_MARK",
+    "START_STEPS",
+    "STOPPED_PHASE",
+    "STOP_STEPS",
+    "UPDATE_STEPS",
     "Driver",
     "Emit",
     "Heartbeat",

@@ -63,6 +63,8 @@ class _Step:
     call: Callable[[Driver, bus_pb2.ProvisionJob, dict[str, str]], Awaitable[StepResult]]
     # Failing here means the vCluster itself is broken, which the record reports separately.
     cluster: bool = False
+    # The app's rollout, whose "not yet" ends after the job's rollout timeout when it sets one.
+    rollout: bool = False
 
 
 _CREATE: tuple[_Step, ...] = (
@@ -71,12 +73,38 @@ _CREATE: tuple[_Step, ...] = (
     _Step("vcluster_ready", "VClusterReady", lambda d, j, c: d.vcluster_ready(j), cluster=True),
     _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), cluster=True),
     _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", ""))),
-    _Step("rollout", "AppAvailable", lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", ""))),
+    _Step("rollout", "AppAvailable", lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")), rollout=True),
     _Step("endpoint", "Ready", lambda d, j, c: d.endpoint(j, c.get("kubeconfig", ""))),
 )
+_UPDATE: tuple[_Step, ...] = (
+    _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j)),
+    _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", ""))),
+    _Step("rollout", "AppAvailable", lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")), rollout=True),
+    _Step("endpoint", "Ready", lambda d, j, c: d.endpoint(j, c.get("kubeconfig", ""))),
+)
+_STOP: tuple[_Step, ...] = (
+    _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j)),
+    _Step("app_stop", "AppStopped", lambda d, j, c: d.stop_app(j, c.get("kubeconfig", ""))),
+    _Step("vcluster_sleep", "VClusterAsleep", lambda d, j, c: d.sleep_vcluster(j)),
+)
+_START: tuple[_Step, ...] = (
+    _Step("vcluster_wake", "VClusterAwake", lambda d, j, c: d.wake_vcluster(j), cluster=True),
+    _Step("vcluster_ready", "VClusterReady", lambda d, j, c: d.vcluster_ready(j), cluster=True),
+    _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), cluster=True),
+    _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", ""))),
+    _Step("rollout", "AppAvailable", lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")), rollout=True),
+    _Step("endpoint", "Ready", lambda d, j, c: d.endpoint(j, c.get("kubeconfig", ""))),
+)
+_ADOPT: tuple[_Step, ...] = (_Step("adopt", "NamespaceAdopted", lambda d, j, c: d.adopt_namespace(j)),)
 _DELETE: tuple[_Step, ...] = (
     _Step("app", "AppDeleted", lambda d, j, c: d.delete_app(j)),
     _Step("vcluster", "VClusterDeleted", lambda d, j, c: d.delete_vcluster(j)),
+    _Step("namespace", "HostNamespaceDeleted", lambda d, j, c: d.delete_namespace(j)),
+)
+# An adopted deployment has no vCluster: its namespace is given back, or with force deleted.
+_DELETE_ADOPTED: tuple[_Step, ...] = (_Step("release", "NamespaceReleased", lambda d, j, c: d.release_namespace(j)),)
+_DELETE_ADOPTED_FORCE: tuple[_Step, ...] = (
+    _Step("app", "AppDeleted", lambda d, j, c: d.delete_app(j)),
     _Step("namespace", "HostNamespaceDeleted", lambda d, j, c: d.delete_namespace(j)),
 )
 
@@ -84,9 +112,37 @@ _DELETE: tuple[_Step, ...] = (
 RECORD_FIELDS: tuple[str, ...] = ("endpoint_url", "git_path", "values_yaml")
 
 CREATE_STEPS: tuple[str, ...] = tuple(step.name for step in _CREATE)
+UPDATE_STEPS: tuple[str, ...] = tuple(step.name for step in _UPDATE)
+STOP_STEPS: tuple[str, ...] = tuple(step.name for step in _STOP)
+START_STEPS: tuple[str, ...] = tuple(step.name for step in _START)
+ADOPT_STEPS: tuple[str, ...] = tuple(step.name for step in _ADOPT)
 DELETE_STEPS: tuple[str, ...] = tuple(step.name for step in _DELETE)
+DELETE_ADOPTED_STEPS: tuple[str, ...] = tuple(step.name for step in _DELETE_ADOPTED)
+DELETE_ADOPTED_FORCE_STEPS: tuple[str, ...] = tuple(step.name for step in _DELETE_ADOPTED_FORCE)
 # Phase of the final event of a teardown.
 DELETED_PHASE = "deleted"
+# Phase of the last event of a stop, the one with status STOPPED.
+STOPPED_PHASE = "stopped"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    steps: tuple[_Step, ...]
+    # The status of the events while the steps go.
+    status: _Status.ValueType
+    # The last step's event says the release runs healthy (RUNNING, where it runs).
+    healthy: bool = False
+    # A failure leaves the old release serving: status RUNNING and release_failed.
+    release_failure: bool = False
+
+
+_PLANS: dict[bus_pb2.Operation.ValueType, _Plan] = {
+    bus_pb2.OPERATION_CREATE: _Plan(_CREATE, _Status.DEPLOYMENT_STATUS_PROVISIONING, healthy=True),
+    bus_pb2.OPERATION_UPDATE: _Plan(_UPDATE, _Status.DEPLOYMENT_STATUS_RUNNING, healthy=True, release_failure=True),
+    bus_pb2.OPERATION_STOP: _Plan(_STOP, _Status.DEPLOYMENT_STATUS_RUNNING),
+    bus_pb2.OPERATION_START: _Plan(_START, _Status.DEPLOYMENT_STATUS_PROVISIONING, healthy=True),
+    bus_pb2.OPERATION_ADOPT: _Plan(_ADOPT, _Status.DEPLOYMENT_STATUS_PROVISIONING, healthy=True),
+}
 
 
 async def _no_heartbeat() -> None:
@@ -131,47 +187,67 @@ class Reconciler:
         self._heartbeat = heartbeat
 
     async def run(self, job: bus_pb2.ProvisionJob) -> bus_pb2.StatusEvent:
-        """Run the job to its end and return the last event it published (RUNNING, final, or a failure)."""
-        if job.operation == bus_pb2.OPERATION_CREATE:
-            last, _ = await self._run(job, _CREATE, _Status.DEPLOYMENT_STATUS_PROVISIONING)
-            return last
+        """Run the job to its end and return the last event it published (its goal, or a failure)."""
         if job.operation == bus_pb2.OPERATION_DELETE:
-            last, completed = await self._run(job, _DELETE, _Status.DEPLOYMENT_STATUS_DELETING)
-            if not completed:
-                return last
-            final = self._event(
-                job,
-                DELETED_PHASE,
-                "final",
-                _Status.DEPLOYMENT_STATUS_DELETING,
-                "deployment deleted: app, vCluster and host namespace are gone",
-            )
-            final.final = True
-            await self._emit(final)
-            return final
-        raise ValueError(f"job {job.job_id}: unsupported operation {job.operation}")
+            return await self._delete(job)
+        plan = _PLANS.get(job.operation)
+        if plan is None:
+            raise ValueError(f"job {job.job_id}: unsupported operation {job.operation}")
+        last, completed = await self._run(job, plan)
+        if not completed or job.operation != bus_pb2.OPERATION_STOP:
+            return last
+        stopped = self._event(
+            job,
+            STOPPED_PHASE,
+            "done",
+            _Status.DEPLOYMENT_STATUS_STOPPED,
+            "deployment stopped: no replica runs and the vCluster sleeps; volumes and config are kept",
+        )
+        stopped.conditions.append(self._condition(stopped, "Stopped", "True", "Done"))
+        await self._emit(stopped)
+        return stopped
 
-    async def _run(
-        self, job: bus_pb2.ProvisionJob, steps: tuple[_Step, ...], status: _Status.ValueType
-    ) -> tuple[bus_pb2.StatusEvent, bool]:
+    async def _delete(self, job: bus_pb2.ProvisionJob) -> bus_pb2.StatusEvent:
+        if not job.deployment.is_adopted:
+            steps, message = _DELETE, "deployment deleted: app, vCluster and host namespace are gone"
+        elif job.force:
+            steps = _DELETE_ADOPTED_FORCE
+            message = "deployment deleted: the adopted namespace and its workloads are gone"
+        else:
+            steps = _DELETE_ADOPTED
+            message = "deployment deleted: the adopted namespace was given back, its workloads still running"
+        last, completed = await self._run(job, _Plan(steps, _Status.DEPLOYMENT_STATUS_DELETING))
+        if not completed:
+            return last
+        final = self._event(job, DELETED_PHASE, "final", _Status.DEPLOYMENT_STATUS_DELETING, message)
+        final.final = True
+        await self._emit(final)
+        return final
+
+    async def _run(self, job: bus_pb2.ProvisionJob, plan: _Plan) -> tuple[bus_pb2.StatusEvent, bool]:
         """Run the steps in order; the bool says whether all of them got done."""
         context: dict[str, str] = {}
         last = bus_pb2.StatusEvent()
-        for step in steps:
+        for step in plan.steps:
             try:
-                result = await self._reconcile_step(job, step, context)
+                result = await self._reconcile_step(job, step, context, plan)
             except _StepFailedError as failed:
                 await self._emit(failed.event)
                 return failed.event, False
             context.update(result.fields)
-            last = self._done_event(job, step, status, result)
+            last = self._done_event(job, step, plan, result)
             await self._emit(last)
         return last, True
 
-    async def _reconcile_step(self, job: bus_pb2.ProvisionJob, step: _Step, context: dict[str, str]) -> StepResult:
+    async def _reconcile_step(
+        self, job: bus_pb2.ProvisionJob, step: _Step, context: dict[str, str], plan: _Plan
+    ) -> StepResult:
         policy = self._policy
         failures = 0
         waited = 0.0
+        timeout = policy.step_timeout
+        if step.rollout and job.rollout_timeout_seconds > 0:
+            timeout = job.rollout_timeout_seconds
         while True:
             await self._heartbeat()
             result = await self._call(job, step, context)
@@ -179,22 +255,26 @@ class Reconciler:
                 return result
             if result.outcome is StepOutcome.FAIL and result.permanent:
                 raise _StepFailedError(
-                    self._failure(job, step, "failed", _Status.DEPLOYMENT_STATUS_FAILED, result.message)
+                    self._failure(job, step, plan, "failed", _Status.DEPLOYMENT_STATUS_FAILED, result.message)
                 )
             if result.outcome is StepOutcome.FAIL:
                 failures += 1
                 if failures >= policy.max_attempts:
                     message = f"step {step.name} failed after {failures} attempts: {result.message}"
-                    raise _StepFailedError(self._failure(job, step, "error", _Status.DEPLOYMENT_STATUS_ERROR, message))
+                    raise _StepFailedError(
+                        self._failure(job, step, plan, "error", _Status.DEPLOYMENT_STATUS_ERROR, message)
+                    )
                 delay = policy.backoff(failures)
                 _log.warning("job %s step %s: %s; retrying in %g s", job.job_id, step.name, result.message, delay)
                 await self._wait(delay)
                 continue
             # Not yet: the deadline counts the waits asked for, so it also holds with an injected sleep.
-            if waited >= policy.step_timeout:
-                message = f"step {step.name} timed out after {policy.step_timeout:g} s: {result.message}"
-                raise _StepFailedError(self._failure(job, step, "timeout", _Status.DEPLOYMENT_STATUS_ERROR, message))
-            delay = min(max(result.after_seconds, policy.min_poll), policy.step_timeout - waited)
+            if waited >= timeout:
+                message = f"step {step.name} timed out after {timeout:g} s: {result.message}"
+                raise _StepFailedError(
+                    self._failure(job, step, plan, "timeout", _Status.DEPLOYMENT_STATUS_ERROR, message)
+                )
+            delay = min(max(result.after_seconds, policy.min_poll), timeout - waited)
             waited += delay
             await self._wait(delay)
 
@@ -242,17 +322,18 @@ class Reconciler:
             source=self._source,
             simulated=self._driver.simulated,
             time=now,
+            release=job.release,
         )
 
     def _done_event(
-        self, job: bus_pb2.ProvisionJob, step: _Step, status: _Status.ValueType, result: StepResult
+        self, job: bus_pb2.ProvisionJob, step: _Step, plan: _Plan, result: StepResult
     ) -> bus_pb2.StatusEvent:
-        last_create_step = step is _CREATE[-1]
-        if last_create_step:
-            status = _Status.DEPLOYMENT_STATUS_RUNNING
+        healthy = plan.healthy and step is plan.steps[-1]
+        status = _Status.DEPLOYMENT_STATUS_RUNNING if healthy else plan.status
         event = self._event(job, step.name, "done", status, result.message)
         event.conditions.append(self._condition(event, step.condition, "True", "Done"))
-        if last_create_step:
+        if healthy:
+            event.release_healthy = True
             location = job.location
             event.provider = location.provider
             event.region = location.region
@@ -265,13 +346,23 @@ class Reconciler:
         return event
 
     def _failure(
-        self, job: bus_pb2.ProvisionJob, step: _Step, outcome: str, status: _Status.ValueType, message: str
+        self,
+        job: bus_pb2.ProvisionJob,
+        step: _Step,
+        plan: _Plan,
+        outcome: str,
+        status: _Status.ValueType,
+        message: str,
     ) -> bus_pb2.StatusEvent:
+        if plan.release_failure:
+            # The previous release keeps serving; the service rolls back to the last healthy one.
+            status = _Status.DEPLOYMENT_STATUS_RUNNING
         event = self._event(job, step.name, outcome, status, message)
         event.error_message = event.message
+        event.release_failed = plan.release_failure
         reason = {"failed": "PermanentFailure", "error": "RetriesExhausted", "timeout": "Timeout"}[outcome]
         event.conditions.append(self._condition(event, step.condition, "False", reason))
-        if step.cluster and job.operation == bus_pb2.OPERATION_CREATE:
+        if step.cluster:
             event.cluster_status = "error"
             event.cluster_error = event.message
         return event

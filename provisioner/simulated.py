@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import sqlite3
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from apphosting import versions
 from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner.driver import (
+    PermanentError,
     StepResult,
     TemporaryError,
     app_name,
@@ -24,6 +27,8 @@ from provisioner.driver import (
 # Put in a docker image or chart name, these make the app step fail on purpose (for e2e tests).
 FAIL_PERMANENT_MARK = "fail-permanent"
 FAIL_TEMPORARY_MARK = "fail-temporary"
+# Put in a docker image or chart name, this deploys an app that never becomes available.
+NEVER_HEALTHY_MARK = "never-healthy"
 
 _PREFIX = "[simulated] "
 
@@ -34,11 +39,21 @@ class _VCluster:
     kubeconfig: str
     # "Not yet" answers left before the API server counts as up.
     polls_left: int
+    asleep: bool = False
+
+
+@dataclass(frozen=True)
+class _AppSpec:
+    """What an app runs: the release and the part of its spec the simulation acts on."""
+
+    release: int
+    source: str
+    replicas: int
 
 
 @dataclass
 class _App:
-    source: str
+    spec: _AppSpec
     polls_left: int
 
 
@@ -55,6 +70,12 @@ class SimulatedState:
         with self._connect() as db:
             db.execute("CREATE TABLE IF NOT EXISTS objects (kind TEXT, name TEXT, PRIMARY KEY (kind, name))")
             db.execute("CREATE TABLE IF NOT EXISTS creations (kind TEXT, name TEXT)")
+            # What an object is like now (an app's release and spec, a vCluster asleep), as JSON.
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS attributes (kind TEXT, name TEXT, data TEXT, PRIMARY KEY (kind, name))"
+            )
+            # Objects that were there before any provisioner (namespaces to adopt), put in once.
+            db.execute("CREATE TABLE IF NOT EXISTS seeded (kind TEXT, name TEXT, PRIMARY KEY (kind, name))")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -75,13 +96,37 @@ class SimulatedState:
         with self._connect() as db:
             return db.execute("SELECT 1 FROM objects WHERE kind = ? AND name = ?", (kind, name)).fetchone() is not None
 
+    def seed(self, kind: str, name: str) -> None:
+        """Puts a pre-existing object in the first time it is named, without counting a creation;
+        once removed, it stays removed."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            if db.execute("INSERT OR IGNORE INTO seeded VALUES (?, ?)", (kind, name)).rowcount == 1:
+                db.execute("INSERT OR IGNORE INTO objects VALUES (?, ?)", (kind, name))
+            db.execute("COMMIT")
+
+    def attributes(self, kind: str, name: str) -> dict[str, Any] | None:
+        """What the object is like, as last set; None when nothing was set."""
+        with self._connect() as db:
+            row = db.execute("SELECT data FROM attributes WHERE kind = ? AND name = ?", (kind, name)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def set_attributes(self, kind: str, name: str, data: dict[str, Any]) -> None:
+        with self._connect() as db:
+            db.execute("INSERT OR REPLACE INTO attributes VALUES (?, ?, ?)", (kind, name, json.dumps(data)))
+
     def remove(self, kind: str, name: str) -> bool:
         with self._connect() as db:
+            db.execute("DELETE FROM attributes WHERE kind = ? AND name = ?", (kind, name))
             return db.execute("DELETE FROM objects WHERE kind = ? AND name = ?", (kind, name)).rowcount == 1
 
     def remove_under(self, kind: str, prefix: str) -> None:
         with self._connect() as db:
-            db.execute("DELETE FROM objects WHERE kind = ? AND substr(name, 1, ?) = ?", (kind, len(prefix), prefix))
+            for table in ("objects", "attributes"):
+                db.execute(
+                    f"DELETE FROM {table} WHERE kind = ? AND substr(name, 1, ?) = ?",
+                    (kind, len(prefix), prefix),
+                )
 
     def creations(self) -> Counter[str]:
         """How often each `kind/name` was really created."""
@@ -103,6 +148,21 @@ def _app_source(deployment: deployments_pb2.Deployment) -> str:
     return f"chart {repo}{chart}{version}"
 
 
+def _app_spec(job: bus_pb2.ProvisionJob) -> _AppSpec:
+    deployment = job.deployment
+    replicas = deployment.replicas if deployment.HasField("replicas") else 1
+    return _AppSpec(job.release, _app_source(deployment), replicas)
+
+
+def _changes(old: _AppSpec, new: _AppSpec) -> str:
+    changed = [f"release {old.release} -> {new.release}"]
+    if old.source != new.source:
+        changed.append(f"{old.source} -> {new.source}")
+    if old.replicas != new.replicas:
+        changed.append(f"replicas {old.replicas} -> {new.replicas}")
+    return ", ".join(changed)
+
+
 def _kubeconfig(name: str, namespace: str) -> str:
     return (
         f"# {_PREFIX}kubeconfig of vCluster {name}; no real cluster behind it\n"
@@ -122,8 +182,9 @@ class SimulatedDriver:
     """A driver that touches no cluster; it says so in every message.
 
     `namespaces`, `vclusters` and `apps` hold what it has created, keyed by the deterministic
-    names; `created_counts` counts real creations per `kind/name`, so a test can prove that a
-    re-run job created nothing twice.
+    names; `created_counts` counts real creations per `kind/name` (an update is no creation), so a
+    test can prove that a re-run job created nothing twice. `existing_namespaces` are there before
+    any job, on every location, for adoption.
     """
 
     def __init__(
@@ -136,6 +197,7 @@ class SimulatedDriver:
         ready_polls: int = 0,
         poll_after: float = 1.0,
         state: SimulatedState | None = None,
+        existing_namespaces: Iterable[str] = (),
     ) -> None:
         if not 0.0 <= failure_rate <= 1.0:
             raise ValueError("failure_rate must be between 0 and 1")
@@ -144,10 +206,13 @@ class SimulatedDriver:
         self.failure_rate = failure_rate
         self.ready_polls = ready_polls
         self.poll_after = poll_after
+        # Namespace name -> the id of the deployment managing it ("" for an unmanaged one).
         self.namespaces: dict[str, str] = {}
         self.vclusters: dict[str, _VCluster] = {}
         self.apps: dict[str, _App] = {}
         self.created_counts: Counter[str] = Counter()
+        self.existing_namespaces = frozenset(existing_namespaces)
+        self._seeded: set[str] = set()
         self._random = random.Random(seed)
         self._sleep = sleep
         # Without a state file, the in-memory maps above are the whole truth.
@@ -172,6 +237,10 @@ class SimulatedDriver:
         if self._state is None:
             return present
         return await asyncio.to_thread(self._state.remove, kind, name) or present
+
+    async def _save(self, kind: str, name: str, data: dict[str, Any]) -> None:
+        if self._state is not None:
+            await asyncio.to_thread(self._state.set_attributes, kind, name, data)
 
     async def _work(self) -> None:
         # The simulated work of a step. In memory, state is checked and changed only after this
@@ -205,7 +274,7 @@ class SimulatedDriver:
 
     async def vcluster_ready(self, job: bus_pb2.ProvisionJob) -> StepResult:
         await self._work()
-        vcluster = await self._vcluster(job)
+        vcluster = await self._awake_vcluster(job)
         if vcluster.polls_left > 0:
             vcluster.polls_left -= 1
             return StepResult.retry(self.poll_after, f"{_PREFIX}vCluster {vcluster_name(job.deployment)} starting")
@@ -221,39 +290,116 @@ class SimulatedDriver:
     async def ensure_app(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
         await self._work()
         deployment = job.deployment
-        await self._vcluster(job)
+        await self._awake_vcluster(job)
         key = _app_key(deployment)
-        source = _app_source(deployment)
-        if await self._exists("app", key, key in self.apps):
-            self.apps.setdefault(key, _App(source, 0))
-            return StepResult.done(f"{_PREFIX}app {app_name(deployment)} ({source}) already deployed")
-        if FAIL_PERMANENT_MARK in source:
-            return StepResult.fail(self._bad_source(source), permanent=True)
-        if FAIL_TEMPORARY_MARK in source:
-            raise TemporaryError(f"{_PREFIX}simulated failure: registry timed out fetching {source} (i/o timeout)")
-        # Drawn only for a new app, so a failure is decided once per deployment attempt, not per poll.
-        if self.failure_rate > 0 and self._random.random() < self.failure_rate:
-            return StepResult.fail(self._bad_source(source), permanent=True)
-        if not await self._claim("app", key, key in self.apps):
-            self.apps.setdefault(key, _App(source, 0))
-            return StepResult.done(f"{_PREFIX}app {app_name(deployment)} ({source}) already deployed")
-        self.apps[key] = _App(source, self.ready_polls)
-        return StepResult.done(f"{_PREFIX}app {app_name(deployment)} ({source}) deployed")
+        want = _app_spec(job)
+        name = app_name(deployment)
+        app = await self._app(job)
+        if app is None:
+            self._check_source(want.source)
+            # Drawn only for a new app, so a failure is decided once per deployment attempt, not per poll.
+            if self.failure_rate > 0 and self._random.random() < self.failure_rate:
+                return StepResult.fail(self._bad_source(want.source), permanent=True)
+            if await self._claim("app", key, key in self.apps):
+                self.apps[key] = _App(want, self.ready_polls)
+                await self._save("app", key, asdict(want))
+                return StepResult.done(f"{_PREFIX}app {name} ({want.source}) deployed as release {want.release}")
+            # Another worker created it meanwhile; it is compared with the job's release below.
+            app = await self._app(job)
+            if app is None:
+                raise TemporaryError(f"{_PREFIX}app {name} is being deployed by another worker")
+        if app.spec == want:
+            return StepResult.done(f"{_PREFIX}app {name} ({want.source}) already deployed as release {want.release}")
+        if app.spec.source != want.source:
+            self._check_source(want.source)
+        changes = _changes(app.spec, want)
+        app.spec = want
+        app.polls_left = self.ready_polls
+        await self._save("app", key, asdict(want))
+        return StepResult.done(f"{_PREFIX}app {name} updated: {changes}")
 
     async def app_rollout(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
         await self._work()
-        deployment = job.deployment
-        key = _app_key(deployment)
-        app = self.apps.get(key)
-        if app is None and await self._exists("app", key, False):
-            app = self.apps.setdefault(key, _App(_app_source(deployment), 0))
+        name = app_name(job.deployment)
+        app = await self._app(job)
         if app is None:
-            raise TemporaryError(f"{_PREFIX}app {app_name(deployment)} is not deployed")
-        replicas = deployment.replicas if deployment.HasField("replicas") else 1
+            raise TemporaryError(f"{_PREFIX}app {name} is not deployed")
+        await self._awake_vcluster(job)
+        spec = app.spec
+        if spec.release != job.release:
+            return StepResult.retry(
+                self.poll_after, f"{_PREFIX}app {name} runs release {spec.release}, not yet {job.release}"
+            )
+        if NEVER_HEALTHY_MARK in spec.source:
+            return StepResult.retry(
+                self.poll_after,
+                f"{_PREFIX}app {name} release {spec.release} ({spec.source}): 0/{spec.replicas} available",
+            )
         if app.polls_left > 0:
             app.polls_left -= 1
-            return StepResult.retry(self.poll_after, f"{_PREFIX}app {app_name(deployment)} rolling out")
-        return StepResult.done(f"{_PREFIX}app {app_name(deployment)} rolled out: {replicas}/{replicas} ready")
+            return StepResult.retry(self.poll_after, f"{_PREFIX}app {name} rolling out release {spec.release}")
+        return StepResult.done(
+            f"{_PREFIX}app {name} release {spec.release} rolled out: {spec.replicas}/{spec.replicas} ready"
+        )
+
+    async def stop_app(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
+        await self._work()
+        name = app_name(job.deployment)
+        app = await self._app(job)
+        if app is None:
+            return StepResult.done(f"{_PREFIX}app {name} is not deployed; nothing to stop")
+        if app.spec.replicas == 0:
+            return StepResult.done(f"{_PREFIX}app {name} already stopped (0 replicas)")
+        await self._awake_vcluster(job)
+        app.spec = _AppSpec(app.spec.release, app.spec.source, 0)
+        await self._save("app", _app_key(job.deployment), asdict(app.spec))
+        return StepResult.done(f"{_PREFIX}app {name} scaled to 0 replicas; its volumes and config are kept")
+
+    async def sleep_vcluster(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        await self._work()
+        name = vcluster_name(job.deployment)
+        vcluster = await self._vcluster(job)
+        if vcluster.asleep:
+            return StepResult.done(f"{_PREFIX}vCluster {name} already asleep")
+        vcluster.asleep = True
+        await self._save("vcluster", name, {"asleep": True})
+        return StepResult.done(f"{_PREFIX}vCluster {name} asleep: its control plane is scaled to 0")
+
+    async def wake_vcluster(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        await self._work()
+        name = vcluster_name(job.deployment)
+        vcluster = await self._vcluster(job)
+        if not vcluster.asleep:
+            return StepResult.done(f"{_PREFIX}vCluster {name} already awake")
+        vcluster.asleep = False
+        vcluster.polls_left = self.ready_polls
+        await self._save("vcluster", name, {"asleep": False})
+        return StepResult.done(f"{_PREFIX}vCluster {name} woken: its control plane is scaled back up")
+
+    async def adopt_namespace(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        await self._work()
+        name = job.deployment.source_namespace
+        location = job.location.id or "local"
+        if not name:
+            return StepResult.fail(f"{_PREFIX}no namespace to adopt: source_namespace is empty", permanent=True)
+        if not await self._namespace_present(job, name):
+            return StepResult.fail(
+                f"{_PREFIX}namespace {name} does not exist on location {location}; nothing to adopt", permanent=True
+            )
+        if self.namespaces.get(name) == job.deployment.id:
+            return StepResult.done(f"{_PREFIX}namespace {name} on {location} already adopted")
+        self.namespaces[name] = job.deployment.id
+        await self._save("namespace", self._namespace_key(job, name), {"managed_by": job.deployment.id})
+        return StepResult.done(f"{_PREFIX}namespace {name} on {location} adopted; what runs there keeps running")
+
+    async def release_namespace(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        await self._work()
+        name = host_namespace_name(job.deployment)
+        if not await self._namespace_present(job, name):
+            return StepResult.done(f"{_PREFIX}namespace {name} already gone; nothing to give back")
+        self.namespaces[name] = ""
+        await self._save("namespace", self._namespace_key(job, name), {"managed_by": ""})
+        return StepResult.done(f"{_PREFIX}namespace {name} given back unmanaged; its workloads keep running")
 
     async def endpoint(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
         await self._work()
@@ -282,7 +428,12 @@ class SimulatedDriver:
     async def delete_namespace(self, job: bus_pb2.ProvisionJob) -> StepResult:
         await self._work()
         name = host_namespace_name(job.deployment)
-        if not await self._remove("namespace", name, self.namespaces.pop(name, None) is not None):
+        if job.deployment.is_adopted:
+            self._seed_in_memory(name)
+        key = self._namespace_key(job, name)
+        if key != name and self._state is not None:
+            await asyncio.to_thread(self._state.seed, "namespace", key)
+        if not await self._remove("namespace", key, self.namespaces.pop(name, None) is not None):
             return StepResult.done(f"{_PREFIX}host namespace {name} already gone")
         return StepResult.done(f"{_PREFIX}host namespace {name} deleted")
 
@@ -293,6 +444,50 @@ class SimulatedDriver:
         host = app_name(job.deployment)[:40].rstrip("-")
         return f"https://{host}-{deployment_key(job.deployment)[:8]}.{location}.apps.example.test"
 
+    def _namespace_key(self, job: bus_pb2.ProvisionJob, name: str) -> str:
+        # Pre-existing namespaces are on every location, so a state file shared by the locations
+        # tells them apart by location; a deployment's own namespace is named after its id already.
+        if job.deployment.is_adopted or name in self.existing_namespaces:
+            return f"{job.location.id or 'local'}/{name}"
+        return name
+
+    def _seed_in_memory(self, name: str) -> None:
+        if name in self.existing_namespaces and name not in self._seeded:
+            self._seeded.add(name)
+            self.namespaces.setdefault(name, "")
+
+    async def _namespace_present(self, job: bus_pb2.ProvisionJob, name: str) -> bool:
+        self._seed_in_memory(name)
+        if self._state is None:
+            return name in self.namespaces
+        key = self._namespace_key(job, name)
+        if name in self.existing_namespaces:
+            await asyncio.to_thread(self._state.seed, "namespace", key)
+        present = await asyncio.to_thread(self._state.exists, "namespace", key)
+        if not present:
+            self.namespaces.pop(name, None)
+        else:
+            data = await asyncio.to_thread(self._state.attributes, "namespace", key) or {}
+            self.namespaces[name] = str(data.get("managed_by", ""))
+        return present
+
+    async def _app(self, job: bus_pb2.ProvisionJob) -> _App | None:
+        """The app as it runs now; with a state file, as the file says (another worker may have changed it)."""
+        key = _app_key(job.deployment)
+        app = self.apps.get(key)
+        if self._state is None:
+            return app
+        if not await asyncio.to_thread(self._state.exists, "app", key):
+            self.apps.pop(key, None)
+            return None
+        data = await asyncio.to_thread(self._state.attributes, "app", key)
+        # An app from a file without attributes runs what the job asks for.
+        spec = _AppSpec(**data) if data is not None else _app_spec(job)
+        if app is None:
+            app = self.apps.setdefault(key, _App(spec, 0))
+        app.spec = spec
+        return app
+
     async def _vcluster(self, job: bus_pb2.ProvisionJob) -> _VCluster:
         name = vcluster_name(job.deployment)
         vcluster = self.vclusters.get(name)
@@ -302,7 +497,23 @@ class SimulatedDriver:
             vcluster = self.vclusters.setdefault(name, _VCluster(namespace, _kubeconfig(name, namespace), 0))
         if vcluster is None:
             raise TemporaryError(f"{_PREFIX}vCluster {name} does not exist")
+        if self._state is not None:
+            # Another worker may have put it to sleep or woken it.
+            data = await asyncio.to_thread(self._state.attributes, "vcluster", name)
+            vcluster.asleep = bool(data and data.get("asleep"))
         return vcluster
+
+    async def _awake_vcluster(self, job: bus_pb2.ProvisionJob) -> _VCluster:
+        vcluster = await self._vcluster(job)
+        if vcluster.asleep:
+            raise TemporaryError(f"{_PREFIX}vCluster {vcluster_name(job.deployment)} asleep")
+        return vcluster
+
+    def _check_source(self, source: str) -> None:
+        if FAIL_PERMANENT_MARK in source:
+            raise PermanentError(self._bad_source(source))
+        if FAIL_TEMPORARY_MARK in source:
+            raise TemporaryError(f"{_PREFIX}simulated failure: registry timed out fetching {source} (i/o timeout)")
 
     @staticmethod
     def _bad_source(source: str) -> str:

@@ -33,6 +33,8 @@ class ProvisionerOptions:
     # A file the simulated clusters live in, shared by workers and kept across their restarts;
     # None keeps them in this process's memory.
     simulate_state: str | None = None
+    # Namespaces present on every simulated location before any job, for adoption.
+    simulate_namespaces: tuple[str, ...] = ()
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     # Jobs run at once by this worker, over all its locations.
     concurrency: int = 16
@@ -63,7 +65,12 @@ class Provisioner(bus.Worker):
         self.drivers: dict[str, Driver] = {
             location.id: KubernetesDriver(location)
             if location.kubeconfig
-            else SimulatedDriver(options.simulate_delay, options.simulate_failure_rate, state=state)
+            else SimulatedDriver(
+                options.simulate_delay,
+                options.simulate_failure_rate,
+                state=state,
+                existing_namespaces=options.simulate_namespaces,
+            )
             for location in self.locations
         }
         self._locks = bus.KeyedLocks()
