@@ -40,6 +40,9 @@ EVENTS_STREAM = "APPHOSTING_EVENTS"
 EVENTS_SUBJECTS = "apphosting.events.*"
 # Core NATS (not stored): every API replica announces what it applied, so all replicas' watches hear it.
 CHANGES_SUBJECTS = "apphosting.changes.*"
+# Core NATS request/reply: CapacityRequest -> CapacityReply, answered by one scheduler replica of the group.
+CAPACITY_SUBJECT = "apphosting.scheduler.capacity"
+CAPACITY_QUEUE = "scheduler"
 
 # JetStream announces here each message that reached its last delivery: ….<stream>.<consumer>.
 MAX_DELIVERIES_ADVISORIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>"
@@ -351,6 +354,15 @@ class Subscription:
     hand_back: bool = False
 
 
+@dataclass(frozen=True)
+class CoreSubscription:
+    """A core NATS (not stored) subscription of a worker, in a queue group: requests it answers."""
+
+    subject: str
+    queue: str
+    handler: Handler
+
+
 class Worker:
     """A process that consumes from JetStream until stopped: the scheduler and the provisioners."""
 
@@ -369,6 +381,10 @@ class Worker:
     def subscriptions(self) -> list[Subscription]:
         raise NotImplementedError
 
+    def core_subscriptions(self) -> list[CoreSubscription]:
+        """Core NATS subscriptions alongside the consumers; the client renews them after a reconnect."""
+        return []
+
     async def prepare(self) -> None:
         """Runs before consuming starts (migrations, caches)."""
 
@@ -380,6 +396,8 @@ class Worker:
         nc = await connect(self.nats_url, self.name)
         self._js = nc.jetstream()
         await ensure_streams(self._js)
+        for core in self.core_subscriptions():
+            await nc.subscribe(core.subject, queue=core.queue, cb=core.handler)
         consumers = [
             Consumer(
                 self._js,

@@ -6,12 +6,13 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from apphosting import db
 from apphosting.locations import LocationConfig
-from scheduler.placement import Demand, Placed, Placement, Placer, Refused
+from apphosting.v1 import deployments_pb2
+from scheduler.placement import Demand, Explained, Placed, Placement, Placer, Refused
 from scheduler.tables import Reservation
 
 # Key of the PostgreSQL advisory lock that serialises reservations across scheduler processes
@@ -52,35 +53,113 @@ class Ledger:
             )
             return found
 
-    async def reserve(self, deployment_id: str, geographic_region: str, demand: Demand) -> Placement:
-        """Places the demand and holds the capacity; a deployment already holding some gets the same place.
+    async def reserve(
+        self, deployment_id: str, geographic_region: str, demand: Demand, pinned: str | None = None
+    ) -> Placement:
+        """Places the demand and holds the capacity; see place()."""
+        return (await self.place(deployment_id, geographic_region, demand, pinned)).placement
 
-        Reading what is used, choosing and writing happen in one transaction that holds the
-        ledger's write lock, so neither another coroutine nor another scheduler process can place
-        against the same free capacity in between.
+    async def place(
+        self, deployment_id: str, geographic_region: str, demand: Demand, pinned: str | None = None
+    ) -> Explained:
+        """Places the demand (only on `pinned` when given) and holds the capacity, with the explanation.
+
+        A deployment already holding some gets the same place. Reading what is used, choosing and
+        writing happen in one transaction that holds the ledger's write lock, so neither another
+        coroutine nor another scheduler process can place against the same free capacity in between.
         """
         async with self._exclusive() as conn:
-            held = await conn.scalar(select(Reservation.location_id).where(Reservation.deployment_id == deployment_id))
+            used = await _used(conn)
+            held = await _held(conn, deployment_id)
             if held is not None:
-                location = self._locations.get(held)
-                if location is None:
-                    return Refused(
-                        f"deployment {deployment_id} holds capacity on location {held!r}, which is no longer configured"
-                    )
-                return Placed(location)
-            placement = self._placer.place(await _used(conn), geographic_region, demand)
-            if isinstance(placement, Placed):
+                return self._placed_already(deployment_id, geographic_region, used, *held)
+            explained = self._placer.explain(used, geographic_region, demand, pinned)
+            if isinstance(explained.placement, Placed):
                 await conn.execute(
                     insert(Reservation).values(
-                        deployment_id=deployment_id,
-                        location_id=placement.location.id,
-                        cpu=demand.cpu,
-                        memory_mb=demand.memory_mb,
-                        storage_gb=demand.storage_gb,
-                        vclusters=demand.vclusters,
+                        deployment_id=deployment_id, location_id=explained.placement.location.id, **_columns(demand)
                     )
                 )
-            return placement
+            return explained
+
+    def _placed_already(
+        self, deployment_id: str, geographic_region: str, used: dict[str, Demand], location_id: str, holds: Demand
+    ) -> Explained:
+        """A redelivered request: where the deployment holds capacity, explained as if placed afresh."""
+        location = self._locations.get(location_id)
+        if location is None:
+            message = (
+                f"deployment {deployment_id} holds capacity on location {location_id!r}, which is no longer configured"
+            )
+            return Explained(Refused(message), deployments_pb2.PlacementExplanation(refusal=message))
+        explained = self._placer.explain(_without(used, location_id, holds), geographic_region, holds, location_id)
+        explanation = explained.explanation
+        # It holds the room already, whatever the location's health or capacity became since.
+        explanation.chosen_location_id = location_id
+        explanation.refusal = ""
+        for candidate in explanation.candidates:
+            if candidate.location_id == location_id:
+                candidate.chosen = True
+                candidate.reason = ""
+        return Explained(Placed(location), explanation)
+
+    async def explain(self, geographic_region: str, demand: Demand, pinned: str | None = None) -> Explained:
+        """Where the demand would be placed now, and why; holds nothing."""
+        return self._placer.explain(await self.used(), geographic_region, demand, pinned)
+
+    async def check(self, deployment_id: str, location_id: str, demand: Demand) -> Explained:
+        """Whether the location has room for the demand, counting what the deployment holds there as free."""
+        async with self._engine.connect() as conn:
+            return self._check(await _used(conn), await _held(conn, deployment_id), location_id, demand)
+
+    async def set_reservation(self, deployment_id: str, location_id: str, demand: Demand) -> Explained:
+        """check(), and when it fits, makes the deployment hold exactly the demand on the location.
+
+        Set, not add: asking twice holds it once. Under the ledger's write lock, so that concurrent
+        requests never together take more than the location has.
+        """
+        async with self._exclusive() as conn:
+            held = await _held(conn, deployment_id)
+            explained = self._check(await _used(conn), held, location_id, demand)
+            if isinstance(explained.placement, Placed):
+                if held is None:
+                    await conn.execute(
+                        insert(Reservation).values(
+                            deployment_id=deployment_id, location_id=location_id, **_columns(demand)
+                        )
+                    )
+                else:
+                    await conn.execute(
+                        update(Reservation)
+                        .where(Reservation.deployment_id == deployment_id)
+                        .values(location_id=location_id, **_columns(demand))
+                    )
+            return explained
+
+    def _check(
+        self, used: dict[str, Demand], held: tuple[str, Demand] | None, location_id: str, demand: Demand
+    ) -> Explained:
+        if held is not None and held[0] == location_id:
+            used = _without(used, *held)
+        location = self._locations.get(location_id)
+        region = location.geographic_region if location is not None else ""
+        return self._placer.explain(used, region, demand, location_id)
+
+    async def stop(self, deployment_id: str) -> bool:
+        """A stopped deployment keeps its storage and vCluster slot but frees its cpu and memory.
+
+        False when it holds nothing. Idempotent; no ledger lock, since it only frees capacity.
+        """
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(Reservation).where(Reservation.deployment_id == deployment_id).values(cpu=0.0, memory_mb=0)
+            )
+        return result.rowcount > 0
+
+    async def holding(self, deployment_id: str) -> tuple[str, Demand] | None:
+        """The location and the capacity the deployment holds, if it does."""
+        async with self._engine.connect() as conn:
+            return await _held(conn, deployment_id)
 
     async def release(self, deployment_id: str) -> bool:
         """Frees the deployment's capacity; False when it held none (already released)."""
@@ -123,4 +202,47 @@ async def _used(conn: AsyncConnection) -> dict[str, Demand]:
     return {
         location_id: Demand(cpu=float(cpu), memory_mb=int(memory), storage_gb=int(storage), vclusters=int(vcs))
         for location_id, cpu, memory, storage, vcs in rows
+    }
+
+
+async def _held(conn: AsyncConnection, deployment_id: str) -> tuple[str, Demand] | None:
+    row = (
+        await conn.execute(
+            select(
+                Reservation.location_id,
+                Reservation.cpu,
+                Reservation.memory_mb,
+                Reservation.storage_gb,
+                Reservation.vclusters,
+            ).where(Reservation.deployment_id == deployment_id)
+        )
+    ).first()
+    if row is None:
+        return None
+    location_id, cpu, memory, storage, vcs = row
+    return location_id, Demand(cpu=float(cpu), memory_mb=int(memory), storage_gb=int(storage), vclusters=int(vcs))
+
+
+def _without(used: dict[str, Demand], location_id: str, holds: Demand) -> dict[str, Demand]:
+    """Usage with what one deployment holds on a location counted as free."""
+    taken = used.get(location_id)
+    if taken is None:
+        return used
+    return {
+        **used,
+        location_id: Demand(
+            cpu=max(taken.cpu - holds.cpu, 0.0),
+            memory_mb=max(taken.memory_mb - holds.memory_mb, 0),
+            storage_gb=max(taken.storage_gb - holds.storage_gb, 0),
+            vclusters=max(taken.vclusters - holds.vclusters, 0),
+        ),
+    }
+
+
+def _columns(demand: Demand) -> dict[str, float | int]:
+    return {
+        "cpu": demand.cpu,
+        "memory_mb": demand.memory_mb,
+        "storage_gb": demand.storage_gb,
+        "vclusters": demand.vclusters,
     }

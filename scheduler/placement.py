@@ -18,6 +18,9 @@ _CPU_SLACK = 1e-9
 # How many location ids a refusal lists before it abbreviates.
 _MAX_IDS_IN_MESSAGE = 5
 
+# How many candidates an explanation lists; `more` counts the rest.
+MAX_CANDIDATES = 20
+
 
 @dataclass(frozen=True, slots=True)
 class Demand:
@@ -41,14 +44,19 @@ NOTHING = Demand(cpu=0.0, memory_mb=0, storage_gb=0, vclusters=0)
 
 
 def demand_of(deployment: deployments_pb2.Deployment) -> Demand:
-    """What a deployment needs: per-replica cpu and memory times replicas, its storage plus volumes."""
+    """What a deployment needs: per-replica cpu and memory times replicas, its storage plus volumes.
+
+    A stopped deployment runs no pods but keeps its volumes and its (sleeping) vCluster; an adopted
+    one lives in a namespace of the host cluster and takes no vCluster slot.
+    """
     # The kernel's demand, so placement reserves what the quota counts and the pods request.
     demand = resources.demand_of(deployment)
+    stopped = deployment.status == deployments_pb2.DEPLOYMENT_STATUS_STOPPED
     return Demand(
-        cpu=demand.total_cpu_millis / 1000,
-        memory_mb=demand.total_memory_mb,
+        cpu=0.0 if stopped else demand.total_cpu_millis / 1000,
+        memory_mb=0 if stopped else demand.total_memory_mb,
         storage_gb=demand.storage_gb,
-        vclusters=1,
+        vclusters=0 if deployment.is_adopted else 1,
     )
 
 
@@ -67,6 +75,14 @@ class Refused:
 
 
 Placement: TypeAlias = Placed | Refused
+
+
+@dataclass(frozen=True, slots=True)
+class Explained:
+    """A placement and the explanation of it that users see (every candidate and why it lost)."""
+
+    placement: Placement
+    explanation: deployments_pb2.PlacementExplanation
 
 
 class _Slot(NamedTuple):
@@ -95,6 +111,10 @@ class Placer:
         by_region: dict[str, list[LocationConfig]] = {}
         for location in locations:
             by_region.setdefault(location.geographic_region, []).append(location)
+        self._by_id = {location.id: location for location in locations}
+        self._members = {
+            region: tuple(sorted(members, key=lambda loc: loc.id)) for region, members in by_region.items()
+        }
         self._regions = {
             region: _Region(
                 healthy=tuple(sorted((_slot(loc) for loc in members if loc.healthy), key=lambda s: s.id)),
@@ -167,6 +187,93 @@ class Placer:
         if best is not None:
             return Placed(best.location)
         return Refused(_no_room(geographic_region, region, closest, used, demand))
+
+    def explain(
+        self, used: Mapping[str, Demand], geographic_region: str, demand: Demand, pinned: str | None = None
+    ) -> Explained:
+        """The placement with every candidate's score and, for those not chosen, why.
+
+        Without `pinned` the choice is Placer.place's (same score, same tie rule); with it only
+        that location is considered, and the region's others are listed as not pinned. A separate,
+        slower pass than place(): it builds a message per location, so it serves real placements
+        and explanations, not the hot loop.
+        """
+        if pinned is not None:
+            target = self._by_id.get(pinned)
+            considered: tuple[LocationConfig, ...] = () if target is None else (target,)
+            others = tuple(loc for loc in self._members.get(geographic_region, ()) if loc.id != pinned)
+        else:
+            considered = self._members.get(geographic_region, ())
+            others = ()
+        rows: list[deployments_pb2.PlacementCandidate] = []
+        best: deployments_pb2.PlacementCandidate | None = None
+        shortfalls: list[str] = []
+        for location in considered:
+            score, short = _assess(location, used.get(location.id), demand)
+            row = deployments_pb2.PlacementCandidate(location_id=location.id, score=score, weight=location.weight)
+            if not location.healthy:
+                row.reason = "unhealthy"
+            elif short:
+                row.reason = "short of " + ", ".join(short)
+                shortfalls = short
+            elif best is None or score > best.score:
+                # Members are sorted by id, so the first of equal scores wins, as in place().
+                best = row
+            rows.append(row)
+        for location in others:
+            score, _ = _assess(location, used.get(location.id), demand)
+            rows.append(
+                deployments_pb2.PlacementCandidate(
+                    location_id=location.id, score=score, weight=location.weight, reason="not the pinned location"
+                )
+            )
+        for row in rows:
+            if row is best:
+                row.chosen = True
+            elif not row.reason:
+                row.reason = "lower score"
+        rows.sort(key=lambda row: (not row.chosen, -row.score, row.location_id))
+        explanation = deployments_pb2.PlacementExplanation(
+            candidates=rows[:MAX_CANDIDATES], more=max(len(rows) - MAX_CANDIDATES, 0)
+        )
+        if best is not None:
+            explanation.chosen_location_id = best.location_id
+            return Explained(Placed(self._by_id[best.location_id]), explanation)
+        if pinned is None:
+            refusal = self.place(used, geographic_region, demand)
+            assert isinstance(refusal, Refused), "explain and place disagree"
+            message = refusal.message
+        elif not considered:
+            message = f"unknown location {pinned!r}"
+        elif not considered[0].healthy:
+            message = f"location {pinned} is unhealthy"
+        else:
+            message = f"location {pinned} is short of {', '.join(shortfalls)}"
+        explanation.refusal = message
+        return Explained(Refused(message), explanation)
+
+
+def _assess(location: LocationConfig, taken: Demand | None, demand: Demand) -> tuple[float, list[str]]:
+    """The score place() gives the location for the demand, and each dimension it is short in."""
+    cap = location.capacity
+    if taken is None:
+        taken = NOTHING
+    # The same arithmetic, in the same order, as place(), so that equal inputs give equal scores.
+    u_cpu = taken.cpu + demand.cpu
+    u_mem = taken.memory_mb + demand.memory_mb
+    u_sto = taken.storage_gb + demand.storage_gb
+    u_vc = taken.vclusters + demand.vclusters
+    worst = max(u_cpu / cap.cpu, u_mem / cap.memory_mb, u_sto / cap.storage_gb, u_vc / cap.vclusters)
+    short = []
+    if u_cpu > cap.cpu + _CPU_SLACK:
+        short.append(f"cpu by {_cpu(u_cpu - cap.cpu)}")
+    if u_mem > cap.memory_mb:
+        short.append(f"memory by {_mib(u_mem - cap.memory_mb)}")
+    if u_sto > cap.storage_gb:
+        short.append(f"storage by {_gib(u_sto - cap.storage_gb)}")
+    if u_vc > cap.vclusters:
+        short.append(f"vCluster slots by {u_vc - cap.vclusters}")
+    return 1.0 + location.weight - worst, short
 
 
 def _slot(location: LocationConfig) -> _Slot:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 SOURCE = "scheduler"
 # Statuses after which a deployment holds no capacity any more.
 _RELEASING = frozenset({pb.DEPLOYMENT_STATUS_FAILED, pb.DEPLOYMENT_STATUS_ERROR})
+# Operations carried out where the deployment already is.
+_FORWARDED = frozenset({bus_pb2.OPERATION_UPDATE, bus_pb2.OPERATION_STOP, bus_pb2.OPERATION_START})
 _IDS = uuid.UUID("6a0d0f55-4a4e-4d8f-a1b4-0c2c61f0e2d1")
 
 
@@ -55,6 +58,9 @@ class Scheduler(bus.Worker):
             bus.Subscription(bus.EVENTS_STREAM, bus.SCHEDULER_EVENTS_CONSUMER, bus.EVENTS_SUBJECTS, self._on_event),
         ]
 
+    def core_subscriptions(self) -> list[bus.CoreSubscription]:
+        return [bus.CoreSubscription(bus.CAPACITY_SUBJECT, bus.CAPACITY_QUEUE, self._on_capacity)]
+
     async def prepare(self) -> None:
         await self.ledger.create_tables()
 
@@ -65,28 +71,32 @@ class Scheduler(bus.Worker):
         request = bus_pb2.PlacementRequest.FromString(msg.data)
         deployment = request.deployment
         async with self._locks.hold(deployment.id):
-            if request.operation == bus_pb2.OPERATION_CREATE:
+            if request.operation in (bus_pb2.OPERATION_CREATE, bus_pb2.OPERATION_ADOPT):
                 await self._place(request)
             elif request.operation == bus_pb2.OPERATION_DELETE:
                 await self._tear_down(request)
+            elif request.operation in _FORWARDED:
+                await self._forward(request)
             else:
                 log.warning("placement request %s has no operation; dropped", request.request_id)
         await msg.ack()
 
     async def _place(self, request: bus_pb2.PlacementRequest) -> None:
         deployment = request.deployment
-        placement = await self.ledger.reserve(deployment.id, deployment.geographic_region, demand_of(deployment))
+        demand = demand_of(deployment)
+        pinned = deployment.target_location if deployment.HasField("target_location") else None
+        if request.operation == bus_pb2.OPERATION_ADOPT:
+            # The namespace exists on one host cluster already, and no vCluster is built for it.
+            demand = dataclasses.replace(demand, vclusters=0)
+            pinned = pinned or (deployment.location_id if deployment.HasField("location_id") else None)
+        if request.operation == bus_pb2.OPERATION_ADOPT and not pinned:
+            message = "an adoption names the location of its namespace (target_location); this one names none"
+            await self._refuse(request, message, pb.PlacementExplanation(refusal=message))
+            return
+        explained = await self.ledger.place(deployment.id, deployment.geographic_region, demand, pinned or None)
+        placement = explained.placement
         if not isinstance(placement, Placed):
-            await self._emit(
-                bus_pb2.StatusEvent(
-                    event_id=_derived_id(request.request_id, "refused"),
-                    deployment_id=deployment.id,
-                    status=pb.DEPLOYMENT_STATUS_FAILED,
-                    phase="placement",
-                    message=placement.message,
-                    error_message=placement.message,
-                )
-            )
+            await self._refuse(request, placement.message, explained.explanation)
             return
         location = placement.location
         # The event goes first, so the service hears of the placement before any provisioner step.
@@ -101,14 +111,35 @@ class Scheduler(bus.Worker):
                 region=location.region,
                 location_id=location.id,
                 cluster_status="provisioning",
+                release=request.release,
+                placement=explained.explanation,
             )
         )
         await self._send_job(request, location)
 
+    async def _refuse(
+        self, request: bus_pb2.PlacementRequest, message: str, explanation: pb.PlacementExplanation
+    ) -> None:
+        await self._emit(
+            bus_pb2.StatusEvent(
+                event_id=_derived_id(request.request_id, "refused"),
+                deployment_id=request.deployment.id,
+                status=pb.DEPLOYMENT_STATUS_FAILED,
+                phase="placement",
+                message=message,
+                error_message=message,
+                release=request.release,
+                placement=explanation,
+            )
+        )
+
+    async def _location_of(self, deployment: pb.Deployment) -> LocationConfig | None:
+        location_id = await self.ledger.location_of(deployment.id) or deployment.location_id
+        return self._by_id.get(location_id) if location_id else None
+
     async def _tear_down(self, request: bus_pb2.PlacementRequest) -> None:
         deployment = request.deployment
-        location_id = await self.ledger.location_of(deployment.id) or deployment.location_id
-        location = self._by_id.get(location_id) if location_id else None
+        location = await self._location_of(deployment)
         if location is None:
             # Nothing was built anywhere: the deletion is complete as it stands.
             await self._emit(
@@ -125,6 +156,34 @@ class Scheduler(bus.Worker):
             return
         await self._send_job(request, location)
 
+    async def _forward(self, request: bus_pb2.PlacementRequest) -> None:
+        """An update, stop or start goes to the provisioners of the location the deployment is on."""
+        deployment = request.deployment
+        location = await self._location_of(deployment)
+        if location is not None:
+            await self._send_job(request, location)
+            return
+        operation = bus_pb2.Operation.Name(request.operation).removeprefix("OPERATION_").lower()
+        message = f"cannot {operation} deployment {deployment.id}: it is on no configured location"
+        event = bus_pb2.StatusEvent(
+            event_id=_derived_id(request.request_id, "unplaced"),
+            deployment_id=deployment.id,
+            status=deployment.status,
+            phase="placement",
+            message=message,
+            error_message=message,
+            release=request.release,
+        )
+        if request.operation == bus_pb2.OPERATION_STOP:
+            # Nothing runs anywhere, so nothing is left to stop: the stop is done.
+            event.status = pb.DEPLOYMENT_STATUS_STOPPED
+            event.phase = "stopped"
+            event.ClearField("error_message")
+        else:
+            # The release cannot roll out; the service rolls back (or reports) as for any failed release.
+            event.release_failed = True
+        await self._emit(event)
+
     async def _send_job(self, request: bus_pb2.PlacementRequest, location: LocationConfig) -> None:
         job = bus_pb2.ProvisionJob(
             job_id=_derived_id(request.request_id, "job"),
@@ -136,6 +195,9 @@ class Scheduler(bus.Worker):
                 region=location.region,
                 geographic_region=location.geographic_region,
             ),
+            release=request.release,
+            rollout_timeout_seconds=request.rollout_timeout_seconds,
+            force=request.force,
         )
         await bus.publish(self.js, bus.job_subject(location.id), job.SerializeToString(), job.job_id)
 
@@ -149,7 +211,46 @@ class Scheduler(bus.Worker):
         event = bus_pb2.StatusEvent.FromString(msg.data)
         if event.final or event.status in _RELEASING:
             await self.ledger.release(event.deployment_id)
+        elif event.status == pb.DEPLOYMENT_STATUS_STOPPED:
+            await self.ledger.stop(event.deployment_id)
         await msg.ack()
+
+    async def _on_capacity(self, msg: Msg) -> None:
+        """Answers a CapacityRequest; whatever goes wrong, the asker gets a reply rather than a timeout."""
+        try:
+            reply = await self._capacity(bus_pb2.CapacityRequest.FromString(msg.data))
+        except Exception as exc:
+            log.exception("capacity request on %s failed", msg.subject)
+            reply = bus_pb2.CapacityReply(fits=False, message=f"the scheduler could not answer: {exc}")
+        if msg.reply:
+            try:
+                await msg.respond(reply.SerializeToString())
+            except Exception:
+                log.exception("capacity reply to %s not sent", msg.reply)
+
+    async def _capacity(self, request: bus_pb2.CapacityRequest) -> bus_pb2.CapacityReply:
+        deployment = request.deployment
+        demand = demand_of(deployment)
+        if request.mode == bus_pb2.CAPACITY_MODE_EXPLAIN:
+            explained = await self.ledger.explain(deployment.geographic_region, demand, request.location_id or None)
+        elif request.mode in (bus_pb2.CAPACITY_MODE_CHECK, bus_pb2.CAPACITY_MODE_RESERVE):
+            if not deployment.id:
+                return bus_pb2.CapacityReply(fits=False, message="the capacity request names no deployment id")
+            location_id = deployment.location_id or await self.ledger.location_of(deployment.id)
+            if not location_id:
+                return bus_pb2.CapacityReply(
+                    fits=False, message=f"deployment {deployment.id} is on no location: nothing to check capacity on"
+                )
+            if request.mode == bus_pb2.CAPACITY_MODE_CHECK:
+                explained = await self.ledger.check(deployment.id, location_id, demand)
+            else:
+                explained = await self.ledger.set_reservation(deployment.id, location_id, demand)
+        else:
+            return bus_pb2.CapacityReply(fits=False, message=f"unknown capacity mode {request.mode}")
+        placement = explained.placement
+        if isinstance(placement, Placed):
+            return bus_pb2.CapacityReply(fits=True, explanation=explained.explanation)
+        return bus_pb2.CapacityReply(fits=False, message=placement.message, explanation=explained.explanation)
 
 
 async def serve(options: SchedulerOptions, stop: asyncio.Event) -> None:
