@@ -20,7 +20,7 @@ from apphosting.db import make_engine
 from apphosting.locations import Capacity, LocationConfig, load_locations
 from apphosting.v1 import deployments_pb2
 from scheduler.ledger import Ledger
-from scheduler.placement import Demand, Placed, Placement, Refused, demand_of, place
+from scheduler.placement import MAX_CANDIDATES, Demand, Placed, Placement, Placer, Refused, demand_of, place
 from scheduler.tables import Reservation
 
 _POSTGRES_ADMIN_URL = os.environ.get("APPHOSTING_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -210,6 +210,113 @@ def test_a_negative_demand_is_rejected() -> None:
         Demand(cpu=float("nan"), memory_mb=0, storage_gb=0)
 
 
+def test_demand_of_a_stopped_deployment_keeps_only_storage_and_an_adopted_one_takes_no_vcluster() -> None:
+    stopped = deployments_pb2.Deployment(
+        cpu_request=1.0, memory_request_mb=512, storage_size_gb=5, status=deployments_pb2.DEPLOYMENT_STATUS_STOPPED
+    )
+    assert demand_of(stopped) == Demand(cpu=0.0, memory_mb=0, storage_gb=5, vclusters=1)
+    adopted = deployments_pb2.Deployment(cpu_request=1.0, memory_request_mb=512, is_adopted=True)
+    assert demand_of(adopted) == Demand(cpu=1.0, memory_mb=512, storage_gb=0, vclusters=0)
+
+
+# --- explanations ----------------------------------------------------------------------------
+
+
+def _reasons(placer: Placer, used: dict[str, Demand], demand: Demand, pinned: str | None = None) -> dict[str, str]:
+    explanation = placer.explain(used, "eu", demand, pinned).explanation
+    return {c.location_id: c.reason for c in explanation.candidates}
+
+
+def test_explain_lists_every_candidate_best_first_with_why_the_others_lost() -> None:
+    placer = Placer(
+        (
+            _location("eu-a"),
+            _location("eu-b", weight=0.25),
+            _location("eu-sick", healthy=False),
+            _location("eu-small", cpu=1.5, memory_mb=1024, storage_gb=5),
+            _location("us-a", geographic_region="us"),
+        )
+    )
+    used = {"eu-small": Demand(cpu=1.0, memory_mb=512, storage_gb=0, vclusters=0)}
+    explained = placer.explain(used, "eu", SMALL)
+    assert _placed_id(explained.placement) == "eu-b"
+    explanation = explained.explanation
+    assert explanation.chosen_location_id == "eu-b"
+    assert explanation.refusal == ""
+    assert explanation.more == 0
+    candidates = list(explanation.candidates)
+    assert [c.location_id for c in candidates][:2] == ["eu-b", "eu-a"]
+    assert candidates[0].chosen
+    assert not any(c.chosen for c in candidates[1:])
+    # 1 + weight - the worst utilisation after placing (cpu: 1 of 8).
+    assert candidates[0].score == pytest.approx(1.25 - 1 / 8)
+    assert candidates[0].weight == 0.25
+    assert [c.score for c in candidates] == sorted((c.score for c in candidates), reverse=True)
+    assert {c.location_id: c.reason for c in candidates} == {
+        "eu-b": "",
+        "eu-a": "lower score",
+        "eu-sick": "unhealthy",
+        "eu-small": "short of cpu by 0.5, memory by 512 MiB, storage by 5 GiB",
+    }
+
+
+def test_explain_chooses_what_place_chooses() -> None:
+    locations = tuple(_location(f"eu-{i:02d}", cpu=4.0 + i % 3, weight=(i % 5) / 10) for i in range(30))
+    placer = Placer(locations)
+    for step in range(20):
+        used = {f"eu-{i:02d}": Demand(cpu=(i * step) % 4, memory_mb=0, storage_gb=0, vclusters=0) for i in range(30)}
+        assert placer.explain(used, "eu", SMALL).placement == place(locations, used, "eu", SMALL)
+
+
+def test_explain_lists_the_best_twenty_and_counts_the_rest() -> None:
+    placer = Placer(tuple(_location(f"eu-{i:02d}", weight=i / 100) for i in range(25)))
+    explanation = placer.explain({}, "eu", SMALL).explanation
+    assert len(explanation.candidates) == MAX_CANDIDATES
+    assert explanation.more == 5
+    assert explanation.candidates[0].location_id == "eu-24"
+    assert explanation.candidates[-1].location_id == "eu-05"
+
+
+def test_explain_a_refusal_gives_the_message_of_place_and_every_shortfall() -> None:
+    locations = (_location("eu-a", cpu=1.0), _location("eu-b", healthy=False))
+    placer = Placer(locations)
+    demand = Demand(cpu=2.0, memory_mb=1024, storage_gb=10, vclusters=11)
+    explained = placer.explain({}, "eu", demand)
+    assert explained.placement == place(locations, {}, "eu", demand)
+    assert explained.explanation.refusal == _refusal(explained.placement)
+    assert explained.explanation.chosen_location_id == ""
+    assert _reasons(placer, {}, demand) == {"eu-a": "short of cpu by 1.0, vCluster slots by 1", "eu-b": "unhealthy"}
+
+
+def test_pinned_placement_considers_only_that_location() -> None:
+    placer = Placer((_location("eu-a", weight=1.0), _location("eu-b"), _location("us-a", geographic_region="us")))
+    explained = placer.explain({}, "eu", SMALL, pinned="eu-b")
+    assert _placed_id(explained.placement) == "eu-b"
+    assert _reasons(placer, {}, SMALL, "eu-b") == {"eu-b": "", "eu-a": "not the pinned location"}
+    # A location of another region can be pinned (promote to a location).
+    assert _placed_id(placer.explain({}, "eu", SMALL, pinned="us-a").placement) == "us-a"
+
+
+@pytest.mark.parametrize(
+    ("pinned", "used", "refusal"),
+    [
+        ("eu-x", {}, "unknown location 'eu-x'"),
+        ("eu-sick", {}, "location eu-sick is unhealthy"),
+        (
+            "eu-b",
+            {"eu-b": Demand(cpu=7.5, memory_mb=16000, storage_gb=0, vclusters=0)},
+            "location eu-b is short of cpu by 0.5, memory by 640 MiB",
+        ),
+    ],
+)
+def test_a_pinned_placement_is_refused_saying_why(pinned: str, used: dict[str, Demand], refusal: str) -> None:
+    placer = Placer((_location("eu-a"), _location("eu-b"), _location("eu-sick", healthy=False)))
+    explained = placer.explain(used, "eu", SMALL, pinned=pinned)
+    assert _refusal(explained.placement) == refusal
+    assert explained.explanation.refusal == refusal
+    assert not any(c.chosen for c in explained.explanation.candidates)
+
+
 # --- ledger ----------------------------------------------------------------------------------
 
 # Room for exactly 20 of ONE_OF_20 in every dimension, with vCluster slots to spare.
@@ -359,3 +466,47 @@ async def test_two_scheduler_processes_on_postgres_never_overbook(postgres_engin
         assert await ledgers[1].release(placed[0]) is True
         assert _placed_id(await ledgers[0].reserve("d-new", "eu", ONE_OF_20)) == "eu-only"
         assert "short" in _refusal(await ledgers[1].reserve("d-newer", "eu", ONE_OF_20))
+
+
+async def test_a_pinned_reservation_goes_there_or_nowhere(sqlite_engines: EngineFactory) -> None:
+    engine = sqlite_engines()
+    ledger = Ledger(engine, (_location("eu-a", weight=1.0), _location("eu-b", cpu=1.0)))
+    try:
+        await ledger.create_tables()
+        explained = await ledger.place("d-1", "eu", SMALL, pinned="eu-b")
+        assert _placed_id(explained.placement) == "eu-b"
+        assert explained.explanation.chosen_location_id == "eu-b"
+        assert "short of cpu by 1.0" in _refusal(await ledger.reserve("d-2", "eu", SMALL, pinned="eu-b"))
+        # A redelivery gets where it holds, explained as chosen.
+        again = await ledger.place("d-1", "eu", SMALL, pinned="eu-b")
+        assert again.explanation.chosen_location_id == "eu-b"
+        assert [c.location_id for c in again.explanation.candidates if c.chosen] == ["eu-b"]
+    finally:
+        await engine.dispose()
+
+
+async def test_stop_frees_cpu_and_memory_and_keeps_storage_and_the_slot(sqlite_engines: EngineFactory) -> None:
+    async with _ledgers(sqlite_engines, 1) as (ledger,):
+        await ledger.reserve("d-1", "eu", ONE_OF_20)
+        assert await ledger.stop("d-1") is True
+        assert await ledger.stop("d-1") is True
+        assert await ledger.used() == {"eu-only": Demand(cpu=0.0, memory_mb=0, storage_gb=5, vclusters=1)}
+        assert await ledger.stop("d-gone") is False
+
+
+async def test_set_reservation_sets_rather_than_adds_and_never_overbooks(sqlite_engines: EngineFactory) -> None:
+    async with _ledgers(sqlite_engines, 1) as (ledger,):
+        await ledger.reserve("d-1", "eu", ONE_OF_20)
+        # Its own holding counts as free: growing to the whole location fits.
+        whole = Demand(cpu=5.0, memory_mb=5120, storage_gb=100)
+        assert isinstance((await ledger.check("d-1", "eu-only", whole)).placement, Placed)
+        assert isinstance((await ledger.set_reservation("d-1", "eu-only", whole)).placement, Placed)
+        assert isinstance((await ledger.set_reservation("d-1", "eu-only", whole)).placement, Placed)
+        assert await ledger.used() == {"eu-only": whole}
+        refused = await ledger.set_reservation("d-2", "eu-only", ONE_OF_20)
+        assert (
+            _refusal(refused.placement)
+            == "location eu-only is short of cpu by 0.25, memory by 256 MiB, storage by 5 GiB"
+        )
+        assert _refusal((await ledger.check("d-1", "nowhere", ONE_OF_20)).placement) == "unknown location 'nowhere'"
+        assert await ledger.holding("d-2") is None
