@@ -57,8 +57,23 @@ class LocationConfig(BaseModel):
     # None: the host cluster's default StorageClass / IngressClass.
     storage_class: str | None = None
     ingress_class: str | None = None
+    # TLS of the apps' Ingresses (their endpoints are promised as https://). tls_cluster_issuer: a
+    # cert-manager ClusterIssuer that issues each app its own certificate (annotation
+    # cert-manager.io/cluster-issuer, secret `<app>-tls`). tls_secret: the name of a wildcard
+    # certificate's secret for *.base_domain that every Ingress names; it must be reachable where the
+    # Ingress is served (ingress-nginx serves its --default-ssl-certificate when the named secret is
+    # absent from the namespace). At most one of them; with neither the Ingress has no tls section
+    # and TLS is left to whatever terminates in front of the ingress controller.
+    tls_cluster_issuer: str | None = Field(None, min_length=1, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    tls_secret: str | None = Field(None, min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     # How often the driver looks again at something that is not ready yet.
     poll_seconds: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_tls_source(self) -> LocationConfig:
+        if self.tls_cluster_issuer and self.tls_secret:
+            raise ValueError(f"location {self.id}: set tls_cluster_issuer or tls_secret, not both")
+        return self
 
 
 class LocationsFile(BaseModel):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -15,6 +16,9 @@ from apphosting import netguard
 from apphosting.locations import LocationConfig
 from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner.driver import PermanentError, StepResult, TemporaryError
+
+if TYPE_CHECKING:
+    from provisioner.driver import Driver
 from provisioner.kubernetes import render
 from provisioner.kubernetes.api import KubeApi, Obj
 from provisioner.kubernetes.gitops import GitOpsRepo
@@ -24,6 +28,10 @@ _GROUP, _VERSION, _PLURAL = "argoproj.io", "v1alpha1", "applications"
 _CLUSTER_SECRET_LABEL = "argocd.argoproj.io/secret-type"
 # Application conditions that mean the spec itself can never work (a missing chart is one).
 _PERMANENT_CONDITIONS = frozenset({"InvalidSpecError"})
+# Who asks Argo CD for a sync, as its UI and audit log show it.
+_SYNC_INITIATOR = "apphosting"
+# The vcluster chart runs one control plane replica unless high availability is configured.
+_CONTROL_PLANE_REPLICAS = 1
 
 
 class KubernetesDriver:
@@ -239,7 +247,57 @@ class KubernetesDriver:
                 replace,
             )
 
+    def _commit_files(self, path: str, files: Mapping[str, str], message: str) -> tuple[str, bool]:
+        """Makes `path` hold `files`: (the commit that holds them, whether this call made it). Blocks."""
+        _, current = self.repo.snapshot(path)
+        if current == dict(files):
+            commit = self.repo.last_change(path)
+            if commit is not None:
+                return commit, False
+        return self.repo.write(path, files, message), True
+
+    async def _commit(self, path: str, files: Mapping[str, str], message: str) -> tuple[str, bool]:
+        return await asyncio.to_thread(self._commit_files, path, files, message)
+
+    @staticmethod
+    def _message(job: bus_pb2.ProvisionJob, names: Names, verb: str) -> str:
+        release = f" release {job.release}" if job.release > 0 else ""
+        return f"{names.release}: {verb} {names.app}{release} ({job.deployment.id})"
+
+    async def _synced_at(self, app: Obj, commit: str) -> str | None:
+        """The revision Argo CD last synced the Application to, when it holds `commit`; else None."""
+        sync = (app.get("status") or {}).get("sync") or {}
+        # A single source reports `revision`; several sources report `revisions`, one per source.
+        revisions = [str(r) for r in [sync.get("revision"), *(sync.get("revisions") or [])] if r]
+        for revision in revisions:
+            if await asyncio.to_thread(self.repo.contains, commit, revision):
+                return revision
+        return None
+
+    async def _request_sync(self, names: Names, app: Obj, release: int) -> str:
+        """Asks Argo CD to sync the Application now (as `argocd app sync` does), unless a sync is running."""
+        phase = ((app.get("status") or {}).get("operationState") or {}).get("phase")
+        if app.get("operation") or phase == "Running":
+            return "a sync is in progress"
+        operation: Obj = {"initiatedBy": {"username": _SYNC_INITIATOR}, "sync": {"prune": True}}
+        if release > 0:
+            operation["info"] = [{"name": "release", "value": str(release)}]
+        what = f"Application {names.app_application}"
+        await self.api.call(
+            f"sync {what}",
+            self.api.custom.patch_namespaced_custom_object,
+            _GROUP,
+            _VERSION,
+            self.location.argocd_namespace,
+            _PLURAL,
+            names.app_application,
+            {"operation": operation},
+        )
+        return "sync requested"
+
     async def ensure_app(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
+        """Commits the job's release under the git path (a new commit only when it differs from what is
+        there) and has Argo CD sync it; `app_rollout` then waits for that commit to run healthy."""
         names = self.names(job)
         deployment = job.deployment
         if not kubeconfig:
@@ -248,16 +306,22 @@ class KubernetesDriver:
         if refused is not None:
             return StepResult.fail(refused, permanent=True)
         await self._register_cluster(names, kubeconfig)
-        files = render.app_files(deployment, names, self.location)
-        commit = await asyncio.to_thread(
-            self.repo.write, names.git_path, files.files, f"{names.release}: deploy {names.app} ({deployment.id})"
-        )
-        body = render.app_application(deployment, names, self.location, self.repo.url)
+        files = render.app_files(deployment, names, self.location, release=job.release)
+        commit, changed = await self._commit(names.git_path, files.files, self._message(job, names, "deploy"))
+        body = render.app_application(deployment, names, self.location, self.repo.url, release=job.release)
         what = f"Application {names.app_application}"
         created = await self._ensure_application(body, what)
         state = "created" if created else "already present"
+        sync = ""
+        if not created:
+            # A new Application syncs on its own; an existing one is told, instead of waiting for Argo CD's poll.
+            app = await self._application(self.location.argocd_namespace, names.app_application, what)
+            if app is not None and await self._synced_at(app, commit) is None:
+                sync = f"; {await self._request_sync(names, app, job.release)}"
+        release = f"release {job.release} of " if job.release > 0 else ""
+        committed = "committed" if changed else "already committed"
         return StepResult.done(
-            f"app {names.app} committed to {names.git_path} at {commit[:12]}; Argo CD {what} {state}",
+            f"{release}app {names.app} {committed} to {names.git_path} at {commit[:12]}; Argo CD {what} {state}{sync}",
             git_path=names.git_path,
             values_yaml=files.values_yaml,
         )
@@ -285,6 +349,17 @@ class KubernetesDriver:
         app, problem = await self._synced_application(names.app_application)
         if problem is not None:
             return problem
+        commit = await asyncio.to_thread(self.repo.last_change, names.git_path)
+        if commit is None:
+            raise TemporaryError(f"git path {names.git_path} holds no commit of app {names.app}")
+        release = f"release {job.release} " if job.release > 0 else ""
+        if await self._synced_at(app, commit) is None:
+            requested = await self._request_sync(names, app, job.release)
+            return StepResult.retry(
+                self.poll_after,
+                f"app {names.app}: waiting for Argo CD to sync {release}(commit {commit[:12]}): {requested}; "
+                f"{self._progress(app)}",
+            )
         status = app.get("status") or {}
         synced = (status.get("sync") or {}).get("status") == "Synced"
         healthy = (status.get("health") or {}).get("status") == "Healthy"
@@ -296,9 +371,9 @@ class KubernetesDriver:
             if deployment is None or (deployment.get("health") or {}).get("status") != "Healthy":
                 return StepResult.retry(self.poll_after, f"app {names.app}: Deployment not yet available")
         replicas = render.Resources.of(job.deployment).replicas
-        revision = str((status.get("sync") or {}).get("revision") or "")[:12]
-        at = f" at {revision}" if revision else ""
-        return StepResult.done(f"app {names.app} synced{at} and healthy: {replicas}/{replicas} replicas available")
+        return StepResult.done(
+            f"app {names.app} {release}synced at {commit[:12]} and healthy: {replicas}/{replicas} replicas available"
+        )
 
     async def endpoint(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
         names = self.names(job)
@@ -310,6 +385,130 @@ class KubernetesDriver:
             if app is None or _resource(app.get("status") or {}, "Ingress", names.app) is None:
                 return StepResult.retry(self.poll_after, f"waiting for Ingress {names.app} of {host}")
         return StepResult.done(f"app answers at {url}", endpoint_url=url)
+
+    # -- stop and start -------------------------------------------------------------------------
+
+    async def stop_app(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
+        """Commits the release with zero replicas and has Argo CD sync it; done once no pod of the app
+        runs in the host namespace (vCluster syncs the app's pods there)."""
+        names = self.names(job)
+        files = render.app_files(job.deployment, names, self.location, release=job.release, stopped=True)
+        commit, _ = await self._commit(names.git_path, files.files, self._message(job, names, "stop"))
+        what = f"Application {names.app_application}"
+        app = await self._application(self.location.argocd_namespace, names.app_application, what)
+        if app is None:
+            return StepResult.done(f"app {names.app} has no Application: nothing runs")
+        if await self._synced_at(app, commit) is None:
+            requested = await self._request_sync(names, app, job.release)
+            return StepResult.retry(
+                self.poll_after, f"app {names.app}: scaling to zero at commit {commit[:12]}: {requested}"
+            )
+        pods = await self.api.call(
+            f"list pods of {names.app} in {names.namespace}",
+            self.api.core.list_namespaced_pod,
+            names.namespace,
+            label_selector=names.app_pods_selector,
+        )
+        running = [str(p.metadata.name) for p in pods.items if p.metadata is not None]
+        if running:
+            return StepResult.retry(self.poll_after, f"app {names.app}: {len(running)} replica(s) still running")
+        return StepResult.done(f"app {names.app} scaled to zero at commit {commit[:12]}; no replica runs")
+
+    async def _scale_control_plane(self, names: Names, replicas: int) -> Obj | None:
+        """Scales the vCluster's control plane StatefulSet (its scale subresource); None when it is absent."""
+        what = f"StatefulSet {names.control_plane} in {names.namespace}"
+        found = await self.api.get(
+            f"read {what}", self.api.apps.read_namespaced_stateful_set, names.control_plane, names.namespace
+        )
+        if found is None:
+            return None
+        if (found.get("spec") or {}).get("replicas") != replicas:
+            await self.api.call(
+                f"scale {what}",
+                self.api.apps.patch_namespaced_stateful_set_scale,
+                names.control_plane,
+                names.namespace,
+                {"spec": {"replicas": replicas}},
+            )
+        return found
+
+    async def sleep_vcluster(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        names = self.names(job)
+        found = await self._scale_control_plane(names, 0)
+        if found is None:
+            return StepResult.done(f"vCluster {names.release} has no control plane running: asleep")
+        status = found.get("status") or {}
+        up = max(int(status.get("replicas") or 0), int(status.get("readyReplicas") or 0))
+        if up:
+            return StepResult.retry(self.poll_after, f"vCluster {names.release} control plane stopping ({up} left)")
+        return StepResult.done(f"vCluster {names.release} asleep: control plane scaled to zero, volumes kept")
+
+    async def wake_vcluster(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        names = self.names(job)
+        found = await self._scale_control_plane(names, _CONTROL_PLANE_REPLICAS)
+        if found is None:
+            raise TemporaryError(
+                f"vCluster {names.release}: StatefulSet {names.control_plane} not found in {names.namespace}"
+            )
+        return StepResult.done(f"vCluster {names.release} waking: control plane scaled to {_CONTROL_PLANE_REPLICAS}")
+
+    # -- adoption -------------------------------------------------------------------------------
+
+    async def adopt_namespace(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        """Labels the existing namespace with the deployment id (and managed-by, unless another tool
+        claims it) and annotates it as adopted; nothing in it is created or changed."""
+        names = self.names(job)
+        namespace = job.deployment.source_namespace
+        if not namespace:
+            return StepResult.fail("an adoption names no source_namespace", permanent=True)
+        what = f"namespace {namespace}"
+        found = await self.api.get(f"read {what}", self.api.core.read_namespace, namespace)
+        if found is None:
+            return StepResult.fail(f"{what} does not exist on location {self.location.id}", permanent=True)
+        meta = found["metadata"]
+        if meta.get("deletionTimestamp"):
+            return StepResult.fail(f"{what} on location {self.location.id} is being deleted", permanent=True)
+        current = meta.get("labels") or {}
+        owner = current.get(render.DEPLOYMENT_LABEL)
+        if owner and owner != names.deployment_id:
+            return StepResult.fail(f"{what} is already managed by deployment {owner}", permanent=True)
+        wanted = {render.DEPLOYMENT_LABEL: names.deployment_id}
+        if not any(current.get(k) for k in render.MANAGED_BY):
+            wanted.update(render.MANAGED_BY)
+        annotations = {render.ADOPTED_ANNOTATION: "true"}
+        if all(current.get(k) == v for k, v in wanted.items()) and all(
+            (meta.get("annotations") or {}).get(k) == v for k, v in annotations.items()
+        ):
+            return StepResult.done(f"{what} already adopted by this deployment")
+        await self.api.call(
+            f"label {what}",
+            self.api.core.patch_namespace,
+            namespace,
+            {"metadata": {"labels": wanted, "annotations": annotations}},
+        )
+        return StepResult.done(f"{what} adopted as it is: labelled with the deployment id, its workloads untouched")
+
+    async def release_namespace(self, job: bus_pb2.ProvisionJob) -> StepResult:
+        names = self.names(job)
+        what = f"namespace {names.namespace}"
+        found = await self.api.get(f"read {what}", self.api.core.read_namespace, names.namespace)
+        if found is None:
+            return StepResult.done(f"{what} is gone already: nothing to release")
+        meta = found["metadata"]
+        labels = meta.get("labels") or {}
+        if labels.get(render.DEPLOYMENT_LABEL) not in (None, names.deployment_id):
+            return StepResult.done(f"{what} is managed by another deployment now: left as it is")
+        drop_labels: dict[str, None] = {render.DEPLOYMENT_LABEL: None}
+        drop_labels.update({k: None for k, v in render.MANAGED_BY.items() if labels.get(k) == v})
+        present = [k for k in drop_labels if k in labels]
+        if present or render.ADOPTED_ANNOTATION in (meta.get("annotations") or {}):
+            await self.api.call(
+                f"unlabel {what}",
+                self.api.core.patch_namespace,
+                names.namespace,
+                {"metadata": {"labels": drop_labels, "annotations": {render.ADOPTED_ANNOTATION: None}}},
+            )
+        return StepResult.done(f"{what} released: no longer managed, its workloads left running")
 
     # -- delete ---------------------------------------------------------------------------------
 
@@ -432,3 +631,8 @@ def argocd_cluster_secret(names: Names, location: LocationConfig, kubeconfig: st
         "type": "Opaque",
         "stringData": {"name": names.argocd_cluster, "server": cluster["server"], "config": json.dumps(cluster_config)},
     }
+
+
+if TYPE_CHECKING:
+    # The driver keeps the committed step protocol; mypy checks it here.
+    _CHECKED: type[Driver] = KubernetesDriver

@@ -141,6 +141,46 @@ class GitOpsRepo:
             root = clone / path
             return {str(f.relative_to(root)): f.read_text() for f in sorted(root.rglob("*")) if f.is_file()}
 
+    def snapshot(self, path: str) -> tuple[str | None, dict[str, str] | None]:
+        """The remote branch's head commit and the files under `path` there, read together."""
+        _check_path(path)
+        with self._lock:
+            clone = self._ensure_clone()
+            if not self._sync(clone):
+                return None, None
+            head = _git(clone, "rev-parse", "HEAD").strip()
+            root = clone / path
+            if not root.is_dir():
+                return head, None
+            return head, {str(f.relative_to(root)): f.read_text() for f in sorted(root.rglob("*")) if f.is_file()}
+
+    def last_change(self, path: str) -> str | None:
+        """The newest commit on the remote branch that changed `path`; None when none did."""
+        _check_path(path)
+        with self._lock:
+            clone = self._ensure_clone()
+            if not self._sync(clone):
+                return None
+            return _git(clone, "log", "-1", "--format=%H", "--", path).strip() or None
+
+    def contains(self, commit: str, revision: str) -> bool:
+        """True when `revision` is `commit` or a later commit built on it (so it holds that change)."""
+        if not _is_sha(commit) or not _is_sha(revision):
+            return False
+        if commit == revision:
+            return True
+        with self._lock:
+            clone = self._ensure_clone()
+            self._sync(clone)
+            known = _run_git(clone, ("cat-file", "-e", f"{revision}^{{commit}}")).returncode == 0
+            if not known:
+                return False
+            return _run_git(clone, ("merge-base", "--is-ancestor", commit, revision)).returncode == 0
+
+
+def _is_sha(text: str) -> bool:
+    return len(text) == 40 and all(c in "0123456789abcdef" for c in text)
+
 
 def _check_path(path: str) -> None:
     parts = Path(path).parts

@@ -61,6 +61,11 @@ class Names:
         return self.release
 
     @property
+    def app_pods_selector(self) -> str:
+        """The host pods vCluster synced from the app's namespace of this vCluster (labels the syncer sets)."""
+        return f"vcluster.loft.sh/managed-by={self.release},vcluster.loft.sh/namespace=default"
+
+    @property
     def vcluster_application(self) -> str:
         return f"{self.release}-vcluster"[:_APPLICATION_MAX]
 

@@ -33,6 +33,13 @@ _CONTROL_PLANE_UID = 12345
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "apphosting"}
 DEPLOYMENT_LABEL = "apphosting.dev/deployment-id"
+# The release an object was rendered from: on the app's objects and its Application.
+RELEASE_ANNOTATION = "apphosting.dev/release"
+# On a namespace taken under management by adoption rather than created.
+ADOPTED_ANNOTATION = "apphosting.dev/adopted"
+# The deployment config key naming the HTTP path the probes ask; without it they open a TCP connection.
+HEALTH_CHECK_PATH = "health_check_path"
+CLUSTER_ISSUER_ANNOTATION = "cert-manager.io/cluster-issuer"
 ARGOCD_FINALIZER = "resources-finalizer.argocd.argoproj.io"
 ARGOCD_API_VERSION = "argoproj.io/v1alpha1"
 IMAGE_UPDATER = "argocd-image-updater.argoproj.io"
@@ -221,7 +228,13 @@ def vcluster_application(d: deployments_pb2.Deployment, names: Names, location: 
         "helm": {"releaseName": names.release, "valuesObject": vcluster_values(d, names, location)},
     }
     destination = {"server": "https://kubernetes.default.svc", "namespace": names.namespace}
-    return application(names.vcluster_application, names, location, destination=destination, sources=[source])
+    app = application(names.vcluster_application, names, location, destination=destination, sources=[source])
+    # Sleep and wake scale the control plane directly; self-heal must not scale it back.
+    app["spec"]["ignoreDifferences"] = [
+        {"group": "apps", "kind": "StatefulSet", "name": names.control_plane, "jsonPointers": ["/spec/replicas"]}
+    ]
+    app["spec"]["syncPolicy"]["syncOptions"].append("RespectIgnoreDifferences=true")
+    return app
 
 
 def _quantity_resources(res: Resources) -> Obj:
@@ -244,6 +257,44 @@ def _env(d: deployments_pb2.Deployment) -> list[Obj]:
     return [{"name": name, "value": value} for name, _, value in (e.partition("=") for e in d.environment_variables)]
 
 
+def health_check_path(d: deployments_pb2.Deployment) -> str | None:
+    """The HTTP path of `config.health_check_path`, or None when the config names none."""
+    value = d.config.fields.get(HEALTH_CHECK_PATH) if d.HasField("config") else None
+    if value is None or value.WhichOneof("kind") == "null_value":
+        return None
+    if value.WhichOneof("kind") != "string_value" or not value.string_value.strip():
+        raise PermanentError(f"config.{HEALTH_CHECK_PATH} must be a non-empty string (an HTTP path such as /healthz)")
+    path = value.string_value.strip()
+    return path if path.startswith("/") else f"/{path}"
+
+
+def probes(d: deployments_pb2.Deployment) -> tuple[Obj, Obj]:
+    """Readiness and liveness probes: an HTTP GET of `config.health_check_path` on the app's port when
+    the config names one, else a TCP connection to it."""
+    path = health_check_path(d)
+    check: Obj = {"httpGet": {"path": path, "port": "http"}} if path else {"tcpSocket": {"port": "http"}}
+    readiness = {**copy.deepcopy(check), "periodSeconds": 5, "failureThreshold": 3}
+    # Liveness is slower to give up than readiness: a busy app is taken out of rotation, not restarted.
+    liveness = {**copy.deepcopy(check), "initialDelaySeconds": 15, "periodSeconds": 10, "failureThreshold": 6}
+    return readiness, liveness
+
+
+def ingress_tls(names: Names, location: LocationConfig) -> tuple[dict[str, str], list[Obj]]:
+    """The Ingress annotations and `tls` section of an app: cert-manager, a wildcard secret, or none."""
+    host = names.host(base_domain(location))
+    if location.tls_cluster_issuer:
+        secret = f"{names.app}-tls"[:253]
+        return {CLUSTER_ISSUER_ANNOTATION: location.tls_cluster_issuer}, [{"hosts": [host], "secretName": secret}]
+    if location.tls_secret:
+        return {}, [{"hosts": [host], "secretName": location.tls_secret}]
+    return {}, []
+
+
+def _release_annotations(release: int) -> dict[str, str]:
+    # Release 0 is a job from before releases existed: its objects stay as they were rendered then.
+    return {RELEASE_ANNOTATION: str(release)} if release > 0 else {}
+
+
 def _pvc(name: str, size_gi: int, names: Names, location: LocationConfig) -> Obj:
     spec: Obj = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": f"{size_gi}Gi"}}}
     if location.storage_class:
@@ -256,8 +307,15 @@ def _pvc(name: str, size_gi: int, names: Names, location: LocationConfig) -> Obj
     }
 
 
-def docker_manifests(d: deployments_pb2.Deployment, names: Names, location: LocationConfig) -> list[Obj]:
-    """Deployment, a PVC per volume (and for storage_size_gb), Service and Ingress of a container app."""
+def docker_manifests(
+    d: deployments_pb2.Deployment, names: Names, location: LocationConfig, *, release: int = 0, stopped: bool = False
+) -> list[Obj]:
+    """Deployment, a PVC per volume (and for storage_size_gb), Service and Ingress of a container app.
+
+    Every object carries the release it was rendered from (annotation apphosting.dev/release), not
+    the pod template, so a release that changes nothing else restarts nothing. `stopped`: zero replicas.
+    Containers get readiness and liveness probes (see `probes`; `config.health_check_path` makes them
+    HTTP). The Ingress gets TLS as the location says (see `ingress_tls`)."""
     res = Resources.of(d)
     port = d.container_port if d.HasField("container_port") else DEFAULT_PORT
     selector = {"app.kubernetes.io/name": names.app, "app.kubernetes.io/instance": names.app}
@@ -278,6 +336,7 @@ def docker_manifests(d: deployments_pb2.Deployment, names: Names, location: Loca
         "resources": _quantity_resources(res),
         "securityContext": dict(_RESTRICTED_CONTAINER),
     }
+    container["readinessProbe"], container["livenessProbe"] = probes(d)
     if d.environment_variables:
         container["env"] = _env(d)
     if claims:
@@ -297,7 +356,7 @@ def docker_manifests(d: deployments_pb2.Deployment, names: Names, location: Loca
         "kind": "Deployment",
         "metadata": {"name": names.app, "labels": meta_labels},
         "spec": {
-            "replicas": res.replicas,
+            "replicas": 0 if stopped else res.replicas,
             "revisionHistoryLimit": 3,
             # ReadWriteOnce volumes cannot be attached to the old and the new pod at once.
             "strategy": {"type": "Recreate"} if claims else {"type": "RollingUpdate"},
@@ -333,14 +392,24 @@ def docker_manifests(d: deployments_pb2.Deployment, names: Names, location: Loca
     }
     if location.ingress_class:
         ingress_spec["ingressClassName"] = location.ingress_class
-    ingress = {
+    tls_annotations, tls = ingress_tls(names, location)
+    if tls:
+        ingress_spec["tls"] = tls
+    ingress: Obj = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "Ingress",
         "metadata": {"name": names.app, "labels": meta_labels},
         "spec": ingress_spec,
     }
+    if tls_annotations:
+        ingress["metadata"]["annotations"] = tls_annotations
     pvcs = [_pvc(claim, size, names, location) for claim, _, size in claims]
-    return [deployment, *pvcs, service, ingress]
+    manifests = [deployment, *pvcs, service, ingress]
+    for manifest in manifests:
+        annotations = {**manifest["metadata"].get("annotations", {}), **_release_annotations(release)}
+        if annotations:
+            manifest["metadata"]["annotations"] = annotations
+    return manifests
 
 
 def split_image(image: str) -> tuple[str, str | None]:
@@ -383,11 +452,16 @@ def deep_merge(base: Obj, over: Mapping[str, Any]) -> Obj:
     return merged
 
 
-def platform_helm_values(d: deployments_pb2.Deployment, names: Names, location: LocationConfig) -> Obj:
-    """What the platform sets for a chart, in the layout of `helm create` charts (most charts follow it)."""
+def platform_helm_values(
+    d: deployments_pb2.Deployment, names: Names, location: LocationConfig, *, stopped: bool = False
+) -> Obj:
+    """What the platform sets for a chart, in the layout of `helm create` charts (most charts follow it).
+
+    Probes are set only when `config.health_check_path` names a path: a chart's own are better than a guess.
+    """
     res = Resources.of(d)
     values: Obj = {
-        "replicaCount": res.replicas,
+        "replicaCount": 0 if stopped else res.replicas,
         "resources": _quantity_resources(res),
         "podSecurityContext": _pod_security(d),
         "securityContext": dict(_RESTRICTED_CONTAINER),
@@ -398,6 +472,13 @@ def platform_helm_values(d: deployments_pb2.Deployment, names: Names, location: 
     }
     if location.ingress_class:
         values["ingress"]["className"] = location.ingress_class
+    tls_annotations, tls = ingress_tls(names, location)
+    if tls:
+        values["ingress"]["tls"] = tls
+    if tls_annotations:
+        values["ingress"]["annotations"] = tls_annotations
+    if health_check_path(d):
+        values["readinessProbe"], values["livenessProbe"] = probes(d)
     if d.HasField("container_port"):
         values["service"] = {"port": d.container_port}
     if d.HasField("docker_image"):
@@ -410,8 +491,8 @@ def platform_helm_values(d: deployments_pb2.Deployment, names: Names, location: 
     return values
 
 
-def helm_values(d: deployments_pb2.Deployment, names: Names, location: LocationConfig) -> Obj:
-    """The platform's values with `custom_values_yaml` merged over them."""
+def helm_values(d: deployments_pb2.Deployment, names: Names, location: LocationConfig, *, stopped: bool = False) -> Obj:
+    """The platform's values with `custom_values_yaml` merged over them; `stopped` wins over both."""
     try:
         # The same bounds the API checked at create: a stored document is read as it was judged.
         custom = yamlbounds.load(d.custom_values_yaml, Limits()) if d.custom_values_yaml else None
@@ -419,7 +500,10 @@ def helm_values(d: deployments_pb2.Deployment, names: Names, location: LocationC
         raise PermanentError(f"custom_values_yaml cannot be read: {str(exc)[:200]}") from None
     if custom is not None and not isinstance(custom, dict):
         raise PermanentError("custom_values_yaml must be a YAML mapping")
-    return deep_merge(platform_helm_values(d, names, location), custom or {})
+    merged = deep_merge(platform_helm_values(d, names, location, stopped=stopped), custom or {})
+    if stopped:
+        merged["replicaCount"] = 0
+    return merged
 
 
 def image_updater_annotations(d: deployments_pb2.Deployment, helm: bool) -> dict[str, str]:
@@ -449,13 +533,16 @@ def image_updater_annotations(d: deployments_pb2.Deployment, helm: bool) -> dict
     return out
 
 
-def app_application(d: deployments_pb2.Deployment, names: Names, location: LocationConfig, repo_url: str) -> Obj:
+def app_application(
+    d: deployments_pb2.Deployment, names: Names, location: LocationConfig, repo_url: str, *, release: int = 0
+) -> Obj:
     """The app's Application: the git path (docker) or the chart with values from git (helm)."""
     helm = d.app_type == deployments_pb2.APP_TYPE_HELM
     destination = {"name": names.argocd_cluster, "namespace": "default"}
     annotations = image_updater_annotations(d, helm)
     if helm:
         annotations = {**annotations, f"{IMAGE_UPDATER}/git-branch": location.git_branch} if annotations else {}
+        annotations.update(_release_annotations(release))
         chart_repo = d.helm_repo_url.removeprefix("oci://")
         chart: Obj = {
             "repoURL": chart_repo,
@@ -474,6 +561,7 @@ def app_application(d: deployments_pb2.Deployment, names: Names, location: Locat
         )
     if annotations:
         annotations[f"{IMAGE_UPDATER}/git-branch"] = location.git_branch
+    annotations.update(_release_annotations(release))
     source = {"repoURL": repo_url, "targetRevision": location.git_branch, "path": names.git_path}
     return application(
         names.app_application, names, location, destination=destination, sources=[source], annotations=annotations
@@ -496,11 +584,15 @@ class AppFiles:
     values_yaml: str
 
 
-def app_files(d: deployments_pb2.Deployment, names: Names, location: LocationConfig) -> AppFiles:
+def app_files(
+    d: deployments_pb2.Deployment, names: Names, location: LocationConfig, *, release: int = 0, stopped: bool = False
+) -> AppFiles:
+    """The files of one release under the git path; a chart's values.yaml names the release in a comment."""
     if d.app_type == deployments_pb2.APP_TYPE_HELM:
-        values = dump(helm_values(d, names, location))
-        return AppFiles({"values.yaml": values}, values)
-    manifests = docker_manifests(d, names, location)
+        values = dump(helm_values(d, names, location, stopped=stopped))
+        header = f"# {RELEASE_ANNOTATION}: {release}\n" if release > 0 else ""
+        return AppFiles({"values.yaml": header + values}, values)
+    manifests = docker_manifests(d, names, location, release=release, stopped=stopped)
     files = {manifest_file(m): dump(m) for m in manifests}
     files["kustomization.yaml"] = dump(kustomization(d, manifests))
     return AppFiles(files, dump_all(manifests))

@@ -2,7 +2,8 @@
 
 It serves the host cluster at `/` and any number of virtual clusters at `/clusters/<name>/`, each
 with its own objects. Create, get, list (with label selectors), replace, merge-patch and delete,
-404 NotFound, 409 AlreadyExists and Conflict on a stale resourceVersion, the status subresource,
+404 NotFound, 409 AlreadyExists and Conflict on a stale resourceVersion, the status subresource, the
+scale subresource of Deployments and StatefulSets (autoscaling/v1 Scale),
 finalizers and deletionTimestamp, namespaces that terminate and take their contents with them, and
 the discovery documents `kubectl` needs. Tests can validate every written object (a validator
 answers 422 Invalid like a real API server), make an admission webhook refuse objects, and make the
@@ -52,6 +53,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("", "v1", "configmaps", "ConfigMap", status=False, short=("cm",)),
     Kind("", "v1", "services", "Service", short=("svc",)),
     Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", short=("pvc",)),
+    Kind("", "v1", "pods", "Pod", short=("po",)),
     Kind("", "v1", "resourcequotas", "ResourceQuota", short=("quota",)),
     Kind("", "v1", "limitranges", "LimitRange", status=False, short=("limits",)),
     Kind("apps", "v1", "deployments", "Deployment", short=("deploy",)),
@@ -63,6 +65,7 @@ KINDS: tuple[Kind, ...] = (
 _BY_PLURAL = {(k.group, k.version, k.plural): k for k in KINDS}
 _BY_KIND = {k.kind: k for k in KINDS}
 _BY_PLURAL_ONLY = {k.plural: k for k in KINDS}
+_SCALABLE = frozenset({"Deployment", "StatefulSet"})
 _NAMESPACE_PATH = re.compile(
     r"^(?:/clusters/(?P<cluster>[a-z0-9-]+))?/api/v1/namespaces/(?P<name>[a-z0-9-]+)(?:/(?P<sub>status))?$"
 )
@@ -70,7 +73,7 @@ _PATH = re.compile(
     r"^(?:/clusters/(?P<cluster>[a-z0-9-]+))?"
     r"(?:/api/(?P<core>v1)|/apis/(?P<group>[a-z0-9.-]+)/(?P<version>v[a-z0-9]+))"
     r"(?:/namespaces/(?P<ns>[a-z0-9-]+))?"
-    r"(?:/(?P<plural>[a-z]+)(?:/(?P<name>[a-z0-9.-]+)(?:/(?P<sub>status))?)?)?$"
+    r"(?:/(?P<plural>[a-z]+)(?:/(?P<name>[a-z0-9.-]+)(?:/(?P<sub>status|scale))?)?)?$"
 )
 
 
@@ -514,7 +517,7 @@ class FakeApiServer:
             kind = found
         if not kind.namespaced and ns:
             raise ApiError(404, "NotFound", f"the server could not find the requested resource ({path})")
-        if sub and not kind.status:
+        if (sub == "status" and not kind.status) or (sub == "scale" and kind.kind not in _SCALABLE):
             raise ApiError(404, "NotFound", f"the server could not find the requested resource ({path})")
         body: Any = json.loads(raw) if raw else None
         with self.lock:
@@ -532,6 +535,10 @@ class FakeApiServer:
             if existing is None:
                 group_suffix = f".{kind.group}" if kind.group else ""
                 raise ApiError(404, "NotFound", f'{kind.plural}{group_suffix} "{name}" not found')
+            if sub == "scale":
+                if method == "PATCH" and "json-patch" in content_type:
+                    raise ApiError(415, "UnsupportedMediaType", "this fake takes merge patches only")
+                return self._scale(kind, cluster, ns, method, body, existing)
             if method == "GET":
                 return copy.deepcopy(existing)
             if method == "PUT":
@@ -553,6 +560,34 @@ class FakeApiServer:
                 new["metadata"]["resourceVersion"] = (body.get("metadata") or {}).get("resourceVersion")
                 return self._write(kind, cluster, ns, new, existing, keep_status=False, admit=False)
             return self._write(kind, cluster, ns, new, existing, keep_status=kind.status)
+
+    def _scale(self, kind: Kind, cluster: str, ns: str, method: str, body: Any, existing: Obj) -> Obj:
+        """The scale subresource: reads or sets spec.replicas only, as autoscaling/v1 Scale."""
+        if method in ("PUT", "PATCH"):
+            replicas = ((body or {}).get("spec") or {}).get("replicas")
+            if not isinstance(replicas, int) or replicas < 0:
+                raise ApiError(422, "Invalid", "Scale is invalid: spec.replicas: must be a non-negative integer")
+            new = copy.deepcopy(existing)
+            new["spec"]["replicas"] = replicas
+            new["metadata"].pop("resourceVersion", None)
+            existing = self._write(kind, cluster, ns, new, existing, keep_status=True)
+        elif method != "GET":
+            raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on a scale subresource")
+        meta = existing["metadata"]
+        selector = ",".join(f"{k}={v}" for k, v in sorted(existing["spec"]["selector"]["matchLabels"].items()))
+        return {
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
+            "metadata": {
+                "name": meta["name"],
+                "namespace": ns,
+                "uid": meta.get("uid"),
+                "resourceVersion": meta["resourceVersion"],
+                "creationTimestamp": meta.get("creationTimestamp"),
+            },
+            "spec": {"replicas": existing["spec"].get("replicas", 1)},
+            "status": {"replicas": (existing.get("status") or {}).get("replicas", 0), "selector": selector},
+        }
 
     def _list(self, kind: Kind, cluster: str, ns: str | None, query: dict[str, str]) -> Obj:
         selector = query.get("labelSelector", "")

@@ -5,12 +5,22 @@ objects (control plane StatefulSet, its PVC, the kubeconfig secret `vc-<release>
 Application, applies the manifests committed under an app Application's git path into the vCluster
 (itself a cluster of the fake server, so a vCluster's kubeconfig really reaches it), reports sync
 and health in the Applications' status, and prunes everything when an Application is deleted.
+
+Like Argo CD it reports the git commit an Application was synced to (`status.sync.revision`, or
+`revisions` for several sources), runs a sync requested through the Application's `operation` field
+and records it in `operationState`, and leaves the control plane's replicas alone (the driver's
+Applications ignore them). With `auto_sync` off it notices new commits only when asked to sync, as a
+real Argo CD between its polls of git. The app's pods appear in the host namespace as vCluster syncs
+them there; a container image naming `never-healthy` never becomes available; an asleep vCluster
+(control plane at zero) answers no sync.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 import yaml
@@ -28,6 +38,10 @@ class FakeArgoCD:
         self.namespace = namespace
         # False: control planes and Deployments stay unready until `mark_ready`.
         self.ready = ready
+        # False: an Application that has synced once syncs again only when an operation asks for it.
+        self.auto_sync = True
+        # Every sync requested through `operation`: (Application name, its info as a dict).
+        self.sync_requests: list[tuple[str, dict[str, str]]] = []
         self._repos: dict[str, GitOpsRepo] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -68,8 +82,39 @@ class FakeArgoCD:
         deleting = bool(app["metadata"].get("deletionTimestamp"))
         if source.get("chart") == "vcluster":
             self._vcluster(app, source, deleting)
-        else:
-            self._app(app, deleting)
+            self._finish(app, deleting)
+            return
+        operation = app.get("operation")
+        if operation is not None:
+            info = {i["name"]: i["value"] for i in operation.get("info") or []}
+            self.sync_requests.append((app["metadata"]["name"], info))
+            # Argo CD clears the request as it takes it up, so a failed sync is not retried for ever.
+            taken = copy.deepcopy(app)
+            taken.pop("operation")
+            self.server.put(taken)
+        synced_once = bool(((app.get("status") or {}).get("sync") or {}).get("revision")) or bool(
+            ((app.get("status") or {}).get("sync") or {}).get("revisions")
+        )
+        if deleting or operation is not None or self.auto_sync or not synced_once:
+            revision = self._app(app, deleting)
+            if operation is not None and revision is not None:
+                now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                self._status(
+                    app,
+                    {
+                        "operationState": {
+                            "operation": operation,
+                            "phase": "Succeeded",
+                            "message": "successfully synced (all tasks run)",
+                            "startedAt": now,
+                            "finishedAt": now,
+                            "syncResult": {"revision": revision},
+                        }
+                    },
+                )
+        self._finish(app, deleting)
+
+    def _finish(self, app: Obj, deleting: bool) -> None:
         if deleting:
             self.server.remove_finalizer("Application", app["metadata"]["name"], FINALIZER, self.namespace)
 
@@ -88,6 +133,9 @@ class FakeArgoCD:
         if self.server.get("Namespace", ns) is None:
             raise ApiError(404, "NotFound", f'namespaces "{ns}" not found')
         labels = {"app": "vcluster", "release": release}
+        existing = self.server.get("StatefulSet", release, ns)
+        # The Application ignores the control plane's replicas: sleep and wake set them.
+        replicas = 1 if existing is None else existing["spec"]["replicas"]
         self.server.put(
             {
                 "apiVersion": "apps/v1",
@@ -95,7 +143,7 @@ class FakeArgoCD:
                 "metadata": {"name": release, "namespace": ns, "labels": labels},
                 "spec": {
                     "serviceName": f"{release}-headless",
-                    "replicas": 1,
+                    "replicas": replicas,
                     "selector": {"matchLabels": labels},
                     "template": {
                         "metadata": {"labels": labels},
@@ -112,8 +160,8 @@ class FakeArgoCD:
                 "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "5Gi"}}},
             }
         )
-        ready = 1 if self.ready else 0
-        self.server.set_status("StatefulSet", release, {"replicas": 1, "readyReplicas": ready}, ns)
+        ready = replicas if self.ready else 0
+        self.server.set_status("StatefulSet", release, {"replicas": replicas, "readyReplicas": ready}, ns)
         self.server.cluster(release)
         if self.server.get("Namespace", "default", cluster=release) is None:
             self.server.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}, release)
@@ -165,7 +213,8 @@ class FakeArgoCD:
                 return server.rsplit("/clusters/", 1)[-1]
         raise ApiError(404, "NotFound", f"cluster {name!r} is not registered with Argo CD")
 
-    def _app(self, app: Obj, deleting: bool) -> None:
+    def _app(self, app: Obj, deleting: bool) -> str | None:
+        """Syncs an app Application; the git commit it synced to (None while deleting)."""
         spec = app["spec"]
         resources: list[Obj] = list((app.get("status") or {}).get("resources") or [])
         if deleting:
@@ -175,32 +224,50 @@ class FakeArgoCD:
                     item["kind"], item["name"], item.get("namespace", ""), cluster
                 ):
                     self.server.delete_object(item["kind"], item["name"], item.get("namespace", ""), cluster)
-            return
+            host_ns = self._host_namespace(cluster)
+            if host_ns is not None:
+                for pod in self._synced_pods(host_ns, cluster):
+                    self.server.delete_object("Pod", pod["metadata"]["name"], host_ns)
+            return None
         cluster = self._cluster_of(app)
+        host_ns = self._host_namespace(cluster)
+        control_plane = self.server.get("StatefulSet", cluster, host_ns) if host_ns is not None else None
+        if control_plane is not None and control_plane["spec"]["replicas"] == 0:
+            raise ApiError(503, "ServiceUnavailable", f"vCluster {cluster} is asleep: its API server does not answer")
         ns = spec["destination"]["namespace"]
         manifests: list[Obj] = []
+        sync: Obj
         if "source" in spec:
             source = spec["source"]
-            files = self._repo(source["repoURL"]).read(source["path"])
-            if files is None:
+            revision, files = self._repo(source["repoURL"]).snapshot(source["path"])
+            if files is None or revision is None:
                 raise ApiError(404, "NotFound", f"{source['path']}: app path does not exist")
             manifests = [yaml.safe_load(text) for name, text in files.items() if name != "kustomization.yaml"]
+            sync = {"status": "Synced", "revision": revision}
         else:
             values_ref = next(s for s in spec["sources"] if s.get("ref") == "values")
             chart = next(s for s in spec["sources"] if s.get("chart"))
             path = chart["helm"]["valueFiles"][0].removeprefix("$values/").rsplit("/", 1)[0]
-            files = self._repo(values_ref["repoURL"]).read(path)
-            if files is None or "values.yaml" not in files:
+            revision, files = self._repo(values_ref["repoURL"]).snapshot(path)
+            if files is None or revision is None or "values.yaml" not in files:
                 raise ApiError(404, "NotFound", f"{path}/values.yaml: no such file")
+            # One revision per source, in the order of `sources`.
+            sync = {
+                "status": "Synced",
+                "revisions": [chart["targetRevision"] if s is chart else revision for s in spec["sources"]],
+            }
         health = "Healthy" if self.ready else "Progressing"
         resources = []
-        host_ns = self._host_namespace(cluster)
         for manifest in manifests:
             manifest["metadata"]["namespace"] = ns
             self.server.put(manifest, cluster)
             kind, name = manifest["kind"], manifest["metadata"]["name"]
-            if kind == "Deployment" and self.ready:
-                replicas = manifest["spec"]["replicas"]
+            if kind == "Deployment":
+                images = [c["image"] for c in manifest["spec"]["template"]["spec"]["containers"]]
+                available = self.ready and not any("never-healthy" in image for image in images)
+                if not available:
+                    health = "Progressing"
+                replicas = manifest["spec"]["replicas"] if available else 0
                 self.server.set_status(
                     kind,
                     name,
@@ -208,6 +275,8 @@ class FakeArgoCD:
                     ns,
                     cluster,
                 )
+                if host_ns is not None:
+                    self._sync_pods(manifest, replicas, host_ns, cluster)
             if kind in ("PersistentVolumeClaim", "Ingress") and host_ns is not None:
                 # vCluster syncs these to the host namespace under translated names.
                 synced = {
@@ -231,10 +300,46 @@ class FakeArgoCD:
                     "health": {"status": health},
                 }
             )
+        if health != "Healthy":
+            for resource in resources:
+                if resource["kind"] == "Deployment":
+                    resource["health"] = {"status": health}
         self._status(
             app,
-            {"sync": {"status": "Synced", "revision": "HEAD"}, "health": {"status": health}, "resources": resources},
+            {"sync": sync, "health": {"status": health}, "resources": resources, "conditions": None},
         )
+        return revision
+
+    @staticmethod
+    def _pod_labels(ns: str, cluster: str) -> dict[str, str]:
+        return {"vcluster.loft.sh/managed-by": cluster, "vcluster.loft.sh/namespace": ns}
+
+    def _synced_pods(self, host_ns: str, cluster: str) -> list[Obj]:
+        return [
+            pod
+            for pod in self.server.objects("Pod", host_ns)
+            if (pod["metadata"].get("labels") or {}).get("vcluster.loft.sh/managed-by") == cluster
+        ]
+
+    def _sync_pods(self, deployment: Obj, replicas: int, host_ns: str, cluster: str) -> None:
+        """The Deployment's running pods as vCluster shows them on the host: `replicas` of them."""
+        ns, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
+        wanted = {f"{name}-{i}-x-{ns}-x-{cluster}"[:63] for i in range(replicas)}
+        for pod in self._synced_pods(host_ns, cluster):
+            if pod["metadata"]["name"] not in wanted:
+                self.server.delete_object("Pod", pod["metadata"]["name"], host_ns)
+        template = deployment["spec"]["template"]
+        for pod_name in sorted(wanted):
+            if self.server.get("Pod", pod_name, host_ns) is None:
+                labels = {**template["metadata"].get("labels", {}), **self._pod_labels(ns, cluster)}
+                self.server.put(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Pod",
+                        "metadata": {"name": pod_name, "namespace": host_ns, "labels": labels},
+                        "spec": copy.deepcopy(template["spec"]),
+                    }
+                )
 
     def _host_namespace(self, release: str) -> str | None:
         for sts in self.server.objects("StatefulSet"):
