@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -52,7 +53,7 @@ def _with(base: bus_pb2.ProvisionJob, operation: bus_pb2.Operation.ValueType, re
     return changed
 
 
-async def _running(driver: KubernetesDriver, cluster: Cluster, **fields: object) -> tuple[bus_pb2.ProvisionJob, str]:
+async def _running(driver: KubernetesDriver, cluster: Cluster, **fields: Any) -> tuple[bus_pb2.ProvisionJob, str]:
     """A deployment created at release 1 and running; its job and the vCluster's kubeconfig."""
     create = job(**fields)
     create.release = 1
@@ -197,7 +198,7 @@ def _legacy(cluster: Cluster) -> None:
     )
 
 
-def _adoption(**fields: object) -> bus_pb2.ProvisionJob:
+def _adoption(**fields: Any) -> bus_pb2.ProvisionJob:
     adopt = job(bus_pb2.OPERATION_ADOPT, name="legacy-web", is_adopted=True, source_namespace="legacy", **fields)
     adopt.release = 1
     return adopt
@@ -276,7 +277,7 @@ async def test_a_new_release_of_an_unchanged_spec_is_still_committed(
     cluster: Cluster, driver: KubernetesDriver, helm: bool
 ) -> None:
     _, argocd = cluster.need_fake()
-    fields: dict[str, object] = {}
+    fields: dict[str, Any] = {}
     if helm:
         fields = {
             "name": "blog",
