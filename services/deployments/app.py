@@ -31,7 +31,8 @@ from services.deployments.auth import (
     Unset,
     tls_server_credentials,
 )
-from services.deployments.convert import STATUS_NAMES, has
+from services.deployments.capacity import Capacity
+from services.deployments.convert import STATUS_NAMES, has, placement_to_json
 from services.deployments.quotas import Quotas
 from services.deployments.resync import Resync
 from services.deployments.servicer import DeploymentServicer, change_of
@@ -97,6 +98,8 @@ class ApiOptions:
     deleted_retention: float = 7 * 24 * 3600.0
     # Seconds between two rounds of housekeeping (history trimming, purging deleted records).
     housekeeping_interval: float = 60.0
+    # Seconds a new release may take to become healthy before it is rolled back by itself.
+    rollout_timeout: float = 600.0
 
 
 class ApplierStopped(Exception):
@@ -114,6 +117,10 @@ def event_input(event: bus_pb2.StatusEvent) -> EventInput:
         final=event.final,
         time=event.time.ToDatetime(tzinfo=UTC) if event.HasField("time") else None,
         fields={name: getattr(event, name) for name in SETTABLE if has(event, name)},
+        release=event.release,
+        release_healthy=event.release_healthy,
+        release_failed=event.release_failed,
+        record={"placement": placement_to_json(event.placement)} if event.HasField("placement") else {},
     )
 
 
@@ -157,17 +164,19 @@ class ApiServer:
         self._dead_letters: Any = None
         self.resync = Resync(
             self.store,
-            on_applied=lambda applied: self.announce(change_of(applied)),
+            on_applied=self._announce_applied,
             stuck_after=options.stuck_after,
             max_redrives=options.max_redrives,
             ready=lambda: self._nc is not None and self._nc.is_connected,
+            rollout_timeout=options.rollout_timeout,
         )
 
     async def start(self) -> int:
         if self.options.auth is NOT_CONFIGURED:
             raise ValueError("ApiOptions.auth must be a JwtVerifier, or None for single-user local mode")
         await db.upgrade(self.engine, MIGRATIONS, VERSION_TABLE)
-        regions = load_locations(self.options.locations_file).geographic_regions
+        locations = load_locations(self.options.locations_file)
+        regions = locations.geographic_regions
         servicer = DeploymentServicer(
             self.store,
             self.hub,
@@ -176,6 +185,9 @@ class ApiServer:
             announce=self.announce,
             quotas=self.options.quotas,
             resolver=self.options.resolver,
+            locations=locations.locations,
+            capacity=Capacity(lambda: self._nc) if self.options.nats_url is not None else None,
+            rollout_timeout=self.options.rollout_timeout,
         )
         server = grpc.aio.server(
             interceptors=[AuthInterceptor(self.options.auth)],
@@ -340,6 +352,11 @@ class ApiServer:
     async def _on_change(self, msg: Msg) -> None:
         self.hub.notify(pb.WatchDeploymentsResponse.FromString(msg.data))
 
+    def _announce_applied(self, applied: Change) -> None:
+        self.announce(change_of(applied))
+        for other in applied.also:
+            self.announce(change_of(other))
+
     async def _on_event(self, msg: Msg) -> None:
         event = bus_pb2.StatusEvent.FromString(msg.data)
         done: asyncio.Future[Change | Exception | None] = asyncio.get_running_loop().create_future()
@@ -360,7 +377,7 @@ class ApiServer:
         if isinstance(applied, Exception):
             raise applied
         if applied is not None:
-            self.announce(change_of(applied))
+            self._announce_applied(applied)
         await msg.ack()
 
     async def _applier(self) -> None:

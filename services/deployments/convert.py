@@ -6,11 +6,11 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from apphosting.v1 import deployments_pb2 as pb
-from services.deployments.tables import DeploymentRow, EventRow
+from services.deployments.tables import DeploymentRow, EventRow, ReleaseRow
 
 # Optional scalar fields of the create request, carried over only when the caller set them.
 _OPTIONAL_REQUEST_FIELDS = (
@@ -52,7 +52,22 @@ _ROW_OPTIONALS = (
 # What events change: the record's observed fields. An event stores the ones it changed (their
 # values after it); the oldest kept event of a deployment stores them all, as the base the later
 # ones are folded onto. The spec is not among them: it is the record's.
-OBSERVED = ("status", "phase", "updated_at", "deleted_at", "is_adopted", *_ROW_OPTIONALS)
+OBSERVED = (
+    "status",
+    "phase",
+    "updated_at",
+    "deleted_at",
+    "is_adopted",
+    *_ROW_OPTIONALS,
+    "release",
+    "healthy_release",
+    "operation",
+    "promoted_to",
+    "image_updates_paused",
+    "placement",
+)
+# Set when the record is made, never changed after.
+_FIXED_OPTIONALS = ("promoted_from", "target_location")
 _MOMENTS = ("updated_at", "deleted_at")
 
 APP_TYPES = {
@@ -74,6 +89,11 @@ STATUS_NAMES: dict[int, str] = {number: name for name, number in STATUSES.items(
 def has(message: Message, name: str) -> bool:
     """HasField for a field named at run time."""
     return message.HasField(name)
+
+
+def clear(message: Message, name: str) -> None:
+    """ClearField for a field named at run time."""
+    message.ClearField(name)
 
 
 def request_to_data(request: pb.CreateAppHostingDeploymentRequest) -> dict[str, Any]:
@@ -145,8 +165,29 @@ def fold(state: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
     return state
 
 
-def row_to_proto(row: DeploymentRow, observed: Mapping[str, Any] | None = None, revision: int = 0) -> pb.Deployment:
-    """The Deployment of a record; with `observed` (as an event stores it), as of `revision`."""
+def etag(revision: int) -> str:
+    """The etag of a record at a revision (AIP-154): any change of the record changes it."""
+    return f"r{revision}"
+
+
+def placement_to_proto(value: Mapping[str, Any] | None) -> pb.PlacementExplanation | None:
+    if not value:
+        return None
+    return json_format.ParseDict(dict(value), pb.PlacementExplanation(), ignore_unknown_fields=True)
+
+
+def placement_to_json(explanation: pb.PlacementExplanation) -> dict[str, Any]:
+    return json_format.MessageToDict(explanation, preserving_proto_field_name=True)
+
+
+def row_to_proto(
+    row: DeploymentRow,
+    observed: Mapping[str, Any] | None = None,
+    revision: int = 0,
+    spec: Mapping[str, Any] | None = None,
+) -> pb.Deployment:
+    """The Deployment of a record; with `observed` (as an event stores it), as of `revision`, with
+    `spec` (its release's) when given, else the record's."""
     if observed is None:
         observed = {name: getattr(row, name) for name in OBSERVED}
         revision = row.revision
@@ -155,7 +196,8 @@ def row_to_proto(row: DeploymentRow, observed: Mapping[str, Any] | None = None, 
             name: datetime.fromisoformat(value) if name in _MOMENTS and value is not None else value
             for name, value in observed.items()
         }
-    spec = row.spec
+    if spec is None:
+        spec = row.spec
     message = pb.Deployment(
         id=row.id,
         user_id=row.user_id,
@@ -169,7 +211,22 @@ def row_to_proto(row: DeploymentRow, observed: Mapping[str, Any] | None = None, 
         geographic_region=row.geographic_region,
         revision=revision,
         phase=observed["phase"],
+        etag=etag(revision),
+        release=observed.get("release") or 1,
+        healthy_release=observed.get("healthy_release") or 0,
+        reconciling=bool(observed.get("operation")),
+        operation=observed.get("operation") or "",
+        image_updates_paused=bool(observed.get("image_updates_paused")),
     )
+    for name in _FIXED_OPTIONALS:
+        value = getattr(row, name)
+        if value is not None:
+            setattr(message, name, value)
+    if observed.get("promoted_to") is not None:
+        message.promoted_to = observed["promoted_to"]
+    placement = placement_to_proto(observed.get("placement"))
+    if placement is not None:
+        message.placement.CopyFrom(placement)
     for name in _SPEC_SCALARS:
         if spec.get(name) is not None:
             setattr(message, name, spec[name])
@@ -191,6 +248,38 @@ def row_to_proto(row: DeploymentRow, observed: Mapping[str, Any] | None = None, 
     return message
 
 
+def spec_to_request(spec: Mapping[str, Any]) -> pb.CreateAppHostingDeploymentRequest:
+    """A stored spec in the shape of the create request (a release's spec)."""
+    request = pb.CreateAppHostingDeploymentRequest(
+        geographic_region=spec.get("geographic_region", ""), deployment_name=spec.get("deployment_name", "")
+    )
+    for name in _OPTIONAL_REQUEST_FIELDS:
+        if spec.get(name) is not None:
+            setattr(request, name, spec[name])
+    if spec.get("config") is not None:
+        request.config.update(spec["config"])
+    request.environment_variables.extend(spec.get("environment_variables") or ())
+    for volume in spec.get("volumes") or ():
+        entry = request.volumes.add(path=volume["path"], size_gb=volume["size_gb"])
+        if volume.get("purpose") is not None:
+            entry.purpose = volume["purpose"]
+    return request
+
+
+def release_to_proto(release: ReleaseRow) -> pb.Release:
+    return pb.Release(
+        deployment_id=release.deployment_id,
+        number=release.number,
+        spec=spec_to_request(release.spec),
+        operation=release.operation,
+        actor=release.actor or "",
+        reason=release.reason,
+        create_time=timestamp(release.created_at),
+        healthy=release.healthy,
+        rollback_of=release.rollback_of or 0,
+    )
+
+
 def event_to_proto(event: EventRow) -> pb.DeploymentEvent:
     return pb.DeploymentEvent(
         deployment_id=event.deployment_id,
@@ -203,4 +292,6 @@ def event_to_proto(event: EventRow) -> pb.DeploymentEvent:
         time=timestamp(event.time),
         final=event.final,
         actor=event.actor or "",
+        operation=event.operation or "",
+        release=event.release or 0,
     )

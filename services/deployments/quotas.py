@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,16 +47,30 @@ class Usage:
     # Database bytes: what the store counts for each record and its history.
     stored_bytes: int = 0
 
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(
+            self.deployments - other.deployments,
+            self.cpu_millis - other.cpu_millis,
+            self.memory_mb - other.memory_mb,
+            self.storage_gb - other.storage_gb,
+            self.stored_bytes - other.stored_bytes,
+        )
+
 
 def demand_of(spec: DeploymentSpec) -> Usage:
     """What one deployment holds: per-replica cpu and memory times replicas, its storage plus its volumes."""
+    return demand_of_spec(spec.model_dump(mode="json"))
+
+
+def demand_of_spec(spec: Mapping[str, Any]) -> Usage:
+    """demand_of for a stored spec (a release's, as the store keeps it)."""
     # The kernel's demand, so a quota counts what placement reserves and the pods request.
     demand = resources.demand(
-        cpu_request=spec.cpu_request,
-        memory_request_mb=spec.memory_request_mb,
-        replicas=spec.replicas,
-        storage_size_gb=spec.storage_size_gb,
-        volume_sizes_gb=[volume.size_gb for volume in spec.volumes or ()],
+        cpu_request=spec.get("cpu_request"),
+        memory_request_mb=spec.get("memory_request_mb"),
+        replicas=spec.get("replicas"),
+        storage_size_gb=spec.get("storage_size_gb"),
+        volume_sizes_gb=[volume.get("size_gb") for volume in spec.get("volumes") or ()],
     )
     return Usage(
         deployments=1,

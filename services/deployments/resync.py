@@ -12,12 +12,12 @@ from datetime import UTC, datetime, timedelta
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 
 from apphosting import bus
 from apphosting.v1 import bus_pb2
 from services.deployments.convert import STATUSES
-from services.deployments.servicer import placement_outbox
+from services.deployments.servicer import REQUEST_OF, placement_outbox
 from services.deployments.store import Change, DeploymentStore, EventInput, OutboxFn, Outgoing, TransitionRejected
 from services.deployments.tables import DeploymentRow, EventRow
 
@@ -65,6 +65,7 @@ class Resync:
         stuck_after: float,
         max_redrives: int,
         ready: Callable[[], bool] = lambda: True,
+        rollout_timeout: float = 600.0,
     ) -> None:
         if stuck_after <= 0 or max_redrives < 0:
             raise ValueError("stuck_after must be positive and max_redrives at least 0")
@@ -74,6 +75,7 @@ class Resync:
         self._max_redrives = max_redrives
         # False while what a re-drive needs is away (the bus): a request that cannot be sent is not lost.
         self._ready = ready
+        self._rollout_timeout = rollout_timeout
 
     async def run(self, interval: float, stopping: asyncio.Event) -> None:
         """A pass now (start-up), then one every `interval` seconds until stopping is set."""
@@ -109,7 +111,7 @@ class Resync:
         except Exception as exc:
             log.warning("max-deliveries advisory not followed: %s", exc)
             return
-        if row is not None and row.status in _TRANSIENT and row.deleted_at is None:
+        if row is not None and (row.status in _TRANSIENT or row.operation in REQUEST_OF) and row.deleted_at is None:
             log.warning("deployment %s: a message for it was delivered for the last time", row.id)
             await self._resync(row, quiet=f"a {stream} message for it was delivered for the last time")
 
@@ -117,7 +119,8 @@ class Resync:
         query = (
             select(DeploymentRow)
             .where(
-                DeploymentRow.status.in_(list(_TRANSIENT)),
+                # In progress: placing, building, tearing down, or an operation a worker carries out.
+                or_(DeploymentRow.status.in_(list(_TRANSIENT)), DeploymentRow.operation.in_(list(REQUEST_OF))),
                 DeploymentRow.deleted_at.is_(None),
                 DeploymentRow.updated_at < cutoff,
             )
@@ -147,12 +150,14 @@ class Resync:
             return int(await session.scalar(query) or 0)
 
     async def _resync(self, row: DeploymentRow, quiet: str = "") -> bool:
-        operation = _TRANSIENT[row.status]
+        operation = REQUEST_OF.get(row.operation or "") or _TRANSIENT.get(row.status)
+        if operation is None:
+            return False
         step = row.phase or row.status
         quiet = quiet or f"no progress in step {step} ({row.status}) for {self._stuck_after.total_seconds():g} s"
         done = await self._redrives(row.id)
         if done < self._max_redrives:
-            kind = "delete" if operation == bus_pb2.OPERATION_DELETE else "placement"
+            kind = row.operation or ("delete" if operation == bus_pb2.OPERATION_DELETE else "placement")
             change = EventInput(
                 event_id=redrive_id(row),
                 status=row.status,
@@ -161,7 +166,7 @@ class Resync:
                 source=SOURCE,
             )
             log.warning("deployment %s: %s", row.id, change.message)
-            return await self._apply(row, change, placement_outbox(operation))
+            return await self._apply(row, change, placement_outbox(operation, self._rollout_timeout))
         message = f"stuck in step {step} ({row.status}): {quiet}, after {done} re-drives"
         change = EventInput(
             event_id=_stuck_id(row),

@@ -13,29 +13,45 @@ import grpc
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from apphosting import bus, netguard
+from apphosting import bus, netguard, resources
+from apphosting.locations import LocationConfig
 from apphosting.netguard import Resolver
 from apphosting.settings import Limits
 from apphosting.v1 import bus_pb2, deployments_pb2_grpc
 from apphosting.v1 import deployments_pb2 as pb
-from services.deployments import errors, paging
+from services.deployments import errors, operations, paging
 from services.deployments.auth import LOCAL_USER_ID, Caller, current_caller
-from services.deployments.convert import STATUS_NAMES, event_to_proto, request_to_data, row_to_proto
+from services.deployments.capacity import Capacity
+from services.deployments.convert import (
+    STATUS_NAMES,
+    _volume_to_data,
+    clear,
+    event_to_proto,
+    has,
+    release_to_proto,
+    request_to_data,
+    row_to_proto,
+    struct_to_python,
+)
 from services.deployments.errors import FieldViolation, ServiceError
 from services.deployments.lifecycle import TERMINAL
-from services.deployments.quotas import Quotas, demand_of
+from services.deployments.quotas import Quotas, Usage, demand_of, demand_of_spec
+from services.deployments.quotas import check as quota_rules_check
 from services.deployments.store import (
     Change,
     DeploymentStore,
     EventInput,
     NameTaken,
     NewDeployment,
+    OutboxFn,
     Outgoing,
+    Plan,
+    RecordMissing,
     RequestIdReused,
     TransitionRejected,
 )
 from services.deployments.tables import DeploymentRow, EventRow
-from services.deployments.validation import SpecInvalid, validate_create_resolving
+from services.deployments.validation import DeploymentSpec, SpecInvalid, validate_create_resolving
 from services.deployments.watch import RESYNC, Watcher, WatchHub
 
 log = logging.getLogger(__name__)
@@ -123,15 +139,81 @@ def _request_hash(request: pb.CreateAppHostingDeploymentRequest) -> str:
     return hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()
 
 
-def placement_outbox(operation: bus_pb2.Operation.ValueType) -> Callable[[DeploymentRow], list[Outgoing]]:
-    """The scheduler request that announces a create or a delete, built from the committed record."""
+# The request that carries out each operation in flight (the resync sends it again when it stalls).
+REQUEST_OF: dict[str, bus_pb2.Operation.ValueType] = {
+    "update": bus_pb2.OPERATION_UPDATE,
+    "scale": bus_pb2.OPERATION_UPDATE,
+    "rollback": bus_pb2.OPERATION_UPDATE,
+    "stop": bus_pb2.OPERATION_STOP,
+    "start": bus_pb2.OPERATION_START,
+    "delete": bus_pb2.OPERATION_DELETE,
+    "force-delete": bus_pb2.OPERATION_DELETE,
+}
+
+
+def placement_outbox(
+    operation: bus_pb2.Operation.ValueType, rollout_timeout: float = 0.0
+) -> Callable[[DeploymentRow], list[Outgoing]]:
+    """The scheduler request that carries out an operation, built from the committed record."""
 
     def build(row: DeploymentRow) -> list[Outgoing]:
         message_id = str(uuid.uuid4())
-        request = bus_pb2.PlacementRequest(request_id=message_id, operation=operation, deployment=row_to_proto(row))
+        kind = operation
+        if kind == bus_pb2.OPERATION_CREATE and row.is_adopted:
+            kind = bus_pb2.OPERATION_ADOPT
+        request = bus_pb2.PlacementRequest(
+            request_id=message_id,
+            operation=kind,
+            deployment=row_to_proto(row),
+            release=row.release,
+            rollout_timeout_seconds=rollout_timeout if kind == bus_pb2.OPERATION_UPDATE else 0.0,
+            force=row.operation == "force-delete",
+        )
         return [Outgoing(bus.PLACEMENT_SUBJECT, request.SerializeToString(), message_id)]
 
     return build
+
+
+def _preview(new: NewDeployment, spec: dict[str, Any]) -> pb.Deployment:
+    """The Deployment a create would make, as a validate_only answer shows it (no id: nothing exists)."""
+    row = DeploymentRow(
+        id="",
+        user_id=new.user_id,
+        cluster_id="",
+        name=new.name,
+        app_type=new.app_type,
+        status="pending",
+        phase="validated",
+        geographic_region=new.geographic_region,
+        spec=spec,
+        revision=0,
+        is_adopted=new.is_adopted,
+        source_namespace=new.source_namespace,
+        target_location=new.target_location,
+        promoted_from=new.promoted_from,
+        release=1,
+        image_updates_paused=False,
+        created_at=_now(),
+        updated_at=_now(),
+    )
+    return row_to_proto(row)
+
+
+def _now() -> Any:
+    from services.deployments.store import now
+
+    return now()
+
+
+def _prefixed(invalid: SpecInvalid, prefix: str, renames: dict[str, str] | None = None) -> ServiceError:
+    """A spec's violations as the fields of the request that carried it (deployment.x, overrides.x)."""
+    renames = renames or {}
+
+    def name(field: str) -> str:
+        head = field.split(".", 1)[0].split("[", 1)[0]
+        return renames[head] + field[len(head) :] if head in renames else prefix + field
+
+    return errors.invalid_argument(FieldViolation(name(v.field), v.description, v.reason) for v in invalid.violations)
 
 
 def change_of(change: Change) -> pb.WatchDeploymentsResponse:
@@ -178,8 +260,16 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         announce: Callable[[pb.WatchDeploymentsResponse], None],
         quotas: Quotas | None = None,
         resolver: Resolver | None = None,
+        locations: Sequence[LocationConfig] = (),
+        capacity: Capacity | None = None,
+        rollout_timeout: float = 600.0,
     ) -> None:
         self._store = store
+        self._locations = {location.id: location for location in locations}
+        self._capacity = capacity
+        self._rollout_timeout = rollout_timeout
+        store.update_outbox = placement_outbox(bus_pb2.OPERATION_UPDATE, rollout_timeout)
+        store.delete_outbox = placement_outbox(bus_pb2.OPERATION_DELETE)
         self._hub = hub
         self._limits = limits
         self._regions = frozenset(regions)
@@ -187,6 +277,20 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         self._quotas = quotas
         # Create-time checks of helm_repo_url hosts go through a cache, so slow DNS cannot stall creates.
         self._resolver = netguard.CachingResolver(resolver or netguard.system_resolver)
+
+    async def _preview_create(self, new: NewDeployment) -> pb.Deployment:
+        """What a create would make, written nowhere: quota checked, and where it would be placed and why."""
+        if self._quotas is not None and self._quotas.enforced:
+            quota_rules_check(self._quotas, await self._store.usage(new.user_id), new.demand)
+        preview = _preview(new, new.spec)
+        if self._capacity is None:
+            raise errors.unavailable("the scheduler (no bus configured)")
+        reply = await self._capacity.ask(bus_pb2.CAPACITY_MODE_EXPLAIN, preview, new.target_location or "")
+        preview.placement.CopyFrom(reply.explanation)
+        if not reply.fits:
+            preview.status = pb.DEPLOYMENT_STATUS_FAILED
+            preview.error_message = reply.message or reply.explanation.refusal
+        return preview
 
     def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         # Set by the AuthInterceptor for this call; none set is UNAUTHENTICATED.
@@ -220,6 +324,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
             request_hash=_request_hash(request),
             demand=demand_of(spec),
         )
+        if request.validate_only:
+            return await self._preview_create(new)
         try:
             row, event = await self._store.create(new, placement_outbox(bus_pb2.OPERATION_CREATE), quotas=self._quotas)
         except NameTaken as taken:
@@ -309,15 +415,27 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         row = await self._get(user_id, request.id)
         if row.status == "deleting" or row.deleted_at is not None:
             return row_to_proto(row)
-        change = EventInput(
-            event_id=f"api:{row.id}:delete",
-            status="deleting",
-            phase="delete_requested",
-            message="deletion requested",
-            source="api",
-            actor=caller.user_id,
-        )
-        return await self._request(user_id, row, change, bus_pb2.OPERATION_DELETE, "DELETE_NOT_ALLOWED")
+        if request.force and not row.is_adopted:
+            raise errors.invalid_field(
+                "force", "force applies only to an adopted deployment (its workloads are deleted too)", "NOT_ALLOWED"
+            )
+        operation = "force-delete" if request.force else "delete"
+
+        def plan(current: DeploymentRow) -> EventInput:
+            operations.check_etag(current, request.etag)
+            return operations.request_change(
+                current,
+                operation="delete",
+                status="deleting",
+                actor=caller.user_id,
+                reason="",
+                record={"operation": operation},
+            )
+
+        if request.validate_only:
+            plan(row)
+            return row_to_proto(row)
+        return await self._mutate(user_id, row, plan, placement_outbox(bus_pb2.OPERATION_DELETE), "DELETE_NOT_ALLOWED")
 
     @_unary
     async def RetryDeployment(
@@ -328,41 +446,51 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         caller = self._caller(context)
         user_id = _owner(caller)
         row = await self._get(user_id, request.id)
-        if row.status not in TERMINAL:
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "NOT_RETRYABLE",
-                f"only a failed or error deployment can be retried; this one is {row.status}",
-                metadata={"status": row.status},
-            )
-        change = EventInput(
-            # One retry per revision: a repeated call for the same failure is the same retry.
-            event_id=f"api:{row.id}:retry:{row.revision}",
-            status="pending",
-            phase="retry_requested",
-            message=f"retry requested after {row.status}",
-            source="api",
-            actor=caller.user_id,
-        )
-        return await self._request(user_id, row, change, bus_pb2.OPERATION_CREATE, "NOT_RETRYABLE")
 
-    async def _request(
+        def plan(current: DeploymentRow) -> EventInput:
+            operations.check_etag(current, request.etag)
+            if current.status not in TERMINAL:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "NOT_RETRYABLE",
+                    f"only a failed or error deployment can be retried; this one is {current.status}",
+                    metadata={"status": current.status},
+                )
+            return EventInput(
+                # One retry per revision: a repeated call for the same failure is the same retry.
+                event_id=f"api:{current.id}:retry:{current.revision}",
+                status="pending",
+                phase="retry_requested",
+                message=f"retry requested after {current.status}",
+                source="api",
+                actor=caller.user_id,
+                operation="retry",
+                release=current.release,
+                record={"operation": None},
+            )
+
+        plan(row)
+        return await self._mutate(user_id, row, plan, placement_outbox(bus_pb2.OPERATION_CREATE), "NOT_RETRYABLE")
+
+    async def _mutate(
         self,
         user_id: str | None,
         row: DeploymentRow,
-        change: EventInput,
-        operation: bus_pb2.Operation.ValueType,
+        plan: Plan,
+        outbox: OutboxFn | None,
         refusal: str,
+        *,
+        demand: Any = None,
     ) -> pb.Deployment:
-        """Applies a change the caller asked for and sends the scheduler the request that carries it out."""
+        """Applies an operation the caller asked for and sends the request that carries it out."""
         try:
-            applied = await self._store.apply(row.id, change, placement_outbox(operation), user_id=user_id)
+            applied = await self._store.mutate(row.id, user_id, plan, outbox, quotas=self._quotas, demand=demand)
         except TransitionRejected as rejected:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, refusal, str(rejected)) from None
-        if applied is None:
-            return row_to_proto(await self._get(user_id, row.id))
+        except RecordMissing:
+            raise errors.not_found(row.id) from None
         self._announce(change_of(applied))
-        return row_to_proto(applied.row)
+        return applied.deployment
 
     @_streaming
     async def WatchDeployment(
@@ -458,3 +586,505 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
                     continue
                 seen[key] = change.event.revision
                 yield change
+
+    # Day-2 operations: each checks, then changes the desired state; workers converge to it.
+
+    async def _spec(self, data: dict[str, Any], prefix: str, renames: dict[str, str] | None = None) -> dict[str, Any]:
+        try:
+            spec = await validate_create_resolving(
+                data, limits=self._limits, regions=self._regions, resolver=self._resolver
+            )
+        except SpecInvalid as invalid:
+            raise _prefixed(invalid, prefix, renames) from None
+        return spec.model_dump(mode="json", exclude_none=True)
+
+    async def _hold(self, row: DeploymentRow, spec: dict[str, Any], *, validate_only: bool) -> Usage:
+        """Quota and capacity for a new spec of a record: checked (validate_only) or held, before anything is written.
+
+        Returns what the record will hold against its owner's quotas.
+        """
+        demand = demand_of_spec(spec)
+        if self._quotas is not None and self._quotas.enforced:
+            own = Usage(1, row.cpu_millis, row.memory_mb, row.storage_gb, 0)
+            quota_rules_check(self._quotas, await self._store.usage(row.user_id) - own, demand)
+        grows = _resources(spec) != _resources(row.spec)
+        if grows and row.location_id and row.status in ("running", "stopped"):
+            if self._capacity is None:
+                raise errors.unavailable("the scheduler (no bus configured)")
+            wanted = row_to_proto(row)
+            _apply_spec(wanted, spec)
+            await self._capacity.hold(wanted, validate_only=validate_only)
+        return demand
+
+    async def _release(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        row: DeploymentRow,
+        *,
+        operation: str,
+        spec: dict[str, Any],
+        given_etag: str,
+        validate_only: bool,
+        reason: str,
+        rollback_of: int | None = None,
+        images: bool | None = None,
+    ) -> pb.Deployment:
+        """A new release of `spec`: checked, capacity held, written with the request that rolls it out."""
+        caller = self._caller(context)
+        user_id = _owner(caller)
+        operations.growth_violations(row.spec, spec, "deployment.")
+
+        def plan(current: DeploymentRow) -> EventInput:
+            operations.precheck(current, operation, given_etag, release=row.release)
+            return operations.release_change(
+                current,
+                operation=operation,
+                spec=spec,
+                actor=caller.user_id,
+                reason=reason,
+                rollback_of=rollback_of,
+                images=images,
+            )
+
+        change = plan(row)
+        demand = await self._hold(row, spec, validate_only=validate_only)
+        if validate_only:
+            preview = row_to_proto(row)
+            _apply_spec(preview, spec)
+            preview.release = change.release
+            preview.reconciling = bool(change.record.get("operation"))
+            preview.operation = change.record.get("operation") or ""
+            return preview
+        outbox = placement_outbox(bus_pb2.OPERATION_UPDATE, self._rollout_timeout) if row.status == "running" else None
+        try:
+            return await self._mutate(user_id, row, plan, outbox, "OPERATION_NOT_ALLOWED", demand=demand)
+        except BaseException:
+            if self._capacity is not None and _resources(spec) != _resources(row.spec) and row.location_id:
+                current = await self._store.get(None, row.id)
+                if current is not None and current.status in ("running", "stopped"):
+                    await self._capacity.restore(row_to_proto(current))
+            raise
+
+    @_unary
+    async def UpdateDeployment(
+        self,
+        request: pb.UpdateDeploymentRequest,
+        context: grpc.aio.ServicerContext[pb.UpdateDeploymentRequest, pb.Deployment],
+    ) -> pb.Deployment:
+        row = await self._get(_owner(self._caller(context)), request.deployment.id)
+        operations.precheck(row, "update", request.etag or request.deployment.etag)
+        data = operations.updated_spec(row.spec, request.deployment, request.update_mask)
+        spec = await self._spec(data, "deployment.")
+        shrunk = operations.growth_violations(row.spec, spec, "deployment.")
+        if shrunk:
+            raise errors.invalid_argument(shrunk)
+        images = True if any(path in operations.IMAGE_POLICY for path in request.update_mask.paths) else None
+        return await self._release(
+            context,
+            row,
+            operation="update",
+            spec=spec,
+            given_etag=request.etag or request.deployment.etag,
+            validate_only=request.validate_only,
+            reason=request.reason,
+            images=images,
+        )
+
+    @_unary
+    async def ScaleDeployment(
+        self,
+        request: pb.ScaleDeploymentRequest,
+        context: grpc.aio.ServicerContext[pb.ScaleDeploymentRequest, pb.Deployment],
+    ) -> pb.Deployment:
+        row = await self._get(_owner(self._caller(context)), request.id)
+        operations.precheck(row, "scale", request.etag)
+        spec = await self._spec({**row.spec, "replicas": request.replicas}, "")
+        return await self._release(
+            context,
+            row,
+            operation="scale",
+            spec=spec,
+            given_etag=request.etag,
+            validate_only=request.validate_only,
+            reason=request.reason,
+        )
+
+    @_unary
+    async def RollbackDeployment(
+        self,
+        request: pb.RollbackDeploymentRequest,
+        context: grpc.aio.ServicerContext[pb.RollbackDeploymentRequest, pb.Deployment],
+    ) -> pb.Deployment:
+        row = await self._get(_owner(self._caller(context)), request.id)
+        operations.precheck(row, "rollback", request.etag)
+        if request.release < 0:
+            raise errors.invalid_field("release", "release must be 0 (the last healthy one) or a release number")
+        if request.release == 0:
+            target = await self._store.last_healthy_release(row.id, row.release)
+            if target is None:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "NO_HEALTHY_RELEASE",
+                    f"no release before the current one ({row.release}) ran healthy; name the release to go back to",
+                )
+        else:
+            if request.release == row.release:
+                raise errors.invalid_field(
+                    "release", f"release {row.release} is the current one; name an earlier release", "NOT_ALLOWED"
+                )
+            found = await self._store.release(row.id, request.release)
+            if found is None:
+                raise errors.invalid_field(
+                    "release",
+                    f"release {request.release} does not exist; this deployment has releases 1 to {row.release}",
+                    "NOT_FOUND",
+                )
+            target = found
+        return await self._release(
+            context,
+            row,
+            operation="rollback",
+            spec=dict(target.spec),
+            given_etag=request.etag,
+            validate_only=request.validate_only,
+            reason=request.reason,
+            rollback_of=target.number,
+            images=False,
+        )
+
+    @_unary
+    async def StopDeployment(
+        self,
+        request: pb.StopDeploymentRequest,
+        context: grpc.aio.ServicerContext[pb.StopDeploymentRequest, pb.Deployment],
+    ) -> pb.Deployment:
+        caller = self._caller(context)
+        row = await self._get(_owner(caller), request.id)
+
+        def plan(current: DeploymentRow) -> EventInput:
+            operations.precheck(current, "stop", request.etag)
+            return operations.request_change(
+                current, operation="stop", status="running", actor=caller.user_id, reason=request.reason
+            )
+
+        plan(row)
+        if request.validate_only:
+            return row_to_proto(row)
+        return await self._mutate(_owner(caller), row, plan, placement_outbox(bus_pb2.OPERATION_STOP), "NOT_ALLOWED")
+
+    @_unary
+    async def StartDeployment(
+        self,
+        request: pb.StartDeploymentRequest,
+        context: grpc.aio.ServicerContext[pb.StartDeploymentRequest, pb.Deployment],
+    ) -> pb.Deployment:
+        caller = self._caller(context)
+        row = await self._get(_owner(caller), request.id)
+
+        def plan(current: DeploymentRow) -> EventInput:
+            operations.precheck(current, "start", request.etag)
+            return operations.request_change(
+                current,
+                operation="start",
+                status="provisioning",
+                actor=caller.user_id,
+                reason=request.reason,
+                record={"error_message": None},
+            )
+
+        plan(row)
+        if self._capacity is None:
+            raise errors.unavailable("the scheduler (no bus configured)")
+        # Running again needs its cpu and memory back on its location.
+        wanted = row_to_proto(row)
+        wanted.status = pb.DEPLOYMENT_STATUS_RUNNING
+        mode = bus_pb2.CAPACITY_MODE_CHECK if request.validate_only else bus_pb2.CAPACITY_MODE_RESERVE
+        reply = await self._capacity.ask(mode, wanted)
+        if not reply.fits:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "CAPACITY_EXCEEDED",
+                f"location {row.location_id} has no room to start it again: {reply.message}; "
+                "promote it with delete_source to migrate it to a location with room",
+                metadata={"location_id": row.location_id or ""},
+            )
+        if request.validate_only:
+            return row_to_proto(row)
+        try:
+            return await self._mutate(
+                _owner(caller), row, plan, placement_outbox(bus_pb2.OPERATION_START), "NOT_ALLOWED"
+            )
+        except BaseException:
+            current = await self._store.get(None, row.id)
+            if current is not None and current.status == "stopped":
+                await self._capacity.restore(row_to_proto(current))
+            raise
+
+    @_unary
+    async def PromoteDeployment(
+        self,
+        request: pb.PromoteDeploymentRequest,
+        context: grpc.aio.ServicerContext[pb.PromoteDeploymentRequest, pb.PromoteDeploymentResponse],
+    ) -> pb.PromoteDeploymentResponse:
+        caller = self._caller(context)
+        user_id = _owner(caller)
+        source = await self._get(user_id, request.id)
+        operation = "migrate" if request.delete_source else "promote"
+        operations.precheck(source, "promote", request.etag)
+        location, region = self._promote_target(request, source)
+        overrides = request.overrides
+        data = dict(source.spec)
+        data["geographic_region"] = region
+        data["deployment_name"] = request.new_name or (
+            overrides.name if overrides.HasField("name") else f"{source.name}-copy"
+        )
+        for name in operations.UPDATABLE:
+            if name in ("config", "environment_variables", "volumes"):
+                continue
+            if has(overrides, name):
+                data[name] = getattr(overrides, name)
+        if overrides.HasField("config"):
+            data["config"] = struct_to_python(overrides.config)
+        if overrides.environment_variables:
+            data["environment_variables"] = list(overrides.environment_variables)
+        if overrides.volumes:
+            data["volumes"] = [_volume_to_data(volume) for volume in overrides.volumes]
+        spec = await self._spec(
+            data, "overrides.", {"deployment_name": "new_name", "geographic_region": "target_geographic_region"}
+        )
+        request_id = _parse_id(request.request_id, "request_id") if request.request_id else None
+        body = pb.PromoteDeploymentRequest()
+        body.CopyFrom(request)
+        body.ClearField("request_id")
+        body.ClearField("validate_only")
+        new = NewDeployment(
+            user_id=caller.user_id if user_id is not None else source.user_id,
+            name=spec["deployment_name"],
+            app_type=spec["app_type"],
+            geographic_region=spec["geographic_region"],
+            spec=spec,
+            request_id=request_id,
+            request_hash=hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest(),
+            demand=demand_of_spec(spec),
+            made_by="promote",
+            reason=f"{operation} of {source.id} ({source.name}) release {source.release}",
+            target_location=location,
+            promoted_from=source.id,
+        )
+        if request.validate_only:
+            return pb.PromoteDeploymentResponse(source=row_to_proto(source), target=await self._preview_create(new))
+
+        def make_plan(copy: DeploymentRow) -> Plan:
+            def plan(current: DeploymentRow) -> EventInput:
+                operations.precheck(current, "promote", request.etag)
+                change = operations.request_change(
+                    current,
+                    operation=operation,
+                    status="migrating" if request.delete_source else "promoting",
+                    actor=caller.user_id,
+                    reason=f"copy {copy.id} ({copy.name})",
+                    record={"promoted_to": copy.id},
+                )
+                return change
+
+            return plan
+
+        try:
+            row, event = await self._store.create(
+                new,
+                placement_outbox(bus_pb2.OPERATION_CREATE),
+                quotas=self._quotas,
+                also=(source.id, make_plan, None),
+            )
+        except NameTaken as taken:
+            raise errors.name_taken(new.name, taken.existing_id) from None
+        except RequestIdReused:
+            raise errors.invalid_field(
+                "request_id",
+                "request_id was already used for a different request; use a new request_id",
+                "REQUEST_ID_REUSED",
+            ) from None
+        except TransitionRejected as rejected:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "OPERATION_NOT_ALLOWED", str(rejected)) from None
+        if event is None:
+            current = await self._get(user_id, source.id)
+            return pb.PromoteDeploymentResponse(source=row_to_proto(current), target=row_to_proto(row))
+        self._announce(change_of(event))
+        for other in event.also:
+            self._announce(change_of(other))
+        return pb.PromoteDeploymentResponse(source=event.also[0].deployment, target=event.deployment)
+
+    def _promote_target(self, request: pb.PromoteDeploymentRequest, source: DeploymentRow) -> tuple[str | None, str]:
+        """The location (None: any) and geographic region of a promote's copy."""
+        named = [
+            (f, v)
+            for f, v in (("target_location", request.target_location), ("target_cluster_id", request.target_cluster_id))
+            if v
+        ]
+        if len(named) == 2 and named[0][1] != named[1][1]:
+            raise errors.invalid_field(
+                "target_cluster_id", "target_location and target_cluster_id name the same thing; give one", "CONFLICT"
+            )
+        region = request.target_geographic_region or source.geographic_region
+        if not named:
+            if request.target_geographic_region and request.target_geographic_region not in self._regions:
+                raise errors.invalid_field(
+                    "target_geographic_region",
+                    f"target_geographic_region {errors.echo(request.target_geographic_region)} is not served here "
+                    f"(known: {', '.join(sorted(self._regions))})",
+                    "NOT_FOUND",
+                )
+            return None, region
+        field, location_id = named[0]
+        location = self._locations.get(location_id)
+        if location is None:
+            raise errors.invalid_field(
+                field, f"{field} {errors.echo(location_id)} is not a known location", "NOT_FOUND"
+            )
+        if request.target_geographic_region and request.target_geographic_region != location.geographic_region:
+            raise errors.invalid_field(
+                "target_geographic_region",
+                f"location {location.id} is in {location.geographic_region}, not {request.target_geographic_region}",
+                "CONFLICT",
+            )
+        return location.id, location.geographic_region
+
+    @_unary
+    async def AdoptDeployment(
+        self,
+        request: pb.AdoptDeploymentRequest,
+        context: grpc.aio.ServicerContext[pb.AdoptDeploymentRequest, pb.Deployment],
+    ) -> pb.Deployment:
+        caller = self._caller(context)
+        violations = operations.adopt_violations(request.source_namespace, request.location, self._locations)
+        if violations:
+            raise errors.invalid_argument(violations)
+        location = self._locations[request.location]
+        data: dict[str, Any] = {
+            "geographic_region": location.geographic_region,
+            "deployment_name": request.deployment_name or request.source_namespace,
+            "app_type": request.app_type if request.HasField("app_type") else "container",
+        }
+        for name in (
+            "cpu_request",
+            "memory_request_mb",
+            "replicas",
+            "container_port",
+            "docker_image",
+            "storage_size_gb",
+        ):
+            if request.HasField(name):
+                data[name] = getattr(request, name)
+        try:
+            spec = (
+                await validate_create_resolving(
+                    data, limits=self._limits, regions=self._regions, resolver=self._resolver
+                )
+            ).model_dump(mode="json", exclude_none=True)
+        except SpecInvalid as invalid:
+            # What runs in the namespace is already there: an adopted deployment needs no image or chart.
+            kept = [
+                v
+                for v in invalid.violations
+                if not (v.reason == "REQUIRED" and v.field in ("docker_image", "helm_repo_url", "helm_chart_name"))
+            ]
+            if kept:
+                raise errors.invalid_argument(FieldViolation(v.field, v.description, v.reason) for v in kept) from None
+            spec = DeploymentSpec.model_construct(**data).model_dump(mode="json", exclude_none=True)
+        holder = await self._store.adopted(location.id, request.source_namespace)
+        if holder is not None:
+            raise ServiceError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                "ALREADY_ADOPTED",
+                f"namespace {request.source_namespace} on {location.id} is already adopted by deployment {holder}",
+                metadata={"id": holder},
+            )
+        body = pb.AdoptDeploymentRequest()
+        body.CopyFrom(request)
+        body.ClearField("request_id")
+        body.ClearField("validate_only")
+        new = NewDeployment(
+            user_id=caller.user_id,
+            name=spec["deployment_name"],
+            app_type=spec["app_type"],
+            geographic_region=spec["geographic_region"],
+            spec=spec,
+            request_id=_parse_id(request.request_id, "request_id") if request.request_id else None,
+            request_hash=hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest(),
+            demand=demand_of_spec(spec),
+            made_by="adopt",
+            reason=f"adopted namespace {request.source_namespace} on {location.id}",
+            target_location=location.id,
+            is_adopted=True,
+            source_namespace=request.source_namespace,
+        )
+        if request.validate_only:
+            return await self._preview_create(new)
+        try:
+            row, event = await self._store.create(new, placement_outbox(bus_pb2.OPERATION_CREATE), quotas=self._quotas)
+        except NameTaken as taken:
+            raise errors.name_taken(new.name, taken.existing_id) from None
+        except RequestIdReused:
+            raise errors.invalid_field(
+                "request_id",
+                "request_id was already used for a different request; use a new request_id",
+                "REQUEST_ID_REUSED",
+            ) from None
+        if event is not None:
+            self._announce(change_of(event))
+        return row_to_proto(row)
+
+    @_unary
+    async def ListReleases(
+        self,
+        request: pb.ListReleasesRequest,
+        context: grpc.aio.ServicerContext[pb.ListReleasesRequest, pb.ListReleasesResponse],
+    ) -> pb.ListReleasesResponse:
+        caller = self._caller(context)
+        row = await self._get(_owner(caller), request.id)
+        if request.page_size < 0:
+            raise errors.invalid_field("page_size", "page_size must be 0 (the default, 50) or more", "OUT_OF_RANGE")
+        size = min(request.page_size or paging.DEFAULT_PAGE_SIZE, paging.MAX_PAGE_SIZE)
+        key = paging.filter_key(caller.user_id, ["releases"], row.id)
+        before = None
+        if request.page_token:
+            try:
+                before = paging.decode(request.page_token, key)
+            except paging.BadToken as bad:
+                raise errors.invalid_field("page_token", str(bad), "INVALID_PAGE_TOKEN") from None
+        rows = await self._store.releases(row.id, before=before, limit=size + 1)
+        response = pb.ListReleasesResponse(releases=[release_to_proto(release) for release in rows[:size]])
+        if len(rows) > size:
+            response.next_page_token = paging.encode(rows[size - 1].number, key)
+        return response
+
+
+def _resources(spec: dict[str, Any]) -> resources.Demand:
+    return resources.demand(
+        cpu_request=spec.get("cpu_request"),
+        memory_request_mb=spec.get("memory_request_mb"),
+        replicas=spec.get("replicas"),
+        storage_size_gb=spec.get("storage_size_gb"),
+        volume_sizes_gb=[volume.get("size_gb") for volume in spec.get("volumes") or ()],
+    )
+
+
+def _apply_spec(message: pb.Deployment, spec: dict[str, Any]) -> None:
+    """Puts a spec's fields on a Deployment (what it would be with that release)."""
+    for name in operations.UPDATABLE:
+        clear(message, name)
+    for name in operations.UPDATABLE:
+        value = spec.get(name)
+        if value is None:
+            continue
+        if name == "config":
+            message.config.update(value)
+        elif name == "environment_variables":
+            message.environment_variables.extend(value)
+        elif name == "volumes":
+            for volume in value:
+                entry = message.volumes.add(path=volume["path"], size_gb=volume["size_gb"])
+                if volume.get("purpose") is not None:
+                    entry.purpose = volume["purpose"]
+        else:
+            setattr(message, name, value)

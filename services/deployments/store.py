@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from apphosting.v1 import deployments_pb2 as pb
 from services.deployments import quotas as quota_rules
 from services.deployments.convert import OBSERVED, changed, fold, observed_of, row_to_proto
-from services.deployments.lifecycle import allowed, early
-from services.deployments.tables import DeploymentRow, EventRow, OutboxRow
+from services.deployments.lifecycle import TERMINAL, allowed, early
+from services.deployments.tables import DeploymentRow, EventRow, OutboxRow, ReleaseRow
 
 # First key of the PostgreSQL advisory locks that serialise one user's quota-checked creates
 # (arbitrary; the scheduler's ledger uses a single 64-bit key, which cannot collide with a pair).
@@ -63,6 +63,13 @@ class NewDeployment:
     request_hash: str
     # What it holds against its owner's quotas.
     demand: quota_rules.Usage = field(default_factory=quota_rules.Usage)
+    # What made release 1: create, promote (a copy of another deployment) or adopt.
+    made_by: str = "create"
+    reason: str = ""
+    target_location: str | None = None
+    promoted_from: str | None = None
+    is_adopted: bool = False
+    source_namespace: str | None = None
 
 
 class NameTaken(Exception):
@@ -83,6 +90,8 @@ class Change:
     row: DeploymentRow
     event: EventRow
     deployment: pb.Deployment
+    # Changes of other records the same transaction made (a promoted copy finishing its source's promote).
+    also: tuple[Change, ...] = ()
 
 
 def _json_bytes(value: Any) -> int:
@@ -99,9 +108,14 @@ def _record_bytes(row: DeploymentRow) -> int:
     return _RECORD_OVERHEAD + _json_bytes(row.spec) + _text_bytes(observed_of(row)) + sum(map(len, names))
 
 
+def _release_bytes(release: ReleaseRow) -> int:
+    """What a release stores; counted in its deployment's history_bytes (releases are never trimmed)."""
+    return _EVENT_OVERHEAD + _json_bytes(release.spec) + len(release.reason.encode()) + len(release.actor or "")
+
+
 def _event_bytes(event: EventRow) -> int:
     """What an event stores; a deployment's history_bytes is the sum over its kept events."""
-    texts = (event.event_id, event.message, event.source, event.actor or "")
+    texts = (event.event_id, event.message, event.source, event.actor or "", event.operation or "")
     return _EVENT_OVERHEAD + _json_bytes(event.changes) + sum(len(text.encode()) for text in texts)
 
 
@@ -121,6 +135,31 @@ class EventInput:
     actor: str | None = None
     # Record fields the event sets; absent ones stay.
     fields: dict[str, str] = field(default_factory=dict)
+    # The operation the change belongs to, and the release it is about (0: none).
+    operation: str | None = None
+    release: int = 0
+    # A worker's verdict on `release`: it runs healthy, or it could not be rolled out.
+    release_healthy: bool = False
+    release_failed: bool = False
+    # Further columns the service itself sets (the desired state of an operation), unfiltered.
+    record: dict[str, Any] = field(default_factory=dict)
+    # The release this change makes; its number is record["release"].
+    new_release: NewRelease | None = None
+
+
+@dataclass(frozen=True)
+class NewRelease:
+    spec: dict[str, Any]
+    operation: str
+    actor: str | None
+    reason: str = ""
+    rollback_of: int | None = None
+
+
+# Operations whose release a worker rolls out in place; a failed one is rolled back by itself.
+ROLLOUTS = frozenset({"update", "scale", "rollback"})
+# Builds the change an owner's operation makes from the record as it is now (raising to refuse it).
+Plan = Callable[[DeploymentRow], EventInput]
 
 
 # Record fields a reported event may set (the optional fields of bus_pb2.StatusEvent).
@@ -149,6 +188,10 @@ class DeploymentStore:
         # handler, which sleeps in growing steps (up to 100 ms) while the file is locked; queued
         # here instead, this process's writers take turns in the event loop as soon as one commits.
         self._writer = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        # The requests a worker's report can lead to, built by the service (servicer.placement_outbox):
+        # the rollout of an automatic rollback, and the delete that ends a migration.
+        self.update_outbox: OutboxFn = lambda row: []
+        self.delete_outbox: OutboxFn = lambda row: []
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -204,12 +247,19 @@ class DeploymentStore:
         return self._sessions()
 
     async def create(
-        self, new: NewDeployment, outbox: OutboxFn, *, quotas: quota_rules.Quotas | None = None
+        self,
+        new: NewDeployment,
+        outbox: OutboxFn,
+        *,
+        quotas: quota_rules.Quotas | None = None,
+        also: tuple[str, Callable[[DeploymentRow], Plan], OutboxFn | None] | None = None,
     ) -> tuple[DeploymentRow, Change | None]:
         """Stores a pending deployment; returns it with its first change, or with None on a request_id replay.
 
         With quotas, raises the QUOTA_EXCEEDED ServiceError when the user's deployments and this one
-        together would exceed one; a request_id replay is answered even then.
+        together would exceed one; a request_id replay is answered even then. `also` (a record's id,
+        a plan made from the new row, its outbox) changes another record in the same transaction:
+        the source of a promote; the change is in the returned Change's `also`.
         """
         if new.request_id is not None:
             replay = await self._replay(new)
@@ -230,7 +280,12 @@ class DeploymentStore:
             request_id=new.request_id,
             request_hash=new.request_hash,
             revision=1,
-            is_adopted=False,
+            is_adopted=new.is_adopted,
+            source_namespace=new.source_namespace,
+            target_location=new.target_location,
+            promoted_from=new.promoted_from,
+            release=1,
+            image_updates_paused=False,
             cpu_millis=new.demand.cpu_millis,
             memory_mb=new.demand.memory_mb,
             storage_gb=new.demand.storage_gb,
@@ -249,11 +304,23 @@ class DeploymentStore:
             final=False,
             time=moment,
             actor=new.user_id,
+            operation=new.made_by,
+            release=1,
             # The first event is the base every later change is folded onto.
             changes=observed_of(row),
         )
+        release = ReleaseRow(
+            deployment_id=row.id,
+            number=1,
+            spec=new.spec,
+            operation=new.made_by,
+            actor=new.user_id,
+            reason=new.reason,
+            created_at=moment,
+            healthy=False,
+        )
         row.record_bytes = _record_bytes(row)
-        row.history_bytes = _event_bytes(event)
+        row.history_bytes = _event_bytes(event) + _release_bytes(release)
         demand = dataclasses.replace(new.demand, stored_bytes=row.record_bytes + row.history_bytes)
         checked = quotas is not None and quotas.enforced
         try:
@@ -264,7 +331,13 @@ class DeploymentStore:
                 session.add(row)
                 await session.flush()
                 session.add(event)
+                session.add(release)
                 self._add_outbox(session, outbox(row), moment)
+                others: tuple[Change, ...] = ()
+                if also is not None:
+                    other_id, make_plan, other_outbox = also
+                    other = await self._mutate_in(session, other_id, None, make_plan(row), other_outbox)
+                    others = (other,)
         except IntegrityError:
             if new.request_id is not None:
                 replay = await self._replay(new)
@@ -272,7 +345,7 @@ class DeploymentStore:
                     return replay, None
             raise NameTaken(await self._live_id(new.user_id, new.name)) from None
         self.outbox_written()
-        return row, Change(row, event, row_to_proto(row))
+        return row, Change(row, event, row_to_proto(row), also=others)
 
     async def _replay(self, new: NewDeployment) -> DeploymentRow | None:
         async with self._sessions() as session:
@@ -351,9 +424,96 @@ class DeploymentStore:
             except (IntegrityError, _Raced):
                 # Another writer took this revision, or applied the same event: look again.
                 continue
+            self.outbox_written()
+            return applied
+
+    async def mutate(
+        self,
+        deployment_id: str,
+        user_id: str | None,
+        plan: Plan,
+        outbox: OutboxFn | None = None,
+        *,
+        quotas: quota_rules.Quotas | None = None,
+        demand: quota_rules.Usage | None = None,
+    ) -> Change:
+        """Applies an operation an owner asked for: `plan` reads the record as it is in the transaction
+        (and raises to refuse), the change is written with its release and outbox rows.
+
+        With quotas and `demand` (what the record will hold), the owner's other deployments and this
+        demand together must fit, checked under the same per-user lock creates take.
+        """
+        while True:
+            try:
+                async with self.transaction() as session:
+                    if quotas is not None and demand is not None and quotas.enforced:
+                        row = await self.get(user_id, deployment_id)
+                        if row is None:
+                            raise RecordMissing(deployment_id)
+                        await self._lock_user(session, row.user_id)
+                        used = await self._usage(session, row.user_id)
+                        own = quota_rules.Usage(1, row.cpu_millis, row.memory_mb, row.storage_gb, 0)
+                        quota_rules.check(quotas, used - own, demand)
+                    applied = await self._mutate_in(session, deployment_id, user_id, plan, outbox)
+            except (IntegrityError, _Raced):
+                continue
             if outbox is not None:
                 self.outbox_written()
             return applied
+
+    async def _mutate_in(
+        self, session: AsyncSession, deployment_id: str, user_id: str | None, plan: Plan, outbox: OutboxFn | None
+    ) -> Change:
+        query = select(DeploymentRow).where(DeploymentRow.id == deployment_id).execution_options(populate_existing=True)
+        if user_id is not None:
+            query = query.where(DeploymentRow.user_id == user_id)
+        row = await session.scalar(query)
+        if row is None or row.deleted_at is not None:
+            raise RecordMissing(deployment_id)
+        change = plan(row)
+        if not allowed(row.status, change.status):
+            raise TransitionRejected(row.status, change.status)
+        return await self._write(session, row, change, outbox, late=False)
+
+    async def release(self, deployment_id: str, number: int) -> ReleaseRow | None:
+        async with self._sessions() as session:
+            found: ReleaseRow | None = await session.scalar(
+                select(ReleaseRow).where(ReleaseRow.deployment_id == deployment_id, ReleaseRow.number == number)
+            )
+            return found
+
+    async def last_healthy_release(self, deployment_id: str, before: int) -> ReleaseRow | None:
+        """The newest release before `before` that ran healthy."""
+        async with self._sessions() as session:
+            found: ReleaseRow | None = await session.scalar(
+                select(ReleaseRow)
+                .where(ReleaseRow.deployment_id == deployment_id, ReleaseRow.number < before, ReleaseRow.healthy)
+                .order_by(ReleaseRow.number.desc())
+                .limit(1)
+            )
+            return found
+
+    async def releases(self, deployment_id: str, *, before: int | None, limit: int) -> list[ReleaseRow]:
+        """A page of releases, newest first: at most `limit` numbered below `before`."""
+        query = select(ReleaseRow).where(ReleaseRow.deployment_id == deployment_id)
+        if before is not None:
+            query = query.where(ReleaseRow.number < before)
+        query = query.order_by(ReleaseRow.number.desc()).limit(limit)
+        async with self._sessions() as session:
+            return list((await session.scalars(query)).all())
+
+    async def adopted(self, location_id: str, namespace: str) -> str | None:
+        """The live deployment that holds an adopted namespace, if one does."""
+        async with self._sessions() as session:
+            found: str | None = await session.scalar(
+                select(DeploymentRow.id).where(
+                    DeploymentRow.is_adopted,
+                    DeploymentRow.target_location == location_id,
+                    DeploymentRow.source_namespace == namespace,
+                    DeploymentRow.deleted_at.is_(None),
+                )
+            )
+            return found
 
     async def apply_batch(self, changes: Sequence[tuple[str, EventInput]]) -> list[Change | Exception | None]:
         """Applies reported changes in order in one transaction: one commit for many events.
@@ -370,7 +530,9 @@ class DeploymentStore:
                     except (TransitionRejected, RecordMissing) as refused:
                         # Refused before it wrote anything: the others in the batch go on.
                         results.append(refused)
-                return results
+            # An event may have made requests of its own (a rollback, the delete after a migration).
+            self.outbox_written()
+            return results
         except (IntegrityError, _Raced):
             alone: list[Change | Exception | None] = []
             for deployment_id, change in changes:
@@ -403,7 +565,64 @@ class DeploymentStore:
             late = change.time is not None and change.time <= row.updated_at
             if not late:
                 raise TransitionRejected(row.status, change.status, early=early(row.status, change.status))
-        return await self._write(session, row, change, outbox, late=late)
+        applied = await self._write(session, row, change, outbox, late=late)
+        if row.promoted_from is not None and not late:
+            follow_up = await self._finish_promote(session, applied)
+            if follow_up is not None:
+                applied = dataclasses.replace(applied, also=(follow_up,))
+        return applied
+
+    async def _finish_promote(self, session: AsyncSession, copy: Change) -> Change | None:
+        """Ends the promote or migration of the copy's source once the copy runs, failed or is gone."""
+        row = copy.row
+        assert row.promoted_from is not None
+        healthy = row.status == "running" and row.healthy_release is not None
+        if not (healthy or row.status in TERMINAL or row.deleted_at is not None):
+            return None
+        source = await session.scalar(
+            select(DeploymentRow).where(DeploymentRow.id == row.promoted_from).execution_options(populate_existing=True)
+        )
+        if (
+            source is None
+            or source.deleted_at is not None
+            or source.promoted_to != row.id
+            or source.operation not in ("promote", "migrate")
+        ):
+            return None
+        outbox: OutboxFn | None = None
+        if healthy and source.operation == "migrate":
+            change = EventInput(
+                event_id=f"api:{source.id}:migrated:{row.id}",
+                status="deleting",
+                phase="delete_requested",
+                message=f"migrated to {row.id} ({row.name}), which runs; the source is deleted",
+                source="api",
+                operation="delete",
+                record={"operation": "delete"},
+            )
+            outbox = self.delete_outbox
+        elif healthy:
+            change = EventInput(
+                event_id=f"api:{source.id}:promoted:{row.id}",
+                status="running",
+                phase="promoted",
+                message=f"promoted to {row.id} ({row.name}), which runs",
+                source="api",
+                operation=source.operation,
+                record={"operation": None},
+            )
+        else:
+            why = row.error_message or ("it was deleted" if row.deleted_at is not None else row.status)
+            change = EventInput(
+                event_id=f"api:{source.id}:promote-failed:{row.id}",
+                status="running",
+                phase="promote_failed",
+                message=f"the copy {row.id} did not come up ({why}); this deployment keeps running untouched",
+                source="api",
+                operation=source.operation,
+                record={"operation": None, "promoted_to": None},
+            )
+        return await self._write(session, source, change, outbox, late=False)
 
     async def _write(
         self, session: AsyncSession, row: DeploymentRow, change: EventInput, outbox: OutboxFn | None, *, late: bool
@@ -411,6 +630,8 @@ class DeploymentStore:
         moment = now()
         before = observed_of(row)
         values: dict[str, Any] = {"revision": row.revision + 1, "updated_at": moment}
+        release: ReleaseRow | None = None
+        operation = change.operation if change.operation is not None else row.operation
         if not late:
             values.update(status=change.status, phase=change.phase)
             values.update({k: v for k, v in change.fields.items() if k in SETTABLE})
@@ -418,7 +639,22 @@ class DeploymentStore:
                 # A retry starts afresh: what the failed attempt reported no longer holds.
                 values.update(error_message=None, cluster_error=None)
             if change.final:
-                values.update(deleted_at=moment, live_name=None)
+                values.update(deleted_at=moment, live_name=None, operation=None)
+            verdict, release = await self._verdict(session, row, change, moment)
+            values.update(verdict)
+            values.update(change.record)
+            if change.new_release is not None:
+                release = ReleaseRow(
+                    deployment_id=row.id,
+                    number=values["release"],
+                    spec=change.new_release.spec,
+                    operation=change.new_release.operation,
+                    actor=change.new_release.actor,
+                    reason=change.new_release.reason,
+                    created_at=moment,
+                    healthy=False,
+                    rollback_of=change.new_release.rollback_of,
+                )
         after = {
             **before,
             **{name: v.isoformat() if isinstance(v, datetime) else v for name, v in values.items() if name in OBSERVED},
@@ -435,12 +671,17 @@ class DeploymentStore:
             final=change.final and not late,
             time=change.time or moment,
             actor=change.actor,
+            operation=operation,
+            release=change.release or values.get("release") or None,
             changes=changed(before, after),
         )
+        spec_bytes = _json_bytes(values["spec"]) - _json_bytes(row.spec) if "spec" in values else 0
         values.update(
-            record_bytes=DeploymentRow.record_bytes + _text_bytes(after) - _text_bytes(before),
-            # Relative, as trim_events changes it too.
-            history_bytes=DeploymentRow.history_bytes + _event_bytes(event),
+            record_bytes=DeploymentRow.record_bytes + _text_bytes(after) - _text_bytes(before) + spec_bytes,
+            # Relative, as trim_events changes it too; releases are kept, and count with the history.
+            history_bytes=DeploymentRow.history_bytes
+            + _event_bytes(event)
+            + (_release_bytes(release) if release is not None and release.seq is None else 0),
         )
         result = await session.execute(
             update(DeploymentRow)
@@ -455,9 +696,74 @@ class DeploymentStore:
         )
         assert updated is not None
         session.add(event)
+        if release is not None and release.seq is None:
+            session.add(release)
         if outbox is not None:
             self._add_outbox(session, outbox(updated), moment)
+        elif values.get("operation") == "rollback" and change.release_failed:
+            self._add_outbox(session, self.update_outbox(updated), moment)
         return Change(updated, event, row_to_proto(updated))
+
+    async def _verdict(
+        self, session: AsyncSession, row: DeploymentRow, change: EventInput, moment: datetime
+    ) -> tuple[dict[str, Any], ReleaseRow | None]:
+        """What a worker's report means for the desired state: an operation that ended, a release that
+        ran healthy, or a failed rollout rolled back to the last healthy release (a new release)."""
+        values: dict[str, Any] = {}
+        if change.status in TERMINAL or (change.status == "stopped" and row.operation == "stop"):
+            values["operation"] = None
+        if change.release == 0 or change.release != row.release:
+            return values, None
+        if change.release_healthy:
+            values.update(healthy_release=row.release, operation=None)
+            await session.execute(
+                update(ReleaseRow)
+                .where(ReleaseRow.deployment_id == row.id, ReleaseRow.number == row.release)
+                .values(healthy=True)
+            )
+            return values, None
+        if not change.release_failed or row.operation not in ROLLOUTS:
+            return values, None
+        why = change.fields.get("error_message") or change.message
+        good = row.healthy_release
+        spec = (
+            await session.scalar(
+                select(ReleaseRow.spec).where(ReleaseRow.deployment_id == row.id, ReleaseRow.number == good)
+            )
+            if good is not None
+            else None
+        )
+        if spec is None:
+            values.update(operation=None, error_message=f"release {row.release} did not become healthy: {why}")
+            return values, None
+        number = row.release + 1
+        message = (
+            f"release {row.release} did not become healthy ({why}); rolled back to release {good} as release {number}"
+        )
+        demand = quota_rules.demand_of_spec(spec)
+        values.update(
+            spec=spec,
+            release=number,
+            operation="rollback",
+            error_message=message,
+            # Automation that undoes a rollback is what users complain of most: image updates wait.
+            image_updates_paused=True,
+            cpu_millis=demand.cpu_millis,
+            memory_mb=demand.memory_mb,
+            storage_gb=demand.storage_gb,
+        )
+        release = ReleaseRow(
+            deployment_id=row.id,
+            number=number,
+            spec=spec,
+            operation="rollback-automatic",
+            actor=None,
+            reason=message,
+            created_at=moment,
+            healthy=False,
+            rollback_of=good,
+        )
+        return values, release
 
     async def events_after(self, deployment_id: str, revision: int, limit: int = 1000) -> list[EventRow]:
         async with self._sessions() as session:
@@ -487,13 +793,27 @@ class DeploymentStore:
                 .order_by(EventRow.revision)
             )
             events = (await session.scalars(query)).all()
-        state: dict[str, Any] = {}
-        history = []
-        for event in events:
-            fold(state, event.changes)
-            if event.revision > revision:
-                history.append((event, row_to_proto(row, state, event.revision)))
-        return history
+            states: list[tuple[EventRow, dict[str, Any]]] = []
+            state: dict[str, Any] = {}
+            for event in events:
+                fold(state, event.changes)
+                if event.revision > revision:
+                    states.append((event, dict(state)))
+            # Each change shows the spec of the release it was made under.
+            numbers = {state.get("release") or 1 for _, state in states}
+            specs: dict[int, dict[str, Any]] = dict(
+                (
+                    await session.execute(
+                        select(ReleaseRow.number, ReleaseRow.spec).where(
+                            ReleaseRow.deployment_id == deployment_id, ReleaseRow.number.in_(numbers)
+                        )
+                    )
+                ).all()
+            )
+        return [
+            (event, row_to_proto(row, state, event.revision, specs.get(state.get("release") or 1)))
+            for event, state in states
+        ]
 
     async def purge_deleted(self, older_than: timedelta, batch: int = 500) -> int:
         """Removes the records and history of deployments whose teardown ended before `older_than` ago.
@@ -514,6 +834,7 @@ class DeploymentStore:
                 if not ids:
                     return removed
                 await session.execute(delete(EventRow).where(EventRow.deployment_id.in_(ids)))
+                await session.execute(delete(ReleaseRow).where(ReleaseRow.deployment_id.in_(ids)))
                 await session.execute(delete(DeploymentRow).where(DeploymentRow.id.in_(ids)))
             removed += len(ids)
 

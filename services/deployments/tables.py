@@ -77,6 +77,20 @@ class DeploymentRow(Base):
     cpu_millis: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     memory_mb: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     storage_gb: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The current release (its spec is `spec`), the newest that ran healthy, and the operation in
+    # flight (update, scale, stop, start, rollback, promote, migrate, delete; None when at rest).
+    release: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
+    healthy_release: Mapped[int | None] = mapped_column(BigInteger)
+    operation: Mapped[str | None] = mapped_column(String(32))
+    # The location a placement is pinned to (promote to a location, adopt).
+    target_location: Mapped[str | None] = mapped_column(String(63))
+    # The deployment this one copies (promote), and the copy this one is being promoted to.
+    promoted_from: Mapped[str | None] = mapped_column(String(36))
+    promoted_to: Mapped[str | None] = mapped_column(String(36))
+    # Set by a rollback: automatic image updates wait until an update sets an image_* policy field.
+    image_updates_paused: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    # The scheduler's explanation of the placement (a PlacementExplanation as JSON).
+    placement: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # Bytes it stores (counted in its owner's `stored_mb` quota): the record, and its kept history.
     record_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     history_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
@@ -108,10 +122,32 @@ class EventRow(Base):
     time: Mapped[datetime] = mapped_column(UTCDateTime())
     # The user who asked for this change (create, delete, retry); NULL for what the platform reported.
     actor: Mapped[str | None] = mapped_column(String(36))
+    # The operation the change belongs to, and the release it is about.
+    operation: Mapped[str | None] = mapped_column(String(32))
+    release: Mapped[int | None] = mapped_column(BigInteger)
     # The observed fields this change set, with their values after it (convert.OBSERVED); the
     # oldest kept event holds them all. The spec is the record's: a resumed watch rebuilds the
     # Deployment as of this revision from the spec and these changes folded in revision order.
     changes: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class ReleaseRow(Base):
+    """One accepted version of a deployment's spec: what rollback re-applies and audit reads."""
+
+    __tablename__ = "deployment_releases"
+    __table_args__ = (UniqueConstraint("deployment_id", "number", name="uq_deployment_releases_number"),)
+
+    seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
+    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(BigInteger)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # create, update, scale, rollback, rollback-automatic, adopt, promote.
+    operation: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    healthy: Mapped[bool] = mapped_column(Boolean, default=False)
+    rollback_of: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class OutboxRow(Base):
