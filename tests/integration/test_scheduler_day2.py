@@ -375,3 +375,16 @@ async def test_concurrent_reserves_on_two_schedulers_never_overbook(stack: Stack
         assert sum(reply.fits for reply in replies) == 4
         assert all("short of cpu by 1.0" in reply.message for reply in replies if not reply.fits)
         assert await first.ledger.used() == {"eu-a": Demand(cpu=4.0, memory_mb=2048, storage_gb=40, vclusters=4)}
+
+
+@pytest.mark.locations(LOCATIONS)
+async def test_the_responder_answers_again_after_nats_restarts(stack: Stack) -> None:
+    stack.add_scheduler()
+    explain = bus_pb2.CapacityRequest(mode=bus_pb2.CAPACITY_MODE_EXPLAIN, deployment=_deployment())
+    async with _bus(stack) as wire:
+        assert (await wire.ask(explain)).fits
+    stack.nats.stop()
+    stack.nats.start()
+    async with _bus(stack) as wire:
+        # No responders until the scheduler's client has reconnected and renewed its subscription.
+        assert (await wire.ask(explain)).fits
