@@ -27,6 +27,7 @@ class DevOptions:
     simulate_failure_rate: float = 0.0
     # Default: a file in data_dir, so the simulated clusters survive a restart like the records do.
     simulate_state: str | None = None
+    simulate_namespaces: tuple[str, ...] = ()
     # JetStream fsync interval: None is the server's default (2 minutes), "always" every write.
     nats_sync_interval: str | None = None
     # The API's address, auth, TLS, quotas and limits; dev sets its database, NATS and locations, and
@@ -76,6 +77,7 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
             simulate_delay=options.simulate_delay,
             simulate_failure_rate=options.simulate_failure_rate,
             simulate_state=options.simulate_state or str(data / "simulated-clusters.db"),
+            simulate_namespaces=options.simulate_namespaces,
         )
     )
     tasks: list[asyncio.Task[None]] = []

@@ -133,6 +133,13 @@ def _add_api_security(parser: argparse.ArgumentParser, *, dev: bool = False) -> 
         help=f"times a stuck deployment is driven again before it ends in error (default {ApiOptions.max_redrives})",
     )
     parser.add_argument(
+        "--rollout-timeout",
+        type=_positive_seconds,
+        default=ApiOptions.rollout_timeout,
+        help="seconds a new release may take to become healthy before it is rolled back to the last healthy "
+        f"one (default {ApiOptions.rollout_timeout:g})",
+    )
+    parser.add_argument(
         "--deleted-retention",
         type=_seconds,
         default=ApiOptions.deleted_retention,
@@ -201,6 +208,7 @@ def _api_options(args: argparse.Namespace) -> ApiOptions:
         resync_interval=args.resync_interval,
         max_redrives=args.max_redrives,
         deleted_retention=args.deleted_retention,
+        rollout_timeout=args.rollout_timeout,
         limits=Limits(helm_repo_hosts=tuple(args.helm_repo_host), image_registries=tuple(args.image_registry)),
     )
 
@@ -323,6 +331,13 @@ def _add_provisioner_options(parser: argparse.ArgumentParser) -> None:
         "--simulate-state",
         default=None,
         help="SQLite file holding the simulated clusters, shared by workers and kept across restarts",
+    )
+    parser.add_argument(
+        "--simulate-namespace",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a namespace that exists on every simulated location, for AdoptDeployment (repeatable)",
     )
 
 
@@ -447,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             simulate_delay=args.simulate_delay,
             simulate_failure_rate=args.simulate_failure_rate,
             simulate_state=args.simulate_state,
+            simulate_namespaces=tuple(args.simulate_namespace),
         )
         return _run("provisioner", lambda stop: serve_provisioner(provisioner_options, stop))
     if args.command == "dev":
@@ -459,6 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             simulate_delay=args.simulate_delay,
             simulate_failure_rate=args.simulate_failure_rate,
             simulate_state=args.simulate_state,
+            simulate_namespaces=tuple(args.simulate_namespace),
             nats_sync_interval=args.nats_sync_interval,
             api=_api_options(args),
         )

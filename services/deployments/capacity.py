@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -29,15 +30,32 @@ class Capacity:
     async def ask(
         self, mode: bus_pb2.CapacityMode.ValueType, deployment: pb.Deployment, location_id: str = ""
     ) -> bus_pb2.CapacityReply:
-        nc = self._client()
-        if nc is None or not nc.is_connected:
-            raise errors.unavailable("the scheduler (no connection to the bus)")
-        request = bus_pb2.CapacityRequest(mode=mode, deployment=deployment, location_id=location_id)
-        try:
-            reply = await nc.request(bus.CAPACITY_SUBJECT, request.SerializeToString(), timeout=self._timeout)
-        except (NatsTimeoutError, NoRespondersError, TimeoutError):
-            raise errors.unavailable("the scheduler (no answer about capacity)") from None
-        return bus_pb2.CapacityReply.FromString(reply.data)
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        payload = bus_pb2.CapacityRequest(mode=mode, deployment=deployment, location_id=location_id).SerializeToString()
+        while True:
+            nc = await self._connected()
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                reply = await nc.request(bus.CAPACITY_SUBJECT, payload, timeout=max(left, 0.1))
+                return bus_pb2.CapacityReply.FromString(reply.data)
+            except NoRespondersError:
+                # No scheduler listens right now (starting, or restarting): ask again until the deadline.
+                if asyncio.get_running_loop().time() > deadline:
+                    raise errors.unavailable("the scheduler (none answers about capacity)") from None
+                await asyncio.sleep(0.1)
+            except (NatsTimeoutError, TimeoutError):
+                raise errors.unavailable("the scheduler (no answer about capacity)") from None
+
+    async def _connected(self) -> Client:
+        """The bus connection, waited for a while when it is (re)connecting."""
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        while True:
+            nc = self._client()
+            if nc is not None and nc.is_connected:
+                return nc
+            if asyncio.get_running_loop().time() > deadline:
+                raise errors.unavailable("the scheduler (no connection to the bus)")
+            await asyncio.sleep(0.05)
 
     async def hold(self, deployment: pb.Deployment, *, validate_only: bool) -> None:
         """Holds what `deployment` (its new spec, its status) needs on its location, or only checks it

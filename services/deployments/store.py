@@ -655,6 +655,11 @@ class DeploymentStore:
                     healthy=False,
                     rollback_of=change.new_release.rollback_of,
                 )
+        message = change.message
+        if values.get("operation") == "rollback" and change.release_failed:
+            # The report that ended the rollout also says what the platform did about it.
+            operation = "rollback"
+            message = f"{change.message}; {values['error_message']}"
         after = {
             **before,
             **{name: v.isoformat() if isinstance(v, datetime) else v for name, v in values.items() if name in OBSERVED},
@@ -665,7 +670,7 @@ class DeploymentStore:
             revision=row.revision + 1,
             status=change.status,
             phase=change.phase,
-            message=change.message,
+            message=message,
             source=change.source,
             simulated=change.simulated,
             final=change.final and not late,
