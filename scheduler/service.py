@@ -161,6 +161,18 @@ class Scheduler(bus.Worker):
         deployment = request.deployment
         location = await self._location_of(deployment)
         if location is not None:
+            if request.operation == bus_pb2.OPERATION_UPDATE:
+                # The API held a user's new release before it was written; an automatic rollback was not
+                # asked through it, so the release's demand is held here, when it fits (never overbook).
+                held = await self.ledger.set_reservation(deployment.id, location.id, demand_of(deployment))
+                if not isinstance(held.placement, Placed):
+                    log.warning(
+                        "release %d of %s does not fit its location %s: %s",
+                        request.release,
+                        deployment.id,
+                        location.id,
+                        held.placement.message,
+                    )
             await self._send_job(request, location)
             return
         operation = bus_pb2.Operation.Name(request.operation).removeprefix("OPERATION_").lower()

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from apphosting import images, resources, versions, yamlbounds
+from apphosting import health, images, resources, versions, yamlbounds
 from apphosting.locations import LocationConfig
 from apphosting.settings import Limits
 from apphosting.v1 import deployments_pb2
@@ -37,8 +37,7 @@ DEPLOYMENT_LABEL = "apphosting.dev/deployment-id"
 RELEASE_ANNOTATION = "apphosting.dev/release"
 # On a namespace taken under management by adoption rather than created.
 ADOPTED_ANNOTATION = "apphosting.dev/adopted"
-# The deployment config key naming the HTTP path the probes ask; without it they open a TCP connection.
-HEALTH_CHECK_PATH = "health_check_path"
+HEALTH_CHECK_PATH = health.CHECK_PATH_KEY
 CLUSTER_ISSUER_ANNOTATION = "cert-manager.io/cluster-issuer"
 ARGOCD_FINALIZER = "resources-finalizer.argocd.argoproj.io"
 ARGOCD_API_VERSION = "argoproj.io/v1alpha1"
@@ -262,10 +261,11 @@ def health_check_path(d: deployments_pb2.Deployment) -> str | None:
     value = d.config.fields.get(HEALTH_CHECK_PATH) if d.HasField("config") else None
     if value is None or value.WhichOneof("kind") == "null_value":
         return None
-    if value.WhichOneof("kind") != "string_value" or not value.string_value.strip():
-        raise PermanentError(f"config.{HEALTH_CHECK_PATH} must be a non-empty string (an HTTP path such as /healthz)")
-    path = value.string_value.strip()
-    return path if path.startswith("/") else f"/{path}"
+    path = value.string_value if value.WhichOneof("kind") == "string_value" else value
+    problem = health.check_path_problem(path)
+    if problem is not None:
+        raise PermanentError(f"config.{HEALTH_CHECK_PATH} {problem}")
+    return value.string_value
 
 
 def probes(d: deployments_pb2.Deployment) -> tuple[Obj, Obj]:

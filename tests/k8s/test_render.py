@@ -101,7 +101,7 @@ def test_probes_open_the_port_by_default_and_ask_the_configured_path() -> None:
     assert tcp["readinessProbe"]["tcpSocket"] == {"port": "http"}
     assert tcp["livenessProbe"]["tcpSocket"] == {"port": "http"}
     configured = job().deployment
-    configured.config.update({"health_check_path": "healthz"})
+    configured.config.update({"health_check_path": "/healthz"})
     http = _container(configured)
     assert http["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert http["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}

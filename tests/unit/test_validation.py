@@ -669,6 +669,18 @@ def test_nan_or_infinity_in_config_is_named_by_its_path(config: dict[str, Any], 
     assert (violation.field, violation.reason) == (field, "INVALID_VALUE")
 
 
+@pytest.mark.parametrize("path", ["healthz", "", 3, "/health z", "/ok\n", "/" + "a" * 1024])
+def test_a_health_check_path_in_config_must_be_an_absolute_http_path(path: Any) -> None:
+    (violation,) = _violations(_with(DOCKER, config={"health_check_path": path}))
+    assert (violation.field, violation.reason) == ("config.health_check_path", "INVALID_VALUE")
+
+
+def test_an_absolute_health_check_path_passes() -> None:
+    assert _validate(_with(DOCKER, config={"health_check_path": "/healthz?full=1"})).config == {
+        "health_check_path": "/healthz?full=1"
+    }
+
+
 @pytest.mark.parametrize("control", ["\x00", "\x01", "\x1b", "\x7f", "\x0b"])
 def test_a_control_character_in_an_environment_value_is_refused_naming_the_variable(control: str) -> None:
     env = ["OK=1", f"TOKEN=ab{control}cd"]

@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from apphosting import images
+from apphosting import health, images
 from apphosting.settings import Limits
 from services.deployments.validation.checks import shown
 from services.deployments.validation.grammars import semver_constraint_ok
@@ -31,6 +31,9 @@ def cross_field(data: Mapping[str, Any], limits: Limits) -> Iterator[tuple[Loc, 
     """Rules spanning fields or list entries, on the raw data so they run even when fields are invalid."""
     config = data.get("config")
     if isinstance(config, Mapping):
+        problem = health.check_path_problem(config.get(health.CHECK_PATH_KEY))
+        if problem is not None:
+            yield ("config", health.CHECK_PATH_KEY), "INVALID_VALUE", problem
         where = _non_finite(config, limits.config_max_depth)
         if where is not None:
             yield (
