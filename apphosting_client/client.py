@@ -1,0 +1,194 @@
+"""The async client: one method per RPC, UNAVAILABLE retried with backoff, watches that resume by themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import field_mask_pb2
+
+from apphosting.v1 import deployments_pb2 as pb
+from apphosting.v1 import deployments_pb2_grpc
+from apphosting_client.config import ClientConfig
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Transient answers a call is sent again for: the server or its backend is briefly away.
+_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+class AsyncClient:
+    """A connection to one API address; use as `async with AsyncClient(config) as client:`."""
+
+    def __init__(self, config: ClientConfig | None = None, *, attempts: int = 5, backoff: float = 0.2) -> None:
+        self.config = config or ClientConfig.from_env()
+        self._attempts = attempts
+        self._backoff = backoff
+        if self.config.tls:
+            root = None
+            if self.config.ca_file:
+                with open(self.config.ca_file, "rb") as handle:
+                    root = handle.read()
+            self._channel = grpc.aio.secure_channel(self.config.address, grpc.ssl_channel_credentials(root))
+        else:
+            self._channel = grpc.aio.insecure_channel(self.config.address)
+        self.stub = deployments_pb2_grpc.DeploymentServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _metadata(self) -> Sequence[tuple[str, str]]:
+        return (("authorization", f"Bearer {self.config.token}"),) if self.config.token else ()
+
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
+        delay = self._backoff
+        for attempt in range(1, self._attempts + 1):
+            try:
+                return await method(request, metadata=self._metadata(), timeout=self.config.timeout)
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in _RETRIED or attempt == self._attempts:
+                    raise
+                log.info("%s; retrying in %.1f s", error.details(), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    async def create(self, request: pb.CreateAppHostingDeploymentRequest) -> pb.Deployment:
+        """Creates a deployment; a request_id is set when absent, so a retried call never creates two."""
+        if not request.request_id and not request.validate_only:
+            request = _copy(request)
+            request.request_id = str(uuid.uuid4())
+        return await self._call(self.stub.CreateAppHostingDeployment, request)
+
+    async def get(self, deployment_id: str) -> pb.Deployment:
+        return await self._call(self.stub.GetDeployment, pb.GetDeploymentRequest(id=deployment_id))
+
+    async def list(
+        self,
+        *,
+        statuses: Sequence[pb.DeploymentStatus.ValueType] = (),
+        geographic_region: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> pb.ListDeploymentsResponse:
+        request = pb.ListDeploymentsRequest(
+            statuses=statuses, geographic_region=geographic_region, page_size=page_size, page_token=page_token
+        )
+        return await self._call(self.stub.ListDeployments, request)
+
+    async def list_all(self, **filters: Any) -> AsyncIterator[pb.Deployment]:
+        token = ""
+        while True:
+            page = await self.list(page_token=token, **filters)
+            for deployment in page.deployments:
+                yield deployment
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def delete(self, deployment_id: str, *, etag: str = "", force: bool = False) -> pb.Deployment:
+        request = pb.DeleteDeploymentRequest(id=deployment_id, etag=etag, force=force)
+        return await self._call(self.stub.DeleteDeployment, request)
+
+    async def retry(self, deployment_id: str, *, etag: str = "") -> pb.Deployment:
+        return await self._call(self.stub.RetryDeployment, pb.RetryDeploymentRequest(id=deployment_id, etag=etag))
+
+    async def update(
+        self,
+        deployment: pb.Deployment,
+        paths: Sequence[str],
+        *,
+        etag: str = "",
+        validate_only: bool = False,
+        reason: str = "",
+    ) -> pb.Deployment:
+        request = pb.UpdateDeploymentRequest(
+            deployment=deployment,
+            update_mask=field_mask_pb2.FieldMask(paths=list(paths)),
+            etag=etag,
+            validate_only=validate_only,
+            reason=reason,
+        )
+        return await self._call(self.stub.UpdateDeployment, request)
+
+    async def scale(self, deployment_id: str, replicas: int, *, etag: str = "", reason: str = "") -> pb.Deployment:
+        request = pb.ScaleDeploymentRequest(id=deployment_id, replicas=replicas, etag=etag, reason=reason)
+        return await self._call(self.stub.ScaleDeployment, request)
+
+    async def stop(self, deployment_id: str, *, etag: str = "", reason: str = "") -> pb.Deployment:
+        request = pb.StopDeploymentRequest(id=deployment_id, etag=etag, reason=reason)
+        return await self._call(self.stub.StopDeployment, request)
+
+    async def start(self, deployment_id: str, *, etag: str = "", reason: str = "") -> pb.Deployment:
+        request = pb.StartDeploymentRequest(id=deployment_id, etag=etag, reason=reason)
+        return await self._call(self.stub.StartDeployment, request)
+
+    async def rollback(
+        self, deployment_id: str, release: int = 0, *, etag: str = "", reason: str = ""
+    ) -> pb.Deployment:
+        request = pb.RollbackDeploymentRequest(id=deployment_id, release=release, etag=etag, reason=reason)
+        return await self._call(self.stub.RollbackDeployment, request)
+
+    async def promote(self, request: pb.PromoteDeploymentRequest) -> pb.PromoteDeploymentResponse:
+        if not request.request_id and not request.validate_only:
+            request = _copy(request)
+            request.request_id = str(uuid.uuid4())
+        return await self._call(self.stub.PromoteDeployment, request)
+
+    async def adopt(self, request: pb.AdoptDeploymentRequest) -> pb.Deployment:
+        if not request.request_id and not request.validate_only:
+            request = _copy(request)
+            request.request_id = str(uuid.uuid4())
+        return await self._call(self.stub.AdoptDeployment, request)
+
+    async def releases(
+        self, deployment_id: str, *, page_size: int = 0, page_token: str = ""
+    ) -> pb.ListReleasesResponse:
+        request = pb.ListReleasesRequest(id=deployment_id, page_size=page_size, page_token=page_token)
+        return await self._call(self.stub.ListReleases, request)
+
+    async def watch(self, deployment_id: str, *, since_revision: int = 0) -> AsyncIterator[pb.WatchDeploymentResponse]:
+        """The deployment's state (when since_revision is 0), then every change until its final one.
+
+        A stream that breaks (the replica stopped, the network dropped) is opened again from the last
+        revision seen, so every change arrives once and in order across server restarts and replicas.
+        """
+        last = since_revision
+        delay = self._backoff
+        while True:
+            stream = self.stub.WatchDeployment(
+                pb.WatchDeploymentRequest(id=deployment_id, since_revision=last), metadata=self._metadata()
+            )
+            try:
+                async for item in stream:
+                    delay = self._backoff
+                    last = item.deployment.revision
+                    yield item
+                    if item.event.final or (item.deployment.HasField("deleted_at") and not item.HasField("event")):
+                        return
+                return
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in _RETRIED:
+                    raise
+                log.info("watch of %s broke (%s); resuming after revision %d", deployment_id, error.details(), last)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                stream.cancel()
+
+
+def _copy(message: T) -> T:
+    copied = type(message)()  # type: ignore[call-arg]
+    copied.CopyFrom(message)  # type: ignore[attr-defined]
+    return copied
