@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import field_mask_pb2
+from google.protobuf.message import Message
 
 from apphosting.v1 import deployments_pb2 as pb
 from apphosting.v1 import deployments_pb2_grpc
@@ -188,7 +189,10 @@ class AsyncClient:
                 stream.cancel()
 
 
-def _copy(message: T) -> T:
-    copied = type(message)()  # type: ignore[call-arg]
-    copied.CopyFrom(message)  # type: ignore[attr-defined]
+M = TypeVar("M", bound=Message)
+
+
+def _copy(message: M) -> M:
+    copied = type(message)()
+    copied.CopyFrom(message)
     return copied
