@@ -1,6 +1,16 @@
 """A typed Python client of the App Hosting DeploymentService, built on the generated gRPC stubs."""
 
-from apphosting_client.client import AsyncClient
-from apphosting_client.config import ClientConfig
+from apphosting_client.client import AsyncClient, error_reason
+from apphosting_client.config import DEFAULT_ADDRESS, DEFAULT_CONFIG_FILE, ClientConfig, ConfigError
+from apphosting_client.sync import Client, Stream
 
-__all__ = ["AsyncClient", "ClientConfig"]
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "DEFAULT_CONFIG_FILE",
+    "AsyncClient",
+    "Client",
+    "ClientConfig",
+    "ConfigError",
+    "Stream",
+    "error_reason",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -11,6 +12,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 
 from apphosting.v1 import deployments_pb2 as pb
 from apphosting.v1 import deployments_pb2_grpc
@@ -21,15 +23,69 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Transient answers a call is sent again for: the server or its backend is briefly away.
 _RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE})
+_DETAILS_KEY = "grpc-status-details-bin"
+# The longest pause between two attempts, however many failed before.
+_BACKOFF_CAP = 5.0
+
+
+def error_reason(error: grpc.aio.AioRpcError | grpc.RpcError) -> str:
+    """The ErrorInfo reason of a failed call (e.g. SHUTTING_DOWN, REVISION_TOO_OLD), or "" when none."""
+    trailing = error.trailing_metadata() if isinstance(error, grpc.aio.AioRpcError) else None
+    status = status_pb2.Status()
+    for key, value in trailing or ():
+        if key == _DETAILS_KEY:
+            status.ParseFromString(value if isinstance(value, bytes) else value.encode())
+    info = error_details_pb2.ErrorInfo()
+    for detail in status.details:
+        if detail.Is(info.DESCRIPTOR):
+            detail.Unpack(info)
+            return str(info.reason)
+    return ""
+
+
+class _Backoff:
+    """Capped exponential pauses with full jitter, within a total time: spreads the retries of many
+    clients after one outage instead of sending them all at once."""
+
+    def __init__(self, base: float, total: float) -> None:
+        self._base = base
+        self._total = total
+        self.reset()
+
+    def reset(self) -> None:
+        self._delay = self._base
+        self._deadline = asyncio.get_running_loop().time() + self._total
+
+    async def pause(self) -> bool:
+        """Waits before the next attempt; False (without waiting) when no time is left for one."""
+        remaining = self._deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return False
+        await asyncio.sleep(min(random.uniform(0, self._delay), remaining))
+        self._delay = min(self._delay * 2, _BACKOFF_CAP)
+        return True
 
 
 class AsyncClient:
-    """A connection to one API address; use as `async with AsyncClient(config) as client:`."""
+    """A connection to one API address; use as `async with AsyncClient(config) as client:`.
 
-    def __init__(self, config: ClientConfig | None = None, *, attempts: int = 5, backoff: float = 0.2) -> None:
-        self.config = config or ClientConfig.from_env()
+    A call answered UNAVAILABLE is sent again, up to `attempts` times and within `retry_for` seconds,
+    after capped exponential pauses with jitter starting at `backoff`; a watch resumes within
+    `retry_for` seconds of its last answer. Without a config, ClientConfig.load() finds one.
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig | None = None,
+        *,
+        attempts: int = 5,
+        backoff: float = 0.2,
+        retry_for: float = 60.0,
+    ) -> None:
+        self.config = config or ClientConfig.load()
         self._attempts = attempts
         self._backoff = backoff
+        self._retry_for = retry_for
         if self.config.tls:
             root = None
             if self.config.ca_file:
@@ -50,19 +106,21 @@ class AsyncClient:
         await self._channel.close()
 
     def _metadata(self) -> Sequence[tuple[str, str]]:
-        return (("authorization", f"Bearer {self.config.token}"),) if self.config.token else ()
+        # Read per call: a token file rotated under a running client is picked up at its next call.
+        token = self.config.current_token()
+        return (("authorization", f"Bearer {token}"),) if token else ()
 
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
-        delay = self._backoff
+        backoff = _Backoff(self._backoff, self._retry_for)
         for attempt in range(1, self._attempts + 1):
             try:
                 return await method(request, metadata=self._metadata(), timeout=self.config.timeout)
             except grpc.aio.AioRpcError as error:
                 if error.code() not in _RETRIED or attempt == self._attempts:
                     raise
-                log.info("%s; retrying in %.1f s", error.details(), delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                log.info("%s (attempt %d of %d); retrying", error.details(), attempt, self._attempts)
+                if not await backoff.pause():
+                    raise
         raise AssertionError("unreachable")
 
     async def create(self, request: pb.CreateAppHostingDeploymentRequest) -> pb.Deployment:
@@ -162,29 +220,44 @@ class AsyncClient:
     async def watch(self, deployment_id: str, *, since_revision: int = 0) -> AsyncIterator[pb.WatchDeploymentResponse]:
         """The deployment's state (when since_revision is 0), then every change until its final one.
 
-        A stream that breaks (the replica stopped, the network dropped) is opened again from the last
-        revision seen, so every change arrives once and in order across server restarts and replicas.
+        A stream that breaks (the replica stopped with SHUTTING_DOWN, the network dropped, the address
+        now reaches another replica) is opened again after the last revision seen, so every change
+        arrives once and in order across server restarts and replicas; it gives up (raising the last
+        UNAVAILABLE) when no replica answers for retry_for seconds. When the server no longer keeps
+        the history after that revision (REVISION_TOO_OLD), the watch starts over from the current
+        state, which then comes as an item without an event.
         """
         last = since_revision
-        delay = self._backoff
+        backoff = _Backoff(self._backoff, self._retry_for)
         while True:
             stream = self.stub.WatchDeployment(
                 pb.WatchDeploymentRequest(id=deployment_id, since_revision=last), metadata=self._metadata()
             )
             try:
                 async for item in stream:
-                    delay = self._backoff
-                    last = item.deployment.revision
+                    backoff.reset()
+                    revision = item.event.revision if item.HasField("event") else item.deployment.revision
+                    if item.HasField("event") and revision <= last:
+                        # Already delivered before the stream broke: a replica replays from where it was asked.
+                        continue
+                    last = revision
                     yield item
                     if item.event.final or (item.deployment.HasField("deleted_at") and not item.HasField("event")):
                         return
-                return
+                # The server ends a watch only after the final change; any other end is a broken stream.
+                log.info("watch of %s ended early; resuming after revision %d", deployment_id, last)
+                if not await backoff.pause():
+                    raise ConnectionError(f"the watch of {deployment_id} keeps ending before its final change")
             except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.OUT_OF_RANGE and error_reason(error) == "REVISION_TOO_OLD":
+                    log.warning("watch of %s: %s; starting over from the current state", deployment_id, error.details())
+                    last = 0
+                    continue
                 if error.code() not in _RETRIED:
                     raise
                 log.info("watch of %s broke (%s); resuming after revision %d", deployment_id, error.details(), last)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                if not await backoff.pause():
+                    raise
             finally:
                 stream.cancel()
 
