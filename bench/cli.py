@@ -18,14 +18,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import ceilings, create, listing, pipeline, placement, watch
+from bench import ceilings, create, listing, pipeline, placement, update, watch
+from bench.databases import DATABASES, database, postgres_unreachable
 from bench.plan import FULL, QUICK, Plan
 from bench.procs import Stack, self_peak_mb
 from bench.report import evaluate, write_report
 
 _ROOT = Path(__file__).resolve().parent.parent
 PRODUCT_PATHS = ("apphosting", "services", "scheduler", "provisioner")
-STAGES = ("create", "pipeline", "watch", "placement", "list")
+STAGES = ("create", "pipeline", "update", "watch", "placement", "list")
 
 
 def _log(message: str) -> None:
@@ -63,7 +64,12 @@ def _machine() -> dict[str, Any]:
 
 
 async def run(
-    plan: Plan, stages: Sequence[str], workdir: Path, profile_dir: Path | None, code_version: str
+    plan: Plan,
+    stages: Sequence[str],
+    workdir: Path,
+    profile_dir: Path | None,
+    code_version: str,
+    databases: Sequence[str] = ("sqlite",),
 ) -> dict[str, Any]:
     results: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -108,6 +114,35 @@ async def run(
             "by_provisioners": by_provisioners,
         }
 
+    if "update" in stages:
+        by_database: dict[str, Any] = {}
+        notes: list[str] = []
+        for kind in databases:
+            if kind == "postgresql":
+                reason = await postgres_unreachable()
+                if reason is not None:
+                    notes.append(f"not measured on postgresql: {reason}")
+                    _log(notes[-1])
+                    continue
+            label = f"update-{kind}"
+            async with database(kind) as url:
+                stack = Stack(workdir / label, profile_dir, label, database_url=url)
+                try:
+                    by_database[kind] = await update.run_one(stack, plan, kind, _log)
+                finally:
+                    memory[label] = stack.stop()
+        if by_database:
+            headline = by_database.get("sqlite") or next(iter(by_database.values()))
+            results["update"] = {
+                "per_second": headline["per_second"],
+                "update_to_healthy_p50_ms": headline["update_to_healthy"]["p50_ms"],
+                "update_to_healthy_p99_ms": headline["update_to_healthy"]["p99_ms"],
+                "goal_per_second": update.GOAL_PER_SECOND,
+                "database": headline["database"],
+                "by_database": by_database,
+                "notes": notes,
+            }
+
     if "watch" in stages:
         stack = Stack(workdir / "watch", profile_dir, "watch")
         try:
@@ -146,6 +181,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only", default=",".join(STAGES), help=f"comma-separated stages to run (default all: {','.join(STAGES)})"
     )
     parser.add_argument(
+        "--databases",
+        default=",".join(DATABASES),
+        help="comma-separated databases the update stage runs on (default: sqlite,postgresql; PostgreSQL at "
+        "$APPHOSTING_BENCH_POSTGRES or postgresql://postgres@127.0.0.1:5432/postgres, skipped with a note when "
+        "it does not answer)",
+    )
+    parser.add_argument(
         "--profile", type=Path, help="attach py-spy to every process under test and write collapsed stacks here"
     )
     parser.add_argument(
@@ -164,14 +206,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"unknown stages: {', '.join(unknown)}")
+    databases = [kind.strip() for kind in args.databases.split(",") if kind.strip()]
+    unknown = sorted(set(databases) - set(DATABASES))
+    if unknown:
+        parser.error(f"unknown databases: {', '.join(unknown)}")
     plan = QUICK if args.quick else FULL
     code_version = args.code_version or _code_version()
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        results = asyncio.run(run(plan, stages, args.workdir.resolve(), args.profile, code_version))
+        results = asyncio.run(run(plan, stages, args.workdir.resolve(), args.profile, code_version, databases))
     else:
         with tempfile.TemporaryDirectory(prefix="apphosting-bench-") as tmp:
-            results = asyncio.run(run(plan, stages, Path(tmp), args.profile, code_version))
+            results = asyncio.run(run(plan, stages, Path(tmp), args.profile, code_version, databases))
     text = json.dumps(results, indent=2)
     if args.output is not None:
         args.output.write_text(text + "\n")

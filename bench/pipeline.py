@@ -57,7 +57,13 @@ async def _ready(js: JetStreamContext, stream: str, durable: str, pulls: int, de
     raise TimeoutError(f"consumer {stream}/{durable} not ready with {pulls} waiting pulls")
 
 
-async def run_one(stack: Stack, plan: Plan, provisioners: int, log: Any) -> dict[str, Any]:
+async def start_processes(stack: Stack, provisioners: int, *, shared_state: bool = False) -> int:
+    """Starts the API, the scheduler and `provisioners` simulated provisioners at zero delay; returns the API's port.
+
+    With shared_state the provisioners keep their simulated clusters in one SQLite file, so a later job (an
+    update) finds what another provisioner created; creates alone need none. Returns once every consumer has
+    its workers waiting for work, so the first request is not spent on start-up.
+    """
     locations = write_locations(stack.workdir / "locations.yaml")
     _, port = stack.api(locations)
     common = ["--nats-url", stack.nats.url, "--locations", str(locations), "--log-level", "WARNING"]
@@ -66,19 +72,29 @@ async def run_one(stack: Stack, plan: Plan, provisioners: int, log: Any) -> dict
         python("apphosting_cli", "scheduler", "--database-url", stack.database_url, *common),
         profile=True,
     )
+    state = ["--simulate-state", str(stack.workdir / "simulated.db")] if shared_state else []
     for index in range(provisioners):
         stack.start(
             f"provisioner-{index}",
-            python("apphosting_cli", "provisioner", "--simulate-delay", "0", *common),
+            python("apphosting_cli", "provisioner", "--simulate-delay", "0", *state, *common),
             profile=True,
         )
+    nc = await nats.connect(stack.nats.url, name="bench-ready")
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + 60
+        await _ready(js, bus.REQUESTS_STREAM, bus.SCHEDULER_CONSUMER, 1, deadline)
+        for location_id in LOCATION_IDS:
+            await _ready(js, bus.JOBS_STREAM, bus.provisioner_consumer(location_id), provisioners, deadline)
+        await _ready(js, bus.EVENTS_STREAM, bus.API_EVENTS_CONSUMER, 1, deadline)
+    finally:
+        await nc.close()
+    return port
+
+
+async def run_one(stack: Stack, plan: Plan, provisioners: int, log: Any) -> dict[str, Any]:
+    port = await start_processes(stack, provisioners)
     nc = await nats.connect(stack.nats.url, name="bench-pipeline")
-    js = nc.jetstream()
-    deadline = time.monotonic() + 60
-    await _ready(js, bus.REQUESTS_STREAM, bus.SCHEDULER_CONSUMER, 1, deadline)
-    for location_id in LOCATION_IDS:
-        await _ready(js, bus.JOBS_STREAM, bus.provisioner_consumer(location_id), provisioners, deadline)
-    await _ready(js, bus.EVENTS_STREAM, bus.API_EVENTS_CONSUMER, 1, deadline)
 
     created: dict[str, float] = {}
     running: dict[str, float] = {}

@@ -19,6 +19,11 @@ class Plan:
     pipeline_deployments: int
     pipeline_concurrency: int
     pipeline_seconds: float
+    # Image updates: deployments created and waited for, then each updated once at update_concurrency.
+    update_provisioners: int
+    update_deployments: int
+    update_concurrency: int
+    update_seconds: float
     # Watches: levels of open streams, `watch_per_deployment` streams per deployment.
     watch_levels: tuple[int, ...]
     watch_per_deployment: int
@@ -46,6 +51,10 @@ FULL = Plan(
     pipeline_deployments=1000,
     pipeline_concurrency=32,
     pipeline_seconds=60.0,
+    update_provisioners=4,
+    update_deployments=1000,
+    update_concurrency=32,
+    update_seconds=120.0,
     watch_levels=(100, 1000, 10_000),
     watch_per_deployment=10,
     watch_events=300,
@@ -70,6 +79,10 @@ QUICK = Plan(
     pipeline_deployments=12,
     pipeline_concurrency=8,
     pipeline_seconds=20.0,
+    update_provisioners=4,
+    update_deployments=12,
+    update_concurrency=8,
+    update_seconds=30.0,
     watch_levels=(20, 100),
     watch_per_deployment=10,
     watch_events=20,

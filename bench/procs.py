@@ -129,7 +129,9 @@ def python(module: str, *args: str) -> list[str]:
 class Stack:
     """A nats-server and the processes of one scenario, in one temp folder; stop() ends them all."""
 
-    def __init__(self, workdir: Path, profile_dir: Path | None = None, label: str = "") -> None:
+    def __init__(
+        self, workdir: Path, profile_dir: Path | None = None, label: str = "", database_url: str | None = None
+    ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.profile_dir = profile_dir
@@ -137,7 +139,8 @@ class Stack:
         self.nats = NatsServer(workdir / "nats")
         self.nats.start()
         self.procs: list[Proc] = []
-        self.database_url = f"sqlite+aiosqlite:///{workdir / 'apphosting.db'}"
+        # SQLite in the scenario's folder unless a database (a fresh PostgreSQL one) is given.
+        self.database_url = database_url or f"sqlite+aiosqlite:///{workdir / 'apphosting.db'}"
 
     def start(self, name: str, argv: list[str], *, profile: bool = False) -> Proc:
         proc = Proc(name, argv, self.workdir)

@@ -1,4 +1,4 @@
-"""The targets of issue 7 judged against a run, and the Markdown report with its chart."""
+"""The targets of issues 7 and 12 judged against a run, and the Markdown report with its chart."""
 
 from __future__ import annotations
 
@@ -120,6 +120,29 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             else "—",
             None if per_second is None else per_second >= 200,
             f"{per_second}/s is {200 / per_second:.1f}x below the goal" if per_second else "nothing reached running",
+        )
+    )
+
+    by_database = _get(results, "update", "by_database") or {}
+    goal = _get(results, "update", "goal_per_second") or 200.0
+    measured_update = [
+        f"{kind}: {entry['per_second']}/s = {entry['ratio_to_goal']}x the goal "
+        f"(p50 {entry['update_to_healthy']['p50_ms']} ms, p99 {entry['update_to_healthy']['p99_ms']} ms)"
+        for kind, entry in by_database.items()
+    ]
+    below = [
+        f"{kind} {entry['per_second']}/s is "
+        + (f"{goal / entry['per_second']:.1f}x below the goal" if entry["per_second"] else "nothing got healthy")
+        for kind, entry in by_database.items()
+        if entry["per_second"] < goal
+    ]
+    targets.append(
+        _target(
+            "update",
+            f"≥ {goal:.0f} image updates/s reaching healthy on each database (simulated driver, zero delay)",
+            "; ".join(measured_update) or "—",
+            None if not by_database else not below,
+            "; ".join(below),
         )
     )
 
@@ -354,6 +377,58 @@ def write_report(results: dict[str, Any], path: Path) -> None:
                     entry["create_to_running"]["p99_ms"],
                 )
             )
+        lines.append("")
+
+    by_database = _get(results, "update", "by_database") or {}
+    if by_database:
+        plan = results["plan"]
+        lines += [
+            "## Image updates",
+            "",
+            f"The pipeline's processes ({plan['update_provisioners']} simulated provisioners at zero delay, sharing "
+            "their simulated clusters through `--simulate-state`), on each database. "
+            f"{plan['update_deployments']} deployments are created and waited for until `running` and healthy; "
+            "then each gets one `UpdateDeployment` (mask `docker_image`, a new tag each) from "
+            f"{plan['update_concurrency']} closed-loop clients. An update counts when one `WatchDeployments` "
+            "stream shows the deployment with `healthy_release` at the release the update made and `reconciling` "
+            "false. Rate = updates healthy ÷ time from the first Update call to the last healthy; latency is from "
+            "the Update call to that change on the stream. The ratio is to the goal of "
+            f"{_get(results, 'update', 'goal_per_second') or 200.0:.0f}/s; `Update/s` is how fast the API "
+            "accepted the calls, the most the rate could reach.",
+            "",
+            _row(
+                "database",
+                "deployments",
+                "updated",
+                "healthy",
+                "rolled back",
+                "per second",
+                "ratio to goal",
+                "update→healthy p50 ms",
+                "p99 ms",
+                "Update/s",
+                "Update call p99 ms",
+            ),
+            _row(*["---"] * 11),
+        ]
+        for kind, entry in by_database.items():
+            lines.append(
+                _row(
+                    kind,
+                    entry["running"],
+                    entry["updates"],
+                    entry["healthy"],
+                    entry["rolled_back"],
+                    entry["per_second"],
+                    entry["ratio_to_goal"],
+                    entry["update_to_healthy"]["p50_ms"],
+                    entry["update_to_healthy"]["p99_ms"],
+                    entry["update_rps"],
+                    entry["update_call"]["p99_ms"],
+                )
+            )
+        for note in _get(results, "update", "notes") or []:
+            lines += ["", f"Note: {note}."]
         lines.append("")
 
     by_streams = _get(results, "watch", "by_streams") or {}
