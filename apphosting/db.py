@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,7 +11,7 @@ from alembic.config import Config
 from sqlalchemy import Connection, DateTime, Dialect, MetaData, TypeDecorator, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -49,8 +50,9 @@ def normalise_url(url: str) -> str:
 def _sqlite_pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets readers go on while one writer commits; busy_timeout makes writers queue, not fail.
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # The timeout goes first: switching a new database to WAL takes a lock another starter may hold.
     cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
@@ -77,9 +79,54 @@ def _upgrade(connection: Connection, script_location: str, version_table: str) -
     command.upgrade(config, "head")
 
 
+# One advisory lock for every owner's migrations on PostgreSQL: starters migrate one at a time.
+_MIGRATION_LOCK = zlib.crc32(b"apphosting.db.upgrade")
+# How long a starter on SQLite waits for another one's migration before it gives up.
+_SQLITE_MIGRATION_WAIT_MS = 120_000
+
+
+def _sqlite_exclusive(engine: AsyncEngine) -> AsyncEngine:
+    """A one-connection engine on the same SQLite file whose transactions begin EXCLUSIVE and hold the DDL.
+
+    By default pysqlite commits before every DDL statement, so two starters could both see no version
+    table and both create it; here the whole upgrade is one transaction that a second starter waits for.
+    """
+    exclusive = create_async_engine(engine.url, poolclass=NullPool)
+
+    def connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        dbapi_connection.isolation_level = None
+        _sqlite_pragmas(dbapi_connection, record)
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={_SQLITE_MIGRATION_WAIT_MS}")
+        cursor.close()
+
+    def begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN EXCLUSIVE")
+
+    event.listen(exclusive.sync_engine, "connect", connect)
+    event.listen(exclusive.sync_engine, "begin", begin)
+    return exclusive
+
+
 async def upgrade(engine: AsyncEngine, script_location: str, version_table: str) -> None:
-    """Brings the schema of one owning service to its newest migration."""
+    """Brings the schema of one owning service to its newest migration.
+
+    Safe when several processes start at once on the same database: each migrates under a lock and
+    reads the version after it has the lock, so a later starter finds the work done.
+    """
+    backend = engine.dialect.name
+    if backend == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        exclusive = _sqlite_exclusive(engine)
+        try:
+            async with exclusive.begin() as connection:
+                await connection.run_sync(_upgrade, script_location, version_table)
+        finally:
+            await exclusive.dispose()
+        return
     async with engine.begin() as connection:
+        if backend == "postgresql":
+            # Released when this transaction ends, after the migration has committed.
+            await connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
         await connection.run_sync(_upgrade, script_location, version_table)
 
 
