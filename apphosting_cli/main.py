@@ -1,4 +1,5 @@
-"""The `apphosting` command: runs the API, the scheduler, a provisioner, or all of them on one machine."""
+"""The `apphosting` command: runs the API, the scheduler, a provisioner, or all of them on one machine; its
+user commands (deploy, get, list, ...) are in apphosting_cli.user."""
 
 from __future__ import annotations
 
@@ -341,8 +342,19 @@ def _add_provisioner_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+DEFAULT_REST_LISTEN = "127.0.0.1:8080"
+
+_USER_EPILOG = (
+    "user commands (apphosting COMMAND --help): deploy, get, list, watch, events, update, scale, stop, start, "
+    "rollback, promote, adopt, delete, retry, releases, completion. They reach the API at --addr or "
+    "APPHOSTING_ADDR with APPHOSTING_TOKEN or APPHOSTING_TOKEN_FILE. "
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="apphosting", description=__doc__)
+    from apphosting_cli.user import EXIT_CODES
+
+    parser = argparse.ArgumentParser(prog="apphosting", description=__doc__, epilog=_USER_EPILOG + EXIT_CODES)
     commands = parser.add_subparsers(dest="command", required=True)
 
     api = commands.add_parser("api", help="run the gRPC DeploymentService")
@@ -377,8 +389,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often JetStream fsyncs: 'always' (every write, slower) or a duration like 10s "
         "(default: the server's 2m; see docs/design.md, Durability)",
     )
+    dev.add_argument(
+        "--rest-listen",
+        default=DEFAULT_REST_LISTEN,
+        help=f"address of the REST gateway (default {DEFAULT_REST_LISTEN}); 'off' runs none",
+    )
     _add_provisioner_options(dev)
     _add_api_security(dev, dev=True)
+
+    rest = commands.add_parser("rest", help="run the REST gateway of the reference contract over the gRPC API")
+    rest.add_argument(
+        "--listen", default=DEFAULT_REST_LISTEN, help=f"HTTP address to serve on (default {DEFAULT_REST_LISTEN})"
+    )
+    rest.add_argument(
+        "--api",
+        default=os.environ.get("APPHOSTING_ADDR", DEFAULT_LISTEN),
+        help=f"the gRPC API's address (default: APPHOSTING_ADDR, else {DEFAULT_LISTEN})",
+    )
+    rest.add_argument("--api-tls", action="store_true", help="TLS to the gRPC API")
+    rest.add_argument("--api-ca", default=None, help="CA bundle (PEM) that signed the API's certificate")
+    rest.add_argument("--log-level", default="INFO")
 
     migrate = commands.add_parser("migrate", help="bring every service's tables up to date and exit")
     migrate.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
@@ -420,7 +450,28 @@ def _run(
     return 0 if problem is None else _fail(command, problem)
 
 
+def _user_command(argv: Sequence[str]) -> bool:
+    """Whether the user CLI (Typer) takes this command line: a user command, or a shell asking it for
+    completions (Typer's completion calls the program with _APPHOSTING_COMPLETE set)."""
+    from apphosting_cli.user import COMMANDS
+
+    return bool(argv and argv[0] in COMMANDS) or "_APPHOSTING_COMPLETE" in os.environ
+
+
+def _run_user_command(argv: Sequence[str]) -> int:
+    from apphosting_cli.user import app
+
+    try:
+        app(args=list(argv), prog_name="apphosting", standalone_mode=True)
+    except SystemExit as exited:
+        return exited.code if isinstance(exited.code, int) else (0 if exited.code is None else 1)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if _user_command(argv):
+        return _run_user_command(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -478,8 +529,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             simulate_namespaces=tuple(args.simulate_namespace),
             nats_sync_interval=args.nats_sync_interval,
             api=_api_options(args),
+            rest_listen=None if args.rest_listen == "off" else args.rest_listen,
         )
         return _run("dev", lambda stop: serve_dev(dev_options, stop), listen=args.listen)
+    if args.command == "rest":
+        from apphosting_cli.rest import RestOptions
+        from apphosting_cli.rest import serve as serve_rest
+        from apphosting_client import ClientConfig
+
+        rest_options = RestOptions(
+            listen=args.listen, client=ClientConfig(address=args.api, tls=args.api_tls, ca_file=args.api_ca)
+        )
+        return _run("rest", lambda stop: serve_rest(rest_options, stop), listen=args.listen)
     if args.command == "migrate":
         from apphosting import db
         from scheduler import ledger

@@ -1,0 +1,152 @@
+"""How the user CLI shows deployments, releases and events: Rich tables, JSON, YAML and one-line events."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import yaml
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from apphosting.v1 import deployments_pb2 as pb
+
+_STATUS_PREFIX = "DEPLOYMENT_STATUS_"
+_STATUS_STYLE = {
+    "running": "green",
+    "stopped": "yellow",
+    "failed": "red",
+    "error": "red",
+    "deleting": "magenta",
+}
+
+
+def status_name(status: pb.DeploymentStatus.ValueType) -> str:
+    """`running` for DEPLOYMENT_STATUS_RUNNING: the reference's lowercase value."""
+    return pb.DeploymentStatus.Name(status).removeprefix(_STATUS_PREFIX).lower()
+
+
+def app_type_name(app_type: pb.AppType.ValueType) -> str:
+    return pb.AppType.Name(app_type).removeprefix("APP_TYPE_").lower()
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def dump(items: Sequence[Message] | Message, fmt: str) -> str:
+    """One message, or a list of them, as JSON or YAML with the proto field names."""
+    data: Any = to_dict(items) if isinstance(items, Message) else [to_dict(item) for item in items]
+    if fmt == "yaml":
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True).rstrip("\n")
+    return json.dumps(data, indent=2)
+
+
+def styled_status(deployment: pb.Deployment) -> str:
+    name = status_name(deployment.status)
+    if deployment.reconciling:
+        name += " (reconciling)"
+    style = _STATUS_STYLE.get(status_name(deployment.status))
+    return f"[{style}]{name}[/{style}]" if style else name
+
+
+def _time(value: Any) -> str:
+    if not value.seconds and not value.nanos:
+        return ""
+    when: datetime = value.ToDatetime()
+    return when.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def deployments_table(deployments: Sequence[pb.Deployment], *, wide: bool = False) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    columns = ["ID", "NAME", "STATUS", "PHASE", "REGION", "LOCATION", "RELEASE"]
+    if wide:
+        columns += ["IMAGE", "REPLICAS", "CPU", "MEMORY_MB", "ENDPOINT", "CREATED"]
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for d in deployments:
+        row = [d.id, d.name, styled_status(d), d.phase, d.geographic_region, d.location_id, str(d.release)]
+        if wide:
+            row += [
+                d.docker_image or d.helm_chart_name,
+                str(d.replicas) if d.HasField("replicas") else "",
+                f"{d.cpu_request:g}" if d.HasField("cpu_request") else "",
+                str(d.memory_request_mb) if d.HasField("memory_request_mb") else "",
+                d.endpoint_url,
+                _time(d.created_at),
+            ]
+        table.add_row(*row)
+    return table
+
+
+def deployment_table(d: pb.Deployment) -> Table:
+    """One deployment as FIELD  VALUE rows: the fields a person reads first."""
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    rows = [
+        ("id", d.id),
+        ("name", d.name),
+        ("status", styled_status(d)),
+        ("phase", d.phase),
+        ("operation", d.operation),
+        ("region", d.geographic_region),
+        ("location", d.location_id),
+        ("release", f"{d.release} (healthy: {d.healthy_release})"),
+        ("app type", app_type_name(d.app_type)),
+        ("image", d.docker_image),
+        ("chart", " ".join(x for x in (d.helm_chart_name, d.helm_chart_version) if x)),
+        ("replicas", str(d.replicas) if d.HasField("replicas") else ""),
+        ("cpu", f"{d.cpu_request:g}" if d.HasField("cpu_request") else ""),
+        ("memory MB", str(d.memory_request_mb) if d.HasField("memory_request_mb") else ""),
+        ("endpoint", d.endpoint_url),
+        ("error", d.error_message),
+        ("created", _time(d.created_at)),
+        ("updated", _time(d.updated_at)),
+    ]
+    for name, value in rows:
+        if value:
+            table.add_row(name, value)
+    return table
+
+
+def releases_table(releases: Sequence[pb.Release]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("RELEASE", "OPERATION", "HEALTHY", "IMAGE", "REPLICAS", "ACTOR", "REASON", "CREATED"):
+        table.add_column(column, overflow="fold")
+    for r in releases:
+        table.add_row(
+            str(r.number),
+            r.operation + (f" (of {r.rollback_of})" if r.rollback_of else ""),
+            "yes" if r.healthy else "no",
+            r.spec.docker_image or r.spec.helm_chart_name,
+            str(r.spec.replicas) if r.spec.HasField("replicas") else "",
+            r.actor,
+            r.reason,
+            _time(r.create_time),
+        )
+    return table
+
+
+def event_line(item: pb.WatchDeploymentResponse) -> str:
+    """One change as a plain line: revision, time, status, phase and message."""
+    d = item.deployment
+    if not item.HasField("event"):
+        state = status_name(d.status) + (" (reconciling)" if d.reconciling else "")
+        return f"#{d.revision:<4} {'':19} {state:<14} {d.phase:<14} current state"
+    e = item.event
+    message = e.message or ""
+    if e.simulated and "simulated" not in message:
+        message += " (simulated)"
+    return f"#{e.revision:<4} {_time(e.time):19} {status_name(e.status):<14} {e.phase:<14} {message}".rstrip()
+
+
+def print_violations(console: Console, message: str, violations: Sequence[tuple[str, str]]) -> None:
+    console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
+    for name, description in violations:
+        console.print(f"  - [bold]{escape(name)}[/bold]: {escape(description)}", highlight=False)
