@@ -10,6 +10,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from apphosting.nats_server import NatsServer, free_port
+from apphosting_cli.rest import RestGateway, RestOptions
+from apphosting_client import ClientConfig
 from provisioner.worker import Provisioner, ProvisionerOptions
 from scheduler.service import Scheduler, SchedulerOptions
 from services.deployments.app import ApiOptions, ApiServer
@@ -33,6 +35,8 @@ class DevOptions:
     # The API's address, auth, TLS, quotas and limits; dev sets its database, NATS and locations, and
     # without auth, a dev key.
     api: ApiOptions = field(default_factory=ApiOptions)
+    # The REST gateway's address (host:port, port 0: any free one); None: no gateway.
+    rest_listen: str | None = "127.0.0.1:8080"
 
 
 def dev_auth(data: Path) -> tuple[JwtVerifier, str]:
@@ -81,14 +85,24 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
         )
     )
     tasks: list[asyncio.Task[None]] = []
+    rest: RestGateway | None = None
     try:
         port = await api.start()
         tasks = [asyncio.create_task(scheduler.run()), asyncio.create_task(provisioner.run())]
         host = api_options.listen.rsplit(":", 1)[0]
+        if options.rest_listen is not None:
+            # The gateway forwards each caller's token. With TLS on the API, its certificate is trusted as
+            # the root: dev's certificates are typically self-signed.
+            client = ClientConfig(
+                address=f"{host}:{port}", tls=api_options.tls_cert is not None, ca_file=api_options.tls_cert
+            )
+            rest = RestGateway(RestOptions(listen=options.rest_listen, client=client))
+            await rest.start()
         print(
             f"apphosting dev is running (Ctrl-C stops it)\n"
             f"  API        grpc://{host}:{port}  (apphosting.v1.DeploymentService, health, reflection)\n"
-            f"  NATS       {nats.url}  (JetStream files in {data / 'nats'}, monitoring {nats.monitor_url})\n"
+            + (f"  REST       {rest.url}  (OpenAPI at {rest.url}/openapi.json, docs at /docs)\n" if rest else "")
+            + f"  NATS       {nats.url}  (JetStream files in {data / 'nats'}, monitoring {nats.monitor_url})\n"
             f"  database   {data / 'apphosting.db'}\n"
             f"  scheduler  {len(scheduler.locations)} locations in "
             f"{', '.join(sorted({loc.geographic_region for loc in scheduler.locations}))}\n"
@@ -102,7 +116,13 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
                 f"             valid {DEV_TOKEN_TTL.days} days, is in {data / 'dev-token'}:\n\n"
                 f"  export TOKEN={token}\n"
                 f'  grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d @ {host}:{port} '
-                "apphosting.v1.DeploymentService/CreateAppHostingDeployment < examples/create-deployment.json",
+                "apphosting.v1.DeploymentService/CreateAppHostingDeployment < examples/create-deployment.json"
+                + (
+                    f'\n  curl -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" '
+                    f"--data @examples/create-deployment.json {rest.url}/deployments/app-hosting"
+                    if rest
+                    else ""
+                ),
                 flush=True,
             )
         elif api_options.auth is None:
@@ -111,6 +131,8 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
         await asyncio.wait({stopped, *tasks}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
     finally:
+        if rest is not None:
+            await rest.stop()
         await api.stop()
         scheduler.stop()
         provisioner.stop()
