@@ -50,3 +50,29 @@ def test_bad_values_are_refused_naming_the_flag(flags: tuple[str, str], capsys: 
         _options(*flags)
     assert exited.value.code == 2
     assert flags[0] in capsys.readouterr().err
+
+
+def test_rest_takes_its_listen_address_and_the_api_it_fronts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APPHOSTING_ADDR", "10.0.0.5:50051")
+    args = build_parser().parse_args(["rest", "--listen", "127.0.0.1:9090", "--api-tls", "--api-ca", "ca.pem"])
+    assert (args.listen, args.api, args.api_tls, args.api_ca) == ("127.0.0.1:9090", "10.0.0.5:50051", True, "ca.pem")
+    assert build_parser().parse_args(["rest"]).listen == "127.0.0.1:8080"
+
+
+def test_dev_runs_the_rest_gateway_unless_told_off() -> None:
+    assert build_parser().parse_args(["dev"]).rest_listen == "127.0.0.1:8080"
+    assert build_parser().parse_args(["dev", "--rest-listen", "off"]).rest_listen == "off"
+
+
+def test_user_commands_go_to_the_user_cli_and_server_commands_stay_with_argparse(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from apphosting_cli.main import main
+
+    assert main(["deploy", "--help"]) == 0
+    assert "--wait" in capsys.readouterr().out
+    assert main(["completion", "bash"]) == 0
+    assert "_APPHOSTING_COMPLETE" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["api", "--help"])
+    assert "--jwt-secret-file" in capsys.readouterr().out
