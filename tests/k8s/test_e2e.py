@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import yaml
 from google.protobuf import json_format
 
-from apphosting.nats_server import NatsServer
 from apphosting.v1 import deployments_pb2 as pb
-from tests.e2e.conftest import Stack
-from tests.k8s.conftest import BASE_DOMAIN
-from tests.k8s.fake_apiserver import FakeApiServer
-from tests.k8s.fake_argocd import FakeArgoCD
-from tests.k8s.schemas import object_errors
+from tests.k8s.conftest import BASE_DOMAIN, K8sStack
 
 if TYPE_CHECKING:
     from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub as Stub
@@ -26,41 +18,11 @@ SETTLED = {pb.DEPLOYMENT_STATUS_RUNNING, pb.DEPLOYMENT_STATUS_FAILED, pb.DEPLOYM
 
 
 @pytest.fixture
-def fake() -> Iterator[tuple[FakeApiServer, FakeArgoCD]]:
-    server = FakeApiServer(validator=object_errors).start()
-    server.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "argocd"}})
-    argocd = FakeArgoCD(server).start()
-    yield server, argocd
-    argocd.stop()
-    server.stop()
-
-
-@pytest.fixture
-async def pipeline(
-    nats_server: NatsServer, database_url: str, tmp_path: Path, fake: tuple[FakeApiServer, FakeArgoCD]
-) -> AsyncIterator[Stub]:
-    server, _ = fake
-    location = {
-        "id": "eu-k8s-a",
-        "provider": "hetzner",
-        "region": "eu-central-fsn1",
-        "geographic_region": "eu",
-        "capacity": {"cpu": 64, "memory_mb": 262144, "storage_gb": 4000, "vclusters": 100},
-        "kubeconfig": str(server.write_kubeconfig(tmp_path / "kubeconfig")),
-        "base_domain": BASE_DOMAIN,
-        "git_local_dir": str(tmp_path / "gitops"),
-        "poll_seconds": 0.05,
-    }
-    locations = tmp_path / "locations.yaml"
-    locations.write_text(yaml.safe_dump({"locations": [location]}))
-    stack = Stack(nats_server, database_url, str(locations))
-    try:
-        stub = await stack.add_api()
-        stack.add_scheduler()
-        stack.add_provisioner()
-        yield stub
-    finally:
-        await stack.close()
+async def pipeline(k8s_stack: K8sStack) -> Stub:
+    stub = await k8s_stack.stack.add_api()
+    k8s_stack.stack.add_scheduler()
+    k8s_stack.stack.add_provisioner()
+    return stub
 
 
 def request(name: str, **fields: Any) -> pb.CreateAppHostingDeploymentRequest:
@@ -72,7 +34,7 @@ def request(name: str, **fields: Any) -> pb.CreateAppHostingDeploymentRequest:
 async def watch_until(stub: Stub, deployment_id: str, until: set[pb.DeploymentStatus.ValueType]) -> pb.Deployment:
     stream = stub.WatchDeployment(pb.WatchDeploymentRequest(id=deployment_id))
     try:
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(120):
             async for item in stream:
                 if item.event.final or (item.HasField("event") and item.deployment.status in until):
                     return item.deployment
@@ -81,10 +43,8 @@ async def watch_until(stub: Stub, deployment_id: str, until: set[pb.DeploymentSt
     raise AssertionError("the watch ended early")
 
 
-async def test_docker_and_helm_run_and_delete_leaves_nothing(
-    pipeline: Stub, fake: tuple[FakeApiServer, FakeArgoCD]
-) -> None:
-    server, _ = fake
+async def test_docker_and_helm_run_and_delete_leaves_nothing(pipeline: Stub, k8s_stack: K8sStack) -> None:
+    server = k8s_stack.fake
     docker = await pipeline.CreateAppHostingDeployment(
         request(
             "web", app_type="web_app", docker_image="ghcr.io/acme/web:1.0.0", container_port=8080, storage_size_gb=1
@@ -126,10 +86,8 @@ async def test_docker_and_helm_run_and_delete_leaves_nothing(
     assert set(server.clusters) == {""}
 
 
-async def test_a_rejected_object_ends_failed_with_the_api_message(
-    pipeline: Stub, fake: tuple[FakeApiServer, FakeArgoCD]
-) -> None:
-    server, _ = fake
+async def test_a_rejected_object_ends_failed_with_the_api_message(pipeline: Stub, k8s_stack: K8sStack) -> None:
+    server = k8s_stack.fake
     denial = 'admission webhook "quota.example" denied the request: namespace limit reached'
     server.reject("Namespace", "-refused", denial, code=403)
     created = await pipeline.CreateAppHostingDeployment(
