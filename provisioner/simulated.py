@@ -82,13 +82,16 @@ class SimulatedState:
         db.execute("PRAGMA journal_mode=WAL")
         return db
 
-    def claim(self, kind: str, name: str) -> bool:
-        """Creates the object; False when it already exists."""
+    def claim(self, kind: str, name: str, data: dict[str, Any] | None = None) -> bool:
+        """Creates the object, with what it is like when `data` is given (in the same transaction, so a
+        worker killed in between leaves no object without it); False when it already exists."""
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             created = db.execute("INSERT OR IGNORE INTO objects VALUES (?, ?)", (kind, name)).rowcount == 1
             if created:
                 db.execute("INSERT INTO creations VALUES (?, ?)", (kind, name))
+                if data is not None:
+                    db.execute("INSERT OR REPLACE INTO attributes VALUES (?, ?, ?)", (kind, name, json.dumps(data)))
             db.execute("COMMIT")
             return created
 
@@ -218,12 +221,12 @@ class SimulatedDriver:
         # Without a state file, the in-memory maps above are the whole truth.
         self._state = state
 
-    async def _claim(self, kind: str, name: str, present: bool) -> bool:
+    async def _claim(self, kind: str, name: str, present: bool, data: dict[str, Any] | None = None) -> bool:
         """Creates an object unless it exists; True when this call created it."""
         if self._state is None:
             created = not present
         else:
-            created = await asyncio.to_thread(self._state.claim, kind, name)
+            created = await asyncio.to_thread(self._state.claim, kind, name, data)
         if created:
             self.created_counts[f"{kind}/{name}"] += 1
         return created
@@ -300,9 +303,8 @@ class SimulatedDriver:
             # Drawn only for a new app, so a failure is decided once per deployment attempt, not per poll.
             if self.failure_rate > 0 and self._random.random() < self.failure_rate:
                 return StepResult.fail(self._bad_source(want.source), permanent=True)
-            if await self._claim("app", key, key in self.apps):
+            if await self._claim("app", key, key in self.apps, asdict(want)):
                 self.apps[key] = _App(want, self.ready_polls)
-                await self._save("app", key, asdict(want))
                 return StepResult.done(f"{_PREFIX}app {name} ({want.source}) deployed as release {want.release}")
             # Another worker created it meanwhile; it is compared with the job's release below.
             app = await self._app(job)

@@ -38,8 +38,21 @@ OPERATIONS: dict[str, frozenset[str]] = {
 ADOPTED_OPERATIONS = frozenset({"delete", "retry"})
 
 
-def allowed(current: str, new: str) -> bool:
-    return new == current or new in _NEXT[current]
+# Moves that only the operation named may make: a stop job's late progress report (running) must not
+# wake a deployment that its last report stopped, nor a start's late one put it back to sleep.
+_GUARDED: dict[tuple[str, str], str] = {
+    ("stopped", "running"): "start",
+    ("stopped", "provisioning"): "start",
+    ("running", "stopped"): "stop",
+}
+
+
+def allowed(current: str, new: str, operation: str | None = None) -> bool:
+    """Whether a change may move a deployment from `current` to `new` while `operation` is in flight."""
+    if new == current:
+        return True
+    guard = _GUARDED.get((current, new))
+    return new in _NEXT[current] and (guard is None or guard == operation)
 
 
 def early(current: str, new: str) -> bool:

@@ -471,7 +471,7 @@ class DeploymentStore:
         if row is None or row.deleted_at is not None:
             raise RecordMissing(deployment_id)
         change = plan(row)
-        if not allowed(row.status, change.status):
+        if not allowed(row.status, change.status, change.record.get("operation", row.operation)):
             raise TransitionRejected(row.status, change.status)
         return await self._write(session, row, change, outbox, late=False)
 
@@ -561,7 +561,7 @@ class DeploymentStore:
         if seen is not None or row.deleted_at is not None:
             return None
         late = False
-        if not allowed(row.status, change.status):
+        if not allowed(row.status, change.status, row.operation):
             late = change.time is not None and change.time <= row.updated_at
             if not late:
                 raise TransitionRejected(row.status, change.status, early=early(row.status, change.status))
@@ -592,7 +592,7 @@ class DeploymentStore:
         outbox: OutboxFn | None = None
         if healthy and source.operation == "migrate":
             change = EventInput(
-                event_id=f"api:{source.id}:migrated:{row.id}",
+                event_id=f"api:{source.id}:migrated:{source.revision}",
                 status="deleting",
                 phase="delete_requested",
                 message=f"migrated to {row.id} ({row.name}), which runs; the source is deleted",
@@ -603,7 +603,7 @@ class DeploymentStore:
             outbox = self.delete_outbox
         elif healthy:
             change = EventInput(
-                event_id=f"api:{source.id}:promoted:{row.id}",
+                event_id=f"api:{source.id}:promoted:{source.revision}",
                 status="running",
                 phase="promoted",
                 message=f"promoted to {row.id} ({row.name}), which runs",
@@ -614,7 +614,7 @@ class DeploymentStore:
         else:
             why = row.error_message or ("it was deleted" if row.deleted_at is not None else row.status)
             change = EventInput(
-                event_id=f"api:{source.id}:promote-failed:{row.id}",
+                event_id=f"api:{source.id}:promote-failed:{source.revision}",
                 status="running",
                 phase="promote_failed",
                 message=f"the copy {row.id} did not come up ({why}); this deployment keeps running untouched",
@@ -731,6 +731,17 @@ class DeploymentStore:
             return values, None
         why = change.fields.get("error_message") or change.message
         good = row.healthy_release
+        made_by = await session.scalar(
+            select(ReleaseRow.operation).where(ReleaseRow.deployment_id == row.id, ReleaseRow.number == row.release)
+        )
+        if made_by == "rollback-automatic":
+            # Going back did not work either: rolling back again would loop for ever.
+            values.update(
+                status="error",
+                operation=None,
+                error_message=f"the automatic rollback to release {good} (release {row.release}) failed too: {why}",
+            )
+            return values, None
         spec = (
             await session.scalar(
                 select(ReleaseRow.spec).where(ReleaseRow.deployment_id == row.id, ReleaseRow.number == good)
