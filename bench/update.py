@@ -144,7 +144,8 @@ async def run_one(stack: Stack, plan: Plan, database: str, log: Any) -> dict[str
         await _until(
             progress,
             lambda: all(i in progress.ready or i in progress.failed for i in ids),
-            time.perf_counter() + plan.update_seconds,
+            # Creates still converging would share the API with the updates and slow them.
+            time.perf_counter() + 2 * plan.update_seconds,
         )
         running = [deployment_id for deployment_id in ids if deployment_id in progress.ready]
         log(f"update on {database}: {len(running)}/{len(ids)} deployments running and healthy; updating them")
