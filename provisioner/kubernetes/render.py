@@ -507,8 +507,9 @@ def helm_values(d: deployments_pb2.Deployment, names: Names, location: LocationC
 
 
 def image_updater_annotations(d: deployments_pb2.Deployment, helm: bool) -> dict[str, str]:
-    """Argo CD Image Updater annotations for the app's image; none when no update policy was asked for."""
-    if not d.HasField("docker_image") or not d.HasField("image_update_strategy"):
+    """Argo CD Image Updater annotations for the app's image; none when no update policy was asked for,
+    or while a rollback paused image updates (automation must not undo it)."""
+    if not d.HasField("docker_image") or not d.HasField("image_update_strategy") or d.image_updates_paused:
         return {}
     repo, _ = split_image(d.docker_image)
     strategy = d.image_update_strategy

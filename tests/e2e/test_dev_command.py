@@ -34,6 +34,9 @@ def _start_dev(tmp_path: Path, port: int, *extra: str) -> subprocess.Popen[str]:
             f"127.0.0.1:{port}",
             "--data-dir",
             str(tmp_path / "data"),
+            # Any free port: a fixed one would collide with a second run or another program.
+            "--rest-listen",
+            "127.0.0.1:0",
             *extra,
         ],
         stdout=subprocess.PIPE,

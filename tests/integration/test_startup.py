@@ -101,7 +101,7 @@ def test_no_authentication_beyond_loopback_with_the_second_flag_serves_and_warns
     where = (
         ["--database-url", f"sqlite:///{tmp_path / 'api.db'}", "--nats-url", nats_server.url]
         if command == "api"
-        else ["--data-dir", str(tmp_path / "data"), "--simulate-delay", "0.01"]
+        else ["--data-dir", str(tmp_path / "data"), "--simulate-delay", "0.01", "--rest-listen", "127.0.0.1:0"]
     )
     process = subprocess.Popen(
         [

@@ -85,6 +85,12 @@ def test_image_updater_follows_its_strategies() -> None:
     assert render.image_updater_annotations(job().deployment, helm=False) == {}
 
 
+def test_a_rollback_pauses_the_image_updater() -> None:
+    paused = job(image_update_strategy="newest-build", image_allow_tags="any").deployment
+    paused.image_updates_paused = True
+    assert render.image_updater_annotations(paused, helm=False) == {}
+
+
 def test_registry_ports_are_not_tags() -> None:
     assert render.split_image("registry.example.com:5000/team/app") == ("registry.example.com:5000/team/app", None)
     assert render.split_image("registry.example.com:5000/team/app:v2") == ("registry.example.com:5000/team/app", "v2")
