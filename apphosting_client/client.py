@@ -72,6 +72,8 @@ class AsyncClient:
     A call answered UNAVAILABLE is sent again, up to `attempts` times and within `retry_for` seconds,
     after capped exponential pauses with jitter starting at `backoff`; a watch resumes within
     `retry_for` seconds of its last answer. Without a config, ClientConfig.load() finds one.
+    `credentials`, when given, makes each call's metadata instead of the configured token (a gateway
+    passes on the token of the request it serves).
     """
 
     def __init__(
@@ -81,8 +83,10 @@ class AsyncClient:
         attempts: int = 5,
         backoff: float = 0.2,
         retry_for: float = 60.0,
+        credentials: Callable[[], Sequence[tuple[str, str]]] | None = None,
     ) -> None:
         self.config = config or ClientConfig.load()
+        self._credentials = credentials
         self._attempts = attempts
         self._backoff = backoff
         self._retry_for = retry_for
@@ -106,6 +110,8 @@ class AsyncClient:
         await self._channel.close()
 
     def _metadata(self) -> Sequence[tuple[str, str]]:
+        if self._credentials is not None:
+            return self._credentials()
         # Read per call: a token file rotated under a running client is picked up at its next call.
         token = self.config.current_token()
         return (("authorization", f"Bearer {token}"),) if token else ()
@@ -181,22 +187,32 @@ class AsyncClient:
         )
         return await self._call(self.stub.UpdateDeployment, request)
 
-    async def scale(self, deployment_id: str, replicas: int, *, etag: str = "", reason: str = "") -> pb.Deployment:
-        request = pb.ScaleDeploymentRequest(id=deployment_id, replicas=replicas, etag=etag, reason=reason)
+    async def scale(
+        self, deployment_id: str, replicas: int, *, etag: str = "", reason: str = "", validate_only: bool = False
+    ) -> pb.Deployment:
+        request = pb.ScaleDeploymentRequest(
+            id=deployment_id, replicas=replicas, etag=etag, reason=reason, validate_only=validate_only
+        )
         return await self._call(self.stub.ScaleDeployment, request)
 
-    async def stop(self, deployment_id: str, *, etag: str = "", reason: str = "") -> pb.Deployment:
-        request = pb.StopDeploymentRequest(id=deployment_id, etag=etag, reason=reason)
+    async def stop(
+        self, deployment_id: str, *, etag: str = "", reason: str = "", validate_only: bool = False
+    ) -> pb.Deployment:
+        request = pb.StopDeploymentRequest(id=deployment_id, etag=etag, reason=reason, validate_only=validate_only)
         return await self._call(self.stub.StopDeployment, request)
 
-    async def start(self, deployment_id: str, *, etag: str = "", reason: str = "") -> pb.Deployment:
-        request = pb.StartDeploymentRequest(id=deployment_id, etag=etag, reason=reason)
+    async def start(
+        self, deployment_id: str, *, etag: str = "", reason: str = "", validate_only: bool = False
+    ) -> pb.Deployment:
+        request = pb.StartDeploymentRequest(id=deployment_id, etag=etag, reason=reason, validate_only=validate_only)
         return await self._call(self.stub.StartDeployment, request)
 
     async def rollback(
-        self, deployment_id: str, release: int = 0, *, etag: str = "", reason: str = ""
+        self, deployment_id: str, release: int = 0, *, etag: str = "", reason: str = "", validate_only: bool = False
     ) -> pb.Deployment:
-        request = pb.RollbackDeploymentRequest(id=deployment_id, release=release, etag=etag, reason=reason)
+        request = pb.RollbackDeploymentRequest(
+            id=deployment_id, release=release, etag=etag, reason=reason, validate_only=validate_only
+        )
         return await self._call(self.stub.RollbackDeployment, request)
 
     async def promote(self, request: pb.PromoteDeploymentRequest) -> pb.PromoteDeploymentResponse:

@@ -64,16 +64,10 @@ _DETAILS_KEY = "grpc-status-details-bin"
 _SEGMENT = re.compile(r"\[(\d+)\]|([^.\[\]]+)")
 
 
-class _GatewayClient(AsyncClient):
-    """The shared client, calling with the token of the request being served instead of its own."""
-
-    def _metadata(self) -> Sequence[tuple[str, str]]:
-        caller = _CALLER.get()
-        return (("authorization", caller),) if caller else ()
-
-    async def stub_call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
-        """A call the client has no method with every field for (validate_only of scale, stop, start, rollback)."""
-        return await self._call(method, request)
+def _caller_credentials() -> Sequence[tuple[str, str]]:
+    """The Authorization of the request being served, passed on to the API, which verifies it."""
+    caller = _CALLER.get()
+    return (("authorization", caller),) if caller else ()
 
 
 class _Refused(Exception):
@@ -203,17 +197,17 @@ Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 
 def create_app(config: ClientConfig) -> FastAPI:
     """The gateway for the API at `config.address`; one client (one channel) for the app's lifetime."""
-    state: dict[str, _GatewayClient] = {}
+    state: dict[str, AsyncClient] = {}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state["client"] = _GatewayClient(config)
+        state["client"] = AsyncClient(config, credentials=_caller_credentials)
         try:
             yield
         finally:
             await state.pop("client").close()
 
-    def client() -> _GatewayClient:
+    def client() -> AsyncClient:
         return state["client"]
 
     app = FastAPI(
@@ -353,7 +347,14 @@ def create_app(config: ClientConfig) -> FastAPI:
             convert.fill(request, {"replicas": body.replicas}, ["body"])
         except convert.Unsendable as error:
             raise _RequestUnsendable(error) from None
-        return _answer(response, await _rpc(client().stub_call(client().stub.ScaleDeployment, request)))
+        return _answer(
+            response,
+            await _rpc(
+                client().scale(
+                    deployment_id, request.replicas, etag=request.etag, reason=reason, validate_only=validate_only
+                )
+            ),
+        )
 
     @app.post("/deployments/{deployment_id}/stop", response_model=models.DeploymentResponse, summary="Stop")
     async def stop_deployment(
@@ -364,10 +365,8 @@ def create_app(config: ClientConfig) -> FastAPI:
         reason: Reason = "",
     ) -> models.DeploymentResponse:
         """Scales the app to zero and puts its vCluster to sleep; volumes and config are kept."""
-        request = pb.StopDeploymentRequest(
-            id=deployment_id, etag=_etag(if_match), validate_only=validate_only, reason=reason
-        )
-        return _answer(response, await _rpc(client().stub_call(client().stub.StopDeployment, request)))
+        stopped = client().stop(deployment_id, etag=_etag(if_match), reason=reason, validate_only=validate_only)
+        return _answer(response, await _rpc(stopped))
 
     @app.post("/deployments/{deployment_id}/start", response_model=models.DeploymentResponse, summary="Start")
     async def start_deployment(
@@ -378,10 +377,8 @@ def create_app(config: ClientConfig) -> FastAPI:
         reason: Reason = "",
     ) -> models.DeploymentResponse:
         """Wakes a stopped deployment and scales its app back up."""
-        request = pb.StartDeploymentRequest(
-            id=deployment_id, etag=_etag(if_match), validate_only=validate_only, reason=reason
-        )
-        return _answer(response, await _rpc(client().stub_call(client().stub.StartDeployment, request)))
+        started = client().start(deployment_id, etag=_etag(if_match), reason=reason, validate_only=validate_only)
+        return _answer(response, await _rpc(started))
 
     @app.post("/deployments/{deployment_id}/rollback", response_model=models.DeploymentResponse, summary="Rollback")
     async def rollback_deployment(
@@ -400,7 +397,14 @@ def create_app(config: ClientConfig) -> FastAPI:
             convert.fill(request, {"release": body.release if body else 0}, ["body"])
         except convert.Unsendable as error:
             raise _RequestUnsendable(error) from None
-        return _answer(response, await _rpc(client().stub_call(client().stub.RollbackDeployment, request)))
+        return _answer(
+            response,
+            await _rpc(
+                client().rollback(
+                    deployment_id, request.release, etag=request.etag, reason=reason, validate_only=validate_only
+                )
+            ),
+        )
 
     @app.post("/deployments/{deployment_id}/retry", response_model=models.DeploymentResponse, summary="Retry")
     async def retry_deployment(
