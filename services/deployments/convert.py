@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -102,15 +102,23 @@ def request_to_data(request: pb.CreateAppHostingDeploymentRequest) -> dict[str, 
         "geographic_region": request.geographic_region,
         "deployment_name": request.deployment_name,
     }
-    for name in _OPTIONAL_REQUEST_FIELDS:
-        if has(request, name):
-            data[name] = getattr(request, name)
-    if request.HasField("config"):
-        data["config"] = struct_to_python(request.config)
-    if request.environment_variables:
-        data["environment_variables"] = list(request.environment_variables)
-    if request.volumes:
-        data["volumes"] = [_volume_to_data(v) for v in request.volumes]
+    data.update(set_fields(request, _OPTIONAL_REQUEST_FIELDS))
+    return data
+
+
+def set_fields(message: Message, scalars: Iterable[str]) -> dict[str, Any]:
+    """The optional `scalars` the message has set, and its config, environment_variables and volumes
+    when it has such fields and they are set, as the contract's JSON holds them."""
+    data: dict[str, Any] = {name: getattr(message, name) for name in scalars if has(message, name)}
+    fields = message.DESCRIPTOR.fields_by_name
+    # Any of the request, update and promote messages: read by name, whichever it is.
+    spec: Any = message
+    if "config" in fields and spec.HasField("config"):
+        data["config"] = struct_to_python(spec.config)
+    if "environment_variables" in fields and spec.environment_variables:
+        data["environment_variables"] = list(spec.environment_variables)
+    if "volumes" in fields and spec.volumes:
+        data["volumes"] = [_volume_to_data(v) for v in spec.volumes]
     return data
 
 

@@ -24,14 +24,12 @@ from services.deployments.auth import LOCAL_USER_ID, Caller, current_caller
 from services.deployments.capacity import Capacity
 from services.deployments.convert import (
     STATUS_NAMES,
-    _volume_to_data,
     clear,
     event_to_proto,
-    has,
     release_to_proto,
     request_to_data,
     row_to_proto,
-    struct_to_python,
+    set_fields,
 )
 from services.deployments.errors import FieldViolation, ServiceError
 from services.deployments.lifecycle import TERMINAL
@@ -326,19 +324,33 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         )
         if request.validate_only:
             return await self._preview_create(new)
+        row, _ = await self._create(new)
+        return row_to_proto(row)
+
+    async def _create(
+        self, new: NewDeployment, also: tuple[str, Callable[[DeploymentRow], Plan], OutboxFn | None] | None = None
+    ) -> tuple[DeploymentRow, Change | None]:
+        """Stores a new deployment (and with `also`, changes another record in the same transaction) and
+        announces what changed; None for the change on a request_id replay."""
         try:
-            row, event = await self._store.create(new, placement_outbox(bus_pb2.OPERATION_CREATE), quotas=self._quotas)
+            row, change = await self._store.create(
+                new, placement_outbox(bus_pb2.OPERATION_CREATE), quotas=self._quotas, also=also
+            )
         except NameTaken as taken:
-            raise errors.name_taken(spec.deployment_name, taken.existing_id) from None
+            raise errors.name_taken(new.name, taken.existing_id) from None
         except RequestIdReused:
             raise errors.invalid_field(
                 "request_id",
                 "request_id was already used for a different request; use a new request_id",
                 "REQUEST_ID_REUSED",
             ) from None
-        if event is not None:
-            self._announce(change_of(event))
-        return row_to_proto(row)
+        except TransitionRejected as rejected:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "OPERATION_NOT_ALLOWED", str(rejected)) from None
+        if change is not None:
+            self._announce(change_of(change))
+            for other in change.also:
+                self._announce(change_of(other))
+        return row, change
 
     @_unary
     async def GetDeployment(
@@ -838,17 +850,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         data["deployment_name"] = request.new_name or (
             overrides.name if overrides.HasField("name") else f"{source.name}-copy"
         )
-        for name in operations.UPDATABLE:
-            if name in ("config", "environment_variables", "volumes"):
-                continue
-            if has(overrides, name):
-                data[name] = getattr(overrides, name)
-        if overrides.HasField("config"):
-            data["config"] = struct_to_python(overrides.config)
-        if overrides.environment_variables:
-            data["environment_variables"] = list(overrides.environment_variables)
-        if overrides.volumes:
-            data["volumes"] = [_volume_to_data(volume) for volume in overrides.volumes]
+        data.update(set_fields(overrides, (n for n in operations.UPDATABLE if n not in _REPEATED_OR_STRUCT)))
         spec = await self._spec(
             data, "overrides.", {"deployment_name": "new_name", "geographic_region": "target_geographic_region"}
         )
@@ -889,29 +891,10 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
 
             return plan
 
-        try:
-            row, event = await self._store.create(
-                new,
-                placement_outbox(bus_pb2.OPERATION_CREATE),
-                quotas=self._quotas,
-                also=(source.id, make_plan, None),
-            )
-        except NameTaken as taken:
-            raise errors.name_taken(new.name, taken.existing_id) from None
-        except RequestIdReused:
-            raise errors.invalid_field(
-                "request_id",
-                "request_id was already used for a different request; use a new request_id",
-                "REQUEST_ID_REUSED",
-            ) from None
-        except TransitionRejected as rejected:
-            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "OPERATION_NOT_ALLOWED", str(rejected)) from None
+        row, event = await self._create(new, also=(source.id, make_plan, None))
         if event is None:
             current = await self._get(user_id, source.id)
             return pb.PromoteDeploymentResponse(source=row_to_proto(current), target=row_to_proto(row))
-        self._announce(change_of(event))
-        for other in event.also:
-            self._announce(change_of(other))
         return pb.PromoteDeploymentResponse(source=event.also[0].deployment, target=event.deployment)
 
     def _promote_target(self, request: pb.PromoteDeploymentRequest, source: DeploymentRow) -> tuple[str | None, str]:
@@ -1020,18 +1003,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         )
         if request.validate_only:
             return await self._preview_create(new)
-        try:
-            row, event = await self._store.create(new, placement_outbox(bus_pb2.OPERATION_CREATE), quotas=self._quotas)
-        except NameTaken as taken:
-            raise errors.name_taken(new.name, taken.existing_id) from None
-        except RequestIdReused:
-            raise errors.invalid_field(
-                "request_id",
-                "request_id was already used for a different request; use a new request_id",
-                "REQUEST_ID_REUSED",
-            ) from None
-        if event is not None:
-            self._announce(change_of(event))
+        row, _ = await self._create(new)
         return row_to_proto(row)
 
     @_unary
@@ -1057,6 +1029,10 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         if len(rows) > size:
             response.next_page_token = paging.encode(rows[size - 1].number, key)
         return response
+
+
+# Spec fields that set_fields reads by their own rules, not as optional scalars.
+_REPEATED_OR_STRUCT = frozenset({"config", "environment_variables", "volumes"})
 
 
 def _resources(spec: dict[str, Any]) -> resources.Demand:
