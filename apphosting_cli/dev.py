@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
+from apphosting import metrics
 from apphosting.nats_server import NatsServer, free_port
 from apphosting_cli.rest import RestGateway, RestOptions
 from apphosting_client import ClientConfig
@@ -37,6 +38,22 @@ class DevOptions:
     api: ApiOptions = field(default_factory=ApiOptions)
     # The REST gateway's address (host:port, port 0: any free one); None: no gateway.
     rest_listen: str | None = "127.0.0.1:8080"
+    # Where the API serves its Prometheus metrics; the scheduler, the provisioner and the REST gateway
+    # take the next ports (each process has its own registry). A port already taken becomes a free one.
+    # None: no metrics servers.
+    metrics_listen: str | None = metrics.DEV_METRICS_LISTEN
+
+
+def metrics_addresses(listen: str | None) -> dict[str, str | None]:
+    """The metrics address of each of dev's processes: consecutive ports, or a free one where taken."""
+    names = ("api", "scheduler", "provisioner", "rest")
+    if listen is None:
+        return dict.fromkeys(names)
+    addresses: dict[str, str | None] = {}
+    for offset, name in enumerate(names):
+        address = metrics.next_listen(listen, offset)
+        addresses[name] = address if metrics.port_free(address) else metrics.any_port(address)
+    return addresses
 
 
 def dev_auth(data: Path) -> tuple[JwtVerifier, str]:
@@ -56,6 +73,17 @@ def dev_auth(data: Path) -> tuple[JwtVerifier, str]:
     return JwtVerifier.from_secret(secret), token
 
 
+def _metrics_lines(api: ApiServer, scheduler: Scheduler, provisioner: Provisioner, rest: RestGateway | None) -> str:
+    servers = [
+        ("api", api.metrics_server),
+        ("scheduler", scheduler.metrics_server),
+        ("provisioner", provisioner.metrics_server),
+        ("rest", rest.metrics_server if rest is not None else None),
+    ]
+    shown = [f"{name} {server.url}" for name, server in servers if server is not None]
+    return "\n  metrics    " + "\n             ".join(shown) if shown else ""
+
+
 async def serve(options: DevOptions, stop: asyncio.Event) -> None:
     """Starts nats-server, the API, the scheduler and a simulated provisioner; stops them all on `stop`."""
     data = Path(options.data_dir)
@@ -63,8 +91,13 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
     nats = NatsServer(data / "nats", sync_interval=options.nats_sync_interval, monitor_port=free_port())
     await asyncio.to_thread(nats.start)
     database_url = f"sqlite+aiosqlite:///{data / 'apphosting.db'}"
+    served = metrics_addresses(options.metrics_listen)
     api_options = replace(
-        options.api, database_url=database_url, nats_url=nats.url, locations_file=options.locations_file
+        options.api,
+        database_url=database_url,
+        nats_url=nats.url,
+        locations_file=options.locations_file,
+        metrics_listen=served["api"],
     )
     token = None
     if api_options.auth is NOT_CONFIGURED:
@@ -72,7 +105,12 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
         api_options = replace(api_options, auth=verifier)
     api = ApiServer(api_options)
     scheduler = Scheduler(
-        SchedulerOptions(nats_url=nats.url, database_url=database_url, locations_file=options.locations_file)
+        SchedulerOptions(
+            nats_url=nats.url,
+            database_url=database_url,
+            locations_file=options.locations_file,
+            metrics_listen=served["scheduler"],
+        )
     )
     provisioner = Provisioner(
         ProvisionerOptions(
@@ -82,12 +120,15 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
             simulate_failure_rate=options.simulate_failure_rate,
             simulate_state=options.simulate_state or str(data / "simulated-clusters.db"),
             simulate_namespaces=options.simulate_namespaces,
+            metrics_listen=served["provisioner"],
         )
     )
     tasks: list[asyncio.Task[None]] = []
     rest: RestGateway | None = None
     try:
         port = await api.start()
+        scheduler.start_metrics()
+        provisioner.start_metrics()
         tasks = [asyncio.create_task(scheduler.run()), asyncio.create_task(provisioner.run())]
         host = api_options.listen.rsplit(":", 1)[0]
         if options.rest_listen is not None:
@@ -96,7 +137,7 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
             client = ClientConfig(
                 address=f"{host}:{port}", tls=api_options.tls_cert is not None, ca_file=api_options.tls_cert
             )
-            rest = RestGateway(RestOptions(listen=options.rest_listen, client=client))
+            rest = RestGateway(RestOptions(listen=options.rest_listen, client=client, metrics_listen=served["rest"]))
             await rest.start()
         print(
             f"apphosting dev is running (Ctrl-C stops it)\n"
@@ -107,7 +148,8 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
             f"  scheduler  {len(scheduler.locations)} locations in "
             f"{', '.join(sorted({loc.geographic_region for loc in scheduler.locations}))}\n"
             f"  provisioner {provisioner.options.worker_id}: simulated driver, "
-            f"{options.simulate_delay} s per step, failure rate {options.simulate_failure_rate}",
+            f"{options.simulate_delay} s per step, failure rate {options.simulate_failure_rate}"
+            + _metrics_lines(api, scheduler, provisioner, rest),
             flush=True,
         )
         if token is not None:

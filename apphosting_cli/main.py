@@ -26,6 +26,20 @@ if TYPE_CHECKING:
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
+def _add_metrics(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument(
+        "--metrics-listen",
+        default=default,
+        metavar="ADDR",
+        help="serve Prometheus metrics at http://ADDR/metrics (host:port; port 0: any free one)"
+        + (
+            f"; default {default}, then the next ports for each process, 'off' serves none"
+            if default
+            else "; default: off"
+        ),
+    )
+
+
 def _add_common(parser: argparse.ArgumentParser, *, database: bool = True) -> None:
     parser.add_argument("--nats-url", default=DEFAULT_NATS_URL, help=f"NATS server (default {DEFAULT_NATS_URL})")
     if database:
@@ -37,6 +51,7 @@ def _add_common(parser: argparse.ArgumentParser, *, database: bool = True) -> No
     parser.add_argument("--locations", default=None, help="locations YAML file (default: the sample locations)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     _add_nats_security(parser)
+    _add_metrics(parser)
 
 
 def _add_nats_security(parser: argparse.ArgumentParser) -> None:
@@ -396,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_provisioner_options(dev)
     _add_api_security(dev, dev=True)
+    from apphosting.metrics import DEV_METRICS_LISTEN
+
+    _add_metrics(dev, DEV_METRICS_LISTEN)
 
     rest = commands.add_parser("rest", help="run the REST gateway of the reference contract over the gRPC API")
     rest.add_argument(
@@ -409,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     rest.add_argument("--api-tls", action="store_true", help="TLS to the gRPC API")
     rest.add_argument("--api-ca", default=None, help="CA bundle (PEM) that signed the API's certificate")
     rest.add_argument("--log-level", default="INFO")
+    _add_metrics(rest)
 
     migrate = commands.add_parser("migrate", help="bring every service's tables up to date and exit")
     migrate.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
@@ -492,14 +511,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "api needs --jwt-secret-file or --jwt-public-key-file, "
                 "or --insecure-no-auth to serve without authentication (local use only)"
             )
-        options = replace(_api_options(args), database_url=args.database_url, nats_url=args.nats_url)
+        options = replace(
+            _api_options(args),
+            database_url=args.database_url,
+            nats_url=args.nats_url,
+            metrics_listen=args.metrics_listen,
+        )
         return _run("api", lambda stop: serve(options, stop), listen=args.listen, database_url=args.database_url)
     if args.command == "scheduler":
         from scheduler.service import SchedulerOptions
         from scheduler.service import serve as serve_scheduler
 
         scheduler_options = SchedulerOptions(
-            nats_url=args.nats_url, database_url=args.database_url, locations_file=args.locations
+            nats_url=args.nats_url,
+            database_url=args.database_url,
+            locations_file=args.locations,
+            metrics_listen=args.metrics_listen,
         )
         return _run("scheduler", lambda stop: serve_scheduler(scheduler_options, stop), database_url=args.database_url)
     if args.command == "provisioner":
@@ -514,6 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             simulate_failure_rate=args.simulate_failure_rate,
             simulate_state=args.simulate_state,
             simulate_namespaces=tuple(args.simulate_namespace),
+            metrics_listen=args.metrics_listen,
         )
         return _run("provisioner", lambda stop: serve_provisioner(provisioner_options, stop))
     if args.command == "dev":
@@ -530,6 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             nats_sync_interval=args.nats_sync_interval,
             api=_api_options(args),
             rest_listen=None if args.rest_listen == "off" else args.rest_listen,
+            metrics_listen=None if args.metrics_listen == "off" else args.metrics_listen,
         )
         return _run("dev", lambda stop: serve_dev(dev_options, stop), listen=args.listen)
     if args.command == "rest":
@@ -538,7 +567,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from apphosting_client import ClientConfig
 
         rest_options = RestOptions(
-            listen=args.listen, client=ClientConfig(address=args.api, tls=args.api_tls, ca_file=args.api_ca)
+            listen=args.listen,
+            client=ClientConfig(address=args.api, tls=args.api_tls, ca_file=args.api_ca),
+            metrics_listen=args.metrics_listen,
         )
         return _run("rest", lambda stop: serve_rest(rest_options, stop), listen=args.listen)
     if args.command == "migrate":

@@ -6,17 +6,33 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from apphosting import bus
+from apphosting import bus, metrics
 from apphosting.locations import LocationConfig, load_locations
 from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner.driver import Driver
 from provisioner.kubernetes import KubernetesDriver
-from provisioner.reconcile import Reconciler, RetryPolicy, event_id
+from provisioner.reconcile import (
+    ADOPT_STEPS,
+    CREATE_STEPS,
+    DELETE_ADOPTED_FORCE_STEPS,
+    DELETE_ADOPTED_STEPS,
+    DELETE_STEPS,
+    DELETED_PHASE,
+    START_STEPS,
+    STOP_STEPS,
+    STOPPED_PHASE,
+    UPDATE_STEPS,
+    Reconciler,
+    RetryPolicy,
+    event_id,
+)
 from provisioner.simulated import SimulatedDriver, SimulatedState
 
 log = logging.getLogger(__name__)
@@ -39,6 +55,82 @@ class ProvisionerOptions:
     # Jobs run at once by this worker, over all its locations.
     concurrency: int = 16
     policy: RetryPolicy = field(default_factory=RetryPolicy)
+    # host:port serving Prometheus metrics at /metrics (port 0: any free one); None: no metrics server.
+    metrics_listen: str | None = None
+
+
+# Every phase a provisioner's event can name: the step label never takes another value.
+_PHASES = frozenset(
+    (
+        *CREATE_STEPS,
+        *UPDATE_STEPS,
+        *STOP_STEPS,
+        *START_STEPS,
+        *ADOPT_STEPS,
+        *DELETE_STEPS,
+        *DELETE_ADOPTED_STEPS,
+        *DELETE_ADOPTED_FORCE_STEPS,
+        DELETED_PHASE,
+        STOPPED_PHASE,
+        "job",
+    )
+)
+_OPERATIONS = frozenset(name.removeprefix("OPERATION_").lower() for name in bus_pb2.Operation.keys())  # noqa: SIM118 (an enum wrapper, not a dict)
+# A failed step's condition reason → the outcome label.
+_FAILURE_OUTCOMES = {"PermanentFailure": "failed", "RetriesExhausted": "error", "Timeout": "timeout"}
+
+
+def _operation(number: bus_pb2.Operation.ValueType) -> str:
+    name = bus_pb2.Operation.Name(number) if number in bus_pb2.Operation.values() else ""
+    return metrics.bounded(name.removeprefix("OPERATION_").lower(), _OPERATIONS)
+
+
+class _StepMetrics:
+    """Reconcile step durations and outcomes by step and driver, measured between the events a job emits."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.duration = Histogram(
+            "apphosting_reconcile_step_duration_seconds",
+            "Time a reconcile step took, from the previous step's event (or the job's start) to its own",
+            ("step", "driver", "outcome"),
+            buckets=metrics.LIFECYCLE_BUCKETS,
+            registry=registry,
+        )
+        self.failures = Counter(
+            "apphosting_reconcile_step_failures_total",
+            "Reconcile steps that ended a job unsuccessfully, by outcome (failed, error, timeout)",
+            ("step", "driver", "outcome"),
+            registry=registry,
+        )
+        self.jobs = Counter(
+            "apphosting_provisioner_jobs_total",
+            "Provisioning jobs run to their end by this worker, by operation and result",
+            ("operation", "driver", "result"),
+            registry=registry,
+        )
+        self.jobs_running = Gauge(
+            "apphosting_provisioner_jobs_running", "Jobs this worker is running now", registry=registry
+        )
+
+    def emitter(
+        self, driver: str, emit: Callable[[bus_pb2.StatusEvent], Awaitable[None]]
+    ) -> Callable[[bus_pb2.StatusEvent], Awaitable[None]]:
+        """`emit`, observing each event's step on the way."""
+        last = time.perf_counter()
+
+        async def observed(event: bus_pb2.StatusEvent) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            step = metrics.bounded(event.phase, _PHASES)
+            reason = event.conditions[-1].reason if event.conditions else ""
+            outcome = _FAILURE_OUTCOMES.get(reason, "failed" if event.error_message else "done")
+            self.duration.labels(step, driver, outcome).observe(now - last)
+            if outcome != "done":
+                self.failures.labels(step, driver, outcome).inc()
+            last = now
+            await emit(event)
+
+        return observed
 
 
 def _served(options: ProvisionerOptions) -> list[LocationConfig]:
@@ -74,6 +166,35 @@ class Provisioner(bus.Worker):
             for location in self.locations
         }
         self._locks = bus.KeyedLocks()
+        self.registry = metrics.registry()
+        self._steps = _StepMetrics(self.registry)
+        self._consumers = metrics.ConsumerGauges(self.registry)
+        self._refresher = metrics.Refresher([self._refresh_consumers])
+        self.metrics_server: metrics.MetricsServer | None = None
+
+    def start_metrics(self) -> metrics.MetricsServer | None:
+        """Serves /metrics when options.metrics_listen says where (once; run() calls it too)."""
+        if self.options.metrics_listen is not None and self.metrics_server is None:
+            self.metrics_server = metrics.MetricsServer(self.registry, self.options.metrics_listen)
+            self.metrics_server.start()
+        return self.metrics_server
+
+    async def run(self) -> None:
+        if self.start_metrics() is not None:
+            self._refresher.start()
+        try:
+            await super().run()
+        finally:
+            await self._refresher.stop()
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
+                self.metrics_server = None
+
+    async def _refresh_consumers(self) -> None:
+        if self._js is not None:
+            await self._consumers.refresh(
+                self._js, [(bus.JOBS_STREAM, bus.provisioner_consumer(location.id)) for location in self.locations]
+            )
 
     def subscriptions(self) -> list[bus.Subscription]:
         return [
@@ -100,17 +221,27 @@ class Provisioner(bus.Worker):
             await msg.nak(delay=5.0)
             return
 
-        # The consumer reports the job in progress while it runs, so no heartbeat is wired in here.
-        reconciler = Reconciler(driver, self._emit, worker_id=self.options.worker_id, policy=self.options.policy)
+        kind = "simulated" if driver.simulated else "kubernetes"
+        operation = _operation(job.operation)
         # One deployment's jobs (its create, then its delete) run one after the other.
         async with self._locks.hold(job.deployment.id):
+            # The consumer reports the job in progress while it runs, so no heartbeat is wired in here.
+            # Timed from here, so a job waiting for its deployment's previous one is not counted in its first step.
+            emit = self._steps.emitter(kind, self._emit)
+            reconciler = Reconciler(driver, emit, worker_id=self.options.worker_id, policy=self.options.policy)
+            self._steps.jobs_running.inc()
             try:
                 await reconciler.run(job)
+                self._steps.jobs.labels(operation, kind, "finished").inc()
             except Exception as exc:
                 if not bus.last_delivery(msg):
+                    self._steps.jobs.labels(operation, kind, "redelivered").inc()
                     raise
+                self._steps.jobs.labels(operation, kind, "gave_up").inc()
                 # JetStream gives up on the job now; the deployment must not stay in progress for ever.
                 await self._emit(_gave_up(job, self.options.worker_id, exc))
+            finally:
+                self._steps.jobs_running.dec()
         await msg.ack()
 
 
@@ -135,4 +266,6 @@ async def serve(options: ProvisionerOptions, stop: asyncio.Event) -> None:
         f"{location.id} ({'kubernetes' if location.kubeconfig else 'simulated'})" for location in provisioner.locations
     )
     print(f"provisioner {options.worker_id}: {served}", flush=True)
+    if (metrics_server := provisioner.start_metrics()) is not None:
+        print(f"provisioner {options.worker_id}: metrics on {metrics_server.url}", flush=True)
     await provisioner.serve(stop)

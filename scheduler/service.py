@@ -9,8 +9,9 @@ import uuid
 from dataclasses import dataclass
 
 from nats.aio.msg import Msg
+from prometheus_client import Counter, Gauge
 
-from apphosting import bus, db
+from apphosting import bus, db, metrics
 from apphosting.locations import LocationConfig, load_locations
 from apphosting.settings import DEFAULT_DATABASE_URL
 from apphosting.v1 import bus_pb2
@@ -38,6 +39,8 @@ class SchedulerOptions:
     nats_url: str = "nats://127.0.0.1:4222"
     database_url: str = DEFAULT_DATABASE_URL
     locations_file: str | None = None
+    # host:port serving Prometheus metrics at /metrics (port 0: any free one); None: no metrics server.
+    metrics_listen: str | None = None
 
 
 class Scheduler(bus.Worker):
@@ -51,6 +54,76 @@ class Scheduler(bus.Worker):
         self.engine = db.make_engine(options.database_url)
         self.ledger = Ledger(self.engine, self.locations)
         self._locks = bus.KeyedLocks()
+        self.registry = metrics.registry()
+        self._consumers = metrics.ConsumerGauges(self.registry)
+        labels = ("location", "resource")
+        self._capacity_used = Gauge(
+            "apphosting_scheduler_capacity_used",
+            "Capacity reserved on a location (cpu in cores, memory_mb, storage_gb, vclusters)",
+            labels,
+            registry=self.registry,
+        )
+        self._capacity_free = Gauge(
+            "apphosting_scheduler_capacity_free",
+            "Capacity still free on a location (cpu in cores, memory_mb, storage_gb, vclusters)",
+            labels,
+            registry=self.registry,
+        )
+        self._capacity_total = Gauge(
+            "apphosting_scheduler_capacity",
+            "Capacity a location has in all (cpu in cores, memory_mb, storage_gb, vclusters)",
+            labels,
+            registry=self.registry,
+        )
+        self._placements = Counter(
+            "apphosting_scheduler_placements_total",
+            "Placement decisions by outcome (placed, refused)",
+            ("outcome",),
+            registry=self.registry,
+        )
+        for outcome in ("placed", "refused"):
+            self._placements.labels(outcome)
+        self._refresher = metrics.Refresher([self._refresh_capacity, self._refresh_consumers])
+        self.metrics_server: metrics.MetricsServer | None = None
+
+    def start_metrics(self) -> metrics.MetricsServer | None:
+        """Serves /metrics when options.metrics_listen says where (once; run() calls it too)."""
+        if self.options.metrics_listen is not None and self.metrics_server is None:
+            self.metrics_server = metrics.MetricsServer(self.registry, self.options.metrics_listen)
+            self.metrics_server.start()
+        return self.metrics_server
+
+    async def run(self) -> None:
+        self.start_metrics()
+        try:
+            await super().run()
+        finally:
+            await self._refresher.stop()
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
+                self.metrics_server = None
+
+    async def _refresh_capacity(self) -> None:
+        used = await self.ledger.used()
+        for location in self.locations:
+            held = used.get(location.id)
+            capacity = location.capacity
+            for resource in ("cpu", "memory_mb", "storage_gb", "vclusters"):
+                total = float(getattr(capacity, resource))
+                taken = float(getattr(held, resource)) if held is not None else 0.0
+                self._capacity_total.labels(location.id, resource).set(total)
+                self._capacity_used.labels(location.id, resource).set(taken)
+                self._capacity_free.labels(location.id, resource).set(max(0.0, total - taken))
+
+    async def _refresh_consumers(self) -> None:
+        if self._js is not None:
+            await self._consumers.refresh(
+                self._js,
+                [
+                    (bus.REQUESTS_STREAM, bus.SCHEDULER_CONSUMER),
+                    (bus.EVENTS_STREAM, bus.SCHEDULER_EVENTS_CONSUMER),
+                ],
+            )
 
     def subscriptions(self) -> list[bus.Subscription]:
         return [
@@ -63,6 +136,9 @@ class Scheduler(bus.Worker):
 
     async def prepare(self) -> None:
         await self.ledger.create_tables()
+        if self.metrics_server is not None:
+            # Once the ledger's tables exist: the capacity gauges read them.
+            self._refresher.start()
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -96,8 +172,10 @@ class Scheduler(bus.Worker):
         explained = await self.ledger.place(deployment.id, deployment.geographic_region, demand, pinned or None)
         placement = explained.placement
         if not isinstance(placement, Placed):
+            self._placements.labels("refused").inc()
             await self._refuse(request, placement.message, explained.explanation)
             return
+        self._placements.labels("placed").inc()
         location = placement.location
         # The event goes first, so the service hears of the placement before any provisioner step.
         await self._emit(
@@ -268,4 +346,6 @@ class Scheduler(bus.Worker):
 async def serve(options: SchedulerOptions, stop: asyncio.Event) -> None:
     scheduler = Scheduler(options)
     print(f"scheduler: {len(scheduler.locations)} locations, NATS {options.nats_url}", flush=True)
+    if (served := scheduler.start_metrics()) is not None:
+        print(f"scheduler: metrics on {served.url}", flush=True)
     await scheduler.serve(stop)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -15,8 +16,10 @@ from fastapi import Body, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.rpc import error_details_pb2, status_pb2
-from starlette.types import ASGIApp, Receive, Scope, Send
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from apphosting import metrics
 from apphosting.v1 import deployments_pb2 as pb
 from apphosting_cli.rest import convert, models
 from apphosting_client import AsyncClient, ClientConfig
@@ -158,6 +161,50 @@ def _answer(response: Response, deployment: pb.Deployment) -> models.DeploymentR
     return convert.deployment(deployment)
 
 
+class _HttpMetrics:
+    """HTTP server metrics by method, route template (never the path: it holds ids) and status code."""
+
+    _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
+        self.app = app
+        self.requests = Counter(
+            "http_server_requests_total",
+            "HTTP requests the REST gateway answered, by method, route template and status code",
+            ("method", "route", "code"),
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "http_server_request_duration_seconds",
+            "Time the REST gateway took to answer a request (to the end of its body; an event stream's whole life)",
+            ("method", "route"),
+            buckets=metrics.REQUEST_BUCKETS,
+            registry=registry,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        code = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal code
+            if message["type"] == "http.response.start":
+                code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            # The router put the matched route in the scope; none matched: one label value for all.
+            route = getattr(scope.get("route"), "path", None) or metrics.OTHER
+            method = metrics.bounded(scope["method"], self._METHODS)
+            self.requests.labels(method, route, str(code)).inc()
+            self.duration.labels(method, route).observe(time.perf_counter() - start)
+
+
 class _ForwardAuthorization:
     """Pure ASGI, so the context variable it sets is the one the route and its stream run in."""
 
@@ -195,8 +242,11 @@ Skip = Annotated[int, Query(ge=0, le=MAX_SKIP)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 
 
-def create_app(config: ClientConfig) -> FastAPI:
-    """The gateway for the API at `config.address`; one client (one channel) for the app's lifetime."""
+def create_app(config: ClientConfig, registry: CollectorRegistry | None = None) -> FastAPI:
+    """The gateway for the API at `config.address`; one client (one channel) for the app's lifetime.
+
+    With a registry, every request is counted and timed in it.
+    """
     state: dict[str, AsyncClient] = {}
 
     @asynccontextmanager
@@ -219,6 +269,9 @@ def create_app(config: ClientConfig) -> FastAPI:
         responses=ERRORS,
     )
     app.add_middleware(_ForwardAuthorization)
+    if registry is not None:
+        # Added last, so it is outermost: it also counts what the authorization check refuses.
+        app.add_middleware(_HttpMetrics, registry=registry)
 
     @app.exception_handler(_Refused)
     async def refused(_: Request, exc: _Refused) -> JSONResponse:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import uvicorn
 
+from apphosting import metrics
 from apphosting_cli.rest.app import create_app
 from apphosting_client import ClientConfig
 
@@ -21,6 +22,8 @@ class RestOptions:
     # The gRPC API it calls; callers' tokens are forwarded, so no token of its own is needed.
     client: ClientConfig = field(default_factory=ClientConfig)
     log_level: str = "warning"
+    # host:port serving Prometheus metrics at /metrics (port 0: any free one); None: no metrics server.
+    metrics_listen: str | None = None
 
 
 class _Server(uvicorn.Server):
@@ -38,8 +41,10 @@ class RestGateway:
         host, _, port = options.listen.rpartition(":")
         self.host = host.strip("[]") or "127.0.0.1"
         self.port = int(port)
+        self.registry = metrics.registry()
+        self.metrics_server: metrics.MetricsServer | None = None
         config = uvicorn.Config(
-            create_app(options.client),
+            create_app(options.client, self.registry),
             host=self.host,
             port=self.port,
             log_level=options.log_level,
@@ -54,8 +59,16 @@ class RestGateway:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    def start_metrics(self) -> metrics.MetricsServer | None:
+        """Serves /metrics when options.metrics_listen says where (once; start() calls it too)."""
+        if self.options.metrics_listen is not None and self.metrics_server is None:
+            self.metrics_server = metrics.MetricsServer(self.registry, self.options.metrics_listen)
+            self.metrics_server.start()
+        return self.metrics_server
+
     async def start(self) -> int:
         """Serves until stop(); returns the port it listens on."""
+        self.start_metrics()
         self._task = asyncio.create_task(self._server.serve())
         while not self._server.started:
             if self._task.done():
@@ -74,6 +87,9 @@ class RestGateway:
         self._server.should_exit = True
         await self._task
         self._task = None
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
 
 
 async def serve(options: RestOptions, stop: asyncio.Event) -> None:
@@ -81,6 +97,8 @@ async def serve(options: RestOptions, stop: asyncio.Event) -> None:
     gateway = RestGateway(options)
     await gateway.start()
     print(f"rest: REST gateway on {gateway.url} (OpenAPI at /openapi.json)", flush=True)
+    if gateway.metrics_server is not None:
+        print(f"rest: metrics on {gateway.metrics_server.url}", flush=True)
     try:
         stopped = asyncio.create_task(stop.wait())
         assert gateway._task is not None

@@ -17,7 +17,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from apphosting import CannotStart, bus, db
+from apphosting import CannotStart, bus, db, metrics
 from apphosting.locations import load_locations
 from apphosting.netguard import Resolver
 from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN, Limits
@@ -33,6 +33,7 @@ from services.deployments.auth import (
 )
 from services.deployments.capacity import Capacity
 from services.deployments.convert import STATUS_NAMES, has, placement_to_json
+from services.deployments.metrics import ApiMetrics, MetricsInterceptor
 from services.deployments.quotas import Quotas
 from services.deployments.resync import Resync
 from services.deployments.servicer import DeploymentServicer, change_of
@@ -100,6 +101,8 @@ class ApiOptions:
     housekeeping_interval: float = 60.0
     # Seconds a new release may take to become healthy before it is rolled back by itself.
     rollout_timeout: float = 600.0
+    # host:port serving Prometheus metrics at /metrics (port 0: any free one); None: no metrics server.
+    metrics_listen: str | None = None
 
 
 class ApplierStopped(Exception):
@@ -145,6 +148,12 @@ class ApiServer:
         self.hub = WatchHub()
         self.health = health.aio.HealthServicer()
         self.port = 0
+        # This replica's own registry: replicas and other processes in one interpreter never share series.
+        self.registry = metrics.registry()
+        self.metrics = ApiMetrics(self.registry, self.engine, lambda: self.hub.open_watches)
+        self._consumers = metrics.ConsumerGauges(self.registry)
+        self._refresher = metrics.Refresher([self.metrics.refresh, self._refresh_consumers])
+        self.metrics_server: metrics.MetricsServer | None = None
         self._server: grpc.aio.Server | None = None
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -177,6 +186,7 @@ class ApiServer:
         await db.upgrade(self.engine, MIGRATIONS, VERSION_TABLE)
         locations = load_locations(self.options.locations_file)
         regions = locations.geographic_regions
+        self.metrics.known_regions(frozenset(regions))
         servicer = DeploymentServicer(
             self.store,
             self.hub,
@@ -190,7 +200,7 @@ class ApiServer:
             rollout_timeout=self.options.rollout_timeout,
         )
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(self.options.auth)],
+            interceptors=[MetricsInterceptor(self.metrics.grpc), AuthInterceptor(self.options.auth)],
             options=[
                 ("grpc.max_receive_message_length", self.options.max_request_bytes),
                 # gRPC's default SO_REUSEPORT would let a second server share a port already served.
@@ -220,6 +230,11 @@ class ApiServer:
             self.port = _bind(lambda: server.add_insecure_port(self.options.listen), self.options.listen)
         await server.start()
         self._server = server
+        if self.options.metrics_listen is not None:
+            self.metrics_server = metrics.MetricsServer(self.registry, self.options.metrics_listen)
+            self.metrics_server.start()
+            # Gauges read from the database and JetStream, only when someone can scrape them.
+            self._refresher.start()
         if self.options.nats_url is not None:
             url = self.options.nats_url
             self.supervisor.start("bus connection", lambda: self._bus(url))
@@ -345,6 +360,10 @@ class ApiServer:
                 log.warning("outbox relay paused: %s", failures[0])
                 await asyncio.sleep(0.5)
 
+    async def _refresh_consumers(self) -> None:
+        if self._js is not None:
+            await self._consumers.refresh(self._js, [(bus.EVENTS_STREAM, bus.API_EVENTS_CONSUMER)])
+
     async def _on_dead_letter(self, msg: Msg) -> None:
         if self._js is not None:
             await self.resync.dead_letter(self._js, msg)
@@ -378,6 +397,10 @@ class ApiServer:
             raise applied
         if applied is not None:
             self._announce_applied(applied)
+            try:
+                await self.metrics.applied(event, applied)
+            except Exception as exc:
+                log.warning("lifecycle metrics of event %s not observed: %s", event.event_id, exc)
         await msg.ack()
 
     async def _applier(self) -> None:
@@ -431,6 +454,8 @@ async def serve(options: ApiOptions, stop: asyncio.Event) -> None:
     host = options.listen.rsplit(":", 1)[0]
     log.info("DeploymentService listening on %s:%d", host, port)
     print(f"api: gRPC DeploymentService on {host}:{port}", flush=True)
+    if server.metrics_server is not None:
+        print(f"api: metrics on {server.metrics_server.url}", flush=True)
     try:
         await stop.wait()
     finally:

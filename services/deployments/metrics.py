@@ -1,0 +1,284 @@
+"""The API's Prometheus metrics: gRPC server calls, deployments by status, lifecycle durations, outbox, watches."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from apphosting import metrics
+from apphosting.v1 import bus_pb2
+from apphosting.v1 import deployments_pb2 as pb
+from services.deployments.convert import STATUS_NAMES
+from services.deployments.store import Change
+from services.deployments.tables import DeploymentRow, EventRow, OutboxRow
+
+_CODES = {code.value[0]: code.name for code in grpc.StatusCode}
+# Methods of the services this server registers: anything else (an unknown method) is one label value.
+_KNOWN_METHODS: frozenset[str] = frozenset(
+    f"/{service.full_name}/{method.name}"
+    for service in (pb.DESCRIPTOR.services_by_name["DeploymentService"],)
+    for method in service.methods
+) | {
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+}
+_QUOTA_REASON = "QUOTA_EXCEEDED"
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# The phase of the scheduler's placement event and of the provisioner's steps the durations end at.
+_PLACED_PHASE = "placement"
+_VCLUSTER_READY_PHASE = "vcluster_ready"
+_RUNNING = STATUS_NAMES[pb.DEPLOYMENT_STATUS_RUNNING]
+_PROVISIONING = STATUS_NAMES[pb.DEPLOYMENT_STATUS_PROVISIONING]
+
+
+def _split(method: str) -> tuple[str, str]:
+    if method not in _KNOWN_METHODS:
+        return metrics.OTHER, metrics.OTHER
+    service, _, name = method.lstrip("/").partition("/")
+    return service, name
+
+
+class GrpcMetrics:
+    """The gRPC ecosystem's server metrics (py-grpc-prometheus, go-grpc-prometheus names and labels)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ("grpc_type", "grpc_service", "grpc_method")
+        self.started = Counter(
+            "grpc_server_started_total", "Total number of RPCs started on the server.", labels, registry=registry
+        )
+        self.handled = Counter(
+            "grpc_server_handled_total",
+            "Total number of RPCs completed on the server, regardless of success or failure.",
+            (*labels, "grpc_code"),
+            registry=registry,
+        )
+        self.handling = Histogram(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+            labels,
+            buckets=metrics.REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.msg_sent = Counter(
+            "grpc_server_msg_sent_total",
+            "Total number of gRPC stream messages sent by the server.",
+            labels,
+            registry=registry,
+        )
+        self.quota_refusals = Counter(
+            "apphosting_quota_refusals_total",
+            "Requests refused because the caller's quota would be exceeded (RESOURCE_EXHAUSTED, QUOTA_EXCEEDED)",
+            ("grpc_method",),
+            registry=registry,
+        )
+
+
+def _reason(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The ErrorInfo reason of the status the call ended with, or ''."""
+    try:
+        trailing = context.trailing_metadata() or ()
+    except Exception:
+        return ""
+    for key, value in trailing:
+        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return str(info.reason)
+    return ""
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every call; first among the interceptors, so it also sees what auth refuses."""
+
+    def __init__(self, grpc_metrics: GrpcMetrics) -> None:
+        self._m = grpc_metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        service, method = _split(handler_call_details.method)
+        m = self._m
+
+        def finish(kind: str, context: grpc.aio.ServicerContext[Any, Any], start: float, failed: bool) -> None:
+            code = context.code()
+            if code is None:
+                name = "UNKNOWN" if failed else "OK"
+            elif isinstance(code, grpc.StatusCode):
+                name = code.name
+            else:
+                name = _CODES.get(int(code), "UNKNOWN")
+            m.handled.labels(kind, service, method, name).inc()
+            m.handling.labels(kind, service, method).observe(time.perf_counter() - start)
+            if name == "RESOURCE_EXHAUSTED" and _reason(context) == _QUOTA_REASON:
+                m.quota_refusals.labels(method).inc()
+
+        if handler.unary_unary is not None:
+            unary: Any = handler.unary_unary
+
+            async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                m.started.labels("unary", service, method).inc()
+                start = time.perf_counter()
+                failed = True
+                try:
+                    response = await unary(request, context)
+                    failed = False
+                    return response
+                finally:
+                    finish("unary", context, start, failed)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_behavior, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            streaming: Any = handler.unary_stream
+
+            async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                m.started.labels("server_stream", service, method).inc()
+                start = time.perf_counter()
+                sent = m.msg_sent.labels("server_stream", service, method)
+                failed = True
+                try:
+                    async for item in streaming(request, context):
+                        sent.inc()
+                        yield item
+                    failed = False
+                finally:
+                    finish("server_stream", context, start, failed)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream_behavior, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+class ApiMetrics:
+    """The API's own series; gauges read from the database are refreshed by `refresh`, not per request."""
+
+    def __init__(self, registry: CollectorRegistry, engine: AsyncEngine, open_watches: Callable[[], int]) -> None:
+        self._engine = engine
+        self.grpc = GrpcMetrics(registry)
+        self.deployments = Gauge(
+            "apphosting_deployments",
+            "Live deployments (not deleted) by status and geographic region",
+            ("status", "geographic_region"),
+            registry=registry,
+        )
+        self.outbox_backlog = Gauge(
+            "apphosting_outbox_backlog", "Outbox rows not yet stored by JetStream", registry=registry
+        )
+        self.outbox_oldest_age = Gauge(
+            "apphosting_outbox_oldest_age_seconds",
+            "Age of the oldest outbox row not yet stored by JetStream (0 when empty)",
+            registry=registry,
+        )
+        watches = Gauge(
+            "apphosting_watch_streams_open", "WatchDeployment(s) streams open on this replica", registry=registry
+        )
+        watches.set_function(lambda: float(open_watches()))
+        self.create_to_placed = Histogram(
+            "apphosting_deployment_create_to_placed_seconds",
+            "From a deployment's creation to the scheduler's placement of it",
+            buckets=metrics.LIFECYCLE_BUCKETS,
+            registry=registry,
+        )
+        self.placed_to_vcluster_ready = Histogram(
+            "apphosting_deployment_placed_to_vcluster_ready_seconds",
+            "From a deployment's placement to its vCluster answering",
+            buckets=metrics.LIFECYCLE_BUCKETS,
+            registry=registry,
+        )
+        self.create_to_running = Histogram(
+            "apphosting_deployment_create_to_running_seconds",
+            "From a deployment's creation to its first release running",
+            buckets=metrics.LIFECYCLE_BUCKETS,
+            registry=registry,
+        )
+        self.delete_to_gone = Histogram(
+            "apphosting_deployment_delete_to_gone_seconds",
+            "From a delete request to the end of the deployment's teardown",
+            buckets=metrics.LIFECYCLE_BUCKETS,
+            registry=registry,
+        )
+        self._regions: frozenset[str] = frozenset()
+
+    def known_regions(self, regions: frozenset[str]) -> None:
+        self._regions = regions
+
+    async def refresh(self) -> None:
+        """One GROUP BY over live deployments and one look at the outbox."""
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(DeploymentRow.status, DeploymentRow.geographic_region, func.count())
+                    .where(DeploymentRow.deleted_at.is_(None))
+                    .group_by(DeploymentRow.status, DeploymentRow.geographic_region)
+                )
+            ).all()
+            backlog, oldest = (await conn.execute(select(func.count(), func.min(OutboxRow.created_at)))).one()
+        counts: dict[tuple[str, str], float] = {}
+        for status, region, number in rows:
+            key = (status, metrics.bounded(region, self._regions))
+            counts[key] = counts.get(key, 0) + number
+        # Every known pair is set, so a status that emptied reads 0 instead of keeping its last count.
+        for status in STATUS_NAMES.values():
+            for region in self._regions:
+                counts.setdefault((status, region), 0.0)
+        for (status, region), count in counts.items():
+            self.deployments.labels(status, region).set(count)
+        self.outbox_backlog.set(backlog)
+        if oldest is not None and oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=UTC)
+        self.outbox_oldest_age.set(max(0.0, (datetime.now(UTC) - oldest).total_seconds()) if oldest else 0.0)
+
+    async def applied(self, event: bus_pb2.StatusEvent, change: Change) -> None:
+        """Observes the lifecycle durations an applied status event ends, from the record's and the log's times."""
+        row = change.row
+        at = change.event.time
+        if event.phase == _PLACED_PHASE and change.event.status == _PROVISIONING and row.release == 1:
+            self.create_to_placed.observe(_seconds(row.created_at, at))
+        elif event.phase == _VCLUSTER_READY_PHASE and row.release == 1:
+            placed = await self._time_of(row.id, EventRow.phase == _PLACED_PHASE)
+            if placed is not None:
+                self.placed_to_vcluster_ready.observe(_seconds(placed, at))
+        if event.release_healthy and change.event.status == _RUNNING and event.release == 1:
+            self.create_to_running.observe(_seconds(row.created_at, at))
+        if event.final:
+            asked = await self._time_of(row.id, EventRow.operation == "delete")
+            if asked is not None:
+                self.delete_to_gone.observe(_seconds(asked, at))
+
+    async def _time_of(self, deployment_id: str, condition: Any) -> datetime | None:
+        """The time of the deployment's latest logged event that meets `condition`."""
+        async with self._engine.connect() as conn:
+            found: datetime | None = (
+                await conn.execute(
+                    select(func.max(EventRow.time)).where(EventRow.deployment_id == deployment_id, condition)
+                )
+            ).scalar()
+        return found
+
+
+def _seconds(start: datetime, end: datetime) -> float:
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=UTC)
+    if end.tzinfo is None:
+        end = end.replace(tzinfo=UTC)
+    # Clocks of different machines: a placement stamped before its record's creation counts as instant.
+    return max(0.0, (end - start).total_seconds())
