@@ -149,3 +149,17 @@ def test_dockerfile_runs_apphosting_as_a_user_without_dev_extras() -> None:
     assert installs
     assert not any("[dev]" in rest or "-e " in rest for rest in installs)
     assert any(re.search(r"pip install (\S+ )*\.(\s|$)", rest) for rest in installs)
+
+
+def test_prometheus_scrapes_every_process_on_its_metrics_port(services: dict[str, dict[str, Any]]) -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = {
+        target for job in config["scrape_configs"] for entry in job["static_configs"] for target in entry["targets"]
+    }
+    for name in ("api", "scheduler", "provisioner", "rest"):
+        (listen,) = _option_values(_command(services[name]), "--metrics-listen")
+        port = listen.rpartition(":")[2]
+        assert f"{name}:{port}" in targets, name
+    mounted = " ".join(services["prometheus"]["volumes"])
+    assert "./deploy/prometheus/alerts.yml" in mounted
+    assert "./deploy/grafana/dashboard.json" in " ".join(services["grafana"]["volumes"])
