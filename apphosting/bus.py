@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
+from apphosting import tracing
 from apphosting.supervise import Supervisor
 
 log = logging.getLogger(__name__)
@@ -201,9 +202,20 @@ async def ensure_consumer(js: JetStreamContext, stream: str, durable: str, filte
         await js.add_consumer(stream, config)
 
 
-async def publish(js: JetStreamContext, subject: str, payload: bytes, msg_id: str) -> None:
-    """Publishes with Nats-Msg-Id, so a repeat (a retry, a resend after a crash) is stored once."""
-    await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=5.0)
+async def publish(
+    js: JetStreamContext, subject: str, payload: bytes, msg_id: str, headers: Mapping[str, str] | None = None
+) -> None:
+    """Publishes with Nats-Msg-Id, so a repeat (a retry, a resend after a crash) is stored once.
+
+    The message carries the trace and log context: `headers` kept with it when it was made (an
+    outbox row's), else the current one (W3C traceparent, deployment and request ids).
+    """
+    sent = {"Nats-Msg-Id": msg_id}
+    if headers:
+        sent.update(headers)
+    else:
+        tracing.inject(sent)
+    await js.publish(subject, payload, headers=sent, timeout=5.0)
 
 
 Handler = Callable[[Msg], Awaitable[None]]
@@ -292,20 +304,33 @@ class Consumer:
     async def _handle(self, msg: Msg) -> None:
         beating = asyncio.create_task(_heartbeat(msg))
         try:
-            await self.handler(msg)
+            # The handler's spans and log lines continue the trace and deployment of the publisher.
+            with tracing.consuming(f"{self.durable} process", msg.headers, self._span_attributes(msg)) as span:
+                try:
+                    await self.handler(msg)
+                    log.debug("handled %s from %s", msg.subject, self.durable)
+                except Exception as failure:
+                    tracing.record(span, failure)
+                    log.exception("handler for %s failed; the message will be redelivered", msg.subject)
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=1.0)
         except asyncio.CancelledError:
             # Handed back: redelivered now, not after the ack wait.
             with contextlib.suppress(Exception):
                 await msg.nak()
             if not self._stopping.is_set():
                 raise
-        except Exception:
-            log.exception("handler for %s failed; the message will be redelivered", msg.subject)
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=1.0)
         finally:
             beating.cancel()
             self._slots.release()
+
+    def _span_attributes(self, msg: Msg) -> dict[str, Any]:
+        return {
+            "messaging.system": "nats",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": msg.subject,
+            "messaging.consumer.group.name": self.durable,
+        }
 
 
 async def _heartbeat(msg: Msg) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
 
+from apphosting import logs, tracing
 from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner.driver import Driver, PermanentError, StepOutcome, StepResult, TemporaryError
 
@@ -228,19 +229,33 @@ class Reconciler:
         """Run the steps in order; the bool says whether all of them got done."""
         context: dict[str, str] = {}
         last = bus_pb2.StatusEvent()
+        logs.bind(deployment_id=job.deployment.id)
+        operation = bus_pb2.Operation.Name(job.operation).removeprefix("OPERATION_").lower()
+        _log.info("job %s: %s, release %d, %d steps", job.job_id, operation, job.release, len(plan.steps))
         for step in plan.steps:
-            try:
-                result = await self._reconcile_step(job, step, context, plan)
-            except _StepFailedError as failed:
-                await self._emit(failed.event)
-                return failed.event, False
-            context.update(result.fields)
-            last = self._done_event(job, step, plan, result)
-            await self._emit(last)
+            # One span per step, current while its event is published: the event carries it to the API.
+            attributes = {
+                tracing.DEPLOYMENT_ATTRIBUTE: job.deployment.id,
+                tracing.STEP_ATTRIBUTE: step.name,
+                "apphosting.operation": operation,
+                "apphosting.job_id": job.job_id,
+                "apphosting.release": job.release,
+            }
+            with tracing.span(f"reconcile {step.name}", attributes) as span:
+                try:
+                    result = await self._reconcile_step(job, step, context, plan, span)
+                except _StepFailedError as failed:
+                    tracing.failed(span, failed.event.error_message)
+                    await self._emit(failed.event)
+                    return failed.event, False
+                context.update(result.fields)
+                last = self._done_event(job, step, plan, result)
+                await self._emit(last)
+                _log.debug("job %s: step %s done", job.job_id, step.name)
         return last, True
 
     async def _reconcile_step(
-        self, job: bus_pb2.ProvisionJob, step: _Step, context: dict[str, str], plan: _Plan
+        self, job: bus_pb2.ProvisionJob, step: _Step, context: dict[str, str], plan: _Plan, span: tracing.Span
     ) -> StepResult:
         policy = self._policy
         failures = 0
@@ -265,6 +280,9 @@ class Reconciler:
                         self._failure(job, step, plan, "error", _Status.DEPLOYMENT_STATUS_ERROR, message)
                     )
                 delay = policy.backoff(failures)
+                span.add_event(
+                    "retry", {"attempt": failures, "delay_seconds": delay, "error": logs.redact(result.message)}
+                )
                 _log.warning("job %s step %s: %s; retrying in %g s", job.job_id, step.name, result.message, delay)
                 await self._wait(delay)
                 continue

@@ -16,6 +16,7 @@ from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from apphosting import tracing
 from apphosting.v1 import deployments_pb2 as pb
 from services.deployments import quotas as quota_rules
 from services.deployments.convert import OBSERVED, changed, fold, observed_of, row_to_proto
@@ -332,7 +333,7 @@ class DeploymentStore:
                 await session.flush()
                 session.add(event)
                 session.add(release)
-                self._add_outbox(session, outbox(row), moment)
+                self._add_outbox(session, outbox(row), moment, row.id)
                 others: tuple[Change, ...] = ()
                 if also is not None:
                     other_id, make_plan, other_outbox = also
@@ -366,9 +367,19 @@ class DeploymentStore:
             return found
 
     @staticmethod
-    def _add_outbox(session: AsyncSession, messages: Sequence[Outgoing], moment: datetime) -> None:
+    def _add_outbox(session: AsyncSession, messages: Sequence[Outgoing], moment: datetime, deployment_id: str) -> None:
+        # The relay sends the rows later, from another task: each keeps the trace it was made in.
+        headers = tracing.outbox_headers(deployment_id)
         for message in messages:
-            session.add(OutboxRow(id=message.id, subject=message.subject, payload=message.payload, created_at=moment))
+            session.add(
+                OutboxRow(
+                    id=message.id,
+                    subject=message.subject,
+                    payload=message.payload,
+                    headers=headers,
+                    created_at=moment,
+                )
+            )
 
     async def get(self, user_id: str | None, deployment_id: str) -> DeploymentRow | None:
         """The deployment if `user_id` owns it; user_id None (an admin) reads any."""
@@ -704,9 +715,9 @@ class DeploymentStore:
         if release is not None and release.seq is None:
             session.add(release)
         if outbox is not None:
-            self._add_outbox(session, outbox(updated), moment)
+            self._add_outbox(session, outbox(updated), moment, updated.id)
         elif values.get("operation") == "rollback" and change.release_failed:
-            self._add_outbox(session, self.update_outbox(updated), moment)
+            self._add_outbox(session, self.update_outbox(updated), moment, updated.id)
         return Change(updated, event, row_to_proto(updated))
 
     async def _verdict(

@@ -163,4 +163,6 @@ class OutboxRow(Base):
     id: Mapped[str] = mapped_column(String(36), unique=True)
     subject: Mapped[str] = mapped_column(String(255))
     payload: Mapped[bytes] = mapped_column(LargeBinary)
+    # Message headers sent with it: the trace (W3C traceparent) and deployment it was written in.
+    headers: Mapped[dict[str, str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
