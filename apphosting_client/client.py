@@ -12,35 +12,19 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2
 
 from apphosting.v1 import deployments_pb2 as pb
 from apphosting.v1 import deployments_pb2_grpc
 from apphosting_client.config import ClientConfig
+from apphosting_client.errors import error_reason
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 # Transient answers a call is sent again for: the server or its backend is briefly away.
 _RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE})
-_DETAILS_KEY = "grpc-status-details-bin"
 # The longest pause between two attempts, however many failed before.
 _BACKOFF_CAP = 5.0
-
-
-def error_reason(error: grpc.aio.AioRpcError | grpc.RpcError) -> str:
-    """The ErrorInfo reason of a failed call (e.g. SHUTTING_DOWN, REVISION_TOO_OLD), or "" when none."""
-    trailing = error.trailing_metadata() if isinstance(error, grpc.aio.AioRpcError) else None
-    status = status_pb2.Status()
-    for key, value in trailing or ():
-        if key == _DETAILS_KEY:
-            status.ParseFromString(value if isinstance(value, bytes) else value.encode())
-    info = error_details_pb2.ErrorInfo()
-    for detail in status.details:
-        if detail.Is(info.DESCRIPTOR):
-            detail.Unpack(info)
-            return str(info.reason)
-    return ""
 
 
 class _Backoff:

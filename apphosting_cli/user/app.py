@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from apphosting.v1 import deployments_pb2 as pb
 from apphosting_cli.user import output
-from apphosting_cli.user.errors import read_error
+from apphosting_cli.user.errors import exit_code, read_error
 from apphosting_cli.user.progress import (
     Exit,
     Goal,
@@ -164,7 +164,7 @@ def command(name: str, help_text: str) -> Callable[[Callable[..., Awaitable[int]
                 refused = read_error(error)
                 message = f"{refused.code.name}: {refused.message}"
                 output.print_violations(errors, message, [(v.field, v.description) for v in refused.violations])
-                code = refused.exit_code
+                code = exit_code(refused)
             except UsageError as error:
                 errors.print(f"[bold red]error:[/bold red] {escape(str(error))}")
                 code = Exit.INVALID

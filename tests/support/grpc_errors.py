@@ -6,7 +6,8 @@ import base64
 from dataclasses import dataclass
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
+
+from apphosting_client import read_error
 
 _DETAILS_KEY = "grpc-status-details-bin"
 
@@ -22,24 +23,14 @@ class Details:
 
 
 def details_of(error: grpc.aio.AioRpcError) -> Details:
-    status = status_pb2.Status()
-    for key, value in error.trailing_metadata() or ():
-        if key == _DETAILS_KEY:
-            status.ParseFromString(value if isinstance(value, bytes) else value.encode())
-    info = error_details_pb2.ErrorInfo()
-    bad = error_details_pb2.BadRequest()
-    for detail in status.details:
-        if detail.Is(info.DESCRIPTOR):
-            detail.Unpack(info)
-        elif detail.Is(bad.DESCRIPTOR):
-            detail.Unpack(bad)
+    read = read_error(error)
     return Details(
-        code=error.code(),
-        message=error.details() or "",
-        reason=info.reason,
-        domain=info.domain,
-        metadata=dict(info.metadata),
-        violations={v.field: (v.reason, v.description) for v in bad.field_violations},
+        code=read.code,
+        message=read.message,
+        reason=read.reason,
+        domain=read.domain,
+        metadata=read.metadata,
+        violations={v.field: (v.reason, v.description) for v in read.violations},
     )
 
 
