@@ -157,7 +157,8 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
                 f"  auth       dev key {data / 'dev-jwt-secret'} (HS256); a token for user {LOCAL_USER_ID},\n"
                 f"             valid {DEV_TOKEN_TTL.days} days, is in {data / 'dev-token'}:\n\n"
                 f"  export TOKEN={token}\n"
-                f"  export APPHOSTING_ADDR={host}:{port} APPHOSTING_TOKEN_FILE={data / 'dev-token'}\n"
+                f"  export APPHOSTING_ADDR={host}:{port} APPHOSTING_TOKEN_FILE={data / 'dev-token'}\n\n"
+                "  then create the example deployment with one of (a second one of the same name is refused):\n"
                 "  apphosting deploy -f examples/create-deployment.json --wait\n"
                 f'  grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d @ {host}:{port} '
                 "apphosting.v1.DeploymentService/CreateAppHostingDeployment < examples/create-deployment.json"

@@ -15,14 +15,13 @@ import grpc
 from fastapi import Body, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from apphosting import metrics
 from apphosting.v1 import deployments_pb2 as pb
 from apphosting_cli.rest import convert, models
-from apphosting_client import AsyncClient, ClientConfig
+from apphosting_client import AsyncClient, ClientConfig, read_error
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 # The bound of GET /deployments and /releases: they walk the API's pages, at most 1000 a page.
 MAX_SKIP = 10_000
 MAX_LIMIT = 1_000
-_DETAILS_KEY = "grpc-status-details-bin"
 _SEGMENT = re.compile(r"\[(\d+)\]|([^.\[\]]+)")
 
 
@@ -101,29 +99,19 @@ def _in_body(field: str) -> Loc:
 
 
 def _error_body(error: grpc.aio.AioRpcError, locate: Locate) -> tuple[int, Any]:
-    status = status_pb2.Status()
-    for key, value in error.trailing_metadata() or ():
-        if key == _DETAILS_KEY:
-            status.ParseFromString(value if isinstance(value, bytes) else value.encode())
-    info = error_details_pb2.ErrorInfo()
-    bad = error_details_pb2.BadRequest()
-    for detail in status.details:
-        if detail.Is(info.DESCRIPTOR):
-            detail.Unpack(info)
-        elif detail.Is(bad.DESCRIPTOR):
-            detail.Unpack(bad)
-    message = error.details() or ""
+    refused = read_error(error)
+    message = refused.message
     code = HTTP_STATUS.get(error.code(), 500)
     if code == 422:
-        entries = [{"loc": locate(v.field), "msg": v.description, "type": v.reason} for v in bad.field_violations] or [
-            {"loc": ["body"], "msg": message, "type": info.reason or "INVALID_ARGUMENT"}
+        entries = [{"loc": locate(v.field), "msg": v.description, "type": v.reason} for v in refused.violations] or [
+            {"loc": ["body"], "msg": message, "type": refused.reason or "INVALID_ARGUMENT"}
         ]
         return code, {"detail": entries}
     if error.code() not in HTTP_STATUS:
         # An answer the API never gives on purpose (a dropped connection, a cancelled call) says no more.
         log.warning("gRPC call failed: %s %s", error.code(), message)
         return code, {"detail": "the API call failed", "reason": error.code().name}
-    return code, {"detail": message, "reason": info.reason or error.code().name}
+    return code, {"detail": message, "reason": refused.reason or error.code().name}
 
 
 async def _rpc(call: Awaitable[T], locate: Locate = _in_body) -> T:
