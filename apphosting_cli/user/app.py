@@ -315,13 +315,21 @@ async def deploy(
     if config:
         body["config"] = {**body.get("config", {}), **{k: _value(v) for k, v in _pairs(config, "--config")}}
     body.update({k: _value(v) for k, v in _pairs(set_fields, "--set")})
+    if "app_type" not in body and "docker_image" in body and not {"helm_repo_url", "helm_chart_name"} & body.keys():
+        # The contract's default app_type is helm; an image and no chart means a container, as a user means it.
+        body["app_type"] = "container"
     request = _parse(body, pb.CreateAppHostingDeploymentRequest(), "the request")
     request.validate_only = validate_only
     answer = await client.create(request)
     if validate_only:
-        _print_deployment(answer, fmt if fmt != Output.table else Output.yaml)
-        return Exit.OK
+        return _previewed(answer, fmt)
     return await _finish(client, answer, reaches_running, waiting=wait_, deadline=deadline, fmt=fmt)
+
+
+def _previewed(answer: pb.Deployment, fmt: Output) -> int:
+    """A validate_only answer: what the operation would make, written nowhere."""
+    _print_deployment(answer, fmt if fmt != Output.table else Output.yaml)
+    return Exit.OK
 
 
 @command("get", "Show one deployment.")
@@ -447,11 +455,14 @@ async def scale(
     replicas: Annotated[int, typer.Argument(help="replicas")],
     reason: ReasonOption = "",
     etag: EtagOption = "",
+    validate_only: ValidateOption = False,
     wait_: WaitOption = False,
     deadline: TimeoutOption = None,
     fmt: OutputOption = Output.table,
 ) -> int:
-    answer = await client.scale(deployment_id, replicas, etag=etag, reason=reason)
+    answer = await client.scale(deployment_id, replicas, etag=etag, reason=reason, validate_only=validate_only)
+    if validate_only:
+        return _previewed(answer, fmt)
     return await _finish(client, answer, rolls_out(answer.release), waiting=wait_, deadline=deadline, fmt=fmt)
 
 
@@ -461,11 +472,14 @@ async def stop(
     deployment_id: Annotated[str, typer.Argument(help="deployment id")],
     reason: ReasonOption = "",
     etag: EtagOption = "",
+    validate_only: ValidateOption = False,
     wait_: WaitOption = False,
     deadline: TimeoutOption = None,
     fmt: OutputOption = Output.table,
 ) -> int:
-    answer = await client.stop(deployment_id, etag=etag, reason=reason)
+    answer = await client.stop(deployment_id, etag=etag, reason=reason, validate_only=validate_only)
+    if validate_only:
+        return _previewed(answer, fmt)
     return await _finish(client, answer, reaches_stopped, waiting=wait_, deadline=deadline, fmt=fmt)
 
 
@@ -475,11 +489,14 @@ async def start(
     deployment_id: Annotated[str, typer.Argument(help="deployment id")],
     reason: ReasonOption = "",
     etag: EtagOption = "",
+    validate_only: ValidateOption = False,
     wait_: WaitOption = False,
     deadline: TimeoutOption = None,
     fmt: OutputOption = Output.table,
 ) -> int:
-    answer = await client.start(deployment_id, etag=etag, reason=reason)
+    answer = await client.start(deployment_id, etag=etag, reason=reason, validate_only=validate_only)
+    if validate_only:
+        return _previewed(answer, fmt)
     return await _finish(client, answer, reaches_running, waiting=wait_, deadline=deadline, fmt=fmt)
 
 
@@ -490,11 +507,14 @@ async def rollback(
     release: Annotated[int, typer.Option("--release", help="release number (see `releases`)")] = 0,
     reason: ReasonOption = "",
     etag: EtagOption = "",
+    validate_only: ValidateOption = False,
     wait_: WaitOption = False,
     deadline: TimeoutOption = None,
     fmt: OutputOption = Output.table,
 ) -> int:
-    answer = await client.rollback(deployment_id, release, etag=etag, reason=reason)
+    answer = await client.rollback(deployment_id, release, etag=etag, reason=reason, validate_only=validate_only)
+    if validate_only:
+        return _previewed(answer, fmt)
     return await _finish(client, answer, rolls_out(answer.release), waiting=wait_, deadline=deadline, fmt=fmt)
 
 

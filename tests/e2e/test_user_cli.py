@@ -252,3 +252,26 @@ async def _complete(port: int, line: str) -> str:
     async with asyncio.timeout(WITHIN):
         out, _ = await process.communicate()
     return out.decode()
+
+
+@pytest.mark.timeout(600)
+async def test_an_image_without_an_app_type_deploys_a_container_and_operations_preview_with_validate_only(
+    stack: Stack,
+) -> None:
+    await stack.add_api()
+    stack.add_scheduler()
+    stack.add_provisioner()
+    port = stack.apis[0].port
+    deployed = await cli(
+        port, "deploy", "--name", "plain", "--region", "eu", "--image", "ghcr.io/acme/web:1.0.0", "--wait"
+    )
+    assert deployed.code == 0, deployed
+    (plain,) = await _listed(port)
+    assert plain["app_type"] == "APP_TYPE_CONTAINER"
+    dry = await cli(port, "scale", plain["id"], "4", "--validate-only", "-o", "json")
+    assert dry.code == 0, dry
+    preview = json.loads(dry.out)
+    assert preview["replicas"] == 4
+    (after,) = await _listed(port)
+    assert after["release"] == plain["release"]
+    assert after["revision"] == plain["revision"]
