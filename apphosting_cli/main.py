@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import errno
 import ipaddress
-import logging
 import os
 import signal
 import socket
@@ -15,7 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
-from apphosting import CannotStart
+from apphosting import CannotStart, logs, tracing
 from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN
 
 # Each command imports only the process it runs (a provisioner never loads the API's code), so the
@@ -40,6 +39,15 @@ def _add_metrics(parser: argparse.ArgumentParser, default: str | None = None) ->
     )
 
 
+def _add_log_format(parser: argparse.ArgumentParser, default: str = "json") -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default=default,
+        help=f"json lines (for log collectors) or console (for people at a terminal); default {default}",
+    )
+
+
 def _add_common(parser: argparse.ArgumentParser, *, database: bool = True) -> None:
     parser.add_argument("--nats-url", default=DEFAULT_NATS_URL, help=f"NATS server (default {DEFAULT_NATS_URL})")
     if database:
@@ -50,6 +58,7 @@ def _add_common(parser: argparse.ArgumentParser, *, database: bool = True) -> No
         )
     parser.add_argument("--locations", default=None, help="locations YAML file (default: the sample locations)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    _add_log_format(parser)
     _add_nats_security(parser)
     _add_metrics(parser)
 
@@ -398,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--data-dir", default=".apphosting", help="where the database and NATS keep their files")
     dev.add_argument("--locations", default=None, help="locations YAML file (default: the sample locations)")
     dev.add_argument("--log-level", default="WARNING")
+    _add_log_format(dev, default="console")
     dev.add_argument(
         "--nats-sync-interval",
         default=None,
@@ -427,11 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
     rest.add_argument("--api-tls", action="store_true", help="TLS to the gRPC API")
     rest.add_argument("--api-ca", default=None, help="CA bundle (PEM) that signed the API's certificate")
     rest.add_argument("--log-level", default="INFO")
+    _add_log_format(rest)
     _add_metrics(rest)
 
     migrate = commands.add_parser("migrate", help="bring every service's tables up to date and exit")
     migrate.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
     migrate.add_argument("--log-level", default="INFO")
+    _add_log_format(migrate)
     return parser
 
 
@@ -492,11 +504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if _user_command(argv):
         return _run_user_command(argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.command, level=args.log_level.upper(), fmt=args.log_format)
+    tracing.configure(args.command)
     if hasattr(args, "nats_creds"):
         _use_nats_security(args)
     if hasattr(args, "insecure_no_auth") and (refused := _check_insecure_remote(args.command, args)) is not None:

@@ -45,6 +45,7 @@ from services.deployments.store import (
     RecordMissing,
     TransitionRejected,
 )
+from services.deployments.telemetry import TelemetryInterceptor
 from services.deployments.watch import WatchHub
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,12 @@ class ApiServer:
             rollout_timeout=self.options.rollout_timeout,
         )
         server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(self.metrics.grpc), AuthInterceptor(self.options.auth)],
+            # The server span first, so it covers the metrics and the auth refusals too.
+            interceptors=[
+                TelemetryInterceptor(),
+                MetricsInterceptor(self.metrics.grpc),
+                AuthInterceptor(self.options.auth),
+            ],
             options=[
                 ("grpc.max_receive_message_length", self.options.max_request_bytes),
                 # gRPC's default SO_REUSEPORT would let a second server share a port already served.
@@ -352,7 +358,8 @@ class ApiServer:
             # All in flight at once, sent on one connection in row order; each is marked sent only
             # once JetStream acknowledged it, and a resend of any other is dropped by its Nats-Msg-Id.
             results = await asyncio.gather(
-                *(bus.publish(js, row.subject, row.payload, row.id) for row in rows), return_exceptions=True
+                *(bus.publish(js, row.subject, row.payload, row.id, row.headers) for row in rows),
+                return_exceptions=True,
             )
             await self.store.mark_sent([row.seq for row, result in zip(rows, results, strict=True) if result is None])
             failures = [result for result in results if isinstance(result, BaseException)]
