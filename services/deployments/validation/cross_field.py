@@ -6,10 +6,9 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from apphosting import health, images
+from apphosting import health, imagepolicy, images
 from apphosting.settings import Limits
 from services.deployments.validation.checks import shown
-from services.deployments.validation.grammars import semver_constraint_ok
 from services.deployments.validation.model import (
     APP_TYPES,
     ENV_NAME,
@@ -90,7 +89,7 @@ def cross_field(data: Mapping[str, Any], limits: Limits) -> Iterator[tuple[Loc, 
             "is required when image_update_strategy is digest: the tag whose digest to follow",
         )
     elif isinstance(constraint, str) and constraint.strip() == constraint != "":
-        if strategy == "semver" and not semver_constraint_ok(constraint):
+        if strategy == "semver" and not _constraint_ok(constraint):
             yield (
                 ("image_update_constraint",),
                 "INVALID_FORMAT",
@@ -191,3 +190,12 @@ def _non_finite(config: Mapping[str, Any], max_depth: int) -> tuple[str | int, .
         # Reversed, so the first key or entry is looked at first.
         stack.extend(reversed(children))
     return None
+
+
+def _constraint_ok(text: str) -> bool:
+    """Whether the updater can read `text` as a Masterminds semver constraint (apphosting.imagepolicy)."""
+    try:
+        imagepolicy.Constraint.parse(text)
+    except imagepolicy.ConstraintError:
+        return False
+    return True

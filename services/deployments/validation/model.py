@@ -21,7 +21,7 @@ from pydantic import (
     field_validator,
 )
 
-from apphosting import images, netguard, versions, yamlbounds
+from apphosting import imagepolicy, images, netguard, versions, yamlbounds
 from apphosting.resources import DEFAULT_VOLUME_SIZE_GB
 from services.deployments.validation.checks import (
     context,
@@ -36,8 +36,6 @@ from services.deployments.validation.checks import (
 )
 from services.deployments.validation.grammars import (
     SEMVER,
-    glob_brackets_closed,
-    re2_unsupported,
 )
 from services.deployments.validation.violations import fail
 
@@ -483,14 +481,15 @@ class DeploymentSpec(BaseModel):
         if pattern == "":
             raise fail("INVALID_FORMAT", f"{allowed} with a non-empty pattern")
         try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise fail("INVALID_FORMAT", f"{allowed}; the pattern does not compile: {exc}") from None
-        if re2_unsupported(pattern):
-            raise fail(
-                "UNSUPPORTED",
-                f"{allowed} in RE2 syntax; lookaround and backreferences are not supported",
-            )
+            # The updater's own reading of the pattern, as Go's RE2 reads it (apphosting.imagepolicy).
+            imagepolicy.re2_to_python(pattern)
+        except imagepolicy.PolicyError as exc:
+            why = _short(exc)
+            try:
+                re.compile(pattern)
+            except re.error:
+                raise fail("INVALID_FORMAT", f"{allowed}; {why}") from None
+            raise fail("UNSUPPORTED", f"{allowed} in RE2 syntax (no lookaround or backreferences); {why}") from None
         return value
 
     @field_validator("image_ignore_tags")
@@ -505,8 +504,10 @@ class DeploymentSpec(BaseModel):
                 raise fail("INVALID_FORMAT", f"{allowed}; it has an empty pattern")
             if pattern != pattern.strip():
                 raise fail("INVALID_FORMAT", f"{allowed}, without spaces around them; got {shown(pattern)}")
-            if not glob_brackets_closed(pattern):
-                raise fail("INVALID_FORMAT", f"{allowed}; {shown(pattern)} has an unclosed '['")
+            try:
+                imagepolicy.glob_to_regex(pattern)
+            except imagepolicy.PolicyError as exc:
+                raise fail("INVALID_FORMAT", f"{allowed}; {_short(exc)}") from None
         return value
 
     @field_validator("kubernetes_version")
@@ -522,6 +523,12 @@ class DeploymentSpec(BaseModel):
         if parsed[0] not in supported:
             raise fail("UNSUPPORTED", f"must be one of the supported versions {offered}, got {shown(value)}")
         return value
+
+
+def _short(error: Exception) -> str:
+    """A reader's reason, which may quote a long value, cut to a line."""
+    text = str(error)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _nesting(value: Any, limit: int) -> int:
