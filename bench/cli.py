@@ -12,13 +12,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import ceilings, create, listing, pipeline, placement, update, watch
+from bench import ceilings, create, listing, pipeline, placement, telemetry, update, watch
 from bench.databases import DATABASES, database, postgres_unreachable
 from bench.plan import FULL, QUICK, Plan
 from bench.procs import Stack, self_peak_mb
@@ -26,7 +27,7 @@ from bench.report import evaluate, write_report
 
 _ROOT = Path(__file__).resolve().parent.parent
 PRODUCT_PATHS = ("apphosting", "services", "scheduler", "provisioner")
-STAGES = ("create", "pipeline", "update", "watch", "placement", "list")
+STAGES = ("create", "pipeline", "update", "watch", "placement", "list", "telemetry")
 
 
 def _log(message: str) -> None:
@@ -63,6 +64,62 @@ def _machine() -> dict[str, Any]:
     }
 
 
+class _Databases:
+    """Runs a stage once per database, each time on a fresh one (a PostgreSQL database is dropped after)."""
+
+    def __init__(
+        self, databases: Sequence[str], workdir: Path, profile_dir: Path | None, memory: dict[str, Any]
+    ) -> None:
+        self.databases = databases
+        self.workdir = workdir
+        self.profile_dir = profile_dir
+        self.memory = memory
+        self._unreachable: str | None = None
+        self._probed = False
+
+    async def reachable(self, notes: list[str]) -> list[str]:
+        """The databases to run on; a note for PostgreSQL when it does not answer."""
+        kinds = []
+        for kind in self.databases:
+            if kind == "postgresql":
+                if not self._probed:
+                    self._unreachable = await postgres_unreachable()
+                    self._probed = True
+                if self._unreachable is not None:
+                    notes.append(f"not measured on postgresql: {self._unreachable}")
+                    _log(notes[-1])
+                    continue
+            kinds.append(kind)
+        return kinds
+
+    @asynccontextmanager
+    async def stack(self, kind: str, label: str) -> AsyncIterator[Stack]:
+        """A Stack on a fresh database of that kind; its processes' peak memory is kept under `label`."""
+        async with database(kind) as url:
+            stack = Stack(self.workdir / label, self.profile_dir, label, database_url=url)
+            try:
+                yield stack
+            finally:
+                self.memory[label] = stack.stop()
+
+    async def each(
+        self, stage: str, body: Callable[[Stack, str], Awaitable[dict[str, Any]]]
+    ) -> tuple[dict[str, Any], list[str]]:
+        """body(stack, kind) on each database; returns its results by database and the notes."""
+        by_database: dict[str, Any] = {}
+        notes: list[str] = []
+        for kind in await self.reachable(notes):
+            async with self.stack(kind, f"{stage}-{kind}") as stack:
+                by_database[kind] = await body(stack, kind)
+        return by_database, notes
+
+
+def _headline(by_database: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """The SQLite figures at the top (as before databases were compared), every database's under by_database."""
+    headline = by_database.get("sqlite") or next(iter(by_database.values()))
+    return {**headline, "by_database": by_database, "notes": notes}
+
+
 async def run(
     plan: Plan,
     stages: Sequence[str],
@@ -77,12 +134,14 @@ async def run(
         "code_version": code_version,
         "machine": _machine(),
         "plan": dataclasses.asdict(plan),
+        "databases": list(databases),
     }
     memory: dict[str, Any] = {}
     began = time.perf_counter()
+    per = _Databases(databases, workdir, profile_dir, memory)
 
     if "create" in stages:
-        stack = Stack(workdir / "create", profile_dir, "create")
+        stack = Stack(workdir / "ceilings", profile_dir, "ceilings")
         try:
             _log("ceilings: raw NATS")
             results["ceilings"] = {"nats": await ceilings.measure(stack.nats.url, plan.nats_messages)}
@@ -93,44 +152,44 @@ async def run(
                     results["ceilings"]["nats"]["jetstream_publish"]["p99_ms"],
                 )
             )
-            results["create"] = await create.run(stack, plan, _log)
         finally:
-            memory["create"] = stack.stop()
+            stack.stop()
+
+        async def create_on(stack: Stack, kind: str) -> dict[str, Any]:
+            return await create.run(stack, plan, kind, _log)
+
+        by_database, notes = await per.each("create", create_on)
+        if by_database:
+            results["create"] = _headline(by_database, notes)
 
     if "pipeline" in stages:
-        by_provisioners: dict[str, Any] = {}
-        for count in plan.pipeline_provisioners:
-            stack = Stack(workdir / f"pipeline-{count}", profile_dir, f"pipeline-{count}")
-            try:
-                by_provisioners[str(count)] = await pipeline.run_one(stack, plan, count, _log)
-            finally:
-                memory[f"pipeline-{count}"] = stack.stop()
-        top = by_provisioners[str(max(plan.pipeline_provisioners))]
-        results["pipeline"] = {
-            "per_second": top["per_second"],
-            "create_to_running_p50_ms": top["create_to_running"]["p50_ms"],
-            "create_to_running_p99_ms": top["create_to_running"]["p99_ms"],
-            "provisioners": top["provisioners"],
-            "by_provisioners": by_provisioners,
-        }
+        by_database = {}
+        notes = []
+        for kind in await per.reachable(notes):
+            by_provisioners: dict[str, Any] = {}
+            for count in plan.pipeline_provisioners:
+                async with per.stack(kind, f"pipeline-{kind}-{count}") as stack:
+                    by_provisioners[str(count)] = await pipeline.run_one(stack, plan, count, kind, _log)
+            top = by_provisioners[str(max(plan.pipeline_provisioners))]
+            by_database[kind] = {
+                "database": kind,
+                "per_second": top["per_second"],
+                "goal_per_second": pipeline.GOAL_PER_SECOND,
+                "ratio_to_goal": top["ratio_to_goal"],
+                "create_to_running_p50_ms": top["create_to_running"]["p50_ms"],
+                "create_to_running_p99_ms": top["create_to_running"]["p99_ms"],
+                "provisioners": top["provisioners"],
+                "by_provisioners": by_provisioners,
+            }
+        if by_database:
+            results["pipeline"] = _headline(by_database, notes)
 
     if "update" in stages:
-        by_database: dict[str, Any] = {}
-        notes: list[str] = []
-        for kind in databases:
-            if kind == "postgresql":
-                reason = await postgres_unreachable()
-                if reason is not None:
-                    notes.append(f"not measured on postgresql: {reason}")
-                    _log(notes[-1])
-                    continue
-            label = f"update-{kind}"
-            async with database(kind) as url:
-                stack = Stack(workdir / label, profile_dir, label, database_url=url)
-                try:
-                    by_database[kind] = await update.run_one(stack, plan, kind, _log)
-                finally:
-                    memory[label] = stack.stop()
+
+        async def update_on(stack: Stack, kind: str) -> dict[str, Any]:
+            return await update.run_one(stack, plan, kind, _log)
+
+        by_database, notes = await per.each("update", update_on)
         if by_database:
             headline = by_database.get("sqlite") or next(iter(by_database.values()))
             results["update"] = {
@@ -144,21 +203,38 @@ async def run(
             }
 
     if "watch" in stages:
-        stack = Stack(workdir / "watch", profile_dir, "watch")
-        try:
-            results["watch"] = await watch.run(stack, plan, _log)
-        finally:
-            memory["watch"] = stack.stop()
+
+        async def watch_on(stack: Stack, kind: str) -> dict[str, Any]:
+            return await watch.run(stack, plan, kind, _log)
+
+        by_database, notes = await per.each("watch", watch_on)
+        if by_database:
+            results["watch"] = _headline(by_database, notes)
 
     if "placement" in stages:
         results["scheduler"] = placement.run(plan, _log)
 
     if "list" in stages:
-        stack = Stack(workdir / "list", profile_dir, "list")
-        try:
-            results["list"] = await listing.run(stack, plan, _log)
-        finally:
-            memory["list"] = stack.stop()
+
+        async def list_on(stack: Stack, kind: str) -> dict[str, Any]:
+            return await listing.run(stack, plan, kind, _log)
+
+        by_database, notes = await per.each("list", list_on)
+        if by_database:
+            results["list"] = _headline(by_database, notes)
+
+    if "telemetry" in stages:
+        by_database = {}
+        notes = []
+        for kind in await per.reachable(notes):
+            # Two stacks side by side, each on its own fresh database: one API plain, one with telemetry on.
+            async with (
+                per.stack(kind, f"telemetry-{kind}-off") as off,
+                per.stack(kind, f"telemetry-{kind}-on") as on,
+            ):
+                by_database[kind] = await telemetry.run(off, on, plan, kind, _log)
+        if by_database:
+            results["telemetry"] = _headline(by_database, notes)
 
     memory["bench"] = {"client": self_peak_mb()}
     results["memory"] = {"peak_rss_mb": memory}
@@ -183,9 +259,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--databases",
         default=",".join(DATABASES),
-        help="comma-separated databases the update stage runs on (default: sqlite,postgresql; PostgreSQL at "
+        help="comma-separated databases every stage but placement runs on (default: sqlite,postgresql; PostgreSQL at "
         "$APPHOSTING_BENCH_POSTGRES or postgresql://postgres@127.0.0.1:5432/postgres, skipped with a note when "
         "it does not answer)",
+    )
+    parser.add_argument(
+        "--telemetry",
+        action="store_true",
+        help="run only the telemetry stage: Create at concurrency 32 with metrics and tracing off vs on "
+        "(the same as --only telemetry)",
     )
     parser.add_argument(
         "--profile", type=Path, help="attach py-spy to every process under test and write collapsed stacks here"
@@ -202,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--from-json needs --report")
         write_report(json.loads(args.from_json.read_text()), args.report)
         return 0
-    stages = [stage.strip() for stage in args.only.split(",") if stage.strip()]
+    stages = [stage.strip() for stage in ("telemetry" if args.telemetry else args.only).split(",") if stage.strip()]
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"unknown stages: {', '.join(unknown)}")

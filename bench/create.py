@@ -15,7 +15,7 @@ from bench.requests import create_request
 from bench.stats import ratio
 
 
-async def run(stack: Stack, plan: Plan, log: Any) -> dict[str, Any]:
+async def run(stack: Stack, plan: Plan, database: str, log: Any) -> dict[str, Any]:
     _, port = stack.api()
     api_channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     api = deployments_pb2_grpc.DeploymentServiceStub(api_channel)
@@ -69,7 +69,7 @@ async def run(stack: Stack, plan: Plan, log: Any) -> dict[str, Any]:
             }
             levels[str(concurrency)] = entry
             log(
-                f"create c={concurrency}: {api_result.rps:.0f}/s vs echo {echo_result.rps:.0f}/s "
+                f"create on {database} c={concurrency}: {api_result.rps:.0f}/s vs echo {echo_result.rps:.0f}/s "
                 f"(ratio {entry['ratio_to_echo']}), p50 {entry['create']['p50_ms']} ms, "
                 f"p99 {entry['create']['p99_ms']} ms, errors {api_result.errors}"
             )
@@ -77,12 +77,16 @@ async def run(stack: Stack, plan: Plan, log: Any) -> dict[str, Any]:
         await api_channel.close()
         await echo_channel.close()
     headline = levels.get("32") or next(iter(levels.values()))
+    single = levels.get("1")
     return {
+        "database": database,
         "rps": headline["create"]["rps"],
         "p50_ms": headline["create"]["p50_ms"],
         "p99_ms": headline["create"]["p99_ms"],
         "echo_rps": headline["echo"]["rps"],
         "ratio_to_echo": headline["ratio_to_echo"],
+        # Issue 12: at concurrency 1, Create's p50 against the echo's p50 (goal ≤ 2x).
+        "p50_ratio_to_echo_at_1": ratio(single["create"]["p50_ms"], single["echo"]["p50_ms"]) if single else None,
         "headline_concurrency": 32 if "32" in levels else plan.create_concurrency[0],
         "by_concurrency": levels,
         "stored": next_index,

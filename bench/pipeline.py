@@ -27,6 +27,8 @@ from bench.stats import summary
 # Room for every deployment of the run, so placement never refuses and only speed is measured.
 _HUGE = {"cpu": 1_000_000, "memory_mb": 1_000_000_000, "storage_gb": 1_000_000_000, "vclusters": 1_000_000}
 LOCATION_IDS = ("bench-a", "bench-b", "bench-c", "bench-d")
+# Issue 12's goal: deployments per second from Create to `running`.
+GOAL_PER_SECOND = 200.0
 
 
 def write_locations(path: Path) -> Path:
@@ -92,7 +94,7 @@ async def start_processes(stack: Stack, provisioners: int, *, shared_state: bool
     return port
 
 
-async def run_one(stack: Stack, plan: Plan, provisioners: int, log: Any) -> dict[str, Any]:
+async def run_one(stack: Stack, plan: Plan, provisioners: int, database: str, log: Any) -> dict[str, Any]:
     port = await start_processes(stack, provisioners)
     nc = await nats.connect(stack.nats.url, name="bench-pipeline")
 
@@ -145,12 +147,14 @@ async def run_one(stack: Stack, plan: Plan, provisioners: int, log: Any) -> dict
     last = max((running[i] for i in created if i in running), default=began)
     per_second = len(reached) / (last - began) if reached else 0.0
     result: dict[str, Any] = {
+        "database": database,
         "provisioners": provisioners,
         "created": len(created),
         "create_rps": round(load.rps, 1),
         "running": len(reached),
         "failed": len(failed),
         "per_second": round(per_second, 1),
+        "ratio_to_goal": round(per_second / GOAL_PER_SECOND, 3),
         "seconds": round(last - began, 2),
         "create_to_running": summary(reached),
         "peak_rss_mb": peaks,
@@ -158,7 +162,7 @@ async def run_one(stack: Stack, plan: Plan, provisioners: int, log: Any) -> dict
     if failed:
         result["first_failure"] = next(iter(failed.values()))[:300]
     log(
-        f"pipeline with {provisioners} provisioner(s): {len(reached)}/{len(created)} running, "
+        f"pipeline on {database} with {provisioners} provisioner(s): {len(reached)}/{len(created)} running, "
         f"{per_second:.1f}/s, create→running p50 {result['create_to_running']['p50_ms']} ms "
         f"p99 {result['create_to_running']['p99_ms']} ms"
     )

@@ -39,6 +39,8 @@ class Plan:
     list_requests: int
     list_seconds: float
     list_insert_seconds: float
+    # Telemetry overhead: alternating runs of create_requests/create_seconds at concurrency 32, off and on.
+    telemetry_rounds: int
 
 
 FULL = Plan(
@@ -67,6 +69,7 @@ FULL = Plan(
     list_requests=300,
     list_seconds=6.0,
     list_insert_seconds=180.0,
+    telemetry_rounds=4,
 )
 
 QUICK = Plan(
@@ -95,4 +98,5 @@ QUICK = Plan(
     list_requests=20,
     list_seconds=1.0,
     list_insert_seconds=20.0,
+    telemetry_rounds=2,
 )

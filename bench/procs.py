@@ -17,8 +17,9 @@ from apphosting.nats_server import NatsServer
 _REPO = Path(__file__).resolve().parent.parent
 
 
-def _env() -> dict[str, str]:
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    env.update(extra or {})
     # The children import `bench` (the echo server) and the product from this checkout.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env.get("PYTHONPATH", "")) if p)
     return env
@@ -41,14 +42,14 @@ def self_peak_mb() -> float:
 class Proc:
     """A child process whose stdout and stderr go to files; `ready` waits for a line it prints."""
 
-    def __init__(self, name: str, argv: list[str], workdir: Path) -> None:
+    def __init__(self, name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.argv = argv
         self.stdout_path = workdir / f"{name}.out"
         self.stderr_path = workdir / f"{name}.err"
         self._out: IO[bytes] = self.stdout_path.open("wb")
         self._err: IO[bytes] = self.stderr_path.open("wb")
-        self.process = subprocess.Popen(argv, stdout=self._out, stderr=self._err, env=_env(), cwd=workdir)
+        self.process = subprocess.Popen(argv, stdout=self._out, stderr=self._err, env=_env(env), cwd=workdir)
         self.peak_rss_mb: float | None = None
         self._profiler: subprocess.Popen[bytes] | None = None
 
@@ -142,15 +143,23 @@ class Stack:
         # SQLite in the scenario's folder unless a database (a fresh PostgreSQL one) is given.
         self.database_url = database_url or f"sqlite+aiosqlite:///{workdir / 'apphosting.db'}"
 
-    def start(self, name: str, argv: list[str], *, profile: bool = False) -> Proc:
-        proc = Proc(name, argv, self.workdir)
+    def start(self, name: str, argv: list[str], *, profile: bool = False, env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(name, argv, self.workdir, env)
         self.procs.append(proc)
         if profile and self.profile_dir is not None:
             self.profile_dir.mkdir(parents=True, exist_ok=True)
             proc.profile(self.profile_dir / f"{self.label}-{name}.txt")
         return proc
 
-    def api(self, locations: Path | None = None, *, profile: bool = True) -> tuple[Proc, int]:
+    def api(
+        self,
+        locations: Path | None = None,
+        *,
+        profile: bool = True,
+        name: str = "api",
+        extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> tuple[Proc, int]:
         argv = python(
             "apphosting_cli",
             "api",
@@ -168,11 +177,12 @@ class Stack:
         )
         if locations is not None:
             argv += ["--locations", str(locations)]
-        proc = self.start("api", argv)
+        argv += extra_args
+        proc = self.start(name, argv, env=env)
         port = int(proc.wait_for_line(r"api: gRPC DeploymentService on [\d.]+:(\d+)").group(1))
         if profile and self.profile_dir is not None:
             self.profile_dir.mkdir(parents=True, exist_ok=True)
-            proc.profile(self.profile_dir / f"{self.label}-api.txt")
+            proc.profile(self.profile_dir / f"{self.label}-{name}.txt")
         return proc, port
 
     def peaks(self) -> dict[str, float | None]:
