@@ -1,18 +1,24 @@
-"""Who is calling: a Bearer JWT verified on every RPC but health and reflection, the caller kept in a contextvar."""
+"""Who is calling: a Bearer JWT (key file or OIDC issuer) verified on every RPC but health and reflection."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import enum
+import ipaddress
+import json
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import grpc
+import httpx
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -131,6 +137,9 @@ class JwtVerifier:
             raise errors.unauthenticated("TOKEN_EXPIRED", "the bearer token has expired; get a new one") from None
         except jwt.InvalidTokenError as exc:
             raise errors.unauthenticated("TOKEN_INVALID", f"the bearer token is not valid: {exc}") from None
+        return self._caller(claims)
+
+    def _caller(self, claims: Mapping[str, Any]) -> Caller:
         subject = claims["sub"]
         try:
             user_id = str(uuid.UUID(subject)) if isinstance(subject, str) else None
@@ -140,22 +149,343 @@ class JwtVerifier:
             raise errors.unauthenticated("TOKEN_INVALID", "the bearer token's sub must be a user id (a UUID)")
         return Caller(user_id, admin=claims.get("admin") is True)
 
+    def issuers(self) -> frozenset[str | None]:
+        """The `iss` values this verifier answers for (None: whatever a token carries)."""
+        return frozenset({self._issuer})
+
+    async def verify_async(self, token: str) -> Caller:
+        """As verify; a verifier that fetches keys over the network overrides it so the event loop never waits."""
+        return self.verify(token)
+
     def authenticate(self, metadata: Any) -> Caller:
         """The caller named by the call's `authorization: Bearer <JWT>` header."""
-        values = [value for key, value in metadata or () if key == "authorization"]
-        if not values:
-            raise errors.unauthenticated(
-                "TOKEN_MISSING", "this call needs an 'authorization: Bearer <token>' header with a JWT"
+        return self.verify(bearer_token(metadata))
+
+    async def authenticate_async(self, metadata: Any) -> Caller:
+        """As authenticate, for the server's interceptor."""
+        return await self.verify_async(bearer_token(metadata))
+
+
+def bearer_token(metadata: Any) -> str:
+    """The token of the call's one `authorization: Bearer <token>` header; UNAUTHENTICATED without one."""
+    values = [value for key, value in metadata or () if key == "authorization"]
+    if not values:
+        raise errors.unauthenticated(
+            "TOKEN_MISSING", "this call needs an 'authorization: Bearer <token>' header with a JWT"
+        )
+    if len(values) > 1:
+        raise errors.unauthenticated("TOKEN_INVALID", "the call carries more than one authorization header")
+    value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise errors.unauthenticated("TOKEN_INVALID", "the authorization header must be 'Bearer <token>'")
+    if len(token) > MAX_TOKEN_BYTES:
+        raise errors.unauthenticated("TOKEN_INVALID", f"the bearer token is longer than {MAX_TOKEN_BYTES} bytes")
+    return token.strip()
+
+
+# OIDC Core §2: a `sub` is unique only within its issuer, so a user id is derived from the pair.
+OIDC_SUBJECT_NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "apphosting:oidc-subject")
+OIDC_DEFAULT_ALGORITHMS: Final = ("RS256", "ES256")
+# A JWKS publishes public keys: only asymmetric algorithms verify with them. Accepting HS256 would let
+# anyone "sign" with the public key (algorithm confusion); `none` would accept unsigned tokens.
+OIDC_ALGORITHMS: Final = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+MAX_KID_CHARS: Final = 256
+
+
+class UserIdMapping(enum.Enum):
+    """How an OIDC token's user claim becomes a user id (a UUID, as every owner column holds)."""
+
+    # uuid5 of (issuer, claim): stable across logins, distinct across issuers, whatever the claim looks like.
+    ISSUER_SUBJECT = "issuer-subject"
+    # The claim already is our user id (an issuer that was given them); it must be a UUID.
+    CLAIM = "claim"
+
+
+def oidc_user_id(issuer: str, subject: str) -> str:
+    """The user id of `subject` at `issuer` (JSON keeps the pair unambiguous whatever either contains)."""
+    return str(uuid.uuid5(OIDC_SUBJECT_NAMESPACE, json.dumps([issuer, subject])))
+
+
+def _check_url(url: str, what: str) -> str:
+    """https, or http to a loopback address (a local issuer); keys fetched in the clear could be swapped."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if parts.scheme == "https" or (parts.scheme == "http" and loopback):
+        return url
+    raise ValueError(f"the {what} must be an https URL (http only to a loopback address), not {url!r}")
+
+
+def _claim(claims: Mapping[str, Any], path: str) -> Any:
+    """A claim by name, or by dotted path into nested objects (Keycloak's `realm_access.roles`)."""
+    value: Any = claims
+    for part in path.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+@dataclass(frozen=True)
+class _KeySet:
+    keys: Mapping[str, jwt.PyJWK]
+    fetched_at: float
+
+
+def _issuer_unavailable(issuer: str, detail: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "ISSUER_UNAVAILABLE",
+        f"the keys of token issuer {issuer} cannot be fetched ({detail}); retry",
+        metadata={"issuer": issuer},
+    )
+
+
+class OidcVerifier(JwtVerifier):
+    """Verifies tokens of one OIDC issuer with the keys it publishes (its JWKS), fetched off the event loop.
+
+    The JWKS is found by discovery (`<issuer>/.well-known/openid-configuration`) unless `jwks_url` is
+    given, and is fetched lazily, so the API starts while the issuer is down. Keys are kept for
+    `cache_lifespan` seconds; a token naming an unknown `kid` (a rotated key) fetches the set again,
+    but at most once every `refetch_cooldown` seconds, so tokens with made-up kids cannot hammer the
+    issuer. While the issuer is unreachable, keys already fetched keep working past their lifespan,
+    and a token whose key was never fetched is answered UNAVAILABLE (not UNAUTHENTICATED: it may be
+    good). Fetching is single-flight: concurrent calls wait for one fetch.
+    """
+
+    def __init__(
+        self,
+        issuer: str,
+        audience: str,
+        *,
+        jwks_url: str | None = None,
+        algorithms: Sequence[str] = OIDC_DEFAULT_ALGORITHMS,
+        leeway: timedelta = DEFAULT_LEEWAY,
+        user_claim: str = "sub",
+        user_id_mapping: UserIdMapping = UserIdMapping.ISSUER_SUBJECT,
+        admin_claim: str | None = None,
+        admin_value: str | None = None,
+        cache_lifespan: float = 300.0,
+        refetch_cooldown: float = 30.0,
+        fetch_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not audience:
+            raise ValueError("an OIDC verifier needs the audience its tokens are issued for (the client id)")
+        refused = [alg for alg in algorithms if alg not in OIDC_ALGORITHMS]
+        if refused or not algorithms:
+            raise ValueError(
+                f"OIDC tokens are verified with asymmetric algorithms only ({', '.join(sorted(OIDC_ALGORITHMS))});"
+                f" refused: {', '.join(refused) or 'an empty list'}"
             )
-        if len(values) > 1:
-            raise errors.unauthenticated("TOKEN_INVALID", "the call carries more than one authorization header")
-        value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
-        scheme, _, token = value.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise errors.unauthenticated("TOKEN_INVALID", "the authorization header must be 'Bearer <token>'")
-        if len(token) > MAX_TOKEN_BYTES:
-            raise errors.unauthenticated("TOKEN_INVALID", f"the bearer token is longer than {MAX_TOKEN_BYTES} bytes")
-        return self.verify(token.strip())
+        if cache_lifespan <= 0 or refetch_cooldown < 0 or fetch_timeout <= 0:
+            raise ValueError("cache_lifespan and fetch_timeout must be positive, refetch_cooldown not negative")
+        super().__init__(
+            None, list(algorithms), audience=audience, issuer=_check_url(issuer, "OIDC issuer"), leeway=leeway
+        )
+        self.issuer = issuer
+        self._jwks_url = _check_url(jwks_url, "JWKS URL") if jwks_url else None
+        self._user_claim = user_claim
+        self._user_id_mapping = user_id_mapping
+        self._admin_claim = admin_claim
+        self._admin_value = admin_value
+        self._lifespan = cache_lifespan
+        self._cooldown = refetch_cooldown
+        self._timeout = fetch_timeout
+        self._clock = clock
+        self._client: jwt.PyJWKClient | None = None
+        self._keyset: _KeySet | None = None
+        self._last_attempt: float | None = None
+        self._failure: str | None = None
+        self._fetches = 0
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def fetches(self) -> int:
+        """How many times the JWKS was fetched (or tried): what a flood of unknown kids must not raise."""
+        return self._fetches
+
+    def verify(self, token: str) -> Caller:
+        """As verify_async, for a caller outside an event loop (it may wait for the issuer)."""
+        return asyncio.run(self.verify_async(token))
+
+    async def verify_async(self, token: str) -> Caller:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as exc:
+            raise errors.unauthenticated("TOKEN_INVALID", f"the bearer token is not valid: {exc}") from None
+        algorithm = header.get("alg")
+        # Checked before any key is looked up, so a token with a refused algorithm never causes a fetch.
+        if algorithm not in self.algorithms:
+            raise errors.unauthenticated(
+                "TOKEN_INVALID",
+                f"the bearer token's algorithm {algorithm!r} is not accepted (accepted: {', '.join(self.algorithms)})",
+            )
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid or len(kid) > MAX_KID_CHARS:
+            raise errors.unauthenticated("TOKEN_INVALID", "the bearer token names no key of its issuer (kid)")
+        key = await self._key(kid)
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=self.algorithms,
+                audience=self._audience,
+                issuer=self.issuer,
+                leeway=self._leeway,
+                options={"require": ["exp", "iss", "aud"], "enforce_minimum_key_length": True},
+            )
+        except jwt.ExpiredSignatureError:
+            raise errors.unauthenticated("TOKEN_EXPIRED", "the bearer token has expired; get a new one") from None
+        except jwt.InvalidTokenError as exc:
+            raise errors.unauthenticated("TOKEN_INVALID", f"the bearer token is not valid: {exc}") from None
+        return self._caller(claims)
+
+    def _caller(self, claims: Mapping[str, Any]) -> Caller:
+        subject = _claim(claims, self._user_claim)
+        if not isinstance(subject, str) or not subject:
+            raise errors.unauthenticated("TOKEN_INVALID", f"the bearer token has no {self._user_claim} claim")
+        if self._user_id_mapping is UserIdMapping.ISSUER_SUBJECT:
+            user_id = oidc_user_id(self.issuer, subject)
+        else:
+            try:
+                user_id = str(uuid.UUID(subject))
+            except ValueError:
+                raise errors.unauthenticated(
+                    "TOKEN_INVALID", f"the bearer token's {self._user_claim} must be a user id (a UUID)"
+                ) from None
+        return Caller(user_id, admin=self._is_admin(claims))
+
+    def _is_admin(self, claims: Mapping[str, Any]) -> bool:
+        if self._admin_claim is None:
+            return False
+        value = _claim(claims, self._admin_claim)
+        if self._admin_value is None:
+            return value is True
+        if isinstance(value, list):
+            return self._admin_value in value
+        return bool(value == self._admin_value)
+
+    async def _key(self, kid: str) -> jwt.PyJWK:
+        keyset = self._keyset
+        now = self._clock()
+        if keyset is not None and kid in keyset.keys and now - keyset.fetched_at < self._lifespan:
+            return keyset.keys[kid]
+        # An expired set, or a kid it lacks (a rotated key, or a made-up one): fetch unless one was just tried.
+        if self._last_attempt is None or now - self._last_attempt >= self._cooldown:
+            await self._refresh()
+        keyset = self._keyset
+        if keyset is not None and kid in keyset.keys:
+            return keyset.keys[kid]
+        if self._failure is not None:
+            raise _issuer_unavailable(self.issuer, self._failure)
+        raise errors.unauthenticated("TOKEN_INVALID", f"the bearer token's key {kid!r} is not one its issuer publishes")
+
+    async def _refresh(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        seen = self._fetches
+        async with self._lock:
+            if self._fetches != seen:
+                return  # fetched while this call waited
+            self._fetches += 1
+            self._last_attempt = self._clock()
+            try:
+                keys = await self._fetch()
+            except (httpx.HTTPError, jwt.PyJWKClientError, jwt.PyJWKError, ValueError) as exc:
+                self._failure = str(exc) or type(exc).__name__
+                log.warning("cannot fetch the keys of token issuer %s: %s", self.issuer, self._failure)
+                return
+            self._keyset = _KeySet(keys, self._clock())
+            self._failure = None
+
+    async def _fetch(self) -> dict[str, jwt.PyJWK]:
+        if self._client is None:
+            jwks_url = self._jwks_url or await self._discover()
+            # Its own cache is off: ours serves from the event loop without a lock, and keeps keys while
+            # the issuer is down. PyJWKClient fetches (urllib, no redirects) and parses the set.
+            self._client = jwt.PyJWKClient(jwks_url, cache_jwk_set=False, timeout=self._timeout)
+        signing = await asyncio.to_thread(self._client.get_signing_keys, True)
+        # A key for another algorithm (an `oct` secret, say) is never used, whatever a token's header says.
+        return {key.key_id: key for key in signing if key.key_id and key.algorithm_name in self.algorithms}
+
+    async def _discover(self) -> str:
+        url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        async with httpx.AsyncClient(timeout=self._timeout, follow_redirects=False) as client:
+            response = await client.get(url)
+            response.raise_for_status()
+            document = response.json()
+        if not isinstance(document, dict):
+            raise ValueError(f"{url} is not a JSON object")
+        # OIDC Discovery §4.3: the document must name the issuer it was fetched for.
+        if document.get("issuer") != self.issuer:
+            raise ValueError(f"{url} names issuer {document.get('issuer')!r}, not {self.issuer!r}")
+        jwks_uri = document.get("jwks_uri")
+        if not isinstance(jwks_uri, str):
+            raise ValueError(f"{url} has no jwks_uri")
+        return _check_url(jwks_uri, "jwks_uri")
+
+
+class VerifierChain(JwtVerifier):
+    """Several verifiers at once (key files and OIDC issuers): a token is verified by those that answer
+    for its `iss`, or, when none does, by those that take any issuer; the first that accepts it wins."""
+
+    def __init__(self, verifiers: Sequence[JwtVerifier]) -> None:
+        if not verifiers:
+            raise ValueError("a verifier chain needs at least one verifier")
+        super().__init__(None, sorted({alg for verifier in verifiers for alg in verifier.algorithms}))
+        self._verifiers = tuple(verifiers)
+
+    def issuers(self) -> frozenset[str | None]:
+        return frozenset().union(*(verifier.issuers() for verifier in self._verifiers))
+
+    def _candidates(self, token: str) -> list[JwtVerifier]:
+        try:
+            # Unverified, and only to choose the verifier: the chosen one checks everything.
+            claims = jwt.decode(token, options={"verify_signature": False})
+        except jwt.InvalidTokenError as exc:
+            raise errors.unauthenticated("TOKEN_INVALID", f"the bearer token is not valid: {exc}") from None
+        issuer = claims.get("iss")
+        named = [verifier for verifier in self._verifiers if issuer in verifier.issuers()]
+        candidates = named or [verifier for verifier in self._verifiers if None in verifier.issuers()]
+        if not candidates:
+            raise errors.unauthenticated("TOKEN_INVALID", f"the bearer token's issuer {issuer!r} is not trusted here")
+        return candidates
+
+    def verify(self, token: str) -> Caller:
+        refusals: list[ServiceError] = []
+        for verifier in self._candidates(token):
+            try:
+                return verifier.verify(token)
+            except ServiceError as refused:
+                refusals.append(refused)
+        raise _most_telling(refusals)
+
+    async def verify_async(self, token: str) -> Caller:
+        refusals: list[ServiceError] = []
+        for verifier in self._candidates(token):
+            try:
+                return await verifier.verify_async(token)
+            except ServiceError as refused:
+                refusals.append(refused)
+        raise _most_telling(refusals)
+
+
+def _most_telling(refusals: list[ServiceError]) -> ServiceError:
+    """An unreachable issuer first (the token may be good), then an expiry (its signature was good)."""
+    for wanted in ("ISSUER_UNAVAILABLE", "TOKEN_EXPIRED"):
+        for refused in refusals:
+            if refused.reason == wanted:
+                return refused
+    return refusals[0]
 
 
 def mint_token(
@@ -254,7 +584,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         who: Caller | ServiceError = LOCAL_CALLER
         if self._verifier is not None:
             try:
-                who = self._verifier.authenticate(handler_call_details.invocation_metadata)
+                who = await self._verifier.authenticate_async(handler_call_details.invocation_metadata)
             except ServiceError as refused:
                 log.info("refused %s: %s", method, refused)
                 who = refused
