@@ -27,22 +27,46 @@ def test_quick_benchmark_writes_json_and_report(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
 
     results = json.loads(output.read_text())
-    assert results["create"]["rps"] > 0
-    assert results["create"]["ratio_to_echo"] is not None
-    assert results["pipeline"]["per_second"] > 0
-    assert results["update"]["per_second"] > 0
-    # SQLite always; PostgreSQL too where a server answers (else a note says why not).
-    assert "sqlite" in results["update"]["by_database"]
+    # SQLite always; PostgreSQL too where a server answers (else each stage has a note saying why not).
+    stages = ("create", "pipeline", "update", "watch", "list", "telemetry")
+    for stage in stages:
+        assert "sqlite" in results[stage]["by_database"], stage
+        if set(results[stage]["by_database"]) != set(results["databases"]):
+            assert any("postgresql" in note for note in results[stage]["notes"]), (stage, results[stage]["notes"])
+
+    for kind, entry in results["create"]["by_database"].items():
+        for concurrency, level in entry["by_concurrency"].items():
+            assert level["create"]["rps"] > 0, (kind, concurrency, level)
+            assert level["echo"]["rps"] > 0, (kind, concurrency, level)
+            assert level["ratio_to_echo"] > 0, (kind, concurrency, level)
+        assert entry["p50_ratio_to_echo_at_1"] > 0, (kind, entry)
+    for kind, entry in results["pipeline"]["by_database"].items():
+        assert entry["per_second"] > 0, (kind, entry)
+        assert entry["ratio_to_goal"] > 0, (kind, entry)
+        assert entry["create_to_running_p99_ms"] > 0, (kind, entry)
     for kind, entry in results["update"]["by_database"].items():
         assert entry["per_second"] > 0, (kind, entry)
         assert entry["running"] > 0, (kind, entry)
         assert entry["healthy"] == entry["updates"] == entry["running"], (kind, entry)
         assert entry["all_healthy"], (kind, entry)
-    assert results["watch"]["streams"] > 0
-    assert results["watch"]["p99_ms"] is not None
-    assert results["watch"]["nats_p99_ms"] is not None
+    for kind, entry in results["watch"]["by_database"].items():
+        assert entry["streams"] > 0, (kind, entry)
+        assert entry["p99_ms"] > 0, (kind, entry)
+        assert entry["nats_p99_ms"] > 0, (kind, entry)
+        assert entry["ratio_to_nats_p99"] > 0, (kind, entry)
+    for kind, entry in results["list"]["by_database"].items():
+        assert len(entry["p99_ms_by_rows"]) >= 2, (kind, entry)
+        assert all(p99 > 0 for p99 in entry["p99_ms_by_rows"].values()), (kind, entry)
+        assert entry["largest_rows"] > 0, (kind, entry)
+        assert entry["ratio_to_goal"] > 0, (kind, entry)
+    for kind, entry in results["telemetry"]["by_database"].items():
+        assert entry["off"]["rps"] > 0, (kind, entry)
+        assert entry["on"]["rps"] > 0, (kind, entry)
+        assert entry["ratio_on_to_off"] > 0, (kind, entry)
+        # Tracing was really on: the receiver got spans, and /metrics answered.
+        assert entry["spans_exported"] > 0, (kind, entry)
+        assert entry["scrapes"] > 0, (kind, entry)
     assert set(results["scheduler"]["p99_ms_by_locations"]) == {"10", "100", "1000", "10000"}
-    assert len(results["list"]["p99_ms_by_rows"]) >= 2
     assert {target["name"] for target in results["targets"]} == {
         "create",
         "pipeline",
@@ -50,9 +74,11 @@ def test_quick_benchmark_writes_json_and_report(tmp_path: Path) -> None:
         "watch",
         "placement",
         "list",
+        "telemetry",
     }
 
     text = report.read_text()
     assert "## Targets of issue 7" in text
     assert "## Image updates" in text
+    assert "## Telemetry overhead (issue 14)" in text
     assert report.with_suffix(".png").stat().st_size > 0
