@@ -331,7 +331,7 @@ class OidcVerifier(JwtVerifier):
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid or len(kid) > MAX_KID_CHARS:
             raise errors.unauthenticated("TOKEN_INVALID", "the bearer token names no key of its issuer (kid)")
-        key = await self._key(kid)
+        key = await self._signing_key(kid)
         try:
             claims = jwt.decode(
                 token,
@@ -373,7 +373,7 @@ class OidcVerifier(JwtVerifier):
             return self._admin_value in value
         return bool(value == self._admin_value)
 
-    async def _key(self, kid: str) -> jwt.PyJWK:
+    async def _signing_key(self, kid: str) -> jwt.PyJWK:
         keyset = self._keyset
         now = self._clock()
         if keyset is not None and kid in keyset.keys and now - keyset.fetched_at < self._lifespan:
@@ -386,7 +386,9 @@ class OidcVerifier(JwtVerifier):
             return keyset.keys[kid]
         if self._failure is not None:
             raise _issuer_unavailable(self.issuer, self._failure)
-        raise errors.unauthenticated("TOKEN_INVALID", f"the bearer token's key {kid!r} is not one its issuer publishes")
+        raise errors.unauthenticated(
+            "TOKEN_INVALID", f"the bearer token's key (kid {kid!r}) is not one its issuer publishes"
+        )
 
     async def _refresh(self) -> None:
         loop = asyncio.get_running_loop()
