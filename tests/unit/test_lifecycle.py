@@ -56,3 +56,14 @@ def test_the_lifecycle_table_in_the_api_docs_is_the_operations_table() -> None:
                 shown[operation].add(status)
     assert statuses == set(STATUSES)
     assert shown == {operation: set(allowed_from) for operation, allowed_from in OPERATIONS.items()}
+
+
+def test_only_a_start_wakes_a_stopped_deployment_and_only_a_stop_puts_it_to_sleep() -> None:
+    # A stop job's late progress report (running) must not undo the stop its last report made.
+    assert not allowed("stopped", "running")
+    assert not allowed("stopped", "running", "update")
+    assert allowed("stopped", "running", "start")
+    assert allowed("stopped", "provisioning", "start")
+    assert not allowed("running", "stopped")
+    assert allowed("running", "stopped", "stop")
+    assert allowed("stopped", "stopped")
