@@ -160,28 +160,118 @@ async def _log_error(error: Exception) -> None:
     log.warning("NATS: %s", error or type(error).__name__)
 
 
+def server_urls(url: str) -> list[str]:
+    """The servers of a comma-separated list (`nats://a:4222,nats://b:4222`): the seeds of a cluster."""
+    urls = [part.strip() for part in url.split(",") if part.strip()]
+    if not urls:
+        raise ValueError(f"no NATS server in {url!r}")
+    return urls
+
+
+# How a client notices a server that stopped answering without closing its connections (frozen, cut
+# off by the network): a ping every PING_INTERVAL, and the connection is given up after
+# MAX_OUTSTANDING_PINGS unanswered, then the client moves to another server of the cluster. The
+# client's defaults (2 minutes, 2 pings) would leave a process stuck on a lost node for 4 minutes.
+PING_INTERVAL = 5
+MAX_OUTSTANDING_PINGS = 3
+
+
 async def connect(url: str, name: str, *, security: NatsSecurity | None = None, **options: Any) -> Client:
-    """Connects with reconnects for ever: a process outlives NATS restarts instead of dying with them."""
+    """Connects with reconnects for ever, across every server of `url` (one URL or a comma-separated
+    list) and those the cluster announces: a process outlives NATS restarts and the loss of a node."""
     options.setdefault("error_cb", _log_error)
     return await nats.connect(
-        url,
+        servers=server_urls(url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         connect_timeout=5,
         allow_reconnect=True,
+        ping_interval=PING_INTERVAL,
+        max_outstanding_pings=MAX_OUTSTANDING_PINGS,
         **(security or _security).options(),
         **options,
     )
 
 
-async def ensure_streams(js: JetStreamContext, *, storage: StorageType = StorageType.FILE) -> None:
-    """Declares every stream; safe to run from every process at every start."""
+# Set once by the command line (--stream-replicas); None: 3 on a clustered server, 1 on a lone one.
+_stream_replicas: int | None = None
+CLUSTER_REPLICAS = 3
+
+
+def use_stream_replicas(replicas: int | None) -> None:
+    """Makes every later `ensure_streams` of this process ask for this many replicas (None: by the server)."""
+    if replicas is not None and not 1 <= replicas <= 5:
+        raise ValueError(f"stream replicas must be 1 to 5, got {replicas}")
+    global _stream_replicas
+    _stream_replicas = replicas
+
+
+def default_replicas(server_info: Mapping[str, Any]) -> int:
+    """3 when the server is part of a cluster (its INFO names one), 1 otherwise (dev, tests)."""
+    return CLUSTER_REPLICAS if server_info.get("cluster") else 1
+
+
+async def ensure_streams(
+    js: JetStreamContext, *, storage: StorageType = StorageType.FILE, replicas: int | None = None
+) -> None:
+    """Declares every stream; safe to run from every process at every start.
+
+    The replica count asked is `replicas`, else the process's --stream-replicas, else the server's
+    default. A stream that exists with another replica count is kept as it is, with a warning naming
+    it: changing replicas moves a stream's data between nodes, and recreating it would drop the
+    messages in flight, so that is the operator's call (`nats stream edit --replicas`), made once,
+    not a side effect of whichever process starts first. Refusing to start instead would turn a
+    durability shortfall into an outage of every process at once, including during a rolling upgrade
+    that changes the setting.
+    """
+    if replicas is None:
+        replicas = _stream_replicas
+    if replicas is None:
+        replicas = default_replicas(_server_info(js))
     for config in _streams(storage):
+        config.num_replicas = replicas
         try:
             await js.add_stream(config)
         except BadRequestError:
+            # It exists with another configuration: bring the rest up to date, keep its replicas.
+            assert config.name is not None
+            existing = await js.stream_info(config.name)
+            kept = existing.config.num_replicas or 1
+            if kept != replicas:
+                log.warning(
+                    "stream %s has %d replicas, %d asked: kept as it is (change it with "
+                    "`nats stream edit %s --replicas %d`)",
+                    config.name,
+                    kept,
+                    replicas,
+                    config.name,
+                    replicas,
+                )
+                config.num_replicas = kept
             await js.update_stream(config)
+
+
+async def _until_declared(js: JetStreamContext, stopping: asyncio.Event) -> None:
+    """Declares the streams, again until it works: on a cluster the JetStream API does not answer
+    while the nodes elect a meta leader, which is no reason for a worker to die."""
+    delay = 0.5
+    while True:
+        try:
+            await ensure_streams(js)
+            return
+        except Exception as exc:
+            if stopping.is_set():
+                raise
+            log.warning("streams not declared yet (%s); trying again in %g s", exc or type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _server_info(js: JetStreamContext) -> Mapping[str, Any]:
+    """The INFO of the server the context's connection talks to; the client keeps it unexported."""
+    info: Mapping[str, Any] = getattr(getattr(js, "_nc", None), "_server_info", None) or {}
+    return info
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str, durable: str, filter_subject: str) -> None:
@@ -420,7 +510,7 @@ class Worker:
         await self.prepare()
         nc = await connect(self.nats_url, self.name)
         self._js = nc.jetstream()
-        await ensure_streams(self._js)
+        await _until_declared(self._js, self._stopping)
         for core in self.core_subscriptions():
             await nc.subscribe(core.subject, queue=core.queue, cb=core.handler)
         consumers = [

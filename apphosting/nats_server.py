@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 # Started through this script, the server ends when the thread that started it ends (Linux).
@@ -48,6 +49,27 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
+@dataclass(frozen=True)
+class ClusterRoutes:
+    """What makes a server a node of a cluster: its name, the cluster's, its route port and its peers'."""
+
+    server_name: str
+    cluster_name: str
+    port: int
+    peers: tuple[int, ...]
+
+    def lines(self) -> list[str]:
+        routes = ", ".join(f"nats-route://127.0.0.1:{peer}" for peer in self.peers)
+        return [
+            f"server_name: {self.server_name}",
+            "cluster {",
+            f"  name: {self.cluster_name}",
+            f"  listen: 127.0.0.1:{self.port}",
+            f"  routes: [{routes}]",
+            "}",
+        ]
+
+
 class NatsServer:
     """A nats-server with JetStream and file storage in its own folder; restartable on the same port."""
 
@@ -57,6 +79,7 @@ class NatsServer:
         port: int | None = None,
         sync_interval: str | None = None,
         monitor_port: int | None = None,
+        cluster: ClusterRoutes | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
@@ -65,6 +88,8 @@ class NatsServer:
         # How often JetStream fsyncs its files: None keeps the server's default (every 2 minutes),
         # "always" syncs every write before acknowledging it (see docs/design.md, Durability).
         self.sync_interval = sync_interval
+        # A node of a JetStream cluster; None: a lone server.
+        self.cluster = cluster
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -79,6 +104,7 @@ class NatsServer:
         """The server's settings as a config file: sync_interval has no command-line flag."""
         path = self.store_dir / "nats-server.conf"
         lines = [
+            *(self.cluster.lines() if self.cluster is not None else []),
             f"listen: 127.0.0.1:{self.port}",
             *([f"http: 127.0.0.1:{self.monitor_port}"] if self.monitor_port is not None else []),
             "jetstream {",

@@ -49,7 +49,22 @@ def _add_log_format(parser: argparse.ArgumentParser, default: str = "json") -> N
 
 
 def _add_common(parser: argparse.ArgumentParser, *, database: bool = True) -> None:
-    parser.add_argument("--nats-url", default=DEFAULT_NATS_URL, help=f"NATS server (default {DEFAULT_NATS_URL})")
+    parser.add_argument(
+        "--nats-url",
+        action="append",
+        default=None,
+        metavar="URL[,URL...]",
+        help=f"NATS server, or a cluster's servers: comma-separated or the flag repeated (default {DEFAULT_NATS_URL})",
+    )
+    parser.add_argument(
+        "--stream-replicas",
+        type=int,
+        choices=range(1, 6),
+        default=None,
+        metavar="N",
+        help="replicas of each JetStream stream this process creates (default: 3 on a NATS cluster, 1 on one server);"
+        " an existing stream keeps its own, with a warning",
+    )
     if database:
         parser.add_argument(
             "--database-url",
@@ -84,6 +99,14 @@ def _use_nats_security(args: argparse.Namespace) -> None:
             tls_key_file=args.nats_tls_key,
         )
     )
+
+
+def _use_nats_cluster(args: argparse.Namespace) -> None:
+    """One comma-separated --nats-url from every one given, and the stream replicas asked for."""
+    from apphosting import bus
+
+    args.nats_url = ",".join(url for given in args.nats_url or [DEFAULT_NATS_URL] for url in bus.server_urls(given))
+    bus.use_stream_replicas(args.stream_replicas)
 
 
 def _limit(kind: Callable[[str], float]) -> Callable[[str], float | None]:
@@ -508,6 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tracing.configure(args.command)
     if hasattr(args, "nats_creds"):
         _use_nats_security(args)
+        _use_nats_cluster(args)
     if hasattr(args, "insecure_no_auth") and (refused := _check_insecure_remote(args.command, args)) is not None:
         return _fail(args.command, refused, 2)
     if args.command == "api":

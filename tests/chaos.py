@@ -2,10 +2,11 @@
 
     python -m tests.chaos --deployments 200 --operations 300 --kills 20
 
-starts nats-server, two API replicas, a scheduler and two provisioners as real processes, creates
+starts nats-server (with --nats-cluster 3, a JetStream cluster of three nodes whose streams have three
+replicas), two API replicas, a scheduler and two provisioners as real processes, creates
 the deployments through both APIs and issues random day-2 operations on them (update, scale, stop,
-start, rollback, promote) while it kills and restarts a random one of the processes (nats-server
-included) at random moments, holds resumable watches on some deployments, then waits until every
+start, rollback, promote) while it kills and restarts a random one of the processes (nats-server, or
+each NATS node, included) at random moments, holds resumable watches on some deployments, then waits until every
 accepted deployment is at rest and prints one line:
 
     accepted=… running=… stopped=… failed=… error=… lost=0 duplicated=0 mismatched=0 watch_gaps=0 …
@@ -162,11 +163,17 @@ async def _watch(client: _Client, deployment_id: str, revisions: list[int], dead
 
 
 async def _kill_loop(cluster: Cluster, kills: int, span: float, rng: random.Random, result: ChaosResult) -> None:
-    targets = [*cluster.processes, "nats"]
+    nodes = cluster.nats_cluster
+    targets = [*cluster.processes, *(["nats"] if nodes is None else [f"nats-{nodes.name_of(n)}" for n in nodes.nodes])]
     for _ in range(kills):
         await asyncio.sleep(rng.uniform(0.3, 2 * span / kills))
         target = rng.choice(targets)
-        if target == "nats":
+        if nodes is not None and target.startswith("nats-"):
+            node = nodes.node(target.removeprefix("nats-"))
+            await asyncio.to_thread(nodes.kill, node)
+            await asyncio.sleep(rng.uniform(0.1, 1.0))
+            await asyncio.to_thread(nodes.restart, node)
+        elif target == "nats":
             assert cluster.nats.process is not None
             cluster.nats.process.kill()
             cluster.nats.process.wait()
@@ -191,13 +198,14 @@ async def run_chaos(
     seed: int = 1,
     database_url: str | None = None,
     watches: int = 10,
+    nats_nodes: int = 1,
 ) -> ChaosResult:
     rng = random.Random(seed)
     result = ChaosResult()
     started = time.monotonic()
     deadline = started + seconds
-    cluster = _ChaosCluster(workdir, database_url or f"sqlite:///{workdir / 'apphosting.db'}")
-    await asyncio.to_thread(cluster.nats.start)
+    cluster = _ChaosCluster(workdir, database_url or f"sqlite:///{workdir / 'apphosting.db'}", nats_nodes=nats_nodes)
+    await asyncio.to_thread(cluster.nats.start if cluster.nats_cluster is None else cluster.nats_cluster.start)
     client: _Client | None = None
     try:
         for name in ("api-1", "api-2"):
@@ -327,6 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--database-url", default=None, help="default: a SQLite file in the work folder")
     parser.add_argument("--workdir", default=None, help="keep logs and data here (default: a temp folder)")
+    parser.add_argument(
+        "--nats-cluster",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run NATS as a JetStream cluster of N nodes (streams replicated on 3), whose nodes are among the victims",
+    )
     parser.add_argument("--verbose", action="store_true", help="print what was killed and every problem")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="apphosting-chaos-") as tmp:
@@ -340,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 seconds=args.seconds,
                 seed=args.seed,
                 database_url=args.database_url,
+                nats_nodes=args.nats_cluster,
             )
         )
     if args.verbose or not result.ok:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apphosting.nats_server import NatsServer, free_port, wait_for_port
+from tests.support.nats_cluster import NatsCluster
 
 
 @dataclass
@@ -68,16 +69,21 @@ class Cluster:
     database_url: str
     locations_file: str | None = None
     simulate_delay: float = 0.05
+    # More than 1: the processes talk to a JetStream cluster of that many nodes instead of `nats`.
+    nats_nodes: int = 1
     nats: NatsServer = field(init=False)
+    nats_cluster: NatsCluster | None = field(init=False, default=None)
     processes: dict[str, Process] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.nats = NatsServer(self.workdir / "jetstream")
+        if self.nats_nodes > 1:
+            self.nats_cluster = NatsCluster(self.workdir / "nats-cluster", self.nats_nodes)
         self.state_file = str(self.workdir / "simulated-clusters.db")
 
     def _common(self) -> list[str]:
-        args = ["--nats-url", self.nats.url]
+        args = ["--nats-url", self.nats.url if self.nats_cluster is None else self.nats_cluster.url]
         if self.locations_file:
             args += ["--locations", self.locations_file]
         return args
@@ -124,3 +130,5 @@ class Cluster:
         for process in self.processes.values():
             process.stop(timeout=15)
         self.nats.stop()
+        if self.nats_cluster is not None:
+            self.nats_cluster.stop()

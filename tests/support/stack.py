@@ -21,6 +21,7 @@ from provisioner.worker import Provisioner, ProvisionerOptions
 from scheduler.service import Scheduler, SchedulerOptions
 from services.deployments.app import ApiOptions, ApiServer
 from services.deployments.quotas import UNLIMITED
+from tests.support.nats_cluster import NatsCluster
 from tests.support.tcp_proxy import TcpProxy
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ FAST = RetryPolicy(backoff_base=0.05, backoff_cap=0.2, max_attempts=3, min_poll=
 
 @dataclass
 class Stack:
-    nats: NatsServer
+    nats: NatsServer | NatsCluster
     database_url: str
     locations_file: str | None
     apis: list[ApiServer] = field(default_factory=list)

@@ -1,0 +1,214 @@
+"""A 3-node JetStream cluster under the pipeline: streams replicated on 3, and the loss of the meta leader,
+of stream leaders or of a node cut off for longer than the ack wait loses and doubles nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from apphosting import bus
+from apphosting.nats_server import NatsServer
+from apphosting.v1 import deployments_pb2 as pb
+from provisioner.simulated import SimulatedState
+from tests.support.nats_cluster import NatsCluster
+from tests.support.stack import Stack, eventually
+
+if TYPE_CHECKING:
+    from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+STREAMS = (bus.REQUESTS_STREAM, bus.JOBS_STREAM, bus.EVENTS_STREAM)
+SETTLED = {pb.DEPLOYMENT_STATUS_RUNNING, pb.DEPLOYMENT_STATUS_FAILED, pb.DEPLOYMENT_STATUS_ERROR}
+DEPLOYMENTS = 36
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    cluster = NatsCluster(tmp_path / "nats-cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def cluster_stack(
+    nats_cluster: NatsCluster, database_url: str, locations: str | None, tmp_path: Path
+) -> AsyncIterator[tuple[Stack, DeploymentServiceAsyncStub, str]]:
+    """The pipeline on the cluster: two API replicas' worth of load through one, a scheduler and two
+    simulated provisioners that record every object they create."""
+    built = Stack(nats_cluster, database_url, locations)
+    state = str(tmp_path / "simulated-clusters.db")
+    try:
+        stub = await built.add_api()
+        built.add_scheduler()
+        for _ in range(2):
+            built.add_provisioner(simulate_delay=0.05, simulate_state=state)
+        yield built, stub, state
+    finally:
+        await built.close()
+
+
+def request(name: str) -> pb.CreateAppHostingDeploymentRequest:
+    return pb.CreateAppHostingDeploymentRequest(
+        geographic_region="eu",
+        deployment_name=name,
+        app_type="web_app",
+        docker_image="ghcr.io/acme/web:1.0.0",
+        request_id=str(uuid.uuid4()),
+    )
+
+
+async def create_over(stub: DeploymentServiceAsyncStub, prefix: str, count: int, span: float) -> list[str]:
+    """Creates `count` deployments spread over `span` seconds, so they flow while nodes go."""
+    ids = []
+    for n in range(count):
+        created = await stub.CreateAppHostingDeployment(request(f"{prefix}-{n}"), timeout=30)
+        ids.append(created.id)
+        await asyncio.sleep(span / count)
+    return ids
+
+
+async def settle(stub: DeploymentServiceAsyncStub, ids: list[str], within: float = 300) -> dict[str, pb.Deployment]:
+    async with asyncio.timeout(within):
+        while True:
+            found = {i: await stub.GetDeployment(pb.GetDeploymentRequest(id=i), timeout=30) for i in ids}
+            if all(d.status in SETTLED for d in found.values()):
+                return found
+            await asyncio.sleep(0.3)
+
+
+async def until(check: Callable[[], str | None], within: float = 120) -> str:
+    """Polls a blocking check in a thread until it returns something other than None."""
+    async with asyncio.timeout(within):
+        while True:
+            found = await asyncio.to_thread(check)
+            if found is not None:
+                return found
+            await asyncio.sleep(0.1)
+
+
+async def running(stub: DeploymentServiceAsyncStub, deployment_id: str) -> bool:
+    found = await stub.GetDeployment(pb.GetDeploymentRequest(id=deployment_id), timeout=30)
+    return found.status == pb.DEPLOYMENT_STATUS_RUNNING
+
+
+def assert_built_once(state: str, deployments: int) -> None:
+    creations = SimulatedState(state).creations()
+    # A namespace, a vCluster and an app per deployment, each created exactly once.
+    assert len(creations) == 3 * deployments, creations
+    assert set(creations.values()) == {1}, {name: count for name, count in creations.items() if count != 1}
+
+
+def other_than(found: str | None, leader: str) -> str | None:
+    return None if found == leader else found
+
+
+async def kill_leader(nats_cluster: NatsCluster, leader: str, *, stream: str | None = None) -> None:
+    """SIGKILLs the node that leads, waits until the others elected another leader, then restarts it."""
+    node = nats_cluster.node(leader)
+    await asyncio.to_thread(nats_cluster.kill, node)
+    if stream is None:
+        await until(lambda: other_than(nats_cluster.meta_leader(), leader))
+    else:
+        await until(lambda: other_than(nats_cluster.stream_leader(stream), leader))
+    await asyncio.to_thread(nats_cluster.restart, node)
+    await asyncio.to_thread(nats_cluster.wait_for_meta_leader)
+
+
+async def test_streams_are_replicated_on_every_node(
+    nats_cluster: NatsCluster, cluster_stack: tuple[Stack, DeploymentServiceAsyncStub, str]
+) -> None:
+    async def replicated() -> bool:
+        return [await asyncio.to_thread(nats_cluster.stream_replicas, s) for s in STREAMS] == [3, 3, 3]
+
+    await eventually(replicated, within=120)
+
+
+async def test_meta_leader_and_stream_leaders_killed_while_deployments_flow(
+    nats_cluster: NatsCluster, cluster_stack: tuple[Stack, DeploymentServiceAsyncStub, str]
+) -> None:
+    _, stub, state = cluster_stack
+    creating = asyncio.create_task(create_over(stub, "flow", DEPLOYMENTS, span=15))
+    killed = []
+    meta = await until(nats_cluster.meta_leader)
+    await kill_leader(nats_cluster, meta)
+    killed.append(f"meta {meta}")
+    for stream in (bus.JOBS_STREAM, bus.EVENTS_STREAM, bus.REQUESTS_STREAM):
+        leader = await until(lambda s=stream: nats_cluster.stream_leader(s))  # type: ignore[misc]
+        await kill_leader(nats_cluster, leader, stream=stream)
+        killed.append(f"{stream} {leader}")
+    ids = await creating
+    final = await settle(stub, ids)
+    assert {
+        i: pb.DeploymentStatus.Name(d.status) for i, d in final.items() if d.status != pb.DEPLOYMENT_STATUS_RUNNING
+    } == {}, killed
+    assert_built_once(state, DEPLOYMENTS)
+
+
+async def test_a_node_cut_off_longer_than_the_ack_wait(
+    nats_cluster: NatsCluster, cluster_stack: tuple[Stack, DeploymentServiceAsyncStub, str]
+) -> None:
+    _, stub, state = cluster_stack
+    first = await create_over(stub, "before", 6, span=1)
+    # The node that leads the jobs stream: its messages in flight are the ones a cut-off node holds.
+    leader = await until(lambda: nats_cluster.stream_leader(bus.JOBS_STREAM))
+    node = nats_cluster.node(leader)
+    cut_at = time.monotonic()
+    await asyncio.to_thread(nats_cluster.freeze, node)
+    try:
+        creating = asyncio.create_task(create_over(stub, "during", DEPLOYMENTS, span=10))
+        # The others carry on without it: a new leader for the stream, and deployments that run.
+        await until(lambda: other_than(nats_cluster.stream_leader(bus.JOBS_STREAM), leader))
+        during = await creating
+        await eventually(lambda: running(stub, during[0]), within=300)
+        # Held away for longer than a message's ack wait, so what it held is redelivered elsewhere.
+        await asyncio.sleep(max(0.0, cut_at + bus.ACK_WAIT + 2 - time.monotonic()))
+    finally:
+        await asyncio.to_thread(nats_cluster.resume, node)
+    after = await create_over(stub, "after", 6, span=1)
+    ids = first + during + after
+    final = await settle(stub, ids)
+    assert {
+        i: pb.DeploymentStatus.Name(d.status) for i, d in final.items() if d.status != pb.DEPLOYMENT_STATUS_RUNNING
+    } == {}
+    assert_built_once(state, len(ids))
+    # The node rejoined: it answers and agrees on the leader again.
+    assert await until(nats_cluster.meta_leader)
+
+
+async def test_a_stream_with_another_replica_count_is_reported_and_kept(
+    nats_cluster: NatsCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    nc = await bus.connect(nats_cluster.url, "replicas-test")
+    try:
+        js = nc.jetstream()
+        await bus.ensure_streams(js, replicas=1)
+        with caplog.at_level(logging.WARNING, logger=bus.__name__):
+            # A later process on the cluster asks for the cluster default, 3.
+            await bus.ensure_streams(js)
+        for stream in STREAMS:
+            assert (await js.stream_info(stream)).config.num_replicas == 1
+            assert f"stream {stream} has 1 replicas, 3 asked: kept as it is" in caplog.text
+    finally:
+        await nc.close()
+
+
+async def test_a_lone_server_gets_one_replica(nats_server: NatsServer) -> None:
+    nc = await bus.connect(nats_server.url, "replicas-test")
+    try:
+        js = nc.jetstream()
+        await bus.ensure_streams(js)
+        for stream in STREAMS:
+            assert (await js.stream_info(stream)).config.num_replicas == 1
+    finally:
+        await nc.close()

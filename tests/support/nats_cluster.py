@@ -1,0 +1,144 @@
+"""A JetStream cluster of real nats-server processes on loopback, whose nodes a test can kill, freeze and restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from apphosting.nats_server import ClusterRoutes, NatsServer, free_port
+
+CLUSTER_NAME = "apphosting-test"
+
+
+class NatsCluster:
+    """`size` nodes with routes to each other, each with its own store and monitoring port.
+
+    `url` is the comma-separated list every process of the platform takes as --nats-url, so the
+    cluster stands wherever one NatsServer does.
+    """
+
+    def __init__(self, workdir: Path, size: int = 3) -> None:
+        route_ports = [free_port() for _ in range(size)]
+        self.nodes: list[NatsServer] = []
+        for n, port in enumerate(route_ports):
+            routes = ClusterRoutes(
+                server_name=f"n{n + 1}",
+                cluster_name=CLUSTER_NAME,
+                port=port,
+                peers=tuple(p for p in route_ports if p != port),
+            )
+            self.nodes.append(NatsServer(workdir / f"n{n + 1}", monitor_port=free_port(), cluster=routes))
+        self.frozen: set[str] = set()
+
+    @property
+    def url(self) -> str:
+        return ",".join(node.url for node in self.nodes)
+
+    def node(self, name: str) -> NatsServer:
+        for node in self.nodes:
+            if node.cluster is not None and node.cluster.server_name == name:
+                return node
+        raise KeyError(name)
+
+    def name_of(self, node: NatsServer) -> str:
+        assert node.cluster is not None
+        return node.cluster.server_name
+
+    def alive(self) -> list[NatsServer]:
+        """The nodes that run and answer (not frozen)."""
+        return [
+            n
+            for n in self.nodes
+            if n.process is not None and n.process.poll() is None and self.name_of(n) not in self.frozen
+        ]
+
+    def start(self, timeout: float = 60) -> None:
+        for node in self.nodes:
+            node.start()
+        self.wait_for_meta_leader(timeout)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            self.resume(node)
+            node.stop()
+
+    def kill(self, node: NatsServer) -> None:
+        """SIGKILL: the node's store stays as the crash left it."""
+        if node.process is not None and node.process.poll() is None:
+            node.process.kill()
+            node.process.wait()
+
+    def restart(self, node: NatsServer) -> None:
+        """Starts a killed node again on the same ports and store."""
+        node.start()
+
+    def freeze(self, node: NatsServer) -> None:
+        """SIGSTOP: its connections stay open but nothing answers, as when the network cuts it off."""
+        if node.process is not None and node.process.poll() is None:
+            os.kill(node.process.pid, signal.SIGSTOP)
+            self.frozen.add(self.name_of(node))
+
+    def resume(self, node: NatsServer) -> None:
+        if node.process is not None and node.process.poll() is None:
+            os.kill(node.process.pid, signal.SIGCONT)
+        self.frozen.discard(self.name_of(node))
+
+    def jsz(self, node: NatsServer, query: str = "") -> dict[str, Any]:
+        assert node.monitor_url is not None
+        with urllib.request.urlopen(f"{node.monitor_url}/jsz{query}", timeout=5) as answer:
+            found: dict[str, Any] = json.load(answer)
+            return found
+
+    def meta_leader(self) -> str | None:
+        """The name of the node that leads the meta group, when the live nodes agree on one."""
+        leaders = set()
+        for node in self.alive():
+            try:
+                leaders.add(self.jsz(node).get("meta_cluster", {}).get("leader"))
+            except OSError:
+                return None
+        if len(leaders) == 1:
+            leader = leaders.pop()
+            return leader or None
+        return None
+
+    def stream_leader(self, stream: str) -> str | None:
+        """The name of the node that leads the stream's group, as a live node reports it."""
+        for node in self.alive():
+            try:
+                answer = self.jsz(node, "?streams=true")
+            except OSError:
+                continue
+            for account in answer.get("account_details", []):
+                for detail in account.get("stream_detail", []):
+                    if detail.get("name") == stream:
+                        leader = detail.get("cluster", {}).get("leader")
+                        if leader:
+                            return str(leader)
+        return None
+
+    def stream_replicas(self, stream: str) -> int | None:
+        for node in self.alive():
+            try:
+                answer = self.jsz(node, "?streams=true&config=true")
+            except OSError:
+                continue
+            for account in answer.get("account_details", []):
+                for detail in account.get("stream_detail", []):
+                    if detail.get("name") == stream:
+                        return int(detail.get("config", {}).get("num_replicas", 1))
+        return None
+
+    def wait_for_meta_leader(self, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            leader = self.meta_leader()
+            if leader is not None and leader in {self.name_of(n) for n in self.alive()}:
+                return leader
+            time.sleep(0.1)
+        raise TimeoutError(f"no meta leader among {[self.name_of(n) for n in self.alive()]} after {timeout} s")
