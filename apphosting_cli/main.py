@@ -143,6 +143,29 @@ def _add_api_security(parser: argparse.ArgumentParser, *, dev: bool = False) -> 
     )
     auth.add_argument("--jwt-audience", default=None, help="require this aud claim")
     auth.add_argument("--jwt-issuer", default=None, help="require this iss claim")
+    oidc = parser.add_argument_group("tokens of an OIDC issuer, beside or instead of a JWT key (docs/api.md)")
+    oidc.add_argument("--oidc-issuer", default=None, metavar="URL", help="the issuer (its iss); keys by discovery")
+    oidc.add_argument("--oidc-audience", default=None, help="the aud the tokens must carry (needed with --oidc-issuer)")
+    oidc.add_argument("--oidc-jwks-url", default=None, metavar="URL", help="the JWKS, instead of discovery")
+    oidc.add_argument("--oidc-algorithms", default="RS256,ES256", help="accepted algorithms (default RS256,ES256)")
+    oidc.add_argument("--oidc-user-claim", default="sub", help="the claim naming the user (default sub)")
+    oidc.add_argument(
+        "--oidc-user-id",
+        choices=("issuer-subject", "claim"),
+        default="issuer-subject",
+        help="user id: a UUID of issuer and claim (default), or the claim itself (a UUID)",
+    )
+    oidc.add_argument("--oidc-admin-claim", default=None, help="a claim (dotted path) that makes a caller an admin")
+    oidc.add_argument("--oidc-admin-value", default=None, help="the value (or list member) of --oidc-admin-claim")
+    oidc.add_argument(
+        "--oidc-cache-lifespan", type=_positive_seconds, default=300.0, help="seconds keys are kept (default 300)"
+    )
+    oidc.add_argument(
+        "--oidc-refetch-cooldown",
+        type=_seconds,
+        default=30.0,
+        help="least seconds between two fetches of the keys for an unknown kid (default 30)",
+    )
     tls = parser.add_argument_group("TLS")
     tls.add_argument("--tls-cert", default=None, help="server certificate chain (PEM); without it, plaintext")
     tls.add_argument("--tls-key", default=None, help="key (PEM) of --tls-cert")
@@ -216,22 +239,56 @@ def _api_options(args: argparse.Namespace) -> ApiOptions:
     """The API's options from the flags of _add_api_security; without a JWT key, auth stays unset."""
     from apphosting.settings import Limits
     from services.deployments.app import ApiOptions
-    from services.deployments.auth import NOT_CONFIGURED, JwtVerifier, Unset
+    from services.deployments.auth import (
+        NOT_CONFIGURED,
+        JwtVerifier,
+        OidcVerifier,
+        Unset,
+        UserIdMapping,
+        VerifierChain,
+    )
     from services.deployments.quotas import UNLIMITED, Quotas
 
     auth: JwtVerifier | Unset | None = NOT_CONFIGURED
-    if args.insecure_no_auth:
-        auth = None
-    elif args.jwt_secret_file or args.jwt_public_key_file:
+    verifiers: list[JwtVerifier] = []
+    if args.jwt_secret_file or args.jwt_public_key_file:
         try:
-            auth = JwtVerifier.from_files(
-                secret_file=args.jwt_secret_file,
-                public_key_file=args.jwt_public_key_file,
-                audience=args.jwt_audience,
-                issuer=args.jwt_issuer,
+            verifiers.append(
+                JwtVerifier.from_files(
+                    secret_file=args.jwt_secret_file,
+                    public_key_file=args.jwt_public_key_file,
+                    audience=args.jwt_audience,
+                    issuer=args.jwt_issuer,
+                )
             )
         except (OSError, ValueError) as exc:
             build_parser().error(f"cannot use the JWT key: {exc}")
+    if args.oidc_issuer:
+        if args.insecure_no_auth:
+            build_parser().error("--insecure-no-auth and --oidc-issuer exclude each other: choose one")
+        if not args.oidc_audience:
+            build_parser().error("--oidc-issuer needs --oidc-audience: the aud its tokens carry for this API")
+        try:
+            verifiers.append(
+                OidcVerifier(
+                    args.oidc_issuer,
+                    args.oidc_audience,
+                    jwks_url=args.oidc_jwks_url,
+                    algorithms=[name.strip() for name in args.oidc_algorithms.split(",") if name.strip()],
+                    user_claim=args.oidc_user_claim,
+                    user_id_mapping=UserIdMapping(args.oidc_user_id),
+                    admin_claim=args.oidc_admin_claim,
+                    admin_value=args.oidc_admin_value,
+                    cache_lifespan=args.oidc_cache_lifespan,
+                    refetch_cooldown=args.oidc_refetch_cooldown,
+                )
+            )
+        except ValueError as exc:
+            build_parser().error(f"cannot use the OIDC issuer: {exc}")
+    if args.insecure_no_auth:
+        auth = None
+    elif verifiers:
+        auth = verifiers[0] if len(verifiers) == 1 else VerifierChain(verifiers)
     quotas = (
         UNLIMITED
         if args.no_quotas
@@ -539,9 +596,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from services.deployments.app import serve
 
-        if not (args.insecure_no_auth or args.jwt_secret_file or args.jwt_public_key_file):
+        if not (args.insecure_no_auth or args.jwt_secret_file or args.jwt_public_key_file or args.oidc_issuer):
             build_parser().error(
-                "api needs --jwt-secret-file or --jwt-public-key-file, "
+                "api needs --jwt-secret-file, --jwt-public-key-file or --oidc-issuer, "
                 "or --insecure-no-auth to serve without authentication (local use only)"
             )
         options = replace(

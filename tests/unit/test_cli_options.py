@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from apphosting_cli.main import _api_options, build_parser
@@ -76,3 +78,33 @@ def test_user_commands_go_to_the_user_cli_and_server_commands_stay_with_argparse
     with pytest.raises(SystemExit):
         main(["api", "--help"])
     assert "--jwt-secret-file" in capsys.readouterr().out
+
+
+def test_an_oidc_issuer_beside_a_key_file_makes_a_chain_of_both(tmp_path: Path) -> None:
+    from services.deployments.auth import OidcVerifier, VerifierChain
+
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 40)
+    oidc = ["--oidc-issuer", "https://id.example.com/realms/apps", "--oidc-audience", "apphosting"]
+    alone = _api_options(build_parser().parse_args(["api", *oidc, "--oidc-admin-claim", "groups"]))
+    assert isinstance(alone.auth, OidcVerifier)
+    both = _api_options(build_parser().parse_args(["api", "--jwt-secret-file", str(secret), *oidc]))
+    assert isinstance(both.auth, VerifierChain)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--oidc-issuer", "https://id.example.com"),
+        ("--oidc-issuer", "http://id.example.com", "--oidc-audience", "a"),
+        ("--oidc-issuer", "https://id.example.com", "--oidc-audience", "a", "--oidc-algorithms", "HS256"),
+        ("--oidc-issuer", "https://id.example.com", "--oidc-audience", "a", "--insecure-no-auth"),
+    ],
+)
+def test_an_oidc_issuer_that_cannot_work_is_refused_at_start(
+    flags: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as refused:
+        _api_options(build_parser().parse_args(["api", *flags]))
+    assert refused.value.code == 2
+    assert "oidc" in capsys.readouterr().err.lower()
