@@ -278,7 +278,7 @@ def release_to_proto(release: ReleaseRow) -> pb.Release:
     return pb.Release(
         deployment_id=release.deployment_id,
         number=release.number,
-        spec=spec_to_request(release.spec),
+        spec=spec_to_request(release.spec or {}),
         operation=release.operation,
         actor=release.actor or "",
         reason=release.reason,

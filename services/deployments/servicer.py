@@ -756,7 +756,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
             context,
             row,
             operation="rollback",
-            spec=dict(target.spec),
+            spec=dict(target.spec or {}),
             given_etag=request.etag,
             validate_only=request.validate_only,
             reason=request.reason,

@@ -111,7 +111,8 @@ def _record_bytes(row: DeploymentRow) -> int:
 
 def _release_bytes(release: ReleaseRow) -> int:
     """What a release stores; counted in its deployment's history_bytes (releases are never trimmed)."""
-    return _EVENT_OVERHEAD + _json_bytes(release.spec) + len(release.reason.encode()) + len(release.actor or "")
+    spec = _json_bytes(release.spec) if release.spec is not None else 0
+    return _EVENT_OVERHEAD + spec + len(release.reason.encode()) + len(release.actor or "")
 
 
 def _event_bytes(event: EventRow) -> int:
@@ -313,7 +314,8 @@ class DeploymentStore:
         release = ReleaseRow(
             deployment_id=row.id,
             number=1,
-            spec=new.spec,
+            # The current release's spec is the record's.
+            spec=None,
             operation=new.made_by,
             actor=new.user_id,
             reason=new.reason,
@@ -487,31 +489,39 @@ class DeploymentStore:
         return await self._write(session, row, change, outbox, late=False)
 
     async def release(self, deployment_id: str, number: int) -> ReleaseRow | None:
-        async with self._sessions() as session:
-            found: ReleaseRow | None = await session.scalar(
-                select(ReleaseRow).where(ReleaseRow.deployment_id == deployment_id, ReleaseRow.number == number)
-            )
-            return found
+        found = await self._releases(
+            select(ReleaseRow).where(ReleaseRow.deployment_id == deployment_id, ReleaseRow.number == number)
+        )
+        return found[0] if found else None
 
     async def last_healthy_release(self, deployment_id: str, before: int) -> ReleaseRow | None:
         """The newest release before `before` that ran healthy."""
-        async with self._sessions() as session:
-            found: ReleaseRow | None = await session.scalar(
-                select(ReleaseRow)
-                .where(ReleaseRow.deployment_id == deployment_id, ReleaseRow.number < before, ReleaseRow.healthy)
-                .order_by(ReleaseRow.number.desc())
-                .limit(1)
-            )
-            return found
+        found = await self._releases(
+            select(ReleaseRow)
+            .where(ReleaseRow.deployment_id == deployment_id, ReleaseRow.number < before, ReleaseRow.healthy)
+            .order_by(ReleaseRow.number.desc())
+            .limit(1)
+        )
+        return found[0] if found else None
 
     async def releases(self, deployment_id: str, *, before: int | None, limit: int) -> list[ReleaseRow]:
         """A page of releases, newest first: at most `limit` numbered below `before`."""
         query = select(ReleaseRow).where(ReleaseRow.deployment_id == deployment_id)
         if before is not None:
             query = query.where(ReleaseRow.number < before)
-        query = query.order_by(ReleaseRow.number.desc()).limit(limit)
+        return await self._releases(query.order_by(ReleaseRow.number.desc()).limit(limit))
+
+    async def _releases(self, query: Any) -> list[ReleaseRow]:
+        """Releases with their specs: the current one's is read from its record, where it is kept."""
         async with self._sessions() as session:
-            return list((await session.scalars(query)).all())
+            found = list((await session.scalars(query)).all())
+            for release in found:
+                if release.spec is None:
+                    session.expunge(release)
+                    release.spec = await session.scalar(
+                        select(DeploymentRow.spec).where(DeploymentRow.id == release.deployment_id)
+                    )
+            return found
 
     async def adopted(self, location_id: str, namespace: str) -> str | None:
         """The live deployment that holds an adopted namespace, if one does."""
@@ -658,7 +668,7 @@ class DeploymentStore:
                 release = ReleaseRow(
                     deployment_id=row.id,
                     number=values["release"],
-                    spec=change.new_release.spec,
+                    spec=None,
                     operation=change.new_release.operation,
                     actor=change.new_release.actor,
                     reason=change.new_release.reason,
@@ -691,12 +701,23 @@ class DeploymentStore:
             release=change.release or values.get("release") or None,
             changes=changed(before, after),
         )
-        spec_bytes = _json_bytes(values["spec"]) - _json_bytes(row.spec) if "spec" in values else 0
+        spec_bytes = 0
+        replaced = 0
+        if "spec" in values:
+            spec_bytes = _json_bytes(values["spec"]) - _json_bytes(row.spec)
+            # The release being replaced keeps its spec from now on (the record holds the new one).
+            await session.execute(
+                update(ReleaseRow)
+                .where(ReleaseRow.deployment_id == row.id, ReleaseRow.number == row.release)
+                .values(spec=row.spec)
+            )
+            replaced = _json_bytes(row.spec)
         values.update(
             record_bytes=DeploymentRow.record_bytes + _text_bytes(after) - _text_bytes(before) + spec_bytes,
             # Relative, as trim_events changes it too; releases are kept, and count with the history.
             history_bytes=DeploymentRow.history_bytes
             + _event_bytes(event)
+            + replaced
             + (_release_bytes(release) if release is not None and release.seq is None else 0),
         )
         result = await session.execute(
@@ -782,7 +803,7 @@ class DeploymentStore:
         release = ReleaseRow(
             deployment_id=row.id,
             number=number,
-            spec=spec,
+            spec=None,
             operation="rollback-automatic",
             actor=None,
             reason=message,
@@ -828,7 +849,7 @@ class DeploymentStore:
                     states.append((event, dict(state)))
             # Each change shows the spec of the release it was made under.
             numbers = {state.get("release") or 1 for _, state in states}
-            specs: dict[int, dict[str, Any]] = dict(
+            specs: dict[int, dict[str, Any] | None] = dict(
                 (
                     await session.execute(
                         select(ReleaseRow.number, ReleaseRow.spec).where(
@@ -838,7 +859,8 @@ class DeploymentStore:
                 ).all()
             )
         return [
-            (event, row_to_proto(row, state, event.revision, specs.get(state.get("release") or 1)))
+            # A release without a kept spec is the current one: its spec is the record's.
+            (event, row_to_proto(row, state, event.revision, specs.get(state.get("release") or 1) or row.spec))
             for event, state in states
         ]
 

@@ -140,7 +140,9 @@ class ReleaseRow(Base):
     seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
     deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(BigInteger)
-    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # None while this is the deployment's current release: its spec is the record's, stored once, and
+    # moves here when a newer release replaces it (DeploymentStore.with_specs fills it in for readers).
+    spec: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # create, update, scale, rollback, rollback-automatic, adopt, promote.
     operation: Mapped[str] = mapped_column(String(32))
     actor: Mapped[str | None] = mapped_column(String(64))

@@ -19,24 +19,27 @@ _SEQ = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("deployments") as table:
-        table.add_column(sa.Column("release", sa.BigInteger(), nullable=False, server_default="1"))
-        table.add_column(sa.Column("healthy_release", sa.BigInteger(), nullable=True))
-        table.add_column(sa.Column("operation", sa.String(32), nullable=True))
-        table.add_column(sa.Column("target_location", sa.String(63), nullable=True))
-        table.add_column(sa.Column("promoted_from", sa.String(36), nullable=True))
-        table.add_column(sa.Column("promoted_to", sa.String(36), nullable=True))
-        table.add_column(sa.Column("image_updates_paused", sa.Boolean(), nullable=False, server_default=sa.false()))
-        table.add_column(sa.Column("placement", sa.JSON(), nullable=True))
-    with op.batch_alter_table("deployment_events") as table:
-        table.add_column(sa.Column("operation", sa.String(32), nullable=True))
-        table.add_column(sa.Column("release", sa.BigInteger(), nullable=True))
+    # Plain ADD COLUMNs, not a batch copy of the tables: on SQLite a batch drops the old deployments
+    # table, and with foreign keys on, that drop deletes every event (ON DELETE CASCADE).
+    op.add_column("deployments", sa.Column("release", sa.BigInteger(), nullable=False, server_default="1"))
+    op.add_column("deployments", sa.Column("healthy_release", sa.BigInteger(), nullable=True))
+    op.add_column("deployments", sa.Column("operation", sa.String(32), nullable=True))
+    op.add_column("deployments", sa.Column("target_location", sa.String(63), nullable=True))
+    op.add_column("deployments", sa.Column("promoted_from", sa.String(36), nullable=True))
+    op.add_column("deployments", sa.Column("promoted_to", sa.String(36), nullable=True))
+    op.add_column(
+        "deployments", sa.Column("image_updates_paused", sa.Boolean(), nullable=False, server_default=sa.false())
+    )
+    op.add_column("deployments", sa.Column("placement", sa.JSON(), nullable=True))
+    op.add_column("deployment_events", sa.Column("operation", sa.String(32), nullable=True))
+    op.add_column("deployment_events", sa.Column("release", sa.BigInteger(), nullable=True))
     op.create_table(
         "deployment_releases",
         sa.Column("seq", _SEQ, primary_key=True, autoincrement=True),
         sa.Column("deployment_id", sa.String(36), sa.ForeignKey("deployments.id", ondelete="CASCADE"), nullable=False),
         sa.Column("number", sa.BigInteger(), nullable=False),
-        sa.Column("spec", sa.JSON(), nullable=False),
+        # NULL for the current release: its spec is the record's, stored once.
+        sa.Column("spec", sa.JSON(), nullable=True),
         sa.Column("operation", sa.String(32), nullable=False),
         sa.Column("actor", sa.String(64), nullable=True),
         sa.Column("reason", sa.Text(), nullable=False),
@@ -45,10 +48,11 @@ def upgrade() -> None:
         sa.Column("rollback_of", sa.BigInteger(), nullable=True),
         sa.UniqueConstraint("deployment_id", "number", name="uq_deployment_releases_number"),
     )
-    # Every existing deployment's spec is its release 1; one that runs ran it healthy.
+    # Every existing deployment's spec is its release 1 (the current one: its spec stays the record's);
+    # one that runs ran it healthy.
     op.execute(
-        "INSERT INTO deployment_releases (deployment_id, number, spec, operation, actor, reason, created_at, healthy) "
-        "SELECT id, 1, spec, 'create', user_id, '', created_at, status = 'running' FROM deployments"
+        "INSERT INTO deployment_releases (deployment_id, number, operation, actor, reason, created_at, healthy) "
+        "SELECT id, 1, 'create', user_id, '', created_at, status = 'running' FROM deployments"
     )
     op.execute("UPDATE deployments SET healthy_release = 1 WHERE status = 'running'")
 
