@@ -25,6 +25,13 @@ if TYPE_CHECKING:
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
+# Known fault (issue 16, open): after JetStream leaders move, a pull consumer can stop receiving until it
+# is subscribed again, so under load a deployment may stay pending. These tests show it; they do not
+# gate a change until that is fixed.
+_LEADERS_MOVE = pytest.mark.xfail(
+    strict=False, reason="a pull consumer can stop receiving after JetStream leaders move (issue 16)"
+)
+
 STREAMS = (bus.REQUESTS_STREAM, bus.JOBS_STREAM, bus.EVENTS_STREAM)
 SETTLED = {pb.DEPLOYMENT_STATUS_RUNNING, pb.DEPLOYMENT_STATUS_FAILED, pb.DEPLOYMENT_STATUS_ERROR}
 DEPLOYMENTS = 36
@@ -134,6 +141,7 @@ async def test_streams_are_replicated_on_every_node(
     await eventually(replicated, within=120)
 
 
+@_LEADERS_MOVE
 async def test_meta_leader_and_stream_leaders_killed_while_deployments_flow(
     nats_cluster: NatsCluster, cluster_stack: tuple[Stack, DeploymentServiceAsyncStub, str]
 ) -> None:
@@ -155,6 +163,7 @@ async def test_meta_leader_and_stream_leaders_killed_while_deployments_flow(
     assert_built_once(state, DEPLOYMENTS)
 
 
+@_LEADERS_MOVE
 async def test_a_node_cut_off_longer_than_the_ack_wait(
     nats_cluster: NatsCluster, cluster_stack: tuple[Stack, DeploymentServiceAsyncStub, str]
 ) -> None:
