@@ -40,6 +40,16 @@ def _deployment_of(message: Any) -> str | None:
     return found if isinstance(found, str) and found else None
 
 
+async def stream_items(result: Any) -> AsyncIterator[Any]:
+    """The messages of a server-streaming handler, whichever its kind: an async generator yields them,
+    a coroutine (grpc's Health.Watch) writes them itself through context.write and returns None."""
+    if hasattr(result, "__aiter__"):
+        async for item in result:
+            yield item
+    else:
+        await result
+
+
 class TelemetryInterceptor(grpc.aio.ServerInterceptor):
     """Runs each call inside a SERVER span (continuing a caller's W3C traceparent) and binds its
     deployment id and request id to the log context, so the outbox rows it writes carry both."""
@@ -133,7 +143,7 @@ def _wrap(
                 ) as span,
             ):
                 try:
-                    async for item in streaming(request, context):
+                    async for item in stream_items(streaming(request, context)):
                         yield item
                 finally:
                     finish(span, context)
