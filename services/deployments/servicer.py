@@ -13,7 +13,7 @@ import grpc
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from apphosting import bus, netguard, resources
+from apphosting import bus, netguard
 from apphosting.locations import LocationConfig
 from apphosting.netguard import Resolver
 from apphosting.settings import Limits
@@ -617,10 +617,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         """
         demand = demand_of_spec(spec)
         if self._quotas is not None and self._quotas.enforced:
-            own = Usage(1, row.cpu_millis, row.memory_mb, row.storage_gb, 0)
-            quota_rules_check(self._quotas, await self._store.usage(row.user_id) - own, demand)
-        grows = _resources(spec) != _resources(row.spec)
-        if grows and row.location_id and row.status in ("running", "stopped"):
+            quota_rules_check(self._quotas, await self._store.usage(row.user_id) - _held(row), demand)
+        if demand != _held(row) and row.location_id and row.status in ("running", "stopped"):
             if self._capacity is None:
                 raise errors.unavailable("the scheduler (no bus configured)")
             wanted = row_to_proto(row)
@@ -671,7 +669,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         try:
             return await self._mutate(user_id, row, plan, outbox, "OPERATION_NOT_ALLOWED", demand=demand)
         except BaseException:
-            if self._capacity is not None and _resources(spec) != _resources(row.spec) and row.location_id:
+            if self._capacity is not None and demand_of_spec(spec) != _held(row) and row.location_id:
                 current = await self._store.get(None, row.id)
                 if current is not None and current.status in ("running", "stopped"):
                     await self._capacity.restore(row_to_proto(current))
@@ -1035,14 +1033,9 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
 _REPEATED_OR_STRUCT = frozenset({"config", "environment_variables", "volumes"})
 
 
-def _resources(spec: dict[str, Any]) -> resources.Demand:
-    return resources.demand(
-        cpu_request=spec.get("cpu_request"),
-        memory_request_mb=spec.get("memory_request_mb"),
-        replicas=spec.get("replicas"),
-        storage_size_gb=spec.get("storage_size_gb"),
-        volume_sizes_gb=[volume.get("size_gb") for volume in spec.get("volumes") or ()],
-    )
+def _held(row: DeploymentRow) -> Usage:
+    """What a record holds now (the demand of its current release, as the store keeps it)."""
+    return Usage(1, row.cpu_millis, row.memory_mb, row.storage_gb, 0)
 
 
 def _apply_spec(message: pb.Deployment, spec: dict[str, Any]) -> None:
