@@ -171,6 +171,7 @@ class ProvisionJob(_message.Message):
     RELEASE_FIELD_NUMBER: _builtins.int
     ROLLOUT_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    SEALED_SECRETS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Unique per job; also the Nats-Msg-Id."""
     operation: Global___Operation.ValueType
@@ -181,6 +182,13 @@ class ProvisionJob(_message.Message):
     def deployment(self) -> _deployments_pb2.Deployment: ...
     @_builtins.property
     def location(self) -> Global___Location: ...
+    @_builtins.property
+    def sealed_secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SealedSecret]:
+        """The deployment's secret environment values, still sealed (envelope-encrypted); only a
+        provisioner holding the key file opens them. deployment.secret_environment_variables carries
+        their names, versions and references.
+        """
+
     def __init__(
         self,
         *,
@@ -191,14 +199,43 @@ class ProvisionJob(_message.Message):
         release: _builtins.int = ...,
         rollout_timeout_seconds: _builtins.float = ...,
         force: _builtins.bool = ...,
+        sealed_secrets: _abc.Iterable[Global___SealedSecret] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "location", b"location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "force", b"force", "job_id", b"job_id", "location", b"location", "operation", b"operation", "release", b"release", "rollout_timeout_seconds", b"rollout_timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "force", b"force", "job_id", b"job_id", "location", b"location", "operation", b"operation", "release", b"release", "rollout_timeout_seconds", b"rollout_timeout_seconds", "sealed_secrets", b"sealed_secrets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProvisionJob: _TypeAlias = ProvisionJob  # noqa: Y015
+
+@_typing.final
+class SealedSecret(_message.Message):
+    """SealedSecret is one secret environment value as stored: ciphertext, never plaintext."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    envelope: _builtins.bytes
+    """The envelope: the value encrypted with a data key, the data key wrapped by a key-file key."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        envelope: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SealedSecret: _TypeAlias = SealedSecret  # noqa: Y015
 
 @_typing.final
 class Condition(_message.Message):

@@ -152,6 +152,7 @@ class CreateAppHostingDeploymentRequest(_message.Message):
     IMAGE_ALLOW_TAGS_FIELD_NUMBER: _builtins.int
     IMAGE_IGNORE_TAGS_FIELD_NUMBER: _builtins.int
     KUBERNETES_VERSION_FIELD_NUMBER: _builtins.int
+    SECRET_ENVIRONMENT_VARIABLES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     geographic_region: _builtins.str
@@ -188,6 +189,12 @@ class CreateAppHostingDeploymentRequest(_message.Message):
 
     @_builtins.property
     def volumes(self) -> _containers.RepeatedCompositeFieldContainer[Global___VolumeConfig]: ...
+    @_builtins.property
+    def secret_environment_variables(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecretEnvironmentVariable]:
+        """Environment values kept secret: encrypted at rest, delivered to the app as a Kubernetes
+        Secret, never returned (answers carry their names and versions only).
+        """
+
     def __init__(
         self,
         *,
@@ -214,12 +221,13 @@ class CreateAppHostingDeploymentRequest(_message.Message):
         image_allow_tags: _builtins.str | None = ...,
         image_ignore_tags: _builtins.str | None = ...,
         kubernetes_version: _builtins.str | None = ...,
+        secret_environment_variables: _abc.Iterable[Global___SecretEnvironmentVariable] | None = ...,
         request_id: _builtins.str = ...,
         validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_app_type", b"_app_type", "_container_port", b"_container_port", "_cpu_request", b"_cpu_request", "_custom_values_yaml", b"_custom_values_yaml", "_deployment_type", b"_deployment_type", "_docker_image", b"_docker_image", "_helm_chart_name", b"_helm_chart_name", "_helm_chart_version", b"_helm_chart_version", "_helm_repo_url", b"_helm_repo_url", "_image_allow_tags", b"_image_allow_tags", "_image_ignore_tags", b"_image_ignore_tags", "_image_update_constraint", b"_image_update_constraint", "_image_update_strategy", b"_image_update_strategy", "_kubernetes_version", b"_kubernetes_version", "_memory_request_mb", b"_memory_request_mb", "_replicas", b"_replicas", "_run_as_uid", b"_run_as_uid", "_storage_size_gb", b"_storage_size_gb", "app_type", b"app_type", "config", b"config", "container_port", b"container_port", "cpu_request", b"cpu_request", "custom_values_yaml", b"custom_values_yaml", "deployment_type", b"deployment_type", "docker_image", b"docker_image", "helm_chart_name", b"helm_chart_name", "helm_chart_version", b"helm_chart_version", "helm_repo_url", b"helm_repo_url", "image_allow_tags", b"image_allow_tags", "image_ignore_tags", b"image_ignore_tags", "image_update_constraint", b"image_update_constraint", "image_update_strategy", b"image_update_strategy", "kubernetes_version", b"kubernetes_version", "memory_request_mb", b"memory_request_mb", "replicas", b"replicas", "run_as_uid", b"run_as_uid", "storage_size_gb", b"storage_size_gb"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_app_type", b"_app_type", "_container_port", b"_container_port", "_cpu_request", b"_cpu_request", "_custom_values_yaml", b"_custom_values_yaml", "_deployment_type", b"_deployment_type", "_docker_image", b"_docker_image", "_helm_chart_name", b"_helm_chart_name", "_helm_chart_version", b"_helm_chart_version", "_helm_repo_url", b"_helm_repo_url", "_image_allow_tags", b"_image_allow_tags", "_image_ignore_tags", b"_image_ignore_tags", "_image_update_constraint", b"_image_update_constraint", "_image_update_strategy", b"_image_update_strategy", "_kubernetes_version", b"_kubernetes_version", "_memory_request_mb", b"_memory_request_mb", "_replicas", b"_replicas", "_run_as_uid", b"_run_as_uid", "_storage_size_gb", b"_storage_size_gb", "app_type", b"app_type", "config", b"config", "container_port", b"container_port", "cpu_request", b"cpu_request", "custom_values_yaml", b"custom_values_yaml", "deployment_name", b"deployment_name", "deployment_type", b"deployment_type", "docker_image", b"docker_image", "environment_variables", b"environment_variables", "geographic_region", b"geographic_region", "helm_chart_name", b"helm_chart_name", "helm_chart_version", b"helm_chart_version", "helm_repo_url", b"helm_repo_url", "image_allow_tags", b"image_allow_tags", "image_ignore_tags", b"image_ignore_tags", "image_update_constraint", b"image_update_constraint", "image_update_strategy", b"image_update_strategy", "kubernetes_version", b"kubernetes_version", "memory_request_mb", b"memory_request_mb", "replicas", b"replicas", "request_id", b"request_id", "run_as_uid", b"run_as_uid", "storage_size_gb", b"storage_size_gb", "validate_only", b"validate_only", "volumes", b"volumes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_app_type", b"_app_type", "_container_port", b"_container_port", "_cpu_request", b"_cpu_request", "_custom_values_yaml", b"_custom_values_yaml", "_deployment_type", b"_deployment_type", "_docker_image", b"_docker_image", "_helm_chart_name", b"_helm_chart_name", "_helm_chart_version", b"_helm_chart_version", "_helm_repo_url", b"_helm_repo_url", "_image_allow_tags", b"_image_allow_tags", "_image_ignore_tags", b"_image_ignore_tags", "_image_update_constraint", b"_image_update_constraint", "_image_update_strategy", b"_image_update_strategy", "_kubernetes_version", b"_kubernetes_version", "_memory_request_mb", b"_memory_request_mb", "_replicas", b"_replicas", "_run_as_uid", b"_run_as_uid", "_storage_size_gb", b"_storage_size_gb", "app_type", b"app_type", "config", b"config", "container_port", b"container_port", "cpu_request", b"cpu_request", "custom_values_yaml", b"custom_values_yaml", "deployment_name", b"deployment_name", "deployment_type", b"deployment_type", "docker_image", b"docker_image", "environment_variables", b"environment_variables", "geographic_region", b"geographic_region", "helm_chart_name", b"helm_chart_name", "helm_chart_version", b"helm_chart_version", "helm_repo_url", b"helm_repo_url", "image_allow_tags", b"image_allow_tags", "image_ignore_tags", b"image_ignore_tags", "image_update_constraint", b"image_update_constraint", "image_update_strategy", b"image_update_strategy", "kubernetes_version", b"kubernetes_version", "memory_request_mb", b"memory_request_mb", "replicas", b"replicas", "request_id", b"request_id", "run_as_uid", b"run_as_uid", "secret_environment_variables", b"secret_environment_variables", "storage_size_gb", b"storage_size_gb", "validate_only", b"validate_only", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__app_type: _TypeAlias = _typing.Literal["app_type"]  # noqa: Y015
     _WhichOneofArgType__app_type: _TypeAlias = _typing.Literal["_app_type", b"_app_type"]  # noqa: Y015
@@ -355,6 +363,7 @@ class Deployment(_message.Message):
     PROMOTED_FROM_FIELD_NUMBER: _builtins.int
     PROMOTED_TO_FIELD_NUMBER: _builtins.int
     TARGET_LOCATION_FIELD_NUMBER: _builtins.int
+    SECRET_ENVIRONMENT_VARIABLES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     user_id: _builtins.str
     cluster_id: _builtins.str
@@ -435,6 +444,10 @@ class Deployment(_message.Message):
     def placement(self) -> Global___PlacementExplanation:
         """How the location was chosen: every candidate with its score, and why the others were not."""
 
+    @_builtins.property
+    def secret_environment_variables(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecretEnvironmentVariable]:
+        """The secret environment values by name, version and reference; a value is never returned."""
+
     def __init__(
         self,
         *,
@@ -491,10 +504,11 @@ class Deployment(_message.Message):
         promoted_from: _builtins.str | None = ...,
         promoted_to: _builtins.str | None = ...,
         target_location: _builtins.str | None = ...,
+        secret_environment_variables: _abc.Iterable[Global___SecretEnvironmentVariable] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cluster_error", b"_cluster_error", "_cluster_status", b"_cluster_status", "_container_port", b"_container_port", "_cpu_request", b"_cpu_request", "_custom_values_yaml", b"_custom_values_yaml", "_deployment_type", b"_deployment_type", "_docker_image", b"_docker_image", "_endpoint_url", b"_endpoint_url", "_error_message", b"_error_message", "_git_path", b"_git_path", "_helm_chart_name", b"_helm_chart_name", "_helm_chart_version", b"_helm_chart_version", "_helm_repo_url", b"_helm_repo_url", "_image_allow_tags", b"_image_allow_tags", "_image_ignore_tags", b"_image_ignore_tags", "_image_update_constraint", b"_image_update_constraint", "_image_update_strategy", b"_image_update_strategy", "_kubernetes_version", b"_kubernetes_version", "_location_id", b"_location_id", "_memory_request_mb", b"_memory_request_mb", "_promoted_from", b"_promoted_from", "_promoted_to", b"_promoted_to", "_provider", b"_provider", "_region", b"_region", "_replicas", b"_replicas", "_run_as_uid", b"_run_as_uid", "_source_namespace", b"_source_namespace", "_storage_size_gb", b"_storage_size_gb", "_target_location", b"_target_location", "_values_yaml", b"_values_yaml", "cluster_error", b"cluster_error", "cluster_status", b"cluster_status", "config", b"config", "container_port", b"container_port", "cpu_request", b"cpu_request", "created_at", b"created_at", "custom_values_yaml", b"custom_values_yaml", "deleted_at", b"deleted_at", "deployment_type", b"deployment_type", "docker_image", b"docker_image", "endpoint_url", b"endpoint_url", "error_message", b"error_message", "git_path", b"git_path", "helm_chart_name", b"helm_chart_name", "helm_chart_version", b"helm_chart_version", "helm_repo_url", b"helm_repo_url", "image_allow_tags", b"image_allow_tags", "image_ignore_tags", b"image_ignore_tags", "image_update_constraint", b"image_update_constraint", "image_update_strategy", b"image_update_strategy", "kubernetes_version", b"kubernetes_version", "location_id", b"location_id", "memory_request_mb", b"memory_request_mb", "placement", b"placement", "promoted_from", b"promoted_from", "promoted_to", b"promoted_to", "provider", b"provider", "region", b"region", "replicas", b"replicas", "run_as_uid", b"run_as_uid", "source_namespace", b"source_namespace", "storage_size_gb", b"storage_size_gb", "target_location", b"target_location", "updated_at", b"updated_at", "values_yaml", b"values_yaml"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cluster_error", b"_cluster_error", "_cluster_status", b"_cluster_status", "_container_port", b"_container_port", "_cpu_request", b"_cpu_request", "_custom_values_yaml", b"_custom_values_yaml", "_deployment_type", b"_deployment_type", "_docker_image", b"_docker_image", "_endpoint_url", b"_endpoint_url", "_error_message", b"_error_message", "_git_path", b"_git_path", "_helm_chart_name", b"_helm_chart_name", "_helm_chart_version", b"_helm_chart_version", "_helm_repo_url", b"_helm_repo_url", "_image_allow_tags", b"_image_allow_tags", "_image_ignore_tags", b"_image_ignore_tags", "_image_update_constraint", b"_image_update_constraint", "_image_update_strategy", b"_image_update_strategy", "_kubernetes_version", b"_kubernetes_version", "_location_id", b"_location_id", "_memory_request_mb", b"_memory_request_mb", "_promoted_from", b"_promoted_from", "_promoted_to", b"_promoted_to", "_provider", b"_provider", "_region", b"_region", "_replicas", b"_replicas", "_run_as_uid", b"_run_as_uid", "_source_namespace", b"_source_namespace", "_storage_size_gb", b"_storage_size_gb", "_target_location", b"_target_location", "_values_yaml", b"_values_yaml", "app_type", b"app_type", "cluster_error", b"cluster_error", "cluster_id", b"cluster_id", "cluster_status", b"cluster_status", "config", b"config", "container_port", b"container_port", "cpu_request", b"cpu_request", "created_at", b"created_at", "custom_values_yaml", b"custom_values_yaml", "deleted_at", b"deleted_at", "deployment_type", b"deployment_type", "docker_image", b"docker_image", "endpoint_url", b"endpoint_url", "environment_variables", b"environment_variables", "error_message", b"error_message", "etag", b"etag", "geographic_region", b"geographic_region", "git_path", b"git_path", "healthy_release", b"healthy_release", "helm_chart_name", b"helm_chart_name", "helm_chart_version", b"helm_chart_version", "helm_repo_url", b"helm_repo_url", "id", b"id", "image_allow_tags", b"image_allow_tags", "image_ignore_tags", b"image_ignore_tags", "image_update_constraint", b"image_update_constraint", "image_update_strategy", b"image_update_strategy", "image_updates_paused", b"image_updates_paused", "is_adopted", b"is_adopted", "kubernetes_version", b"kubernetes_version", "location_id", b"location_id", "memory_request_mb", b"memory_request_mb", "name", b"name", "operation", b"operation", "phase", b"phase", "placement", b"placement", "promoted_from", b"promoted_from", "promoted_to", b"promoted_to", "provider", b"provider", "reconciling", b"reconciling", "region", b"region", "release", b"release", "replicas", b"replicas", "revision", b"revision", "run_as_uid", b"run_as_uid", "source_namespace", b"source_namespace", "status", b"status", "storage_size_gb", b"storage_size_gb", "target_location", b"target_location", "updated_at", b"updated_at", "user_id", b"user_id", "values_yaml", b"values_yaml", "volumes", b"volumes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cluster_error", b"_cluster_error", "_cluster_status", b"_cluster_status", "_container_port", b"_container_port", "_cpu_request", b"_cpu_request", "_custom_values_yaml", b"_custom_values_yaml", "_deployment_type", b"_deployment_type", "_docker_image", b"_docker_image", "_endpoint_url", b"_endpoint_url", "_error_message", b"_error_message", "_git_path", b"_git_path", "_helm_chart_name", b"_helm_chart_name", "_helm_chart_version", b"_helm_chart_version", "_helm_repo_url", b"_helm_repo_url", "_image_allow_tags", b"_image_allow_tags", "_image_ignore_tags", b"_image_ignore_tags", "_image_update_constraint", b"_image_update_constraint", "_image_update_strategy", b"_image_update_strategy", "_kubernetes_version", b"_kubernetes_version", "_location_id", b"_location_id", "_memory_request_mb", b"_memory_request_mb", "_promoted_from", b"_promoted_from", "_promoted_to", b"_promoted_to", "_provider", b"_provider", "_region", b"_region", "_replicas", b"_replicas", "_run_as_uid", b"_run_as_uid", "_source_namespace", b"_source_namespace", "_storage_size_gb", b"_storage_size_gb", "_target_location", b"_target_location", "_values_yaml", b"_values_yaml", "app_type", b"app_type", "cluster_error", b"cluster_error", "cluster_id", b"cluster_id", "cluster_status", b"cluster_status", "config", b"config", "container_port", b"container_port", "cpu_request", b"cpu_request", "created_at", b"created_at", "custom_values_yaml", b"custom_values_yaml", "deleted_at", b"deleted_at", "deployment_type", b"deployment_type", "docker_image", b"docker_image", "endpoint_url", b"endpoint_url", "environment_variables", b"environment_variables", "error_message", b"error_message", "etag", b"etag", "geographic_region", b"geographic_region", "git_path", b"git_path", "healthy_release", b"healthy_release", "helm_chart_name", b"helm_chart_name", "helm_chart_version", b"helm_chart_version", "helm_repo_url", b"helm_repo_url", "id", b"id", "image_allow_tags", b"image_allow_tags", "image_ignore_tags", b"image_ignore_tags", "image_update_constraint", b"image_update_constraint", "image_update_strategy", b"image_update_strategy", "image_updates_paused", b"image_updates_paused", "is_adopted", b"is_adopted", "kubernetes_version", b"kubernetes_version", "location_id", b"location_id", "memory_request_mb", b"memory_request_mb", "name", b"name", "operation", b"operation", "phase", b"phase", "placement", b"placement", "promoted_from", b"promoted_from", "promoted_to", b"promoted_to", "provider", b"provider", "reconciling", b"reconciling", "region", b"region", "release", b"release", "replicas", b"replicas", "revision", b"revision", "run_as_uid", b"run_as_uid", "secret_environment_variables", b"secret_environment_variables", "source_namespace", b"source_namespace", "status", b"status", "storage_size_gb", b"storage_size_gb", "target_location", b"target_location", "updated_at", b"updated_at", "user_id", b"user_id", "values_yaml", b"values_yaml", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cluster_error: _TypeAlias = _typing.Literal["cluster_error"]  # noqa: Y015
     _WhichOneofArgType__cluster_error: _TypeAlias = _typing.Literal["_cluster_error", b"_cluster_error"]  # noqa: Y015
@@ -618,6 +632,73 @@ class Deployment(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__values_yaml) -> _WhichOneofReturnType__values_yaml | None: ...
 
 Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
+
+@_typing.final
+class SecretEnvironmentVariable(_message.Message):
+    """SecretEnvironmentVariable is one secret environment value of the app (the vendor's
+    EnvironmentVariable {name, value, secret_ref}): a value, or a reference to a Secret that
+    already exists in the app's namespace.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    SECRET_REF_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The variable's name, as in environment_variables."""
+    value: _builtins.str
+    """The plaintext, accepted on create and update only; never in an answer. On update, an
+    entry with a name alone keeps the value already stored under that name.
+    """
+    version: _builtins.int
+    """Output only: 1 when the value was first stored, one more whenever it changes."""
+    @_builtins.property
+    def secret_ref(self) -> Global___SecretKeyReference:
+        """A key of an existing Kubernetes Secret."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.str = ...,
+        secret_ref: Global___SecretKeyReference | None = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["secret_ref", b"secret_ref", "source", b"source", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "secret_ref", b"secret_ref", "source", b"source", "value", b"value", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["value", "secret_ref"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___SecretEnvironmentVariable: _TypeAlias = SecretEnvironmentVariable  # noqa: Y015
+
+@_typing.final
+class SecretKeyReference(_message.Message):
+    """SecretKeyReference names one key of a Kubernetes Secret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    key: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecretKeyReference: _TypeAlias = SecretKeyReference  # noqa: Y015
 
 @_typing.final
 class PlacementExplanation(_message.Message):
@@ -1400,6 +1481,159 @@ class ListReleasesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListReleasesResponse: _TypeAlias = ListReleasesResponse  # noqa: Y015
+
+@_typing.final
+class PreviewImageUpdateRequest(_message.Message):
+    """PreviewImageUpdateRequest names the deployment whose image update policy to try."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewImageUpdateRequest: _TypeAlias = PreviewImageUpdateRequest  # noqa: Y015
+
+@_typing.final
+class PreviewImageUpdateResponse(_message.Message):
+    """PreviewImageUpdateResponse is what the image updater would do now, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    REPOSITORY_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    CONSTRAINT_FIELD_NUMBER: _builtins.int
+    ALLOW_TAGS_FIELD_NUMBER: _builtins.int
+    IGNORE_TAGS_FIELD_NUMBER: _builtins.int
+    CURRENT_TAG_FIELD_NUMBER: _builtins.int
+    CURRENT_DIGEST_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    WINNER_FIELD_NUMBER: _builtins.int
+    WINNER_DIGEST_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    WOULD_UPDATE_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    NEW_DOCKER_IMAGE_FIELD_NUMBER: _builtins.int
+    NEW_RELEASE_FIELD_NUMBER: _builtins.int
+    deployment_id: _builtins.str
+    repository: _builtins.str
+    """The repository polled, as registry/repository."""
+    strategy: _builtins.str
+    """The strategy applied (semver, newest-build, alphabetical, digest) and the policy as stored."""
+    constraint: _builtins.str
+    allow_tags: _builtins.str
+    ignore_tags: _builtins.str
+    current_tag: _builtins.str
+    """The tag (and digest, where known) deployed now."""
+    current_digest: _builtins.str
+    winner: _builtins.str
+    """The tag the policy picks; empty when none is left."""
+    winner_digest: _builtins.str
+    reason: _builtins.str
+    """Why the winner won, or why nothing is picked."""
+    would_update: _builtins.bool
+    """True when an update would be made now: a winner that differs from what runs, updates not
+    paused by a rollback.
+    """
+    paused: _builtins.bool
+    """True after a rollback, until an update of an image_* field turns updates on again."""
+    new_docker_image: _builtins.str
+    """What an update would change: the image it would set, and the release it would make."""
+    new_release: _builtins.int
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImageTagCandidate]:
+        """Every tag of the repository with its verdict, in the registry's order."""
+
+    def __init__(
+        self,
+        *,
+        deployment_id: _builtins.str = ...,
+        repository: _builtins.str = ...,
+        strategy: _builtins.str = ...,
+        constraint: _builtins.str | None = ...,
+        allow_tags: _builtins.str | None = ...,
+        ignore_tags: _builtins.str | None = ...,
+        current_tag: _builtins.str = ...,
+        current_digest: _builtins.str = ...,
+        candidates: _abc.Iterable[Global___ImageTagCandidate] | None = ...,
+        winner: _builtins.str = ...,
+        winner_digest: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        would_update: _builtins.bool = ...,
+        paused: _builtins.bool = ...,
+        new_docker_image: _builtins.str = ...,
+        new_release: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_tags", b"_allow_tags", "_constraint", b"_constraint", "_ignore_tags", b"_ignore_tags", "allow_tags", b"allow_tags", "constraint", b"constraint", "ignore_tags", b"ignore_tags"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_tags", b"_allow_tags", "_constraint", b"_constraint", "_ignore_tags", b"_ignore_tags", "allow_tags", b"allow_tags", "candidates", b"candidates", "constraint", b"constraint", "current_digest", b"current_digest", "current_tag", b"current_tag", "deployment_id", b"deployment_id", "ignore_tags", b"ignore_tags", "new_docker_image", b"new_docker_image", "new_release", b"new_release", "paused", b"paused", "reason", b"reason", "repository", b"repository", "strategy", b"strategy", "winner", b"winner", "winner_digest", b"winner_digest", "would_update", b"would_update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__allow_tags: _TypeAlias = _typing.Literal["allow_tags"]  # noqa: Y015
+    _WhichOneofArgType__allow_tags: _TypeAlias = _typing.Literal["_allow_tags", b"_allow_tags"]  # noqa: Y015
+    _WhichOneofReturnType__constraint: _TypeAlias = _typing.Literal["constraint"]  # noqa: Y015
+    _WhichOneofArgType__constraint: _TypeAlias = _typing.Literal["_constraint", b"_constraint"]  # noqa: Y015
+    _WhichOneofReturnType__ignore_tags: _TypeAlias = _typing.Literal["ignore_tags"]  # noqa: Y015
+    _WhichOneofArgType__ignore_tags: _TypeAlias = _typing.Literal["_ignore_tags", b"_ignore_tags"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__allow_tags) -> _WhichOneofReturnType__allow_tags | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__constraint) -> _WhichOneofReturnType__constraint | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ignore_tags) -> _WhichOneofReturnType__ignore_tags | None: ...
+
+Global___PreviewImageUpdateResponse: _TypeAlias = PreviewImageUpdateResponse  # noqa: Y015
+
+@_typing.final
+class ImageTagCandidate(_message.Message):
+    """ImageTagCandidate is one tag of the repository and what the policy said of it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
+    EXCLUDED_BY_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    tag: _builtins.str
+    kept: _builtins.bool
+    excluded_by: _builtins.str
+    """The rule that excluded it (ignored, not-allowed, not-semver, prerelease, outside-constraint,
+    no-created-time, not-followed-tag, no-digest, updates-disabled); empty when kept.
+    """
+    detail: _builtins.str
+    """In words: "kept", "ignored by pattern 'x'", "outside constraint '^1.2'", ..."""
+    digest: _builtins.str
+    """What the registry said of it, where the strategy asked."""
+    @_builtins.property
+    def created(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tag: _builtins.str = ...,
+        kept: _builtins.bool = ...,
+        excluded_by: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        digest: _builtins.str = ...,
+        created: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "detail", b"detail", "digest", b"digest", "excluded_by", b"excluded_by", "kept", b"kept", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageTagCandidate: _TypeAlias = ImageTagCandidate  # noqa: Y015
 
 @_typing.final
 class WatchDeploymentRequest(_message.Message):

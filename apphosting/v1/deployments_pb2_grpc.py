@@ -110,6 +110,11 @@ class DeploymentServiceStub:
                 request_serializer=apphosting_dot_v1_dot_deployments__pb2.ListReleasesRequest.SerializeToString,
                 response_deserializer=apphosting_dot_v1_dot_deployments__pb2.ListReleasesResponse.FromString,
                 _registered_method=True)
+        self.PreviewImageUpdate = channel.unary_unary(
+                '/apphosting.v1.DeploymentService/PreviewImageUpdate',
+                request_serializer=apphosting_dot_v1_dot_deployments__pb2.PreviewImageUpdateRequest.SerializeToString,
+                response_deserializer=apphosting_dot_v1_dot_deployments__pb2.PreviewImageUpdateResponse.FromString,
+                _registered_method=True)
 
 
 class DeploymentServiceServicer:
@@ -225,6 +230,13 @@ class DeploymentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PreviewImageUpdate(self, request, context):
+        """Says which tag the image update policy would deploy now, and why; writes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeploymentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -302,6 +314,11 @@ def add_DeploymentServiceServicer_to_server(servicer, server):
                     servicer.ListReleases,
                     request_deserializer=apphosting_dot_v1_dot_deployments__pb2.ListReleasesRequest.FromString,
                     response_serializer=apphosting_dot_v1_dot_deployments__pb2.ListReleasesResponse.SerializeToString,
+            ),
+            'PreviewImageUpdate': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewImageUpdate,
+                    request_deserializer=apphosting_dot_v1_dot_deployments__pb2.PreviewImageUpdateRequest.FromString,
+                    response_serializer=apphosting_dot_v1_dot_deployments__pb2.PreviewImageUpdateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -710,6 +727,33 @@ class DeploymentService:
             '/apphosting.v1.DeploymentService/ListReleases',
             apphosting_dot_v1_dot_deployments__pb2.ListReleasesRequest.SerializeToString,
             apphosting_dot_v1_dot_deployments__pb2.ListReleasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewImageUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apphosting.v1.DeploymentService/PreviewImageUpdate',
+            apphosting_dot_v1_dot_deployments__pb2.PreviewImageUpdateRequest.SerializeToString,
+            apphosting_dot_v1_dot_deployments__pb2.PreviewImageUpdateResponse.FromString,
             options,
             channel_credentials,
             insecure,

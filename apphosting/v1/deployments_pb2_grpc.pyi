@@ -75,6 +75,8 @@ class DeploymentServiceStub:
     """Takes an existing namespace with its workloads on a host cluster under management."""
     ListReleases: _grpc.UnaryUnaryMultiCallable[_deployments_pb2.ListReleasesRequest, _deployments_pb2.ListReleasesResponse]
     """Pages through a deployment's releases, newest first."""
+    PreviewImageUpdate: _grpc.UnaryUnaryMultiCallable[_deployments_pb2.PreviewImageUpdateRequest, _deployments_pb2.PreviewImageUpdateResponse]
+    """Says which tag the image update policy would deploy now, and why; writes nothing."""
 
 @_typing.type_check_only
 class DeploymentServiceAsyncStub(DeploymentServiceStub):
@@ -117,6 +119,8 @@ class DeploymentServiceAsyncStub(DeploymentServiceStub):
     """Takes an existing namespace with its workloads on a host cluster under management."""
     ListReleases: _aio.UnaryUnaryMultiCallable[_deployments_pb2.ListReleasesRequest, _deployments_pb2.ListReleasesResponse]  # type: ignore[assignment]
     """Pages through a deployment's releases, newest first."""
+    PreviewImageUpdate: _aio.UnaryUnaryMultiCallable[_deployments_pb2.PreviewImageUpdateRequest, _deployments_pb2.PreviewImageUpdateResponse]  # type: ignore[assignment]
+    """Says which tag the image update policy would deploy now, and why; writes nothing."""
 
 class DeploymentServiceServicer(metaclass=_abc_1.ABCMeta):
     """DeploymentService creates App Hosting deployments and reports their state."""
@@ -246,5 +250,13 @@ class DeploymentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_deployments_pb2.ListReleasesResponse, _abc.Awaitable[_deployments_pb2.ListReleasesResponse]]:
         """Pages through a deployment's releases, newest first."""
+
+    @_abc_1.abstractmethod
+    def PreviewImageUpdate(
+        self,
+        request: _deployments_pb2.PreviewImageUpdateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployments_pb2.PreviewImageUpdateResponse, _abc.Awaitable[_deployments_pb2.PreviewImageUpdateResponse]]:
+        """Says which tag the image update policy would deploy now, and why; writes nothing."""
 
 def add_DeploymentServiceServicer_to_server(servicer: DeploymentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
