@@ -128,11 +128,16 @@ class AsyncClient:
         *,
         statuses: Sequence[pb.DeploymentStatus.ValueType] = (),
         geographic_region: str = "",
+        show_deleted: bool = False,
         page_size: int = 0,
         page_token: str = "",
     ) -> pb.ListDeploymentsResponse:
         request = pb.ListDeploymentsRequest(
-            statuses=statuses, geographic_region=geographic_region, page_size=page_size, page_token=page_token
+            statuses=statuses,
+            geographic_region=geographic_region,
+            show_deleted=show_deleted,
+            page_size=page_size,
+            page_token=page_token,
         )
         return await self._call(self.stub.ListDeployments, request)
 

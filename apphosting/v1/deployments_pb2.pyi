@@ -857,12 +857,17 @@ class ListDeploymentsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATUSES_FIELD_NUMBER: _builtins.int
     GEOGRAPHIC_REGION_FIELD_NUMBER: _builtins.int
+    SHOW_DELETED_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many per page: 50 when 0, at most 1000."""
     page_token: _builtins.str
     """next_page_token of the previous page; empty for the first."""
     geographic_region: _builtins.str
     """Only this geographic region; all when empty."""
+    show_deleted: _builtins.bool
+    """Also the deployments whose teardown finished (deleted_at set), kept until they are purged
+    (AIP-164); without it they are left out.
+    """
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___DeploymentStatus.ValueType]:
         """Only these statuses; all when empty."""
@@ -874,10 +879,11 @@ class ListDeploymentsRequest(_message.Message):
         page_token: _builtins.str = ...,
         statuses: _abc.Iterable[Global___DeploymentStatus.ValueType] | None = ...,
         geographic_region: _builtins.str = ...,
+        show_deleted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["geographic_region", b"geographic_region", "page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["geographic_region", b"geographic_region", "page_size", b"page_size", "page_token", b"page_token", "show_deleted", b"show_deleted", "statuses", b"statuses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -310,14 +310,18 @@ def create_app(config: ClientConfig, registry: CollectorRegistry | None = None) 
         return _answer(response, created)
 
     @app.get("/deployments", response_model=list[models.DeploymentResponse], summary="List deployments")
-    async def list_deployments(skip: Skip = 0, limit: Limit = 100) -> list[models.DeploymentResponse]:
-        """The caller's deployments, newest first: `skip` then at most `limit` (skip ≤ 10000, limit ≤ 1000)."""
+    async def list_deployments(
+        skip: Skip = 0, limit: Limit = 100, show_deleted: bool = False
+    ) -> list[models.DeploymentResponse]:
+        """The caller's deployments, newest first: `skip` then at most `limit` (skip ≤ 10000, limit ≤ 1000).
+
+        Deployments already torn down are left out unless `show_deleted` (they are kept until purged).
+        """
         found: list[pb.Deployment] = []
         token = ""
         while len(found) < skip + limit:
-            page = await _rpc(
-                client().list(page_size=min(MAX_LIMIT, skip + limit - len(found)), page_token=token), _in_query
-            )
+            size = min(MAX_LIMIT, skip + limit - len(found))
+            page = await _rpc(client().list(page_size=size, page_token=token, show_deleted=show_deleted), _in_query)
             found.extend(page.deployments)
             token = page.next_page_token
             if not token:

@@ -348,6 +348,9 @@ async def list_(
     fmt: OutputOption = Output.table,
     status: Annotated[list[str] | None, typer.Option("--status", help="only this status (repeatable)")] = None,
     region: Annotated[str, typer.Option("--region", help="only this geographic_region")] = "",
+    show_deleted: Annotated[
+        bool, typer.Option("--show-deleted", help="also deployments already torn down, until they are purged")
+    ] = False,
 ) -> int:
     statuses = []
     for name in status or ():
@@ -355,7 +358,9 @@ async def list_(
         if key not in pb.DeploymentStatus.keys():  # noqa: SIM118 (an enum wrapper, not a dict)
             raise UsageError(f"--status {name}: not a status")
         statuses.append(pb.DeploymentStatus.Value(key))
-    deployments = [d async for d in client.list_all(statuses=statuses, geographic_region=region)]
+    deployments = [
+        d async for d in client.list_all(statuses=statuses, geographic_region=region, show_deleted=show_deleted)
+    ]
     console = _console()
     if fmt in (Output.json, Output.yaml):
         console.print(output.dump(deployments, fmt.value), markup=False, highlight=False, soft_wrap=True)

@@ -30,9 +30,9 @@ class BadToken(ValueError):
     pass
 
 
-def filter_key(caller: str, statuses: Sequence[str], geographic_region: str) -> str:
+def filter_key(caller: str, statuses: Sequence[str], geographic_region: str, show_deleted: bool = False) -> str:
     """What a token is bound to: the user listing and the filter of the listing."""
-    raw = json.dumps([caller, sorted(set(statuses)), geographic_region])
+    raw = json.dumps([caller, sorted(set(statuses)), geographic_region, show_deleted])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

@@ -378,7 +378,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         size = min(request.page_size or paging.DEFAULT_PAGE_SIZE, paging.MAX_PAGE_SIZE)
         statuses = _statuses(request.statuses, "statuses")
         caller = self._caller(context)
-        key = paging.filter_key(caller.user_id, statuses, request.geographic_region)
+        key = paging.filter_key(caller.user_id, statuses, request.geographic_region, request.show_deleted)
         cursor = None
         if request.page_token:
             try:
@@ -395,6 +395,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
                 _owner(caller),
                 statuses=statuses,
                 geographic_region=request.geographic_region,
+                show_deleted=request.show_deleted,
                 before_seq=cursor,
                 limit=limit,
             )

@@ -397,11 +397,17 @@ class DeploymentStore:
         *,
         statuses: Sequence[str] = (),
         geographic_region: str = "",
+        show_deleted: bool = False,
         before_seq: int | None = None,
         limit: int,
     ) -> list[DeploymentRow]:
-        """One page, newest first: at most `limit` rows older than before_seq; user_id None: every user's."""
+        """One page, newest first: at most `limit` rows older than before_seq; user_id None: every user's.
+
+        Records whose teardown finished are left out unless show_deleted.
+        """
         query = select(DeploymentRow)
+        if not show_deleted:
+            query = query.where(DeploymentRow.deleted_at.is_(None))
         if user_id is not None:
             query = query.where(DeploymentRow.user_id == user_id)
         if statuses:

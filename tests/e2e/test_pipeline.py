@@ -174,6 +174,12 @@ async def test_delete_releases_capacity_and_ends_the_watch(pipeline: Stub) -> No
     assert items[-1].event.final
     assert items[-1].deployment.HasField("deleted_at")
     assert items[-1].event.phase == "deleted"
+    # A torn-down deployment is left out of lists until asked for (AIP-164); it is kept until purged.
+    listed = await pipeline.ListDeployments(pb.ListDeploymentsRequest())
+    assert first.id not in {d.id for d in listed.deployments}
+    assert second.id in {d.id for d in listed.deployments}
+    everything = await pipeline.ListDeployments(pb.ListDeploymentsRequest(show_deleted=True))
+    assert [d.HasField("deleted_at") for d in everything.deployments if d.id == first.id] == [True]
 
     third = await pipeline.CreateAppHostingDeployment(request("third"))
     placed = await watch(pipeline, third.id, until=SETTLED)

@@ -288,7 +288,7 @@ async def find_by_name(client: Stubs, names: set[str], deadline: float) -> dict[
             token = ""
             while True:
                 page = await client.stub(attempt).ListDeployments(
-                    pb.ListDeploymentsRequest(page_size=1000, page_token=token), timeout=10
+                    pb.ListDeploymentsRequest(page_size=1000, page_token=token, show_deleted=True), timeout=10
                 )
                 found.update({d.name: d for d in page.deployments if d.name in names})
                 token = page.next_page_token
