@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from apphosting import resources
 from services.deployments import errors
+from services.deployments.tables import DeploymentRow
 from services.deployments.validation import DeploymentSpec
 
 
@@ -78,6 +79,11 @@ def demand_of_spec(spec: Mapping[str, Any]) -> Usage:
         memory_mb=demand.total_memory_mb,
         storage_gb=demand.storage_gb,
     )
+
+
+def held(row: DeploymentRow) -> Usage:
+    """What a record holds now: the demand of its current release, from the columns the store keeps."""
+    return Usage(1, row.cpu_millis, row.memory_mb, row.storage_gb, 0)
 
 
 def check(quotas: Quotas, used: Usage, demand: Usage) -> None:

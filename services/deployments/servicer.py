@@ -33,7 +33,7 @@ from services.deployments.convert import (
 )
 from services.deployments.errors import FieldViolation, ServiceError
 from services.deployments.lifecycle import TERMINAL
-from services.deployments.quotas import Quotas, Usage, demand_of, demand_of_spec
+from services.deployments.quotas import Quotas, Usage, demand_of, demand_of_spec, held
 from services.deployments.quotas import check as quota_rules_check
 from services.deployments.store import (
     Change,
@@ -618,8 +618,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         """
         demand = demand_of_spec(spec)
         if self._quotas is not None and self._quotas.enforced:
-            quota_rules_check(self._quotas, await self._store.usage(row.user_id) - _held(row), demand)
-        if demand != _held(row) and row.location_id and row.status in ("running", "stopped"):
+            quota_rules_check(self._quotas, await self._store.usage(row.user_id) - held(row), demand)
+        if demand != held(row) and row.location_id and row.status in ("running", "stopped"):
             if self._capacity is None:
                 raise errors.unavailable("the scheduler (no bus configured)")
             wanted = row_to_proto(row)
@@ -670,7 +670,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         try:
             return await self._mutate(user_id, row, plan, outbox, "OPERATION_NOT_ALLOWED", demand=demand)
         except BaseException:
-            if self._capacity is not None and demand_of_spec(spec) != _held(row) and row.location_id:
+            if self._capacity is not None and demand_of_spec(spec) != held(row) and row.location_id:
                 current = await self._store.get(None, row.id)
                 if current is not None and current.status in ("running", "stopped"):
                     await self._capacity.restore(row_to_proto(current))
@@ -1032,11 +1032,6 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
 
 # Spec fields that set_fields reads by their own rules, not as optional scalars.
 _REPEATED_OR_STRUCT = frozenset({"config", "environment_variables", "volumes"})
-
-
-def _held(row: DeploymentRow) -> Usage:
-    """What a record holds now (the demand of its current release, as the store keeps it)."""
-    return Usage(1, row.cpu_millis, row.memory_mb, row.storage_gb, 0)
 
 
 def _apply_spec(message: pb.Deployment, spec: dict[str, Any]) -> None:

@@ -471,8 +471,7 @@ class DeploymentStore:
                             raise RecordMissing(deployment_id)
                         await self._lock_user(session, row.user_id)
                         used = await self._usage(session, row.user_id)
-                        own = quota_rules.Usage(1, row.cpu_millis, row.memory_mb, row.storage_gb, 0)
-                        quota_rules.check(quotas, used - own, demand)
+                        quota_rules.check(quotas, used - quota_rules.held(row), demand)
                     applied = await self._mutate_in(session, deployment_id, user_id, plan, outbox)
             except (IntegrityError, _Raced):
                 continue
