@@ -66,32 +66,39 @@ class _Step:
     cluster: bool = False
     # The app's rollout, whose "not yet" ends after the job's rollout timeout when it sets one.
     rollout: bool = False
+    # Done, it tells a watcher nothing on its own: its condition (and any record field it found) rides
+    # on the next event instead of costing an event of its own. A failure is reported all the same,
+    # and the last step of a plan is never quiet.
+    quiet: bool = False
 
 
 _CREATE: tuple[_Step, ...] = (
     _Step("host_namespace", "HostNamespaceReady", lambda d, j, c: d.ensure_namespace(j), cluster=True),
     _Step("vcluster", "VClusterCreated", lambda d, j, c: d.ensure_vcluster(j), cluster=True),
     _Step("vcluster_ready", "VClusterReady", lambda d, j, c: d.vcluster_ready(j), cluster=True),
-    _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), cluster=True),
+    _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), cluster=True, quiet=True),
     _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", ""))),
     _Step("rollout", "AppAvailable", lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")), rollout=True),
     _Step("endpoint", "Ready", lambda d, j, c: d.endpoint(j, c.get("kubeconfig", ""))),
 )
+# An update reports two events: the release applied, then running healthy (its rollout's condition on it).
 _UPDATE: tuple[_Step, ...] = (
-    _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j)),
+    _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), quiet=True),
     _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", ""))),
-    _Step("rollout", "AppAvailable", lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")), rollout=True),
+    _Step(
+        "rollout", "AppAvailable", lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")), rollout=True, quiet=True
+    ),
     _Step("endpoint", "Ready", lambda d, j, c: d.endpoint(j, c.get("kubeconfig", ""))),
 )
 _STOP: tuple[_Step, ...] = (
-    _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j)),
+    _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), quiet=True),
     _Step("app_stop", "AppStopped", lambda d, j, c: d.stop_app(j, c.get("kubeconfig", ""))),
     _Step("vcluster_sleep", "VClusterAsleep", lambda d, j, c: d.sleep_vcluster(j)),
 )
 _START: tuple[_Step, ...] = (
     _Step("vcluster_wake", "VClusterAwake", lambda d, j, c: d.wake_vcluster(j), cluster=True),
     _Step("vcluster_ready", "VClusterReady", lambda d, j, c: d.vcluster_ready(j), cluster=True),
-    _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), cluster=True),
+    _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), cluster=True, quiet=True),
     _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", ""))),
     _Step("rollout", "AppAvailable", lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")), rollout=True),
     _Step("endpoint", "Ready", lambda d, j, c: d.endpoint(j, c.get("kubeconfig", ""))),
@@ -112,14 +119,22 @@ _DELETE_ADOPTED_FORCE: tuple[_Step, ...] = (
 # StepResult fields that are also fields of the deployment record; other fields (kubeconfig) stay private.
 RECORD_FIELDS: tuple[str, ...] = ("endpoint_url", "git_path", "values_yaml")
 
-CREATE_STEPS: tuple[str, ...] = tuple(step.name for step in _CREATE)
-UPDATE_STEPS: tuple[str, ...] = tuple(step.name for step in _UPDATE)
-STOP_STEPS: tuple[str, ...] = tuple(step.name for step in _STOP)
-START_STEPS: tuple[str, ...] = tuple(step.name for step in _START)
-ADOPT_STEPS: tuple[str, ...] = tuple(step.name for step in _ADOPT)
-DELETE_STEPS: tuple[str, ...] = tuple(step.name for step in _DELETE)
-DELETE_ADOPTED_STEPS: tuple[str, ...] = tuple(step.name for step in _DELETE_ADOPTED)
-DELETE_ADOPTED_FORCE_STEPS: tuple[str, ...] = tuple(step.name for step in _DELETE_ADOPTED_FORCE)
+
+def _reported(steps: tuple[_Step, ...]) -> tuple[str, ...]:
+    """The phases a run of these steps reports, one event each, in order."""
+    if steps[-1].quiet:
+        raise ValueError(f"step {steps[-1].name}: the last step of a plan reports its outcome")
+    return tuple(step.name for step in steps if not step.quiet)
+
+
+CREATE_STEPS: tuple[str, ...] = _reported(_CREATE)
+UPDATE_STEPS: tuple[str, ...] = _reported(_UPDATE)
+STOP_STEPS: tuple[str, ...] = _reported(_STOP)
+START_STEPS: tuple[str, ...] = _reported(_START)
+ADOPT_STEPS: tuple[str, ...] = _reported(_ADOPT)
+DELETE_STEPS: tuple[str, ...] = _reported(_DELETE)
+DELETE_ADOPTED_STEPS: tuple[str, ...] = _reported(_DELETE_ADOPTED)
+DELETE_ADOPTED_FORCE_STEPS: tuple[str, ...] = _reported(_DELETE_ADOPTED_FORCE)
 # Phase of the final event of a teardown.
 DELETED_PHASE = "deleted"
 # Phase of the last event of a stop, the one with status STOPPED.
@@ -148,6 +163,18 @@ _PLANS: dict[bus_pb2.Operation.ValueType, _Plan] = {
 
 async def _no_heartbeat() -> None:
     return None
+
+
+def _carrying(event: bus_pb2.StatusEvent, carried: bus_pb2.StatusEvent) -> bus_pb2.StatusEvent:
+    """`event` with the conditions of the quiet steps before it first, and the record fields they found."""
+    if carried.conditions:
+        conditions = [*carried.conditions, *event.conditions]
+        del event.conditions[:]
+        event.conditions.extend(conditions)
+    for name in RECORD_FIELDS:
+        if carried.HasField(name) and not event.HasField(name):
+            setattr(event, name, getattr(carried, name))
+    return event
 
 
 def event_id(job_id: str, step: str, outcome: str) -> str:
@@ -228,6 +255,8 @@ class Reconciler:
     async def _run(self, job: bus_pb2.ProvisionJob, plan: _Plan) -> tuple[bus_pb2.StatusEvent, bool]:
         """Run the steps in order; the bool says whether all of them got done."""
         context: dict[str, str] = {}
+        # What quiet steps found out, for the next event to carry.
+        carried = bus_pb2.StatusEvent()
         last = bus_pb2.StatusEvent()
         logs.bind(deployment_id=job.deployment.id)
         operation = bus_pb2.Operation.Name(job.operation).removeprefix("OPERATION_").lower()
@@ -246,10 +275,15 @@ class Reconciler:
                     result = await self._reconcile_step(job, step, context, plan, span)
                 except _StepFailedError as failed:
                     tracing.failed(span, failed.event.error_message)
-                    await self._emit(failed.event)
+                    await self._emit(_carrying(failed.event, carried))
                     return failed.event, False
                 context.update(result.fields)
-                last = self._done_event(job, step, plan, result)
+                done = self._done_event(job, step, plan, result)
+                if step.quiet:
+                    carried.MergeFrom(done)
+                    continue
+                last = _carrying(done, carried)
+                carried = bus_pb2.StatusEvent()
                 await self._emit(last)
                 _log.debug("job %s: step %s done", job.job_id, step.name)
         return last, True

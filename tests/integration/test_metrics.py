@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from apphosting.v1 import deployments_pb2 as pb
 from apphosting_cli.rest import RestGateway, RestOptions
 from apphosting_client import ClientConfig
+from provisioner import CREATE_STEPS
 from provisioner.worker import Provisioner, ProvisionerOptions
 from scheduler.service import Scheduler, SchedulerOptions
 from services.deployments.quotas import Quotas
@@ -163,7 +164,7 @@ async def test_every_process_serves_its_metrics(stack: Stack) -> None:
 
         provisioner_text = await scrape(provisioner.metrics_server)
         found = samples(provisioner_text)
-        for step in ("host_namespace", "vcluster", "vcluster_ready", "kubeconfig", "app", "rollout", "endpoint"):
+        for step in CREATE_STEPS:
             assert (
                 value(
                     found,

@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from apphosting import bus
 from apphosting.nats_server import NatsServer
 from apphosting.v1 import bus_pb2, deployments_pb2
-from provisioner import STOPPED_PHASE, UPDATE_STEPS
+from provisioner import STOP_STEPS, STOPPED_PHASE, UPDATE_STEPS
 from provisioner.simulated import SimulatedState
 from provisioner.worker import Provisioner, ProvisionerOptions
 from tests.support.stack import FAST
@@ -129,8 +129,8 @@ async def test_an_update_that_never_gets_healthy_reports_release_failed(world: _
 async def test_a_stop_job_ends_stopped_with_the_vcluster_asleep(world: _World) -> None:
     events = await world.run(_job(bus_pb2.OPERATION_STOP, 1, "ghcr.io/acme/shop:1"))
 
-    assert [event.phase for event in events] == ["kubeconfig", "app_stop", "vcluster_sleep", STOPPED_PHASE]
+    assert [event.phase for event in events] == [*STOP_STEPS, STOPPED_PHASE]
     assert events[-1].status == _Status.DEPLOYMENT_STATUS_STOPPED
-    assert [event.status for event in events[:-1]] == [_Status.DEPLOYMENT_STATUS_RUNNING] * 3
+    assert [event.status for event in events[:-1]] == [_Status.DEPLOYMENT_STATUS_RUNNING] * len(STOP_STEPS)
     assert world.state.attributes("app", _APP) == {"release": 1, "source": "image ghcr.io/acme/shop:1", "replicas": 0}
     assert world.state.attributes("vcluster", _APP.split("/")[0]) == {"asleep": True}

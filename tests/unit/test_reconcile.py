@@ -87,7 +87,8 @@ async def test_create_emits_ordered_phases_and_ends_running() -> None:
     last = await _reconciler(driver, bus, clock).run(_job())
 
     assert bus.phases == list(CREATE_STEPS)
-    assert [event.status for event in bus.events[:-1]] == [_Status.DEPLOYMENT_STATUS_PROVISIONING] * 6
+    provisioning = [_Status.DEPLOYMENT_STATUS_PROVISIONING] * (len(CREATE_STEPS) - 1)
+    assert [event.status for event in bus.events[:-1]] == provisioning
     assert last == bus.events[-1]
     assert last.status == _Status.DEPLOYMENT_STATUS_RUNNING
     assert last.endpoint_url == "https://shop-3f2b8c1d.eu-west-1a.apps.example.test"
@@ -137,10 +138,14 @@ async def test_permanent_failure_fails_at_once() -> None:
 
     last = await _reconciler(driver, bus, clock).run(_job(image="ghcr.io/acme/fail-permanent:1"))
 
-    assert bus.phases == ["host_namespace", "vcluster", "vcluster_ready", "kubeconfig", "app"]
+    assert bus.phases == ["host_namespace", "vcluster", "vcluster_ready", "app"]
     assert last.status == _Status.DEPLOYMENT_STATUS_FAILED
     assert "ghcr.io/acme/fail-permanent:1 could not be pulled (ErrImagePull)" in last.error_message
-    assert [(c.type, c.status, c.reason) for c in last.conditions] == [("AppDeployed", "False", "PermanentFailure")]
+    # The quiet kubeconfig step's condition rides on the next event, here the failure.
+    assert [(c.type, c.status, c.reason) for c in last.conditions] == [
+        ("KubeconfigAvailable", "True", "Done"),
+        ("AppDeployed", "False", "PermanentFailure"),
+    ]
     assert clock.sleeps == []
     assert driver.apps == {}
 
@@ -265,7 +270,7 @@ async def test_every_event_is_marked_simulated() -> None:
     await reconciler.run(_job(job_id="job-3", deployment_id=str(uuid.uuid4()), image="x/fail-temporary:1"))
     await reconciler.run(_job(bus_pb2.OPERATION_DELETE, job_id="job-4"))
 
-    assert len(bus.events) == 7 + 5 + 5 + 4
+    assert len(bus.events) == len(CREATE_STEPS) + 4 + 4 + len(DELETE_STEPS) + 1
     for event in bus.events:
         assert event.simulated
         assert event.message.startswith("[simulated] ")
@@ -294,7 +299,8 @@ async def test_simulated_work_takes_its_delay_through_the_injected_sleep() -> No
 
     await _reconciler(driver, bus, clock).run(_job())
 
-    assert clock.sleeps == [0.5] * len(CREATE_STEPS)
+    # Every step works, the quiet kubeconfig step too.
+    assert clock.sleeps == [0.5] * (len(CREATE_STEPS) + 1)
 
 
 def test_names_are_deterministic_labels() -> None:
