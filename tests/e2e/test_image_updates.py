@@ -1,0 +1,77 @@
+"""End to end: a tag pushed to a real registry is deployed by the image updater through the day-2 path, with its
+actor and reason; a rollback pins the deployment and a newer tag is then not deployed."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+from apphosting.imageupdates import UPDATER_ACTOR, RegistryAccess
+from tests.support.image_updates import at_rest, platform, until
+from tests.support.registry import RunningRegistry, open_registry_fixture, push_image
+from tests.support.stack import Stack, eventually
+from updater.service import Updater, UpdaterOptions
+
+__all__ = ["open_registry_fixture"]
+
+T0 = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
+
+
+async def test_a_pushed_tag_is_deployed_and_a_rollback_pins(stack: Stack, open_registry: RunningRegistry) -> None:
+    host = open_registry.host
+    image = f"{host}/acme/web"
+    await push_image(open_registry, "acme/web", "1.2.3", created=T0)
+    await push_image(open_registry, "acme/web", "2.0.0", created=T0)
+    world = await platform(stack, (host,))
+    web = await world.running("web", f"{image}:1.2.3", image_update_strategy="semver", image_update_constraint="~1.2")
+    # 2.0.0 is outside the constraint: nothing to do yet.
+    preview = await world.user.preview_image_update(web.id)
+    assert preview.winner == "1.2.3"
+    assert not preview.would_update
+
+    updater = Updater(
+        UpdaterOptions(client=world.updater_config(), interval=0.2, registries=RegistryAccess(plain_http=(host,)))
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(updater.run(stop))
+    try:
+        await push_image(open_registry, "acme/web", "1.2.4", created=T0 + dt.timedelta(hours=1))
+        seen = await until(
+            world.user, web.id, lambda d: d.docker_image == f"{image}:1.2.4" and at_rest(2)(d), since=web.revision
+        )
+        assert seen[-1].deployment.release == 2
+        requested = [item.event for item in seen if item.event.phase == "update_requested"]
+        assert len(requested) == 1, seen
+        assert requested[0].actor == UPDATER_ACTOR
+        assert f"reason: {UPDATER_ACTOR}: tag 1.2.4, highest semantic version within '~1.2'" in requested[0].message
+        releases = await world.user.releases(web.id)
+        newest = releases.releases[0]
+        assert (newest.number, newest.operation, newest.actor) == (2, "update", UPDATER_ACTOR)
+        assert newest.reason.startswith(f"{UPDATER_ACTOR}: tag 1.2.4")
+
+        # A rollback pins: updates pause, and a newer matching tag is not deployed.
+        back = await world.user.rollback(web.id, 1, reason="1.2.4 misbehaves")
+        rolled = await until(
+            world.user, web.id, lambda d: d.docker_image == f"{image}:1.2.3" and at_rest(3)(d), since=back.revision
+        )
+        assert rolled[-1].deployment.image_updates_paused
+        await push_image(open_registry, "acme/web", "1.2.5", created=T0 + dt.timedelta(hours=2))
+        preview = await world.user.preview_image_update(web.id)
+        assert preview.paused
+        assert preview.winner == "1.2.5"
+        assert not preview.would_update
+        assert "paused" in preview.reason
+        # Three whole rounds of the updater after the push leave it where the rollback put it.
+        rounds = updater.rounds
+        await eventually(lambda: _rounds_after(updater, rounds + 3), within=60.0)
+        now = await world.user.get(web.id)
+        assert (now.docker_image, now.release) == (f"{image}:1.2.3", 3)
+    finally:
+        stop.set()
+        await running
+        await updater.close()
+        await world.close()
+
+
+async def _rounds_after(updater: Updater, count: int) -> bool:
+    return updater.rounds >= count
