@@ -521,6 +521,16 @@ def create_app(config: ClientConfig, registry: CollectorRegistry | None = None) 
         return [convert.release(item) for item in found[skip : skip + limit]]
 
     @app.get(
+        "/deployments/{deployment_id}/image-update-preview",
+        response_model=models.ImageUpdatePreview,
+        summary="Preview an image update",
+    )
+    async def image_update_preview(deployment_id: DeploymentId) -> models.ImageUpdatePreview:
+        """Which tag the deployment's image update policy would deploy now, every candidate tag with its verdict,
+        and what an update would change; nothing is written. A registry that cannot be asked now answers 503."""
+        return convert.image_preview(await _rpc(client().preview_image_update(deployment_id)))
+
+    @app.get(
         "/deployments/{deployment_id}/events",
         summary="Stream a deployment's changes",
         response_class=StreamingResponse,

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
+
+import httpx
+from google.protobuf import json_format
 
 from apphosting.imageupdates import UPDATER_ACTOR, RegistryAccess
+from apphosting.v1 import deployments_pb2 as pb
+from tests.e2e.test_rest import serve_gateway
+from tests.e2e.test_user_cli import cli
 from tests.support.image_updates import at_rest, platform, until
 from tests.support.registry import RunningRegistry, open_registry_fixture, push_image
 from tests.support.stack import Stack, eventually
@@ -75,3 +82,73 @@ async def test_a_pushed_tag_is_deployed_and_a_rollback_pins(stack: Stack, open_r
 
 async def _rounds_after(updater: Updater, count: int) -> bool:
     return updater.rounds >= count
+
+
+async def test_the_preview_through_the_cli_and_rest(stack: Stack, open_registry: RunningRegistry) -> None:
+    host = open_registry.host
+    image = f"{host}/acme/web"
+    await push_image(open_registry, "acme/web", "1.2.3", created=T0)
+    await push_image(open_registry, "acme/web", "1.2.4", created=T0)
+    await push_image(open_registry, "acme/web", "1.3.0", created=T0)
+    stub = await stack.add_api(registries=RegistryAccess(plain_http=(host,)))
+    port = stack.apis[-1].port
+    body = {
+        "geographic_region": "eu",
+        "deployment_name": "web",
+        "app_type": "web_app",
+        "docker_image": f"{image}:1.2.3",
+        "cpu_request": 0.5,
+        "memory_request_mb": 512,
+        "image_update_strategy": "semver",
+        "image_update_constraint": "~1.2",
+    }
+    web = await stub.CreateAppHostingDeployment(json_format.ParseDict(body, pb.CreateAppHostingDeploymentRequest()))
+
+    table = await cli(port, "preview-image", web.id)
+    assert table.code == 0, table
+    assert "would update" in table.out
+    assert f"{image}:1.2.4" in table.out
+    assert "outside constraint '~1.2'" in table.out
+    as_json = await cli(port, "preview-image", web.id, "-o", "json")
+    assert as_json.code == 0, as_json
+    answer = json.loads(as_json.out)
+    assert answer["winner"] == "1.2.4"
+    assert answer["would_update"] is True
+    assert {c["tag"]: c.get("excluded_by", "") for c in answer["candidates"]} == {
+        "1.2.3": "",
+        "1.2.4": "",
+        "1.3.0": "outside-constraint",
+    }
+    missing = await cli(port, "preview-image", "b3a0f8a6-2a3c-4c39-9d6e-1f0a3c9b2d7e")
+    assert missing.code != 0
+    assert "does not exist" in missing.err + missing.out
+
+    gateway = await serve_gateway(port)
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as http:
+            found = await http.get(f"/deployments/{web.id}/image-update-preview")
+            assert found.status_code == 200, found.text
+            preview = found.json()
+            assert preview["winner"] == "1.2.4"
+            assert preview["new_docker_image"] == f"{image}:1.2.4"
+            assert preview["new_release"] == 2
+            verdicts = {c["tag"]: c["excluded_by"] for c in preview["candidates"]}
+            assert verdicts == {"1.2.3": "", "1.2.4": "", "1.3.0": "outside-constraint"}
+            gone = await http.get("/deployments/b3a0f8a6-2a3c-4c39-9d6e-1f0a3c9b2d7e/image-update-preview")
+            assert gone.status_code == 404
+            plain = await stub.CreateAppHostingDeployment(
+                json_format.ParseDict(
+                    {
+                        **body,
+                        "deployment_name": "plain",
+                        "image_update_strategy": None,
+                        "image_update_constraint": None,
+                    },
+                    pb.CreateAppHostingDeploymentRequest(),
+                )
+            )
+            refused = await http.get(f"/deployments/{plain.id}/image-update-preview")
+            assert refused.status_code == 409
+            assert refused.json()["reason"] == "IMAGE_POLICY_UNUSABLE"
+    finally:
+        await gateway.stop()
