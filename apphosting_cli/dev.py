@@ -138,7 +138,6 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
     rest: RestGateway | None = None
     updater: Updater | None = None
     updater_stop = asyncio.Event()
-    updating: asyncio.Task[None] | None = None
     try:
         port = await api.start()
         scheduler.start_metrics()
@@ -171,8 +170,7 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
                 )
             )
             updater.start_metrics()
-            updating = asyncio.create_task(updater.run(updater_stop))
-            tasks.append(updating)
+            tasks.append(asyncio.create_task(updater.run(updater_stop)))
         print(
             f"apphosting dev is running (Ctrl-C stops it)\n"
             f"  API        grpc://{host}:{port}  (apphosting.v1.DeploymentService, health, reflection)\n"
@@ -216,9 +214,6 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
         stopped.cancel()
     finally:
         updater_stop.set()
-        if updating is not None:
-            # A round under way would retry against the API being stopped: it is abandoned.
-            updating.cancel()
         if rest is not None:
             await rest.stop()
         await api.stop()

@@ -204,23 +204,42 @@ class Updater:
         return True
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Rounds until `stop` is set, one interval apart; a round that fails is logged and the next one tried."""
-        while not stop.is_set():
-            try:
-                result = await self.run_round()
-                log.info(
-                    "round: %d repositories read, %d updated, %d failed",
-                    len(result.polled),
-                    len(result.updated),
-                    len(result.failed),
-                )
-            except grpc.aio.AioRpcError as error:
-                log.warning("round abandoned: the API answered %s: %s", error.code().name, error.details())
-            except Exception:
-                log.exception("round abandoned")
-            self.rounds += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.options.interval)
+        """Rounds until `stop` is set, one interval apart; a round that fails is logged and the next one tried.
+
+        A round under way when `stop` is set is abandoned (its calls may be retrying against an API that is gone);
+        an update it already asked for is the API's to finish.
+        """
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                round_ = asyncio.create_task(self.run_round())
+                await asyncio.wait({round_, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not round_.done():
+                    round_.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await round_
+                    return
+                self._report(round_)
+                self.rounds += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(stopped), self.options.interval)
+        finally:
+            stopped.cancel()
+
+    def _report(self, done: asyncio.Task[RoundResult]) -> None:
+        failure = done.exception()
+        if isinstance(failure, grpc.aio.AioRpcError):
+            log.warning("round abandoned: the API answered %s: %s", failure.code().name, failure.details())
+        elif failure is not None:
+            log.error("round abandoned", exc_info=failure)
+        else:
+            result = done.result()
+            log.info(
+                "round: %d repositories read, %d updated, %d failed",
+                len(result.polled),
+                len(result.updated),
+                len(result.failed),
+            )
 
 
 def _outcome(failure: registry.RegistryError) -> str:
