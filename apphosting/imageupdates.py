@@ -10,13 +10,14 @@ deployments is fetched once for all of them: the snapshot holds the union of wha
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Final
+from urllib.parse import urlsplit
 
-from apphosting import images
+from apphosting import images, netguard
 from apphosting.imagepolicy import (
     Candidate,
     Policy,
@@ -29,7 +30,15 @@ from apphosting.imagepolicy import (
     parse_strategy,
     select_tag,
 )
-from apphosting.registry import Credentials, ImageReference, RegistryClient, load_docker_config
+from apphosting.registry import (
+    AddressRefused,
+    Credentials,
+    ImageReference,
+    RegistryClient,
+    RegistryUnavailable,
+    load_docker_config,
+    normalize_host,
+)
 
 __all__ = [
     "UPDATER_ACTOR",
@@ -41,6 +50,7 @@ __all__ = [
     "fetch_snapshot",
     "plan",
     "policy_of",
+    "public_or_named",
 ]
 
 # Who the updater's releases and events name as their actor, and the subject of its service token.
@@ -61,8 +71,38 @@ class RegistryAccess:
         """The credentials of the file; raises ValueError naming the file and entry when it cannot be used."""
         return load_docker_config(Path(self.credentials_file)) if self.credentials_file else {}
 
-    def client(self) -> RegistryClient:
-        return RegistryClient(self.credentials(), plain_http=self.plain_http)
+    def client(self, resolver: netguard.Resolver | None = None) -> RegistryClient:
+        """A client that asks only public hosts, and the internal ones named here (plain HTTP or credentials)."""
+        credentials = self.credentials()
+        trusted = frozenset(normalize_host(host) for host in (*self.plain_http, *credentials))
+        return RegistryClient(
+            credentials,
+            plain_http=self.plain_http,
+            # A host's addresses are looked up once a minute at most for the check.
+            guard=public_or_named(trusted, resolver or netguard.CachingResolver()),
+        )
+
+
+def public_or_named(trusted: frozenset[str], resolver: netguard.Resolver) -> Callable[[str], Awaitable[None]]:
+    """The guard of a registry client: a host the operator named is asked; any other must be public.
+
+    docker_image names whatever host its author likes: without this the API (previews) and the updater would send
+    requests, and show parts of the answers, to loopback, private and cluster-internal addresses. The name is
+    resolved here and again when httpx connects; a name that changes its answer in between is not caught.
+    """
+
+    async def check(netloc: str) -> None:
+        if normalize_host(netloc) in trusted:
+            return
+        host = urlsplit(f"//{netloc}").hostname or netloc
+        try:
+            await netguard.resolve_public(host, resolver=resolver)
+        except netguard.Refused as refused:
+            raise AddressRefused(netloc, f"not asked: {refused}") from None
+        except netguard.Unresolvable as unresolvable:
+            raise RegistryUnavailable(netloc, str(unresolvable)) from None
+
+    return check
 
 
 @dataclass(frozen=True)

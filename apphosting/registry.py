@@ -46,7 +46,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -65,6 +65,7 @@ __all__ = [
     "INDEX_MEDIA_TYPES",
     "OCI_INDEX",
     "OCI_MANIFEST",
+    "AddressRefused",
     "Backoff",
     "Credentials",
     "ImageConfig",
@@ -138,6 +139,11 @@ class RegistryUnavailable(RegistryError):
     def __init__(self, host: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(host, message)
         self.retry_after = retry_after
+
+
+class AddressRefused(RegistryError):
+    """The request was not sent: its host is internal (loopback, private, cluster-internal) and not one the operator
+    named as a registry (see ``guard``)."""
 
 
 class MalformedResponse(RegistryError):
@@ -382,9 +388,12 @@ class RegistryClient:
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
         transport: httpx.AsyncBaseTransport | None = None,
+        guard: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         """``credentials`` by registry host (see :func:`load_docker_config`); ``plain_http`` the hosts spoken to over
-        http:// (loopback registries only); ``verify`` False or a CA bundle path for registries with private CAs."""
+        http:// (loopback registries only); ``verify`` False or a CA bundle path for registries with private CAs;
+        ``guard`` is awaited with the host of every request (token realms and redirects included) before it is sent,
+        and refuses one by raising a RegistryError."""
         self._credentials = {normalize_host(host): value for host, value in (credentials or {}).items()}
         self._plain_http = frozenset(normalize_host(host) for host in plain_http)
         self._page_size = page_size
@@ -406,7 +415,13 @@ class RegistryClient:
             transport=transport,
             headers={"User-Agent": "apphosting-image-updater"},
             trust_env=False,
+            event_hooks={"request": [self._guarded]} if guard is not None else {},
         )
+        self._guard = guard
+
+    async def _guarded(self, request: httpx.Request) -> None:
+        assert self._guard is not None
+        await self._guard(request.url.netloc.decode("ascii"))
 
     async def __aenter__(self) -> Self:
         return self

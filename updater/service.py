@@ -100,7 +100,8 @@ class Updater:
         self.metrics_server: metrics.MetricsServer | None = None
         self._polls = Counter(
             "apphosting_image_updater_polls",
-            "Repository reads, by outcome (ok, not-found, unauthorized, rate-limited, unavailable, malformed)",
+            "Repository reads, by outcome (ok, not-found, unauthorized, rate-limited, unavailable, malformed, "
+            "address-refused)",
             ["outcome"],
             registry=self.metrics_registry,
         )
@@ -249,6 +250,7 @@ def _outcome(failure: registry.RegistryError) -> str:
         (registry.RateLimited, "rate-limited"),
         (registry.RegistryUnavailable, "unavailable"),
         (registry.MalformedResponse, "malformed"),
+        (registry.AddressRefused, "address-refused"),
     ]
     return next((label for kind, label in kinds if isinstance(failure, kind)), "unavailable")
 

@@ -214,6 +214,13 @@ def registry_failure(docker_image: str, failure: Exception, retry_after: float |
             f"docker_image {echo(docker_image)}: the registry has no such repository ({detail})",
             metadata={"field": "docker_image"},
         )
+    if isinstance(failure, registry.AddressRefused):
+        return ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "REGISTRY_ADDRESS_REFUSED",
+            f"docker_image {echo(docker_image)}: its registry is an internal address, which is not asked ({detail})",
+            metadata={"field": "docker_image"},
+        )
     if isinstance(failure, registry.MalformedResponse):
         return ServiceError(
             grpc.StatusCode.FAILED_PRECONDITION,

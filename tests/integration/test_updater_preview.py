@@ -28,6 +28,7 @@ from tests.support.registry import (
     REGISTRY_PASSWORD,
     REGISTRY_USER,
     RunningRegistry,
+    free_port,
     htpasswd_registry_fixture,
     http_server,
     open_registry_fixture,
@@ -313,6 +314,14 @@ async def test_registry_failures_are_clear_statuses(
             again = await refusal("limited-again", f"{limited}/acme/web:1.0.0")
             assert again.code == grpc.StatusCode.UNAVAILABLE
             assert 1 <= int(again.metadata["retry_after_seconds"]) <= 42
+
+            # A registry at an internal address the operator did not name is not asked.
+            inward = await refusal("inward", "10.1.2.3:5000/acme/web:1.0.0")
+            assert inward.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert inward.reason == "REGISTRY_ADDRESS_REFUSED"
+            assert inward.metadata["field"] == "docker_image"
+            loopback = await refusal("loopback", f"127.0.0.1:{free_port()}/acme/web:1.0.0")
+            assert loopback.reason == "REGISTRY_ADDRESS_REFUSED"
 
             # newest-build reads each tag's manifest, and this registry's is cut short.
             bad = await refusal("malformed", f"{malformed}/acme/web:1.0.0", "newest-build")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from apphosting.imagepolicy import Candidate
-from apphosting.imageupdates import PolicyUnusable, Snapshot, Target, plan, policy_of
+from apphosting.imageupdates import PolicyUnusable, Snapshot, Target, plan, policy_of, public_or_named
+from apphosting.registry import AddressRefused
 
 DIGEST_A = "sha256:" + "a" * 64
 DIGEST_B = "sha256:" + "b" * 64
@@ -75,3 +76,19 @@ def test_an_unusable_policy_names_its_field(target: Target, field: str) -> None:
     with pytest.raises(PolicyUnusable) as refused:
         policy_of(target)
     assert refused.value.field == field
+
+
+async def test_the_guard_asks_public_hosts_and_the_named_ones_only() -> None:
+    answers = {"registry.example.com": ["93.184.216.34"], "inward.example.com": ["10.0.0.5"]}
+
+    async def resolver(host: str) -> list[str]:
+        return answers[host]
+
+    check = public_or_named(frozenset({"127.0.0.1:5000", "registry.internal:5000"}), resolver)
+    await check("registry.example.com")
+    await check("registry.example.com:443")
+    await check("127.0.0.1:5000")
+    await check("Registry.Internal:5000")
+    for inward in ("inward.example.com", "10.0.0.1:443", "127.0.0.1:5001", "[::1]:5000", "localhost:5000"):
+        with pytest.raises(AddressRefused):
+            await check(inward)
