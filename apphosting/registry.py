@@ -319,6 +319,7 @@ class Backoff:
         self._clock = clock
         self._failures: dict[str, int] = {}
         self._not_before: dict[str, float] = {}
+        self._last: dict[str, RegistryError] = {}
 
     def next_allowed(self, host: str) -> float:
         """The clock time from which ``host`` may be asked again (a time in the past when it may be asked now)."""
@@ -331,10 +332,15 @@ class Backoff:
         """Consecutive failures since the last success."""
         return self._failures.get(normalize_host(host), 0)
 
+    def last_error(self, host: str) -> RegistryError | None:
+        """The failure that started or extended the host's current backoff, as :meth:`record` counted it."""
+        return self._last.get(normalize_host(host))
+
     def record_success(self, host: str) -> None:
         host = normalize_host(host)
         self._failures.pop(host, None)
         self._not_before.pop(host, None)
+        self._last.pop(host, None)
 
     def record_failure(self, host: str, retry_after: float | None = None) -> float:
         """Counts a failure; returns the clock time from which the host may be asked again."""
@@ -353,6 +359,7 @@ class Backoff:
         """Counts ``error`` when it is about the registry as a whole (rate limits, unavailability); a missing tag or
         refused credentials are about one repository and do not slow the others down."""
         if isinstance(error, RateLimited | RegistryUnavailable):
+            self._last[normalize_host(error.host)] = error
             return self.record_failure(error.host, error.retry_after)
         return None
 

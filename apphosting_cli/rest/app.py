@@ -264,7 +264,10 @@ def create_app(config: ClientConfig, registry: CollectorRegistry | None = None) 
     @app.exception_handler(_Refused)
     async def refused(_: Request, exc: _Refused) -> JSONResponse:
         code, body = _error_body(exc.error, exc.locate)
-        return JSONResponse(body, status_code=code)
+        # A backend that said when to come back (a rate-limited registry) says it in HTTP's words too.
+        wait = read_error(exc.error).metadata.get("retry_after_seconds", "")
+        headers = {"Retry-After": wait} if code == 503 and wait.isdigit() else None
+        return JSONResponse(body, status_code=code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

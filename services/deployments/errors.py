@@ -205,7 +205,7 @@ def image_policy_unusable(field_path: str, detail: str) -> ServiceError:
 def registry_failure(docker_image: str, failure: Exception, retry_after: float | None = None) -> ServiceError:
     """A registry's answer to an image update preview: the repository or its answers are wrong
     (FAILED_PRECONDITION naming docker_image), or the registry cannot be asked now (UNAVAILABLE, with
-    retry_after_seconds when known)."""
+    retry_after_seconds: `retry_after` when given, else what the registry asked for)."""
     detail = clip(str(failure), 240)
     if isinstance(failure, registry.NotFound):
         return ServiceError(
@@ -229,8 +229,8 @@ def registry_failure(docker_image: str, failure: Exception, retry_after: float |
             f"({detail})",
             metadata={"field": "docker_image"},
         )
-    if isinstance(failure, registry.RateLimited | registry.RegistryUnavailable):
-        retry_after = failure.retry_after if failure.retry_after is not None else retry_after
+    if retry_after is None and isinstance(failure, registry.RateLimited | registry.RegistryUnavailable):
+        retry_after = failure.retry_after
     reasons = {
         registry.Unauthorized: ("REGISTRY_AUTH_REFUSED", "refused us (check its credentials)"),
         registry.RateLimited: ("REGISTRY_RATE_LIMITED", "asks us to slow down"),

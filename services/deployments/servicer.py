@@ -1066,10 +1066,11 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
             raise errors.unavailable("the registry client (not configured)")
         backoff = self._registry.backoff
         if not backoff.allowed(reference.registry):
+            # Not asked again before its backoff ends: the answer is the failure that started it.
             wait = backoff.next_allowed(reference.registry) - time.monotonic()
-            raise errors.registry_failure(
-                docker_image, registry.RegistryUnavailable(reference.registry, "backing off after errors"), wait
-            )
+            last = backoff.last_error(reference.registry)
+            failure = last or registry.RegistryUnavailable(reference.registry, "backing off after errors")
+            raise errors.registry_failure(docker_image, failure, wait)
         try:
             snapshot = await imageupdates.fetch_snapshot(
                 self._registry, reference.registry, reference.repository, [policy]

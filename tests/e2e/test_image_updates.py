@@ -4,10 +4,14 @@ actor and reason; a rollback pins the deployment and a newer tag is then not dep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import http.server
 import json
+from collections.abc import Callable, Iterator
 
 import httpx
+import pytest
 from google.protobuf import json_format
 
 from apphosting.imageupdates import UPDATER_ACTOR, RegistryAccess
@@ -15,7 +19,7 @@ from apphosting.v1 import deployments_pb2 as pb
 from tests.e2e.test_rest import serve_gateway
 from tests.e2e.test_user_cli import cli
 from tests.support.image_updates import at_rest, platform, until
-from tests.support.registry import RunningRegistry, open_registry_fixture, push_image
+from tests.support.registry import RunningRegistry, http_server, open_registry_fixture, push_image
 from tests.support.stack import Stack, eventually
 from updater.service import Updater, UpdaterOptions
 
@@ -84,13 +88,36 @@ async def _rounds_after(updater: Updater, count: int) -> bool:
     return updater.rounds >= count
 
 
-async def test_the_preview_through_the_cli_and_rest(stack: Stack, open_registry: RunningRegistry) -> None:
+class TooMany(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(429)
+        self.send_header("Retry-After", "42")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def stack_server() -> Iterator[Callable[[type[http.server.BaseHTTPRequestHandler]], str]]:
+    """Starts small HTTP servers for the test; returns each one's host:port."""
+    with contextlib.ExitStack() as servers:
+        yield lambda handler: servers.enter_context(http_server(handler))
+
+
+async def test_the_preview_through_the_cli_and_rest(
+    stack: Stack,
+    open_registry: RunningRegistry,
+    stack_server: Callable[[type[http.server.BaseHTTPRequestHandler]], str],
+) -> None:
     host = open_registry.host
     image = f"{host}/acme/web"
     await push_image(open_registry, "acme/web", "1.2.3", created=T0)
     await push_image(open_registry, "acme/web", "1.2.4", created=T0)
     await push_image(open_registry, "acme/web", "1.3.0", created=T0)
-    stub = await stack.add_api(registries=RegistryAccess(plain_http=(host,)))
+    limited = stack_server(TooMany)
+    stub = await stack.add_api(registries=RegistryAccess(plain_http=(host, limited)))
     port = stack.apis[-1].port
     body = {
         "geographic_region": "eu",
@@ -150,5 +177,14 @@ async def test_the_preview_through_the_cli_and_rest(stack: Stack, open_registry:
             refused = await http.get(f"/deployments/{plain.id}/image-update-preview")
             assert refused.status_code == 409
             assert refused.json()["reason"] == "IMAGE_POLICY_UNUSABLE"
+            slow = {"deployment_name": "slow", "docker_image": f"{limited}/acme/web:1.0.0"}
+            throttled = await stub.CreateAppHostingDeployment(
+                json_format.ParseDict({**body, **slow}, pb.CreateAppHostingDeploymentRequest())
+            )
+            busy = await http.get(f"/deployments/{throttled.id}/image-update-preview")
+            assert busy.status_code == 503
+            assert busy.json()["reason"] == "REGISTRY_RATE_LIMITED", busy.json()
+            # The client retries UNAVAILABLE; later answers come from the API's backoff, with the time left.
+            assert 1 <= int(busy.headers["Retry-After"]) <= 42
     finally:
         await gateway.stop()

@@ -264,7 +264,10 @@ async def test_registry_failures_are_clear_statuses(
     await push_image(htpasswd_registry, "private/web", "1.0.1", created=T0)
 
     class TooMany(http.server.BaseHTTPRequestHandler):
+        asked: list[str] = []
+
         def do_GET(self) -> None:
+            self.asked.append(self.path)
             self.send_response(429)
             self.send_header("Retry-After", "42")
             self.send_header("Content-Length", "0")
@@ -313,7 +316,9 @@ async def test_registry_failures_are_clear_statuses(
             # The registry asked for 42 s: a second preview does not ask it again before then.
             again = await refusal("limited-again", f"{limited}/acme/web:1.0.0")
             assert again.code == grpc.StatusCode.UNAVAILABLE
+            assert again.reason == "REGISTRY_RATE_LIMITED"
             assert 1 <= int(again.metadata["retry_after_seconds"]) <= 42
+            assert len(TooMany.asked) == 1
 
             # A registry at an internal address the operator did not name is not asked.
             inward = await refusal("inward", "10.1.2.3:5000/acme/web:1.0.0")
