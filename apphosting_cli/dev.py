@@ -96,7 +96,8 @@ def _metrics_lines(
 
 
 async def serve(options: DevOptions, stop: asyncio.Event) -> None:
-    """Starts nats-server, the API, the scheduler and a simulated provisioner; stops them all on `stop`."""
+    """Starts nats-server, the API, the scheduler, a simulated provisioner and the image updater; stops them all
+    on `stop`."""
     data = Path(options.data_dir)
     # Free ports, not 4222 and 8222: a system NATS may already hold those.
     nats = NatsServer(data / "nats", sync_interval=options.nats_sync_interval, monitor_port=free_port())

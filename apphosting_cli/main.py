@@ -513,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     dev = commands.add_parser(
-        "dev", help="run everything on this machine: nats-server, the API, the scheduler and a provisioner"
+        "dev",
+        help="run everything on this machine: nats-server, the API, the scheduler, a provisioner and the image updater",
     )
     dev.add_argument("--listen", default=DEFAULT_LISTEN, help=f"API address (default {DEFAULT_LISTEN})")
     dev.add_argument("--data-dir", default=".apphosting", help="where the database and NATS keep their files")
