@@ -235,7 +235,8 @@ class Updater:
             log.error("round abandoned", exc_info=failure)
         else:
             result = done.result()
-            log.info(
+            log.log(
+                logging.INFO if result.polled or result.failed else logging.DEBUG,
                 "round: %d repositories read, %d updated, %d failed",
                 len(result.polled),
                 len(result.updated),
