@@ -46,7 +46,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -65,6 +65,7 @@ __all__ = [
     "INDEX_MEDIA_TYPES",
     "OCI_INDEX",
     "OCI_MANIFEST",
+    "AddressRefused",
     "Backoff",
     "Credentials",
     "ImageConfig",
@@ -138,6 +139,11 @@ class RegistryUnavailable(RegistryError):
     def __init__(self, host: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(host, message)
         self.retry_after = retry_after
+
+
+class AddressRefused(RegistryError):
+    """The request was not sent: its host is internal (loopback, private, cluster-internal) and not one the operator
+    named as a registry (see ``guard``)."""
 
 
 class MalformedResponse(RegistryError):
@@ -313,6 +319,7 @@ class Backoff:
         self._clock = clock
         self._failures: dict[str, int] = {}
         self._not_before: dict[str, float] = {}
+        self._last: dict[str, RegistryError] = {}
 
     def next_allowed(self, host: str) -> float:
         """The clock time from which ``host`` may be asked again (a time in the past when it may be asked now)."""
@@ -325,10 +332,15 @@ class Backoff:
         """Consecutive failures since the last success."""
         return self._failures.get(normalize_host(host), 0)
 
+    def last_error(self, host: str) -> RegistryError | None:
+        """The failure that started or extended the host's current backoff, as :meth:`record` counted it."""
+        return self._last.get(normalize_host(host))
+
     def record_success(self, host: str) -> None:
         host = normalize_host(host)
         self._failures.pop(host, None)
         self._not_before.pop(host, None)
+        self._last.pop(host, None)
 
     def record_failure(self, host: str, retry_after: float | None = None) -> float:
         """Counts a failure; returns the clock time from which the host may be asked again."""
@@ -347,6 +359,7 @@ class Backoff:
         """Counts ``error`` when it is about the registry as a whole (rate limits, unavailability); a missing tag or
         refused credentials are about one repository and do not slow the others down."""
         if isinstance(error, RateLimited | RegistryUnavailable):
+            self._last[normalize_host(error.host)] = error
             return self.record_failure(error.host, error.retry_after)
         return None
 
@@ -382,9 +395,12 @@ class RegistryClient:
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
         transport: httpx.AsyncBaseTransport | None = None,
+        guard: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         """``credentials`` by registry host (see :func:`load_docker_config`); ``plain_http`` the hosts spoken to over
-        http:// (loopback registries only); ``verify`` False or a CA bundle path for registries with private CAs."""
+        http:// (loopback registries only); ``verify`` False or a CA bundle path for registries with private CAs;
+        ``guard`` is awaited with the host of every request (token realms and redirects included) before it is sent,
+        and refuses one by raising a RegistryError."""
         self._credentials = {normalize_host(host): value for host, value in (credentials or {}).items()}
         self._plain_http = frozenset(normalize_host(host) for host in plain_http)
         self._page_size = page_size
@@ -406,7 +422,13 @@ class RegistryClient:
             transport=transport,
             headers={"User-Agent": "apphosting-image-updater"},
             trust_env=False,
+            event_hooks={"request": [self._guarded]} if guard is not None else {},
         )
+        self._guard = guard
+
+    async def _guarded(self, request: httpx.Request) -> None:
+        assert self._guard is not None
+        await self._guard(request.url.netloc.decode("ascii"))
 
     async def __aenter__(self) -> Self:
         return self

@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from apphosting import metrics
+from apphosting.imageupdates import UPDATER_ACTOR
 from apphosting.nats_server import NatsServer, free_port
 from apphosting_cli.rest import RestGateway, RestOptions
 from apphosting_client import ClientConfig
@@ -17,6 +18,7 @@ from provisioner.worker import Provisioner, ProvisionerOptions
 from scheduler.service import Scheduler, SchedulerOptions
 from services.deployments.app import ApiOptions, ApiServer
 from services.deployments.auth import LOCAL_USER_ID, NOT_CONFIGURED, JwtVerifier, mint_token
+from updater.service import Updater, UpdaterOptions
 
 DEV_TOKEN_TTL = timedelta(days=30)
 
@@ -42,11 +44,13 @@ class DevOptions:
     # take the next ports (each process has its own registry). A port already taken becomes a free one.
     # None: no metrics servers.
     metrics_listen: str | None = metrics.DEV_METRICS_LISTEN
+    # Seconds between the image updater's rounds.
+    updater_interval: float = 300.0
 
 
 def metrics_addresses(listen: str | None) -> dict[str, str | None]:
     """The metrics address of each of dev's processes: consecutive ports, or a free one where taken."""
-    names = ("api", "scheduler", "provisioner", "rest")
+    names = ("api", "scheduler", "provisioner", "rest", "updater")
     if listen is None:
         return dict.fromkeys(names)
     addresses: dict[str, str | None] = {}
@@ -70,22 +74,30 @@ def dev_auth(data: Path) -> tuple[JwtVerifier, str]:
     token_file = data / "dev-token"
     token_file.touch(mode=0o600)
     token_file.write_text(token + "\n")
+    # The image updater's service token, of the same key.
+    updater_file = data / "updater-token"
+    updater_file.touch(mode=0o600)
+    updater_file.write_text(mint_token(secret, UPDATER_ACTOR, ttl=DEV_TOKEN_TTL) + "\n")
     return JwtVerifier.from_secret(secret), token
 
 
-def _metrics_lines(api: ApiServer, scheduler: Scheduler, provisioner: Provisioner, rest: RestGateway | None) -> str:
+def _metrics_lines(
+    api: ApiServer, scheduler: Scheduler, provisioner: Provisioner, rest: RestGateway | None, updater: Updater | None
+) -> str:
     servers = [
         ("api", api.metrics_server),
         ("scheduler", scheduler.metrics_server),
         ("provisioner", provisioner.metrics_server),
         ("rest", rest.metrics_server if rest is not None else None),
+        ("updater", updater.metrics_server if updater is not None else None),
     ]
     shown = [f"{name} {server.url}" for name, server in servers if server is not None]
     return "\n  metrics    " + "\n             ".join(shown) if shown else ""
 
 
 async def serve(options: DevOptions, stop: asyncio.Event) -> None:
-    """Starts nats-server, the API, the scheduler and a simulated provisioner; stops them all on `stop`."""
+    """Starts nats-server, the API, the scheduler, a simulated provisioner and the image updater; stops them all
+    on `stop`."""
     data = Path(options.data_dir)
     # Free ports, not 4222 and 8222: a system NATS may already hold those.
     nats = NatsServer(data / "nats", sync_interval=options.nats_sync_interval, monitor_port=free_port())
@@ -125,6 +137,8 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
     )
     tasks: list[asyncio.Task[None]] = []
     rest: RestGateway | None = None
+    updater: Updater | None = None
+    updater_stop = asyncio.Event()
     try:
         port = await api.start()
         scheduler.start_metrics()
@@ -139,6 +153,25 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
             )
             rest = RestGateway(RestOptions(listen=options.rest_listen, client=client, metrics_listen=served["rest"]))
             await rest.start()
+        # The updater runs with its service token of the dev key, or as the local user without auth; with an
+        # operator's own key dev cannot mint its token, and it is not started.
+        if token is not None or api_options.auth is None:
+            client = ClientConfig(
+                address=f"{host}:{port}",
+                tls=api_options.tls_cert is not None,
+                ca_file=api_options.tls_cert,
+                token_file=str(data / "updater-token") if token is not None else None,
+            )
+            updater = Updater(
+                UpdaterOptions(
+                    client=client,
+                    interval=options.updater_interval,
+                    registries=api_options.registries,
+                    metrics_listen=served["updater"],
+                )
+            )
+            updater.start_metrics()
+            tasks.append(asyncio.create_task(updater.run(updater_stop)))
         print(
             f"apphosting dev is running (Ctrl-C stops it)\n"
             f"  API        grpc://{host}:{port}  (apphosting.v1.DeploymentService, health, reflection)\n"
@@ -149,7 +182,12 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
             f"{', '.join(sorted({loc.geographic_region for loc in scheduler.locations}))}\n"
             f"  provisioner {provisioner.options.worker_id}: simulated driver, "
             f"{options.simulate_delay} s per step, failure rate {options.simulate_failure_rate}"
-            + _metrics_lines(api, scheduler, provisioner, rest),
+            + (
+                f"\n  updater    image updates every {options.updater_interval:g} s"
+                if updater is not None
+                else "\n  updater    not started: dev mints its token only with its own dev key"
+            )
+            + _metrics_lines(api, scheduler, provisioner, rest, updater),
             flush=True,
         )
         if token is not None:
@@ -176,6 +214,7 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
         await asyncio.wait({stopped, *tasks}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
     finally:
+        updater_stop.set()
         if rest is not None:
             await rest.stop()
         await api.stop()
@@ -183,5 +222,7 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
         provisioner.stop()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if updater is not None:
+            await updater.close()
         await asyncio.to_thread(nats.stop)
         print("apphosting dev stopped", flush=True)

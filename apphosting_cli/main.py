@@ -20,6 +20,7 @@ from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN
 # Each command imports only the process it runs (a provisioner never loads the API's code), so the
 # imports of the processes are inside the functions below.
 if TYPE_CHECKING:
+    from apphosting.imageupdates import RegistryAccess
     from services.deployments.app import ApiOptions
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -37,6 +38,35 @@ def _add_metrics(parser: argparse.ArgumentParser, default: str | None = None) ->
             else "; default: off"
         ),
     )
+
+
+def _add_registry_options(parser: argparse.ArgumentParser) -> None:
+    """How the process reaches image registries: the one definition the API and the updater share."""
+    group = parser.add_argument_group("image registries (image update previews and the updater)")
+    group.add_argument(
+        "--registry-credentials-file",
+        default=None,
+        metavar="PATH",
+        help="credentials per registry host in Docker config.json format (auths; see docs/image-updates.md)",
+    )
+    group.add_argument(
+        "--registry-plain-http",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="speak plain HTTP to this registry (loopback registries only; repeatable)",
+    )
+
+
+def _registry_access(args: argparse.Namespace) -> RegistryAccess:
+    from apphosting.imageupdates import RegistryAccess
+
+    access = RegistryAccess(args.registry_credentials_file, tuple(args.registry_plain_http))
+    try:
+        access.credentials()
+    except ValueError as unusable:
+        build_parser().error(f"--registry-credentials-file: {unusable}")
+    return access
 
 
 def _add_log_format(parser: argparse.ArgumentParser, default: str = "json") -> None:
@@ -315,6 +345,7 @@ def _api_options(args: argparse.Namespace) -> ApiOptions:
         deleted_retention=args.deleted_retention,
         rollout_timeout=args.rollout_timeout,
         limits=Limits(helm_repo_hosts=tuple(args.helm_repo_host), image_registries=tuple(args.image_registry)),
+        registries=_registry_access(args),
     )
 
 
@@ -465,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--listen", default=DEFAULT_LISTEN, help=f"address to serve on (default {DEFAULT_LISTEN})")
     _add_common(api)
     _add_api_security(api)
+    _add_registry_options(api)
 
     scheduler = commands.add_parser("scheduler", help="run the scheduler (placement of deployments)")
     _add_common(scheduler)
@@ -481,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     dev = commands.add_parser(
-        "dev", help="run everything on this machine: nats-server, the API, the scheduler and a provisioner"
+        "dev",
+        help="run everything on this machine: nats-server, the API, the scheduler, a provisioner and the image updater",
     )
     dev.add_argument("--listen", default=DEFAULT_LISTEN, help=f"API address (default {DEFAULT_LISTEN})")
     dev.add_argument("--data-dir", default=".apphosting", help="where the database and NATS keep their files")
@@ -501,9 +534,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_provisioner_options(dev)
     _add_api_security(dev, dev=True)
+    _add_registry_options(dev)
+    dev.add_argument(
+        "--updater-interval",
+        type=_at_least(float, 0.0, above=True),
+        default=300.0,
+        metavar="SECONDS",
+        help="how often the image updater reads each repository in use (default 300)",
+    )
     from apphosting.metrics import DEV_METRICS_LISTEN
 
     _add_metrics(dev, DEV_METRICS_LISTEN)
+
+    updater = commands.add_parser(
+        "updater", help="run the image updater (polls registries, updates deployments with an image update strategy)"
+    )
+    updater.add_argument(
+        "--api",
+        default=os.environ.get("APPHOSTING_ADDR", DEFAULT_LISTEN),
+        help=f"the gRPC API's address (default: APPHOSTING_ADDR, else {DEFAULT_LISTEN})",
+    )
+    updater.add_argument("--api-tls", action="store_true", help="TLS to the gRPC API")
+    updater.add_argument("--api-ca", default=None, help="CA bundle (PEM) that signed the API's certificate")
+    updater.add_argument(
+        "--token-file",
+        default=os.environ.get("APPHOSTING_TOKEN_FILE"),
+        metavar="PATH",
+        help="the updater's service token (a JWT of the API's key whose sub is image-updater), read at every call "
+        "so a rotated token is picked up (default: APPHOSTING_TOKEN_FILE)",
+    )
+    updater.add_argument(
+        "--interval",
+        type=_at_least(float, 0.0, above=True),
+        default=300.0,
+        metavar="SECONDS",
+        help="seconds between rounds; no repository is read more often (default 300)",
+    )
+    _add_registry_options(updater)
+    updater.add_argument("--log-level", default="INFO")
+    _add_log_format(updater)
+    _add_metrics(updater)
 
     rest = commands.add_parser("rest", help="run the REST gateway of the reference contract over the gRPC API")
     rest.add_argument(
@@ -649,6 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             api=_api_options(args),
             rest_listen=None if args.rest_listen == "off" else args.rest_listen,
             metrics_listen=None if args.metrics_listen == "off" else args.metrics_listen,
+            updater_interval=args.updater_interval,
         )
         return _run("dev", lambda stop: serve_dev(dev_options, stop), listen=args.listen)
     if args.command == "rest":
@@ -662,6 +733,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_listen=args.metrics_listen,
         )
         return _run("rest", lambda stop: serve_rest(rest_options, stop), listen=args.listen)
+    if args.command == "updater":
+        from apphosting_client import ClientConfig
+        from updater.service import UpdaterOptions
+        from updater.service import serve as serve_updater
+
+        updater_options = UpdaterOptions(
+            client=ClientConfig(address=args.api, tls=args.api_tls, ca_file=args.api_ca, token_file=args.token_file),
+            interval=args.interval,
+            registries=_registry_access(args),
+            metrics_listen=args.metrics_listen,
+        )
+        return _run("updater", lambda stop: serve_updater(updater_options, stop))
     if args.command == "migrate":
         from apphosting import db
         from scheduler import ledger

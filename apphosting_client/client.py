@@ -222,6 +222,11 @@ class AsyncClient:
         request = pb.ListReleasesRequest(id=deployment_id, page_size=page_size, page_token=page_token)
         return await self._call(self.stub.ListReleases, request)
 
+    async def preview_image_update(self, deployment_id: str) -> pb.PreviewImageUpdateResponse:
+        """Which tag the deployment's image update policy would deploy now, and why; writes nothing."""
+        request = pb.PreviewImageUpdateRequest(id=deployment_id)
+        return await self._call(self.stub.PreviewImageUpdate, request)
+
     async def watch(self, deployment_id: str, *, since_revision: int = 0) -> AsyncIterator[pb.WatchDeploymentResponse]:
         """The deployment's state (when since_revision is 0), then every change until its final one.
 

@@ -187,6 +187,7 @@ class Client:
     promote = _Blocking(AsyncClient.promote)
     adopt = _Blocking(AsyncClient.adopt)
     releases = _Blocking(AsyncClient.releases)
+    preview_image_update = _Blocking(AsyncClient.preview_image_update)
     watch = _Iterating(AsyncClient.watch)
 
     def list_all(self, **filters: Any) -> Stream[pb.Deployment]:

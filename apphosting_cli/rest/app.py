@@ -264,7 +264,10 @@ def create_app(config: ClientConfig, registry: CollectorRegistry | None = None) 
     @app.exception_handler(_Refused)
     async def refused(_: Request, exc: _Refused) -> JSONResponse:
         code, body = _error_body(exc.error, exc.locate)
-        return JSONResponse(body, status_code=code)
+        # A backend that said when to come back (a rate-limited registry) says it in HTTP's words too.
+        wait = read_error(exc.error).metadata.get("retry_after_seconds", "")
+        headers = {"Retry-After": wait} if code == 503 and wait.isdigit() else None
+        return JSONResponse(body, status_code=code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -523,6 +526,16 @@ def create_app(config: ClientConfig, registry: CollectorRegistry | None = None) 
             if not token:
                 break
         return [convert.release(item) for item in found[skip : skip + limit]]
+
+    @app.get(
+        "/deployments/{deployment_id}/image-update-preview",
+        response_model=models.ImageUpdatePreview,
+        summary="Preview an image update",
+    )
+    async def image_update_preview(deployment_id: DeploymentId) -> models.ImageUpdatePreview:
+        """Which tag the deployment's image update policy would deploy now, every candidate tag with its verdict,
+        and what an update would change; nothing is written. A registry that cannot be asked now answers 503."""
+        return convert.image_preview(await _rpc(client().preview_image_update(deployment_id)))
 
     @app.get(
         "/deployments/{deployment_id}/events",

@@ -102,6 +102,13 @@ def release(message: pb.Release) -> models.ReleaseResponse:
     return models.ReleaseResponse.model_validate(data)
 
 
+def image_preview(message: pb.PreviewImageUpdateResponse) -> models.ImageUpdatePreview:
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return models.ImageUpdatePreview.model_validate(data)
+
+
 def event(message: pb.DeploymentEvent) -> models.DeploymentEvent:
     data = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True

@@ -236,6 +236,37 @@ class ReleaseResponse(BaseModel):
     rollback_of: int = 0
 
 
+class ImageTagCandidate(BaseModel):
+    tag: str
+    kept: bool
+    # The rule that excluded it (ignored, not-allowed, not-semver, ...); empty when kept.
+    excluded_by: str = ""
+    detail: str = ""
+    digest: str = ""
+    created: datetime | None = None
+
+
+class ImageUpdatePreview(BaseModel):
+    """What the image updater would do now, and why (PreviewImageUpdate); nothing is written."""
+
+    deployment_id: uuid.UUID
+    repository: str
+    strategy: str
+    constraint: str | None = None
+    allow_tags: str | None = None
+    ignore_tags: str | None = None
+    current_tag: str = ""
+    current_digest: str = ""
+    candidates: list[ImageTagCandidate]
+    winner: str = ""
+    winner_digest: str = ""
+    reason: str = ""
+    would_update: bool
+    paused: bool
+    new_docker_image: str = ""
+    new_release: int = 0
+
+
 class DeploymentEvent(BaseModel):
     deployment_id: uuid.UUID
     revision: int

@@ -660,6 +660,24 @@ async def releases(
     return Exit.OK
 
 
+@command("preview-image", "Say which tag the image update policy would deploy now, and why; changes nothing.")
+async def preview_image(
+    client: AsyncClient,
+    deployment_id: Annotated[str, typer.Argument(help="deployment id")],
+    fmt: OutputOption = Output.table,
+) -> int:
+    answer = await client.preview_image_update(deployment_id)
+    console = _console()
+    if fmt in (Output.json, Output.yaml):
+        console.print(output.dump(answer, fmt.value), markup=False, highlight=False, soft_wrap=True)
+    else:
+        summary, candidates = output.image_preview(answer)
+        console.print(summary)
+        console.print()
+        console.print(candidates)
+    return Exit.OK
+
+
 @app.command("completion", help='Print the shell completion script: `eval "$(apphosting completion bash)"`.')
 def completion(shell: Annotated[Shell, typer.Argument(help="bash, zsh, fish or powershell")]) -> None:
     from typer._completion_shared import get_completion_script

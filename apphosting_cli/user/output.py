@@ -133,6 +133,45 @@ def releases_table(releases: Sequence[pb.Release]) -> Table:
     return table
 
 
+def image_preview(answer: pb.PreviewImageUpdateResponse) -> tuple[Table, Table]:
+    """What the image update policy would do (a key/value table) and every candidate tag with its verdict."""
+    summary = Table(box=None, show_header=False, pad_edge=False)
+    summary.add_column(style="bold")
+    summary.add_column(overflow="fold")
+    current = answer.current_tag + (f"@{answer.current_digest}" if answer.current_digest else "")
+    rows = [
+        ("repository", answer.repository),
+        ("strategy", answer.strategy),
+        ("constraint", answer.constraint),
+        ("allow tags", answer.allow_tags),
+        ("ignore tags", answer.ignore_tags),
+        ("current", current),
+        ("winner", answer.winner + (f"@{answer.winner_digest}" if answer.winner_digest else "")),
+        ("reason", answer.reason),
+        ("would update", "yes" if answer.would_update else "no"),
+        ("paused", "yes (since a rollback)" if answer.paused else ""),
+        ("new image", answer.new_docker_image),
+        ("new release", str(answer.new_release) if answer.new_release else ""),
+    ]
+    for name, value in rows:
+        if value:
+            summary.add_row(name, escape(value))
+    candidates = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("TAG", "VERDICT", "DETAIL", "CREATED", "DIGEST"):
+        candidates.add_column(column, overflow="fold")
+    for c in answer.candidates:
+        verdict = "kept" if c.kept else c.excluded_by
+        mark = "[bold green]winner[/bold green]" if c.tag == answer.winner else escape(verdict)
+        candidates.add_row(
+            escape(c.tag),
+            mark,
+            escape(c.detail),
+            _time(c.created) if c.HasField("created") else "",
+            c.digest[:19],
+        )
+    return summary, candidates
+
+
 def event_line(item: pb.WatchDeploymentResponse) -> str:
     """One change as a plain line: revision, time, status, phase and message."""
     d = item.deployment

@@ -18,8 +18,10 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from apphosting import CannotStart, bus, db, metrics
+from apphosting.imageupdates import RegistryAccess
 from apphosting.locations import load_locations
 from apphosting.netguard import Resolver
+from apphosting.registry import RegistryClient
 from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN, Limits
 from apphosting.supervise import Backoff, Supervisor
 from apphosting.v1 import bus_pb2, deployments_pb2_grpc
@@ -104,6 +106,8 @@ class ApiOptions:
     rollout_timeout: float = 600.0
     # host:port serving Prometheus metrics at /metrics (port 0: any free one); None: no metrics server.
     metrics_listen: str | None = None
+    # How PreviewImageUpdate reaches registries (the flags the updater takes too).
+    registries: RegistryAccess = field(default_factory=RegistryAccess)
 
 
 class ApplierStopped(Exception):
@@ -157,6 +161,7 @@ class ApiServer:
         self.metrics_server: metrics.MetricsServer | None = None
         self._server: grpc.aio.Server | None = None
         self._nc: Client | None = None
+        self._registry_client: RegistryClient | None = None
         self._js: JetStreamContext | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._outbox_ready = asyncio.Event()
@@ -188,6 +193,10 @@ class ApiServer:
         locations = load_locations(self.options.locations_file)
         regions = locations.geographic_regions
         self.metrics.known_regions(frozenset(regions))
+        try:
+            self._registry_client = self.options.registries.client()
+        except ValueError as unusable:
+            raise CannotStart(f"--registry-credentials-file: {unusable}") from None
         servicer = DeploymentServicer(
             self.store,
             self.hub,
@@ -199,6 +208,7 @@ class ApiServer:
             locations=locations.locations,
             capacity=Capacity(lambda: self._nc) if self.options.nats_url is not None else None,
             rollout_timeout=self.options.rollout_timeout,
+            registry_client=self._registry_client,
         )
         server = grpc.aio.server(
             # The server span first, so it covers the metrics and the auth refusals too.
@@ -286,6 +296,8 @@ class ApiServer:
         if self._nc is not None and self._nc.is_connected:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
+        if self._registry_client is not None:
+            await self._registry_client.aclose()
         await self.engine.dispose()
 
     async def wait(self) -> None:

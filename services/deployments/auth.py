@@ -23,6 +23,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from apphosting.imageupdates import UPDATER_ACTOR
 from services.deployments import errors
 from services.deployments.errors import ServiceError
 
@@ -54,6 +55,13 @@ class Caller:
 
 
 LOCAL_CALLER: Final = Caller(LOCAL_USER_ID)
+# The image updater's service identity: a token of the API's own key whose sub is "image-updater". It sees every
+# owner's deployments and may only read them, preview and update them (its releases name it as their actor).
+UPDATER_CALLER: Final = Caller(UPDATER_ACTOR, admin=True)
+UPDATER_METHODS: Final = frozenset(
+    f"/apphosting.v1.DeploymentService/{name}"
+    for name in ("GetDeployment", "ListDeployments", "WatchDeployments", "PreviewImageUpdate", "UpdateDeployment")
+)
 
 
 class Unset(enum.Enum):
@@ -141,6 +149,8 @@ class JwtVerifier:
 
     def _caller(self, claims: Mapping[str, Any]) -> Caller:
         subject = claims["sub"]
+        if subject == UPDATER_ACTOR:
+            return UPDATER_CALLER
         try:
             user_id = str(uuid.UUID(subject)) if isinstance(subject, str) else None
         except ValueError:
@@ -603,6 +613,13 @@ def _wrap(
             await context.abort_with_status(who.to_status())
         if isinstance(request, _Undecodable):
             await context.abort_with_status(request.error().to_status())
+        if who is UPDATER_CALLER and method not in UPDATER_METHODS:
+            denied = ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "SERVICE_IDENTITY_NOT_ALLOWED",
+                f"the {UPDATER_ACTOR} identity may only read, preview and update deployments, not call {method}",
+            )
+            await context.abort_with_status(denied.to_status())
         _caller.set(who)
 
     async def fail(failure: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> None:

@@ -13,6 +13,8 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from apphosting import registry
+
 DOMAIN = "apphosting.v1.DeploymentService"
 
 log = logging.getLogger(__name__)
@@ -187,4 +189,65 @@ def internal(method: str, failure: BaseException) -> ServiceError:
         "INTERNAL_ERROR",
         f"internal error; report correlation_id {correlation_id} to the operator",
         metadata={"correlation_id": correlation_id},
+    )
+
+
+def image_policy_unusable(field_path: str, detail: str) -> ServiceError:
+    """A stored image update field the updater cannot apply (or that is missing), named."""
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "IMAGE_POLICY_UNUSABLE",
+        f"{field_path}: {detail}",
+        metadata={"field": field_path},
+    )
+
+
+def registry_failure(docker_image: str, failure: Exception, retry_after: float | None = None) -> ServiceError:
+    """A registry's answer to an image update preview: the repository or its answers are wrong
+    (FAILED_PRECONDITION naming docker_image), or the registry cannot be asked now (UNAVAILABLE, with
+    retry_after_seconds: `retry_after` when given, else what the registry asked for)."""
+    detail = clip(str(failure), 240)
+    if isinstance(failure, registry.NotFound):
+        return ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "IMAGE_REPOSITORY_NOT_FOUND",
+            f"docker_image {echo(docker_image)}: the registry has no such repository ({detail})",
+            metadata={"field": "docker_image"},
+        )
+    if isinstance(failure, registry.AddressRefused):
+        return ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "REGISTRY_ADDRESS_REFUSED",
+            f"docker_image {echo(docker_image)}: its registry is an internal address, which is not asked ({detail})",
+            metadata={"field": "docker_image"},
+        )
+    if isinstance(failure, registry.MalformedResponse):
+        return ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "REGISTRY_MALFORMED_RESPONSE",
+            f"docker_image {echo(docker_image)}: the registry answered what the distribution API does not allow "
+            f"({detail})",
+            metadata={"field": "docker_image"},
+        )
+    if retry_after is None and isinstance(failure, registry.RateLimited | registry.RegistryUnavailable):
+        retry_after = failure.retry_after
+    reasons = {
+        registry.Unauthorized: ("REGISTRY_AUTH_REFUSED", "refused us (check its credentials)"),
+        registry.RateLimited: ("REGISTRY_RATE_LIMITED", "asks us to slow down"),
+        registry.RegistryUnavailable: ("REGISTRY_UNAVAILABLE", "is unavailable"),
+    }
+    reason, said = next(
+        (found for kind, found in reasons.items() if isinstance(failure, kind)),
+        ("REGISTRY_UNAVAILABLE", "cannot be asked now"),
+    )
+    metadata = {"field": "docker_image"}
+    when = ""
+    if retry_after is not None:
+        metadata["retry_after_seconds"] = str(max(1, round(retry_after)))
+        when = f" in {metadata['retry_after_seconds']} s"
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        reason,
+        f"the registry of docker_image {echo(docker_image)} {said} ({detail}); retry{when}",
+        metadata=metadata,
     )

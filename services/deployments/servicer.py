@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
@@ -13,7 +14,7 @@ import grpc
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from apphosting import bus, netguard
+from apphosting import bus, imageupdates, netguard, registry
 from apphosting.locations import LocationConfig
 from apphosting.netguard import Resolver
 from apphosting.settings import Limits
@@ -261,8 +262,10 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         locations: Sequence[LocationConfig] = (),
         capacity: Capacity | None = None,
         rollout_timeout: float = 600.0,
+        registry_client: registry.RegistryClient | None = None,
     ) -> None:
         self._store = store
+        self._registry = registry_client
         self._locations = {location.id: location for location in locations}
         self._capacity = capacity
         self._rollout_timeout = rollout_timeout
@@ -1028,6 +1031,82 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         if len(rows) > size:
             response.next_page_token = paging.encode(rows[size - 1].number, key)
         return response
+
+    @_unary
+    async def PreviewImageUpdate(
+        self,
+        request: pb.PreviewImageUpdateRequest,
+        context: grpc.aio.ServicerContext[pb.PreviewImageUpdateRequest, pb.PreviewImageUpdateResponse],
+    ) -> pb.PreviewImageUpdateResponse:
+        row = await self._get(_owner(self._caller(context)), request.id)
+        spec = row.spec
+        docker_image = spec.get("docker_image")
+        if not docker_image:
+            raise errors.image_policy_unusable("docker_image", "the deployment has no docker_image to update")
+        if not spec.get("image_update_strategy"):
+            raise errors.image_policy_unusable(
+                "image_update_strategy", "the deployment has no image update strategy; set one with an update"
+            )
+        target = imageupdates.Target(
+            docker_image,
+            spec.get("image_update_strategy"),
+            spec.get("image_update_constraint"),
+            spec.get("image_allow_tags"),
+            spec.get("image_ignore_tags"),
+            paused=row.image_updates_paused,
+        )
+        try:
+            policy = imageupdates.policy_of(target)
+        except imageupdates.PolicyUnusable as unusable:
+            raise errors.image_policy_unusable(unusable.field, str(unusable)) from None
+        try:
+            reference = target.reference
+        except ValueError as invalid:
+            raise errors.image_policy_unusable("docker_image", str(invalid)) from None
+        if self._registry is None:
+            raise errors.unavailable("the registry client (not configured)")
+        backoff = self._registry.backoff
+        if not backoff.allowed(reference.registry):
+            # Not asked again before its backoff ends: the answer is the failure that started it.
+            wait = backoff.next_allowed(reference.registry) - time.monotonic()
+            last = backoff.last_error(reference.registry)
+            failure = last or registry.RegistryUnavailable(reference.registry, "backing off after errors")
+            raise errors.registry_failure(docker_image, failure, wait)
+        try:
+            snapshot = await imageupdates.fetch_snapshot(
+                self._registry, reference.registry, reference.repository, [policy]
+            )
+        except registry.RegistryError as failure:
+            raise errors.registry_failure(docker_image, failure) from None
+        plan = imageupdates.plan(target, policy, snapshot)
+        answer = pb.PreviewImageUpdateResponse(
+            deployment_id=row.id,
+            repository=plan.repository,
+            strategy=plan.strategy.value,
+            constraint=spec.get("image_update_constraint"),
+            allow_tags=spec.get("image_allow_tags"),
+            ignore_tags=spec.get("image_ignore_tags"),
+            current_tag=plan.current_tag,
+            current_digest=plan.current_digest,
+            winner=plan.winner,
+            winner_digest=plan.winner_digest,
+            reason=plan.reason,
+            would_update=plan.would_update,
+            paused=plan.paused,
+            new_docker_image=plan.new_docker_image,
+            new_release=row.release + 1 if plan.would_update else 0,
+        )
+        for verdict in plan.verdicts:
+            candidate = answer.candidates.add(
+                tag=verdict.candidate.tag,
+                kept=verdict.kept,
+                excluded_by=verdict.excluded.value if verdict.excluded is not None else "",
+                detail=verdict.reason,
+                digest=verdict.candidate.digest or "",
+            )
+            if verdict.candidate.created is not None:
+                candidate.created.FromDatetime(verdict.candidate.created)
+        return answer
 
 
 # Spec fields that set_fields reads by their own rules, not as optional scalars.

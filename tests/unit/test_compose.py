@@ -16,7 +16,13 @@ from apphosting_cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 # Each service that runs the apphosting image, with the subcommand it runs.
-APPHOSTING_SERVICES = {"migrate": "migrate", "api": "api", "scheduler": "scheduler", "provisioner": "provisioner"}
+APPHOSTING_SERVICES = {
+    "migrate": "migrate",
+    "api": "api",
+    "scheduler": "scheduler",
+    "provisioner": "provisioner",
+    "updater": "updater",
+}
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +162,7 @@ def test_prometheus_scrapes_every_process_on_its_metrics_port(services: dict[str
     targets = {
         target for job in config["scrape_configs"] for entry in job["static_configs"] for target in entry["targets"]
     }
-    for name in ("api", "scheduler", "provisioner", "rest"):
+    for name in ("api", "scheduler", "provisioner", "rest", "updater"):
         (listen,) = _option_values(_command(services[name]), "--metrics-listen")
         port = listen.rpartition(":")[2]
         assert f"{name}:{port}" in targets, name

@@ -184,7 +184,7 @@ def test_the_podmonitor_component_renders_on_an_overlay(tmp_path: Path) -> None:
         for workload in _of_kind(objects, "Deployment")
         if _selects(monitor["spec"]["selector"], _pod_spec_labels(workload))
     ]
-    assert {_component(workload) for workload in scraped} == {"api", "rest", "scheduler", "provisioner"}
+    assert {_component(workload) for workload in scraped} == {"api", "rest", "scheduler", "provisioner", "updater"}
     for workload in scraped:
         ports = {port["name"] for port in _pod_spec(workload)["containers"][0]["ports"]}
         assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports
@@ -281,7 +281,7 @@ def test_every_command_line_is_accepted_by_the_real_parser(
         # Replicas share one database: none may fall back to its own SQLite file.
         if hasattr(parsed, "database_url"):
             assert parsed.database_url.startswith("postgresql://"), workload["metadata"]["name"]
-    assert commands == {"api", "rest", "scheduler", "provisioner", "migrate"}
+    assert commands == {"api", "rest", "scheduler", "provisioner", "migrate", "updater"}
 
 
 def test_every_process_serves_metrics_on_a_declared_annotated_port(
@@ -380,6 +380,7 @@ def test_network_policies_let_only_what_must_talk_talk(rendered: dict[str, list[
         "scheduler": {53, 4222, 5432},
         "provisioner": {53, 4222, 443, 6443, 22},
         "migrate": {53, 5432},
+        "updater": {53, 50051, 443},
     }
     expected_ingress = {
         "api": {50051, 9464},
@@ -387,6 +388,7 @@ def test_network_policies_let_only_what_must_talk_talk(rendered: dict[str, list[
         "scheduler": {9464},
         "provisioner": {9464},
         "migrate": set(),
+        "updater": {9464},
     }
     for workload in _workloads(objects):
         if not _ours(workload):
@@ -444,6 +446,11 @@ def test_production_scales_out_and_talks_to_three_nats_nodes(rendered: dict[str,
     objects = rendered["production"]
     assert _named(objects, "Deployment", "apphosting-api")["spec"]["replicas"] >= 3
     for workload in _of_kind(objects, "Deployment"):
+        if _component(workload) == "updater":
+            # One by design: a second replica would read every repository again each interval.
+            assert workload["spec"]["replicas"] == 1
+            assert workload["spec"]["strategy"] == {"type": "Recreate"}
+            continue
         assert workload["spec"]["replicas"] >= 2, workload["metadata"]["name"]
     urls = _configmap_value(objects, _config(objects), "NATS_URL").split(",")
     assert len(urls) == 3
