@@ -7,6 +7,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from google.protobuf import timestamp_pb2
 
@@ -117,7 +118,8 @@ _DELETE_ADOPTED_FORCE: tuple[_Step, ...] = (
 )
 
 # StepResult fields that are also fields of the deployment record; other fields (kubeconfig) stay private.
-RECORD_FIELDS: tuple[str, ...] = ("endpoint_url", "git_path", "values_yaml")
+RecordField = Literal["endpoint_url", "git_path", "values_yaml"]
+RECORD_FIELDS: tuple[RecordField, ...] = ("endpoint_url", "git_path", "values_yaml")
 
 
 def _reported(steps: tuple[_Step, ...]) -> tuple[str, ...]:
