@@ -188,6 +188,9 @@ class Client:
     adopt = _Blocking(AsyncClient.adopt)
     releases = _Blocking(AsyncClient.releases)
     watch = _Iterating(AsyncClient.watch)
+    create_api_key = _Blocking(AsyncClient.create_api_key)
+    list_api_keys = _Blocking(AsyncClient.list_api_keys)
+    revoke_api_key = _Blocking(AsyncClient.revoke_api_key)
 
     def list_all(self, **filters: Any) -> Stream[pb.Deployment]:
         """Every deployment matching the filters of list, page after page."""
