@@ -293,16 +293,30 @@ async def test_bad_requests_name_their_field(keyed: Keyed) -> None:
     assert not await keyed.rows()
 
 
-async def test_a_user_holds_at_most_the_cap_of_live_keys(keyed: Keyed) -> None:
+async def test_a_user_holds_at_most_the_cap_of_live_keys_even_when_replicas_race(
+    keyed: Keyed, secure_api_factory: ApiFactory
+) -> None:
     alice = keyed.api.user("alice")
-    made = [await keyed.make(alice, f"key-{n}") for n in range(MAX_LIVE_KEYS)]
+    made = [await keyed.make(alice, f"key-{n}") for n in range(MAX_LIVE_KEYS - 1)]
+    # The last place, asked for at once through two replicas: one create gets it.
+    other = await secure_api_factory()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{other.server.port}") as channel:
+        elsewhere = Keyed(other, api_keys_pb2_grpc.ApiKeyServiceStub(channel))
+        racing = [side.make(alice, f"race-{n}") for n in range(3) for side in (keyed, elsewhere)]
+        answers = await asyncio.gather(*racing, return_exceptions=True)
+    refused = [answer for answer in answers if isinstance(answer, grpc.aio.AioRpcError)]
+    assert len(refused) == len(answers) - 1, answers
+    assert {error.code() for error in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     details = await expect_error(keyed.make(alice, "one too many"), grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert details.reason == "API_KEY_LIMIT"
     assert str(MAX_LIVE_KEYS) in details.message
     assert details.metadata["quota"] == "api_keys"
-    # A revoked key no longer counts; another user has their own cap.
+    # Neither a revoked key nor an expired one counts; another user has their own cap.
     await keyed.keys.RevokeApiKey(kpb.RevokeApiKeyRequest(id=made[0].api_key.id), metadata=alice.metadata)
     await keyed.make(alice, "replacement")
+    await keyed.set_times(made[1].api_key.id, expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    await keyed.make(alice, "another replacement")
+    await expect_error(keyed.make(alice, "one too many"), grpc.StatusCode.RESOURCE_EXHAUSTED)
     await keyed.make(keyed.api.user("bob"))
 
 
