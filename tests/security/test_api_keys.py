@@ -27,6 +27,7 @@ from tests.e2e.test_rest import serve_gateway
 from tests.e2e.test_user_cli import cli
 from tests.integration.test_api import create_request, expect_error
 from tests.security.conftest import ApiFactory, SecureApi, User, bearer
+from tests.support.tcp_proxy import TcpProxy
 
 T = TypeVar("T")
 # Generous: the machine is shared and loaded.
@@ -412,3 +413,27 @@ async def test_reflection_lists_the_key_service(keyed: Keyed) -> None:
         ):
             names = {service.name for service in response.list_services_response.service}
             assert "apphosting.v1.ApiKeyService" in names
+
+
+async def test_keys_are_unavailable_not_refused_while_the_database_is_down(
+    proxied_database: tuple[str, TcpProxy], secure_api_factory: ApiFactory
+) -> None:
+    url, proxy = proxied_database
+    api = await secure_api_factory(database_url=url)
+    alice = api.user("alice")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{api.server.port}") as channel:
+        keyed = Keyed(api, api_keys_pb2_grpc.ApiKeyServiceStub(channel))
+        made = await keyed.make(alice)
+        listing = pb.ListDeploymentsRequest()
+        await proxy.cut()
+        # The key may be good: a caller told UNAVAILABLE retries, one told UNAUTHENTICATED gives up.
+        for call in (
+            api.stub.ListDeployments(listing, metadata=bearer(made.key)),
+            keyed.keys.ListApiKeys(kpb.ListApiKeysRequest(), metadata=alice.metadata),
+            keyed.keys.CreateApiKey(kpb.CreateApiKeyRequest(name="during"), metadata=alice.metadata),
+            keyed.keys.RevokeApiKey(kpb.RevokeApiKeyRequest(id=made.api_key.id), metadata=alice.metadata),
+        ):
+            details = await expect_error(call, grpc.StatusCode.UNAVAILABLE)
+            assert details.reason == "BACKEND_UNAVAILABLE"
+        await proxy.start()
+        await api.stub.ListDeployments(listing, metadata=bearer(made.key))
