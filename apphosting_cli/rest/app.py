@@ -525,6 +525,12 @@ def create_app(config: ClientConfig, registry: CollectorRegistry | None = None) 
     async def create_api_key(body: models.ApiKeyCreate) -> models.ApiKeyCreated:
         """A key for automation, sent as `Authorization: Bearer <key>`. The answer's `key` is its only showing:
         only a hash is kept. Only a token (not another API key) may create one."""
+        if not body.name.isascii():
+            try:
+                body.name.encode("utf-8")
+            except UnicodeEncodeError:
+                # JSON allows a lone surrogate; a protobuf string cannot carry one.
+                raise _RequestUnsendable(convert.Unsendable([["body", "name"]])) from None
         made = await _rpc(client().create_api_key(body.name, read_only=body.read_only, ttl_seconds=body.ttl_seconds))
         return convert.api_key_created(made)
 

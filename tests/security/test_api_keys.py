@@ -191,6 +191,10 @@ async def test_a_read_only_key_may_read_but_not_change(keyed: Keyed) -> None:
     await keyed.api.stub.ListDeployments(pb.ListDeploymentsRequest(), metadata=reader)
     await keyed.api.stub.ListReleases(pb.ListReleasesRequest(id=created.id), metadata=reader)
     await keyed.keys.ListApiKeys(kpb.ListApiKeysRequest(), metadata=reader)
+    watch = keyed.api.stub.WatchDeployment(pb.WatchDeploymentRequest(id=created.id), metadata=reader)
+    first = await anext(aiter(watch))
+    assert first.deployment.id == created.id
+    watch.cancel()
     writes: list[Awaitable[Any]] = [
         keyed.api.stub.CreateAppHostingDeployment(create_request(deployment_name="api"), metadata=reader),
         keyed.api.stub.DeleteDeployment(pb.DeleteDeploymentRequest(id=created.id), metadata=reader),
@@ -356,6 +360,11 @@ async def test_rest_makes_lists_and_revokes_keys_and_takes_a_key_on_every_route(
             assert refused.status_code == 403
             assert refused.json()["reason"] == "API_KEY_NOT_ALLOWED"
 
+            surrogate = await http.post(
+                "/api-keys", content='{"name": "\\ud800"}', headers={**token, "Content-Type": "application/json"}
+            )
+            assert surrogate.status_code == 422
+            assert surrogate.json()["detail"][0]["loc"] == ["body", "name"]
             bad = await http.post("/api-keys", json={"name": "", "ttl_seconds": -1}, headers=token)
             assert bad.status_code == 422
             assert {tuple(entry["loc"]) for entry in bad.json()["detail"]} == {
