@@ -189,6 +189,9 @@ class Client:
     releases = _Blocking(AsyncClient.releases)
     preview_image_update = _Blocking(AsyncClient.preview_image_update)
     watch = _Iterating(AsyncClient.watch)
+    create_api_key = _Blocking(AsyncClient.create_api_key)
+    list_api_keys = _Blocking(AsyncClient.list_api_keys)
+    revoke_api_key = _Blocking(AsyncClient.revoke_api_key)
 
     def list_all(self, **filters: Any) -> Stream[pb.Deployment]:
         """Every deployment matching the filters of list, page after page."""

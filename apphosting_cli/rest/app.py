@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from apphosting import metrics
+from apphosting.v1 import api_keys_pb2
 from apphosting.v1 import deployments_pb2 as pb
 from apphosting_cli.rest import convert, models
 from apphosting_client import AsyncClient, ClientConfig, read_error
@@ -526,6 +527,40 @@ def create_app(config: ClientConfig, registry: CollectorRegistry | None = None) 
             if not token:
                 break
         return [convert.release(item) for item in found[skip : skip + limit]]
+
+    @app.post("/api-keys", status_code=201, response_model=models.ApiKeyCreated, summary="Create an API key")
+    async def create_api_key(body: models.ApiKeyCreate) -> models.ApiKeyCreated:
+        """A key for automation, sent as `Authorization: Bearer <key>`. The answer's `key` is its only showing:
+        only a hash is kept. Only a token (not another API key) may create one."""
+        if not body.name.isascii():
+            try:
+                body.name.encode("utf-8")
+            except UnicodeEncodeError:
+                # JSON allows a lone surrogate; a protobuf string cannot carry one.
+                raise _RequestUnsendable(convert.Unsendable([["body", "name"]])) from None
+        made = await _rpc(client().create_api_key(body.name, read_only=body.read_only, ttl_seconds=body.ttl_seconds))
+        return convert.api_key_created(made)
+
+    @app.get("/api-keys", response_model=list[models.ApiKeyResponse], summary="List API keys")
+    async def list_api_keys(skip: Skip = 0, limit: Limit = 100) -> list[models.ApiKeyResponse]:
+        """The caller's keys (never their secrets), newest first: `skip` then at most `limit`."""
+        found: list[api_keys_pb2.ApiKey] = []
+        token = ""
+        while len(found) < skip + limit:
+            page = await _rpc(
+                client().list_api_keys(page_size=min(MAX_LIMIT, skip + limit - len(found)), page_token=token),
+                _in_query,
+            )
+            found.extend(page.api_keys)
+            token = page.next_page_token
+            if not token:
+                break
+        return [convert.api_key(item) for item in found[skip : skip + limit]]
+
+    @app.delete("/api-keys/{key_id}", response_model=models.ApiKeyResponse, summary="Revoke an API key")
+    async def revoke_api_key(key_id: Annotated[str, Path(description="The key's id.")]) -> models.ApiKeyResponse:
+        """Revokes one of the caller's keys at once; revoking it again answers it unchanged."""
+        return convert.api_key(await _rpc(client().revoke_api_key(key_id), lambda field: ["path", "key_id"]))
 
     @app.get(
         "/deployments/{deployment_id}/image-update-preview",

@@ -8,6 +8,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from apphosting.v1 import api_keys_pb2
 from apphosting.v1 import deployments_pb2 as pb
 from apphosting_cli.rest import models
 
@@ -125,3 +126,13 @@ def watch_item(item: pb.WatchDeploymentResponse) -> models.WatchEvent:
     return models.WatchEvent(
         deployment=deployment(item.deployment), event=event(item.event) if item.HasField("event") else None
     )
+
+
+def api_key(message: api_keys_pb2.ApiKey) -> models.ApiKeyResponse:
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    data.setdefault("read_only", False)
+    return models.ApiKeyResponse.model_validate(data)
+
+
+def api_key_created(message: api_keys_pb2.CreateApiKeyResponse) -> models.ApiKeyCreated:
+    return models.ApiKeyCreated(**api_key(message.api_key).model_dump(), key=message.key)

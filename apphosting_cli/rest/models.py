@@ -287,3 +287,34 @@ class WatchEvent(BaseModel):
 
     deployment: DeploymentResponse
     event: DeploymentEvent | None = None
+
+
+class ApiKeyCreate(BaseModel):
+    """POST /api-keys: the key to make."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="What the key is for (ci, nightly-deploys); 1 to 100 characters.")
+    read_only: bool = Field(False, description="Only get, list and watch.")
+    # The API bounds it (two years); here only to what the field can carry.
+    ttl_seconds: int = Field(0, ge=-(2**63), le=2**63 - 1, description="Seconds until it expires; 0: never.")
+
+
+class ApiKeyResponse(BaseModel):
+    """An API key as kept: never its secret."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    name: str
+    prefix: str
+    read_only: bool
+    create_time: datetime
+    expire_time: datetime | None = None
+    last_used_time: datetime | None = None
+    revoke_time: datetime | None = None
+
+
+class ApiKeyCreated(ApiKeyResponse):
+    """The answer of POST /api-keys: the only time the key is shown."""
+
+    key: str = Field(description="Send as `Authorization: Bearer <key>`; it is not shown again.")

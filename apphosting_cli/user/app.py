@@ -136,7 +136,9 @@ def _config(
     return ClientConfig.from_env(address=addr, token=token, tls=tls, ca_file=str(ca) if ca else None)
 
 
-def command(name: str, help_text: str) -> Callable[[Callable[..., Awaitable[int]]], Callable[..., Awaitable[int]]]:
+def command(
+    name: str, help_text: str, *, group: typer.Typer | None = None
+) -> Callable[[Callable[..., Awaitable[int]]], Callable[..., Awaitable[int]]]:
     """Registers an async command taking `client` (made from the connection options, which every command
     gets) and returning its exit code; a refused call prints its violated fields instead of a traceback."""
 
@@ -179,7 +181,7 @@ def command(name: str, help_text: str) -> Callable[[Callable[..., Awaitable[int]
             **{k: v for k, v in body.__annotations__.items() if k not in ("client", "return")},
             **{p.name: p.annotation for p in _CONNECTION_PARAMETERS},
         }
-        app.command(name, help=help_text, epilog=EXIT_CODES)(run)
+        (group or app).command(name, help=help_text, epilog=EXIT_CODES)(run)
         return body
 
     return register
@@ -678,6 +680,61 @@ async def preview_image(
     return Exit.OK
 
 
+api_keys_app = typer.Typer(
+    help="Make, list and revoke your API keys: `authorization: Bearer <key>` for scripts and CI. "
+    "Only a token (not an API key) may create or revoke keys.",
+    no_args_is_help=True,
+)
+app.add_typer(api_keys_app, name="api-keys")
+
+
+@command("create", "Make an API key; it is printed this once and never shown again.", group=api_keys_app)
+async def api_keys_create(
+    client: AsyncClient,
+    name: Annotated[str, typer.Argument(help="what the key is for (ci, nightly-deploys)")],
+    read_only: Annotated[bool, typer.Option("--read-only", help="it may only get, list and watch")] = False,
+    ttl: Annotated[int, typer.Option("--ttl", help="seconds until it expires; 0: never")] = 0,
+    fmt: OutputOption = Output.table,
+) -> int:
+    made = await client.create_api_key(name, read_only=read_only, ttl_seconds=ttl)
+    console = _console()
+    if fmt in (Output.json, Output.yaml):
+        console.print(output.dump(made, fmt.value), markup=False, highlight=False, soft_wrap=True)
+        return Exit.OK
+    # The key alone on stdout, so `KEY=$(apphosting api-keys create ci)` keeps just it; the rest on stderr.
+    notes = _console(stderr=True)
+    notes.print(output.api_keys_table([made.api_key]))
+    notes.print("The key, shown only now (send it as `authorization: Bearer <key>`):", markup=False)
+    console.print(made.key, markup=False, highlight=False, soft_wrap=True)
+    return Exit.OK
+
+
+@command("list", "List your API keys (never their secrets), newest first.", group=api_keys_app)
+async def api_keys_list(client: AsyncClient, fmt: OutputOption = Output.table) -> int:
+    found = [key async for key in client.list_all_api_keys()]
+    console = _console()
+    if fmt in (Output.json, Output.yaml):
+        console.print(output.dump(found, fmt.value), markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print(output.api_keys_table(found))
+    return Exit.OK
+
+
+@command("revoke", "Revoke one of your API keys at once.", group=api_keys_app)
+async def api_keys_revoke(
+    client: AsyncClient,
+    key_id: Annotated[str, typer.Argument(help="the key's id (from `apphosting api-keys list`)")],
+    fmt: OutputOption = Output.table,
+) -> int:
+    revoked = await client.revoke_api_key(key_id)
+    console = _console()
+    if fmt in (Output.json, Output.yaml):
+        console.print(output.dump(revoked, fmt.value), markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print(output.api_keys_table([revoked]))
+    return Exit.OK
+
+
 @app.command("completion", help='Print the shell completion script: `eval "$(apphosting completion bash)"`.')
 def completion(shell: Annotated[Shell, typer.Argument(help="bash, zsh, fish or powershell")]) -> None:
     from typer._completion_shared import get_completion_script
@@ -687,5 +744,7 @@ def completion(shell: Annotated[Shell, typer.Argument(help="bash, zsh, fish or p
 
 # Every first word that belongs to this app rather than to the server commands of apphosting_cli.main.
 COMMANDS = frozenset(
-    {c.name for c in app.registered_commands if c.name} | {"--install-completion", "--show-completion"}
+    {c.name for c in app.registered_commands if c.name}
+    | {g.name for g in app.registered_groups if g.name}
+    | {"--install-completion", "--show-completion"}
 )

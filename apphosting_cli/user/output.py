@@ -1,4 +1,4 @@
-"""How the user CLI shows deployments, releases and events: Rich tables, JSON, YAML and one-line events."""
+"""How the user CLI shows deployments, releases, events and API keys: Rich tables, JSON, YAML and one-line events."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from apphosting.v1 import api_keys_pb2
 from apphosting.v1 import deployments_pb2 as pb
 
 _STATUS_PREFIX = "DEPLOYMENT_STATUS_"
@@ -170,6 +171,24 @@ def image_preview(answer: pb.PreviewImageUpdateResponse) -> tuple[Table, Table]:
             c.digest[:19],
         )
     return summary, candidates
+
+
+def api_keys_table(keys: Sequence[api_keys_pb2.ApiKey]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("ID", "NAME", "PREFIX", "SCOPE", "CREATED", "EXPIRES", "LAST USED", "REVOKED"):
+        table.add_column(column, overflow="fold")
+    for key in keys:
+        table.add_row(
+            key.id,
+            escape(key.name),
+            key.prefix,
+            "read-only" if key.read_only else "full",
+            _time(key.create_time),
+            _time(key.expire_time) or "never",
+            _time(key.last_used_time) or "never",
+            _time(key.revoke_time),
+        )
+    return table
 
 
 def event_line(item: pb.WatchDeploymentResponse) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, timedelta
 from typing import Any
@@ -24,13 +24,15 @@ from apphosting.netguard import Resolver
 from apphosting.registry import RegistryClient
 from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN, Limits
 from apphosting.supervise import Backoff, Supervisor
-from apphosting.v1 import bus_pb2, deployments_pb2_grpc
+from apphosting.v1 import api_keys_pb2, api_keys_pb2_grpc, bus_pb2, deployments_pb2_grpc
 from apphosting.v1 import deployments_pb2 as pb
+from services.deployments.api_keys import ApiKeyServicer, ApiKeyStore, ApiKeyVerifier
 from services.deployments.auth import (
     NOT_CONFIGURED,
     AuthInterceptor,
     JwtVerifier,
     Unset,
+    VerifierChain,
     tls_server_credentials,
 )
 from services.deployments.capacity import Capacity
@@ -59,6 +61,7 @@ EARLY_EVENT_DELAY = 3.0
 # Most status events applied in one transaction.
 APPLY_BATCH = 128
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DeploymentService"].full_name
+API_KEY_SERVICE_NAME = api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name
 
 
 @dataclass
@@ -210,12 +213,17 @@ class ApiServer:
             rollout_timeout=self.options.rollout_timeout,
             registry_client=self._registry_client,
         )
+        api_keys = ApiKeyStore(self.store)
+        auth = self.options.auth
+        if isinstance(auth, JwtVerifier):
+            # `Bearer ahk_...` is checked against the api_keys table; any other token as before.
+            auth = VerifierChain([ApiKeyVerifier(api_keys, self._background), auth])
         server = grpc.aio.server(
             # The server span first, so it covers the metrics and the auth refusals too.
             interceptors=[
                 TelemetryInterceptor(),
                 MetricsInterceptor(self.metrics.grpc),
-                AuthInterceptor(self.options.auth),
+                AuthInterceptor(auth),
             ],
             options=[
                 ("grpc.max_receive_message_length", self.options.max_request_bytes),
@@ -224,10 +232,12 @@ class ApiServer:
             ],
         )
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(servicer, server)
+        api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(api_keys), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
+                API_KEY_SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -261,6 +271,12 @@ class ApiServer:
         self._serving = True
         await self._report_health()
         return self.port
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Runs `work` beside the calls; shutdown waits for it within the grace period."""
+        task = asyncio.create_task(work)
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
 
     def _health_changed(self) -> None:
         task = asyncio.create_task(self._report_health())

@@ -1,4 +1,4 @@
-"""Who is calling: a Bearer JWT (key file or OIDC issuer) verified on every RPC but health and reflection."""
+"""Who is calling: a Bearer JWT (key file or OIDC issuer) or API key, checked on each RPC but health and reflection."""
 
 from __future__ import annotations
 
@@ -38,6 +38,19 @@ PUBLIC_METHOD_PREFIXES: Final = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
+# What a read-only API key may call: the methods that get, list, watch or preview and change nothing.
+# Listed by name, so a method added later is refused to such a key until it is put here.
+READING_METHODS: Final = frozenset(
+    {
+        "/apphosting.v1.DeploymentService/GetDeployment",
+        "/apphosting.v1.DeploymentService/ListDeployments",
+        "/apphosting.v1.DeploymentService/WatchDeployment",
+        "/apphosting.v1.DeploymentService/WatchDeployments",
+        "/apphosting.v1.DeploymentService/ListReleases",
+        "/apphosting.v1.DeploymentService/PreviewImageUpdate",
+        "/apphosting.v1.ApiKeyService/ListApiKeys",
+    }
+)
 # RFC 7518 §3.2: an HS256 key has at least 256 bits.
 MIN_SECRET_BYTES: Final = 32
 # Far above any real token; a bigger header is refused before it is parsed.
@@ -52,6 +65,10 @@ class Caller:
 
     user_id: str
     admin: bool = False
+    # The prefix of the API key the call was made with (ahk_1a2b3c4d); None for a token or local mode.
+    api_key: str | None = None
+    # A read-only API key: only READING_METHODS are answered.
+    read_only: bool = False
 
 
 LOCAL_CALLER: Final = Caller(LOCAL_USER_ID)
@@ -163,6 +180,10 @@ class JwtVerifier:
         """The `iss` values this verifier answers for (None: whatever a token carries)."""
         return frozenset({self._issuer})
 
+    def recognizes(self, token: str) -> bool:
+        """True for a token that is no JWT but one this verifier alone checks (an API key)."""
+        return False
+
     async def verify_async(self, token: str) -> Caller:
         """As verify; a verifier that fetches keys over the network overrides it so the event loop never waits."""
         return self.verify(token)
@@ -181,7 +202,7 @@ def bearer_token(metadata: Any) -> str:
     values = [value for key, value in metadata or () if key == "authorization"]
     if not values:
         raise errors.unauthenticated(
-            "TOKEN_MISSING", "this call needs an 'authorization: Bearer <token>' header with a JWT"
+            "TOKEN_MISSING", "this call needs an 'authorization: Bearer <token>' header with a JWT or an API key"
         )
     if len(values) > 1:
         raise errors.unauthenticated("TOKEN_INVALID", "the call carries more than one authorization header")
@@ -460,6 +481,14 @@ class VerifierChain(JwtVerifier):
         return frozenset().union(*(verifier.issuers() for verifier in self._verifiers))
 
     def _candidates(self, token: str) -> list[JwtVerifier]:
+        opaque = [verifier for verifier in self._verifiers if verifier.recognizes(token)]
+        if opaque:
+            return opaque
+        # A verifier of opaque tokens answers for no issuer. One JWT verifier beside them takes every
+        # JWT itself, with its own answers, as it did alone.
+        answering = [verifier for verifier in self._verifiers if verifier.issuers()]
+        if len(answering) == 1:
+            return answering
         try:
             # Unverified, and only to choose the verifier: the chosen one checks everything.
             claims = jwt.decode(token, options={"verify_signature": False})
@@ -602,6 +631,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 who = refused
             except Exception as failure:
                 who = errors.internal(method, failure)
+        if isinstance(who, Caller) and who.read_only and method not in READING_METHODS:
+            who = errors.read_only_key(who.api_key or "", method.rsplit("/", 1)[-1])
         return _wrap(method, handler, who)
 
 

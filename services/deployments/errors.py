@@ -149,8 +149,44 @@ def unavailable(what: str) -> ServiceError:
 
 
 def unauthenticated(reason: str, message: str) -> ServiceError:
-    """No usable credentials: reason TOKEN_MISSING, TOKEN_INVALID or TOKEN_EXPIRED."""
+    """No usable credentials: reason TOKEN_MISSING, TOKEN_INVALID, TOKEN_EXPIRED or TOKEN_REVOKED."""
     return ServiceError(grpc.StatusCode.UNAUTHENTICATED, reason, message)
+
+
+def read_only_key(prefix: str, method: str) -> ServiceError:
+    """A read-only API key called a method that changes something."""
+    return ServiceError(
+        grpc.StatusCode.PERMISSION_DENIED,
+        "API_KEY_READ_ONLY",
+        f"API key {prefix} is read-only (scope: get, list and watch); {method} needs a key that is not read-only",
+        metadata={"prefix": prefix, "scope": "read-only", "method": method},
+    )
+
+
+def keys_by_key(method: str) -> ServiceError:
+    """An API key tried to make or revoke keys: only a token session may."""
+    return ServiceError(
+        grpc.StatusCode.PERMISSION_DENIED,
+        "API_KEY_NOT_ALLOWED",
+        f"{method} is refused to calls made with an API key; sign in with a token to manage API keys",
+        metadata={"method": method},
+    )
+
+
+def api_key_not_found(key_id: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND, "API_KEY_NOT_FOUND", f"API key {key_id} does not exist", metadata={"id": key_id}
+    )
+
+
+def api_key_limit(limit: int) -> ServiceError:
+    """The caller already has as many live keys as a user may."""
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "API_KEY_LIMIT",
+        f"quota api_keys exceeded: a user may hold {limit} live API keys; revoke one first",
+        metadata={"quota": "api_keys", "limit": str(limit)},
+    )
 
 
 def quota_exceeded(quota: str, unit: str, limit: float, used: float, requested: float) -> ServiceError:

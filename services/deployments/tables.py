@@ -1,4 +1,4 @@
-"""The tables the deployment service owns: deployments, their event log and the outbox."""
+"""The tables the deployment service owns: deployments, their event log, the outbox and API keys."""
 
 from __future__ import annotations
 
@@ -168,3 +168,29 @@ class OutboxRow(Base):
     # Message headers sent with it: the trace (W3C traceparent) and deployment it was written in.
     headers: Mapped[dict[str, str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ApiKeyRow(Base):
+    """One API key: never the key itself, only its SHA-256 (services/deployments/api_keys.py says why)."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        # Every authenticated call with a key looks its hash up.
+        UniqueConstraint("key_hash", name="uq_api_keys_key_hash"),
+        # ListApiKeys: the caller's keys, newest first.
+        Index("ix_api_keys_user_seq", "user_id", "seq"),
+    )
+
+    # Insertion order: the keyset ListApiKeys pages by, newest first.
+    seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), unique=True)
+    user_id: Mapped[str] = mapped_column(String(36))
+    name: Mapped[str] = mapped_column(String(100))
+    # `ahk_` and the secret's first 8 characters: tells keys apart, reveals 48 of its 256 bits.
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64))
+    read_only: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
