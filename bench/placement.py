@@ -42,7 +42,7 @@ def run(plan: Plan, log: Any) -> dict[str, Any]:
         placer = Placer(locations)
         index_ms = (time.perf_counter() - built) * 1000.0
         # Two thirds of the fleet holds reservations of various sizes.
-        used = {
+        held = {
             location.id: Demand(
                 cpu=rng.uniform(0, location.capacity.cpu * 0.9),
                 memory_mb=rng.randint(0, int(location.capacity.memory_mb * 0.9)),
@@ -52,6 +52,8 @@ def run(plan: Plan, log: Any) -> dict[str, Any]:
             for location in locations
             if rng.random() < 2 / 3
         }
+        # As the scheduler's ledger keeps it: per location, beside the index as arrays.
+        used = placer.usage(held)
         demands = [
             Demand(
                 cpu=rng.choice((0.25, 0.5, 2.0)), memory_mb=rng.choice((256, 512, 4096)), storage_gb=rng.randint(1, 50)
