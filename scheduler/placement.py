@@ -111,25 +111,30 @@ class _Region:
     # Healthy locations sorted by id, so that the first best score found wins ties deterministically.
     healthy: tuple[_Slot, ...]
     unhealthy_ids: tuple[str, ...]
-    # The same locations as columns (rows: cpu, memory, storage, vCluster slots), for the vector
-    # path: the largest use of each that still fits (cpu with its slack), and 1 + weight.
-    limits: _Floats
+    # Every location of the region, healthy or not, sorted by id, and the same as columns for the
+    # vector path (rows: cpu, memory, storage, vCluster slots): capacity, the largest use that still
+    # fits (cpu with its slack), 1 + weight, and which are healthy.
+    members: tuple[_Slot, ...]
     capacity: _Floats
+    limits: _Floats
     bonus: _Floats
+    healthy_mask: npt.NDArray[np.bool_]
 
 
-def _region(members: Sequence[LocationConfig]) -> _Region:
-    healthy = tuple(sorted((_slot(loc) for loc in members if loc.healthy), key=lambda s: s.id))
-    capacity = np.array([[s.cpu, s.memory_mb, s.storage_gb, s.vclusters] for s in healthy], dtype=np.float64)
-    capacity = capacity.reshape(len(healthy), 4).T.copy()
+def _region(locations: Sequence[LocationConfig]) -> _Region:
+    members = tuple(sorted((_slot(loc) for loc in locations), key=lambda s: s.id))
+    capacity = np.array([[s.cpu, s.memory_mb, s.storage_gb, s.vclusters] for s in members], dtype=np.float64)
+    capacity = capacity.reshape(len(members), 4).T.copy()
     limits = capacity.copy()
     limits[0] += _CPU_SLACK
     return _Region(
-        healthy=healthy,
-        unhealthy_ids=tuple(sorted(loc.id for loc in members if not loc.healthy)),
-        limits=limits,
+        healthy=tuple(slot for slot in members if slot.location.healthy),
+        unhealthy_ids=tuple(slot.id for slot in members if not slot.location.healthy),
+        members=members,
         capacity=capacity,
-        bonus=np.array([s.headroom_bonus for s in healthy], dtype=np.float64),
+        limits=limits,
+        bonus=np.array([s.headroom_bonus for s in members], dtype=np.float64),
+        healthy_mask=np.array([s.location.healthy for s in members], dtype=np.bool_),
     )
 
 
@@ -144,7 +149,7 @@ class Usage(Mapping[str, Demand]):
     def __init__(self, placer: Placer, held: Mapping[str, Demand] | Iterable[tuple[str, Demand]] = ()) -> None:
         self.placer = placer
         self._held: dict[str, Demand] = {}
-        # Per region, the use of each healthy location (same rows and columns as _Region.capacity).
+        # Per region, the use of each location (same rows and columns as _Region.capacity).
         self._arrays = {name: np.zeros_like(region.capacity) for name, region in placer._regions.items()}
         for location_id, demand in held.items() if isinstance(held, Mapping) else held:
             self.set(location_id, demand)
@@ -195,11 +200,11 @@ class Placer:
             region: tuple(sorted(members, key=lambda loc: loc.id)) for region, members in by_region.items()
         }
         self._regions = {region: _region(members) for region, members in by_region.items()}
-        # Where each healthy location's column is in its region's arrays.
+        # Where each location's column is in its region's arrays.
         self._columns = {
             slot.id: (name, column)
             for name, region in self._regions.items()
-            for column, slot in enumerate(region.healthy)
+            for column, slot in enumerate(region.members)
         }
         self._known = ", ".join(sorted(self._regions))
 
@@ -239,18 +244,16 @@ class Placer:
         in a double up to 2**53), and argmax and argmin return the first of equal values, which is
         the smallest id, as the loop's strict comparisons do.
         """
-        after = used.region_array(geographic_region) + np.array(
-            [[demand.cpu], [demand.memory_mb], [demand.storage_gb], [demand.vclusters]], dtype=np.float64
-        )
-        worst = (after / region.capacity).max(axis=0)
-        fits = (after <= region.limits).all(axis=0)
-        score = region.bonus - worst
-        # The loop only takes a score above -inf (never NaN, never -inf).
-        eligible = fits & (score > -math.inf)
+        worst, fits, score = _scores(used, geographic_region, region, demand)
+        # The loop only takes a healthy location's score above -inf (never NaN, never -inf).
+        eligible = fits & region.healthy_mask & (score > -math.inf)
         if eligible.any():
-            return Placed(region.healthy[int(np.argmax(np.where(eligible, score, -math.inf)))].location)
-        # The loop's closest: the first smallest worst among those that do not fit (NaN never wins).
-        closest = region.healthy[int(np.argmin(np.where(fits | np.isnan(worst), math.inf, worst)))]
+            return Placed(region.members[int(np.argmax(np.where(eligible, score, -math.inf)))].location)
+        # The loop's closest: the first smallest worst among the healthy that do not fit (NaN never
+        # wins), or the first healthy when none is below infinity.
+        misfits = np.where(fits | ~region.healthy_mask | np.isnan(worst), math.inf, worst)
+        column = int(np.argmin(misfits))
+        closest = region.members[column] if misfits[column] < math.inf else region.healthy[0]
         return Refused(_no_room(geographic_region, region, closest, used, demand))
 
     def _place_loop(
@@ -306,9 +309,72 @@ class Placer:
 
         Without `pinned` the choice is Placer.place's (same score, same tie rule); with it only
         that location is considered, and the region's others are listed as not pinned. A separate,
-        slower pass than place(): it builds a message per location, so it serves real placements
-        and explanations, not the hot loop.
+        slower pass than place(): it builds a message per location listed, so it serves real
+        placements and explanations, not the hot loop. Given a Usage of this placer, an unpinned
+        explanation scores the region at once and builds messages only for the candidates it lists.
         """
+        region = self._regions.get(geographic_region)
+        if (
+            pinned is None
+            and region is not None
+            and isinstance(used, Usage)
+            and used.placer is self
+            and len(region.members) >= VECTOR_FROM
+        ):
+            return self._explain_vector(used, geographic_region, region, demand)
+        return self._explain_loop(used, geographic_region, demand, pinned)
+
+    def _explain_vector(self, used: Usage, geographic_region: str, region: _Region, demand: Demand) -> Explained:
+        """explain() without a pin: the same rows, choice and order as the loop, at numpy's speed."""
+        members = region.members
+        _, fits, score = _scores(used, geographic_region, region, demand)
+        eligible = fits & region.healthy_mask
+        chosen = -1
+        if eligible.any():
+            # The loop's best: the first eligible, replaced only by a strictly higher score.
+            masked = np.where(eligible, score, -math.inf)
+            chosen = int(np.argmax(masked))
+            if not eligible[chosen]:
+                chosen = int(np.argmax(eligible))
+        # Listed: the chosen first, then by score (highest first) and id. The best MAX_CANDIDATES
+        # all score at least the MAX_CANDIDATES-th highest score, so only those are sorted.
+        count = len(members)
+        if count > MAX_CANDIDATES:
+            floor = np.partition(score, count - MAX_CANDIDATES)[count - MAX_CANDIDATES]
+            columns = np.flatnonzero(score >= floor)
+        else:
+            columns = np.arange(count)
+        if chosen >= 0 and chosen not in columns:
+            columns = np.append(columns, chosen)
+        order = columns[np.lexsort((columns, -score[columns], columns != chosen))][:MAX_CANDIDATES]
+        rows = []
+        for column in order.tolist():
+            location = members[column].location
+            assessed, short = _assess(location, used.get(location.id), demand)
+            row = deployments_pb2.PlacementCandidate(location_id=location.id, score=assessed, weight=location.weight)
+            if column == chosen:
+                row.chosen = True
+            elif not location.healthy:
+                row.reason = "unhealthy"
+            elif short:
+                row.reason = "short of " + ", ".join(short)
+            else:
+                row.reason = "lower score"
+            rows.append(row)
+        explanation = deployments_pb2.PlacementExplanation(candidates=rows, more=max(count - MAX_CANDIDATES, 0))
+        if chosen >= 0:
+            location = members[chosen].location
+            explanation.chosen_location_id = location.id
+            return Explained(Placed(location), explanation)
+        refusal = self.place(used, geographic_region, demand)
+        assert isinstance(refusal, Refused), "explain and place disagree"
+        explanation.refusal = refusal.message
+        return Explained(refusal, explanation)
+
+    def _explain_loop(
+        self, used: Mapping[str, Demand], geographic_region: str, demand: Demand, pinned: str | None
+    ) -> Explained:
+        """explain() one location at a time: the reference, and the pinned case."""
         if pinned is not None:
             target = self._by_id.get(pinned)
             considered: tuple[LocationConfig, ...] = () if target is None else (target,)
@@ -362,6 +428,18 @@ class Placer:
             message = f"location {pinned} is short of {', '.join(shortfalls)}"
         explanation.refusal = message
         return Explained(Refused(message), explanation)
+
+
+def _scores(
+    used: Usage, geographic_region: str, region: _Region, demand: Demand
+) -> tuple[_Floats, npt.NDArray[np.bool_], _Floats]:
+    """Per member of the region: the worst utilisation after placing, whether it fits, and the score."""
+    after = used.region_array(geographic_region) + np.array(
+        [[demand.cpu], [demand.memory_mb], [demand.storage_gb], [demand.vclusters]], dtype=np.float64
+    )
+    worst: _Floats = (after / region.capacity).max(axis=0)
+    fits: npt.NDArray[np.bool_] = np.asarray((after <= region.limits).all(axis=0))
+    return worst, fits, region.bonus - worst
 
 
 def _assess(location: LocationConfig, taken: Demand | None, demand: Demand) -> tuple[float, list[str]]:

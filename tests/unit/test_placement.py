@@ -388,6 +388,8 @@ def test_the_vector_path_chooses_exactly_what_the_reference_loop_chooses(
     usage = placer.usage(held)
     # A plain dict takes the reference loop; a Usage of this placer takes the vector path.
     assert placer.place(usage, "eu", demand) == placer.place(held, "eu", demand)
+    # The same for the explanation: the same rows, in the same order, and the same choice or refusal.
+    assert placer.explain(usage, "eu", demand) == placer.explain(held, "eu", demand)
 
 
 def test_usage_is_the_mapping_it_was_given_and_follows_set_and_add() -> None:
