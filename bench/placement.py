@@ -11,6 +11,10 @@ from bench.plan import Plan
 from bench.stats import summary
 from scheduler.placement import Demand, Placer
 
+# Issue 12: placement p99 at most GOAL_P99_MS with GOAL_LOCATIONS locations in the region.
+GOAL_P99_MS = 1.0
+GOAL_LOCATIONS = 10_000
+
 
 def _locations(count: int, rng: random.Random) -> list[LocationConfig]:
     return [
@@ -61,14 +65,19 @@ def run(plan: Plan, log: Any) -> dict[str, Any]:
             for _ in range(64)
         ]
         latencies: list[float] = []
+        # The same calls in this thread's cpu time: on a loaded machine the wall-clock tail is mostly
+        # the process waiting for a core, which this tells apart from the placement's own cost.
+        cpu: list[float] = []
         deadline = time.perf_counter() + plan.placement_seconds
         for call in range(plan.placement_calls):
             if time.perf_counter() > deadline:
                 break
             demand = demands[call % len(demands)]
+            c0 = time.thread_time()
             t0 = time.perf_counter()
             placer.place(used, "eu", demand)
             latencies.append(time.perf_counter() - t0)
+            cpu.append(time.thread_time() - c0)
         # What the scheduler's ledger calls for each placement: the choice with its explanation.
         explained: list[float] = []
         for call in range(plan.placement_calls):
@@ -82,11 +91,13 @@ def run(plan: Plan, log: Any) -> dict[str, Any]:
         entry = by_size[str(size)] = {
             **summary(latencies),
             "index_build_ms": round(index_ms, 2),
+            "cpu_p99_ms": summary(cpu)["p99_ms"],
             "explain_p50_ms": explain["p50_ms"],
             "explain_p99_ms": explain["p99_ms"],
         }
         log(
-            f"placement at {size} locations: p50 {entry['p50_ms']} ms p99 {entry['p99_ms']} ms; "
+            f"placement at {size} locations: p50 {entry['p50_ms']} ms p99 {entry['p99_ms']} ms "
+            f"(cpu time p99 {entry['cpu_p99_ms']} ms); "
             f"with its explanation p99 {entry['explain_p99_ms']} ms"
         )
     return {

@@ -25,6 +25,12 @@ from bench.stats import ratio, summary
 if TYPE_CHECKING:
     from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub
 
+# Issue 12: this many streams on one API process, each delivered at most GOAL_OVER_NATS_MS after raw
+# NATS's p99 and holding at most GOAL_KIB_PER_STREAM of the API's memory.
+GOAL_STREAMS = 10_000
+GOAL_OVER_NATS_MS = 10.0
+GOAL_KIB_PER_STREAM = 10.0
+
 # Streams per client channel (one HTTP/2 connection each), well below any per-connection stream limit.
 _STREAMS_PER_CHANNEL = 1000
 # Streams being opened at once.
