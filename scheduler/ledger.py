@@ -15,7 +15,7 @@ from apphosting import db
 from apphosting.locations import LocationConfig
 from apphosting.v1 import deployments_pb2
 from scheduler.placement import Demand, Explained, Placed, Placement, Placer, Refused, Usage
-from scheduler.tables import LocationUsage, Reservation
+from scheduler.tables import LedgerClock, LocationUsage, Reservation
 
 # Key of the PostgreSQL advisory lock that serialises reservations across scheduler processes
 # (an arbitrary constant; it only has to differ from other advisory locks on the same database).
@@ -42,6 +42,10 @@ class Ledger:
         # The database lock already serialises writers; this one keeps a process's own coroutines
         # from queueing on it, which on SQLite would block pool threads in the busy handler.
         self._lock = asyncio.Lock()
+        # The totals as of a tick of the ledger clock, kept between placements: read again only when
+        # a transaction this ledger did not account for (another process's) has moved the clock.
+        self._cache: Usage | None = None
+        self._cache_tick = -1
 
     async def create_tables(self) -> None:
         """Brings the scheduler's tables up to their newest migration."""
@@ -70,8 +74,9 @@ class Ledger:
         writing happen in one transaction that holds the ledger's write lock, so neither another
         coroutine nor another scheduler process can place against the same free capacity in between.
         """
+        changes: list[_Change] = []
         async with self._exclusive() as conn:
-            used = await self._used(conn)
+            used = await self._current(conn)
             held = await _held(conn, deployment_id)
             if held is not None:
                 return self._placed_already(deployment_id, geographic_region, used, *held)
@@ -81,8 +86,10 @@ class Ledger:
                 await conn.execute(
                     insert(Reservation).values(deployment_id=deployment_id, location_id=location_id, **_columns(demand))
                 )
-                await self._count(conn, location_id, demand)
-            return explained
+                tick = await self._count(conn, changes, (location_id, demand, 1))
+        if changes:
+            self._advance(tick, changes)
+        return explained
 
     def _placed_already(
         self, deployment_id: str, geographic_region: str, used: Mapping[str, Demand], location_id: str, holds: Demand
@@ -120,9 +127,10 @@ class Ledger:
         Set, not add: asking twice holds it once. Under the ledger's write lock, so that concurrent
         requests never together take more than the location has.
         """
+        changes: list[_Change] = []
         async with self._exclusive() as conn:
             held = await _held(conn, deployment_id, lock=True)
-            explained = self._check(await self._used(conn), held, location_id, demand)
+            explained = self._check(await self._current(conn), held, location_id, demand)
             if isinstance(explained.placement, Placed):
                 if held is None:
                     await conn.execute(
@@ -130,15 +138,17 @@ class Ledger:
                             deployment_id=deployment_id, location_id=location_id, **_columns(demand)
                         )
                     )
+                    tick = await self._count(conn, changes, (location_id, demand, 1))
                 else:
                     await conn.execute(
                         update(Reservation)
                         .where(Reservation.deployment_id == deployment_id)
                         .values(location_id=location_id, **_columns(demand))
                     )
-                    await self._count(conn, held[0], held[1], sign=-1)
-                await self._count(conn, location_id, demand)
-            return explained
+                    tick = await self._count(conn, changes, (held[0], held[1], -1), (location_id, demand, 1))
+        if changes:
+            self._advance(tick, changes)
+        return explained
 
     def _check(
         self, used: Mapping[str, Demand], held: tuple[str, Demand] | None, location_id: str, demand: Demand
@@ -155,6 +165,7 @@ class Ledger:
         False when it holds nothing. Idempotent. Under the ledger's write lock, since the location's
         totals lose what the reservation held before, which must not change in between.
         """
+        changes: list[_Change] = []
         async with self._exclusive() as conn:
             held = await _held(conn, deployment_id, lock=True)
             if held is None:
@@ -163,9 +174,9 @@ class Ledger:
             await conn.execute(
                 update(Reservation).where(Reservation.deployment_id == deployment_id).values(cpu=0.0, memory_mb=0)
             )
-            await self._count(
-                conn, location_id, Demand(cpu=holds.cpu, memory_mb=holds.memory_mb, storage_gb=0, vclusters=0), sign=-1
-            )
+            freed = Demand(cpu=holds.cpu, memory_mb=holds.memory_mb, storage_gb=0, vclusters=0)
+            tick = await self._count(conn, changes, (location_id, freed, -1))
+        self._advance(tick, changes)
         return True
 
     async def holding(self, deployment_id: str) -> tuple[str, Demand] | None:
@@ -195,12 +206,10 @@ class Ledger:
             if freed is None:
                 return False
             location_id, cpu, memory, storage, vcs = freed
-            await self._count(
-                conn,
-                location_id,
-                Demand(cpu=float(cpu), memory_mb=int(memory), storage_gb=int(storage), vclusters=int(vcs)),
-                sign=-1,
-            )
+            holds = Demand(cpu=float(cpu), memory_mb=int(memory), storage_gb=int(storage), vclusters=int(vcs))
+            changes: list[_Change] = []
+            tick = await self._count(conn, changes, (location_id, holds, -1))
+        self._advance(tick, changes)
         return True
 
     async def used(self) -> Usage:
@@ -234,25 +243,64 @@ class Ledger:
             for location_id, cpu, memory, storage, vcs in rows
         )
 
-    async def _count(self, conn: AsyncConnection, location_id: str, demand: Demand, sign: int = 1) -> None:
-        """Adds a reservation's demand to its location's totals (sign -1: takes it away), in `conn`'s transaction."""
-        values = {
-            "cpu_millis": sign * cpu_millis(demand.cpu),
-            "memory_mb": sign * demand.memory_mb,
-            "storage_gb": sign * demand.storage_gb,
-            "vclusters": sign * demand.vclusters,
-        }
-        statement = (sqlite.insert if self._sqlite else postgresql.insert)(LocationUsage).values(
-            location_id=location_id, **values
-        )
-        # One atomic statement: concurrent releases (outside the ledger's lock) add up, never overwrite.
-        table = LocationUsage.__table__
-        await conn.execute(
-            statement.on_conflict_do_update(
-                index_elements=[table.c.location_id],
-                set_={name: table.c[name] + statement.excluded[name] for name in values},
+    async def _current(self, conn: AsyncConnection) -> Usage:
+        """The totals, under the ledger's lock: the ones kept in memory while the clock says they are current."""
+        tick = await conn.scalar(select(LedgerClock.tick).where(LedgerClock.id == 1))
+        if tick is None:
+            raise RuntimeError("the scheduler's ledger clock row is missing")
+        if self._cache is None or self._cache_tick != tick:
+            self._cache, self._cache_tick = await self._used(conn), tick
+        return self._cache
+
+    def _advance(self, tick: int, changes: list[_Change]) -> None:
+        """After a commit: its changes applied to the kept totals when nothing else moved the clock since.
+
+        The clock's row is locked by each writer until it commits, so ticks follow commit order: the
+        tick right after the kept one is this transaction; any other means a transaction this ledger
+        did not see, and the totals are read again at the next placement.
+        """
+        if self._cache is None or tick != self._cache_tick + 1:
+            self._cache = None
+            return
+        for location_id, demand, sign in changes:
+            counted = Demand(
+                cpu=cpu_millis(demand.cpu) / 1000,
+                memory_mb=demand.memory_mb,
+                storage_gb=demand.storage_gb,
+                vclusters=demand.vclusters,
             )
+            self._cache.add(location_id, counted, sign)
+        self._cache_tick = tick
+
+    async def _count(self, conn: AsyncConnection, changes: list[_Change], *counted: _Change) -> int:
+        """Adds reservations' demands to their locations' totals (sign -1: takes them away) in `conn`'s
+        transaction, notes them in `changes` and advances the ledger clock; returns the new tick."""
+        table = LocationUsage.__table__
+        for location_id, demand, sign in counted:
+            values = {
+                "cpu_millis": sign * cpu_millis(demand.cpu),
+                "memory_mb": sign * demand.memory_mb,
+                "storage_gb": sign * demand.storage_gb,
+                "vclusters": sign * demand.vclusters,
+            }
+            statement = (sqlite.insert if self._sqlite else postgresql.insert)(LocationUsage).values(
+                location_id=location_id, **values
+            )
+            # One atomic statement: concurrent releases (outside the ledger's lock) add up, never overwrite.
+            await conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[table.c.location_id],
+                    set_={name: table.c[name] + statement.excluded[name] for name in values},
+                )
+            )
+            changes.append((location_id, demand, sign))
+        tick = await conn.scalar(
+            update(LedgerClock).where(LedgerClock.id == 1).values(tick=LedgerClock.tick + 1).returning(LedgerClock.tick)
         )
+        if tick is None:
+            # Without its row (migration 0002 writes it), kept totals could not be told stale.
+            raise RuntimeError("the scheduler's ledger clock row is missing")
+        return int(tick)
 
     @asynccontextmanager
     async def _exclusive(self) -> AsyncIterator[AsyncConnection]:
@@ -267,6 +315,10 @@ class Ledger:
                 # Released at commit or rollback; read committed then shows the previous holder's rows.
                 await conn.execute(select(func.pg_advisory_xact_lock(_ADVISORY_LOCK_KEY)))
             yield conn
+
+
+# A change to a location's totals: the location, the demand, and 1 to add it or -1 to take it away.
+_Change = tuple[str, Demand, int]
 
 
 def cpu_millis(cpu: float) -> int:

@@ -43,3 +43,16 @@ class LocationUsage(Base):
     memory_mb: Mapped[int] = mapped_column(BigInteger)
     storage_gb: Mapped[int] = mapped_column(BigInteger)
     vclusters: Mapped[int] = mapped_column(BigInteger)
+
+
+class LedgerClock(Base):
+    """One row whose tick every transaction that changes a reservation advances, in commit order.
+
+    A ledger keeps the totals it read in memory with the tick they were read at, and reads them
+    again only when the tick moved past what its own writes account for.
+    """
+
+    __tablename__ = "scheduler_ledger_clock"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    tick: Mapped[int] = mapped_column(BigInteger)

@@ -689,3 +689,31 @@ async def test_the_totals_per_location_stay_the_sum_of_the_reservations(any_engi
     finally:
         await engine_a.dispose()
         await engine_b.dispose()
+
+
+async def test_a_ledger_keeps_its_totals_only_while_no_other_process_wrote(any_engines: EngineFactory) -> None:
+    async with _ledgers(any_engines, 2) as (first, second):
+        for index in range(10):
+            assert isinstance(await first.reserve(f"a-{index}", "eu", ONE_OF_20), Placed)
+        # Its own reservations keep its totals current without reading them again.
+        kept = first._cache
+        assert kept is not None
+        assert kept["eu-only"] == Demand(cpu=2.5, memory_mb=2560, storage_gb=50, vclusters=10)
+        for index in range(10):
+            assert isinstance(await second.reserve(f"b-{index}", "eu", ONE_OF_20), Placed)
+        # The other process's ten moved the clock: the first reads the totals again and is full.
+        assert "short" in _refusal(await first.reserve("a-full", "eu", ONE_OF_20))
+        assert await second.release("a-3") is True
+        assert _placed_id(await first.reserve("a-again", "eu", ONE_OF_20)) == "eu-only"
+        kept_after_reading_again = first._cache
+        assert kept_after_reading_again is not None
+        assert kept_after_reading_again is not kept
+        assert "short" in _refusal(await second.reserve("b-full", "eu", ONE_OF_20))
+        # A release and a stop by the ledger itself free room in what it keeps.
+        assert await first.release("a-again") is True
+        assert await first.stop("a-4") is True
+        assert first._cache is kept_after_reading_again
+        assert dict(kept_after_reading_again) == dict(await first.used())
+        # 19 held (a-3 and a-again released), a-4 stopped: it keeps its storage and its slot.
+        assert kept_after_reading_again["eu-only"].storage_gb == 95
+        assert kept_after_reading_again["eu-only"].memory_mb == 18 * 256

@@ -1,4 +1,4 @@
-"""location usage totals
+"""location usage totals and the ledger clock
 
 Revision ID: 0002
 Revises: 0001
@@ -18,6 +18,13 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    clock = op.create_table(
+        "scheduler_ledger_clock",
+        sa.Column("id", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("tick", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    op.bulk_insert(clock, [{"id": 1, "tick": 0}])
     usage = op.create_table(
         "scheduler_location_usage",
         sa.Column("location_id", sa.String(length=63), nullable=False),
@@ -54,3 +61,4 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("scheduler_location_usage")
+    op.drop_table("scheduler_ledger_clock")
