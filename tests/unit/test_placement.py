@@ -717,3 +717,27 @@ async def test_a_ledger_keeps_its_totals_only_while_no_other_process_wrote(any_e
         # 19 held (a-3 and a-again released), a-4 stopped: it keeps its storage and its slot.
         assert kept_after_reading_again["eu-only"].storage_gb == 95
         assert kept_after_reading_again["eu-only"].memory_mb == 18 * 256
+
+
+async def test_the_migration_to_totals_counts_the_reservations_already_held(any_engines: EngineFactory) -> None:
+    async with _ledgers(any_engines, 1) as (ledger,):
+        for index in range(3):
+            await ledger.reserve(f"d-{index}", "eu", Demand(cpu=0.1, memory_mb=256, storage_gb=5))
+        expected = await ledger.used()
+        # As a database the scheduler used before migration 0002: reservations, no totals, no clock.
+        engine = any_engines()
+        try:
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql("DROP TABLE scheduler_location_usage")
+                await conn.exec_driver_sql("DROP TABLE scheduler_ledger_clock")
+                await conn.exec_driver_sql("UPDATE alembic_version_scheduler SET version_num = '0001'")
+        finally:
+            await engine.dispose()
+        await ledger.create_tables()
+        assert dict(await ledger.used()) == dict(expected)
+        # Three tenths of a cpu, counted in whole millicores: exactly 0.3, not 0.30000000000000004.
+        assert (await ledger.used())["eu-only"].cpu == 0.3
+        assert "short" in _refusal(await ledger.reserve("d-big", "eu", Demand(cpu=4.8, memory_mb=256, storage_gb=5)))
+        assert (
+            _placed_id(await ledger.reserve("d-fits", "eu", Demand(cpu=4.7, memory_mb=256, storage_gb=5))) == "eu-only"
+        )
