@@ -14,6 +14,11 @@ from bench.procs import Stack, python
 from bench.requests import create_request
 from bench.stats import ratio
 
+# Issue 12: Create at concurrency 32 at least this share of the echo ceiling's rate, and at
+# concurrency 1 a p50 at most this many times the echo's.
+GOAL_RATIO_AT_32 = 0.5
+GOAL_P50_RATIO_AT_1 = 2.0
+
 
 async def run(stack: Stack, plan: Plan, database: str, log: Any) -> dict[str, Any]:
     _, port = stack.api()

@@ -1,9 +1,11 @@
-"""The targets of issues 7 and 12 judged against a run, and the Markdown report with its chart."""
+"""The targets of issue 12 judged from a run's figures, and the Markdown report with its chart."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from bench import create, listing, pipeline, placement, update, watch
 
 # What the profiles of the processes under test showed for each target (py-spy, `python -m bench
 # --profile DIR`); written by whoever profiled, kept with the code the numbers come from.
@@ -54,25 +56,34 @@ FINDINGS: dict[str, str] = {
         "their largest cost but they wait on the API."
     ),
     "watch": (
-        "Holding 10,000 streams works: all opened, every event reached every stream, and the target is met "
-        "since events are applied in batches and fetched without waiting for a full batch (the first report "
-        "measured p99 93 ms at 10,000 streams). What remains of the delay is the event apply described under "
-        "pipeline (a status event reaches the watches only once applied), not the fan-out: `WatchHub.notify` "
-        "only visits the watchers of that deployment, and p99 does not grow with the number of streams. "
-        "Announcements carry the `Deployment` built once when the change is applied. Memory is "
-        "about 40 KiB per stream (a gRPC call, an async generator and a `Watcher` whose queue allows 1,024 "
-        "items); still to profile with tracemalloc."
+        "Memory, from tracemalloc of the API with 2,000 WatchDeployment streams open: 24 KiB per stream "
+        "traced in Python before, 14 KiB after dropping the two largest: the ORM row (with its decoded JSON "
+        "spec, about 5.5 KiB) that the handler held for the life of the stream, and each `Watcher`'s "
+        "`asyncio.Queue` (three deques of 760 B and its futures; a list made at the first change and one "
+        "future now). Measured at 10,000 streams: 46.7 and 46.3 KiB per stream before, 35.6 and 35.4 after "
+        "(SQLite, PostgreSQL). What remains in Python is grpc's own (about 4 KiB of Cython call objects), the "
+        "generator frames of the three interceptors that wrap every stream (auth, telemetry, metrics; about "
+        "2.5 KiB) and the handler's task; the rest is grpc's. A bare grpc.aio server holding the same "
+        "streams (`bench.echo`, measured in each run as `grpc_kib_per_stream`) takes 23 KiB per stream at "
+        "10,000 by itself (call objects, C-core's call arena and HTTP/2 stream state), so the goal of 10 KiB "
+        "cannot be met with one gRPC call per watched deployment on grpc.aio; it needs many deployments per "
+        "stream (WatchDeployments with a set of ids) or a lighter server. Delivery: a status event reaches "
+        "the watches only once the API has applied it to the database (see pipeline), so its p99 follows the "
+        "apply batch's, not the fan-out, which visits only that deployment's watchers."
     ),
     "placement": (
-        "The loop in `Placer.place` is already flat: plain locals, no allocation. p50 is 0.4-0.7 ms at 1,000 "
-        "locations and grows linearly (about 16 ms at 10,000), since every healthy location of the region is "
-        "scored on every call. The p99 at 1,000 sits near the 1 ms line and moves with the load on the "
-        "machine: 0.74 ms in this run, 1.88 ms in an earlier run of the same code with other test suites "
-        "running beside it (GC pauses and preemption on two cores), not a slower path. Proposed: score with "
-        "numpy over arrays of capacity and use kept per region (tens of µs at 1,000), or keep candidates "
-        "ordered by headroom and update them on reserve and release. Not measured here but next in line: "
-        "`Ledger.reserve` sums all reservations with a `GROUP BY` (`_used`) on every placement, a cost that "
-        "grows with the number of deployments."
+        "`Placer.place` scores every location of the region at once with numpy, over the arrays of a `Usage` "
+        "the ledger builds from its per-location totals (`scheduler_location_usage`, kept in the transaction "
+        "that changes a reservation): a few array operations per call, tens of µs at 10,000 locations where "
+        "the loop took 3-5 ms, and the ledger reads one row per location holding capacity whatever the number "
+        "of deployments. The scheduler calls `explain()`, which scores the same arrays and builds messages only "
+        "for the 20 candidates it lists (61 ms at 10,000 locations before, about 0.1 ms at p50 now). The "
+        "ledger keeps the totals it read between placements, with the tick of a clock row every writing "
+        "transaction advances in commit order, and reads them again only when another process wrote: measured "
+        "on SQLite with 10,000 locations, reserve went from 381 ms (p50, 100,000 reservations held, summed by "
+        "GROUP BY) to 3.9 ms, and from 277 to 3.3 ms with 100 locations. With several scheduler processes "
+        "placing in turn each still reads every location's totals row after the others' writes. A pinned "
+        "placement (`check`, `set_reservation`) still builds a row for every location of the region."
     ),
     "list": (
         "The keyset index is used: a page from the middle of the table costs the same as the first, and the "
@@ -95,19 +106,60 @@ def _get(results: dict[str, Any], *path: str) -> Any:
     return node
 
 
-def _target(name: str, goal: str, measured: str, met: bool | None, short: str) -> dict[str, Any]:
-    if met is None:
+# One check of a target on one database: what it asks, what was measured, whether it holds (None:
+# not measured in this run) and, when it does not, by how much.
+Check = tuple[str, str, bool | None, str]
+
+
+def _check(label: str, measured: str, met: bool | None, shortfall: str = "") -> Check:
+    return (label, measured, met, shortfall if met is False else "")
+
+
+def _target(name: str, goal: str, checks: dict[str, list[Check]]) -> dict[str, Any]:
+    """A target judged from its checks on every database: met when every check holds on each.
+
+    The verdict and what holds the target back are written from the figures alone; the profile
+    notes in FINDINGS only add where the time goes.
+    """
+    results = [met for per in checks.values() for _, _, met, _ in per]
+    if not results:
+        met: bool | None = None
+    elif any(result is False for result in results):
+        met = False
+    elif any(result is None for result in results):
+        met = None
+    else:
+        met = True
+    held_back = [
+        f"{label} on {kind}: {shortfall}" if len(checks) > 1 or kind != "-" else f"{label}: {shortfall}"
+        for kind, per in checks.items()
+        for label, _, ok, shortfall in per
+        if ok is False
+    ]
+    unmeasured = sorted({label for per in checks.values() for label, _, ok, _ in per if ok is None})
+    measured = (
+        "; ".join(
+            (f"{kind}: " if kind != "-" else "") + ", ".join(text for _, text, _, _ in per if text)
+            for kind, per in checks.items()
+        )
+        or "—"
+    )
+    if met is None and not results:
         verdict = "not measured in this run"
+    elif met is None:
+        verdict = "not known: not measured in this run: " + ", ".join(unmeasured)
     elif met:
         verdict = "met"
     else:
-        verdict = f"not met: {short}"
+        verdict = "not met: " + "; ".join(held_back)
     return {
         "name": name,
         "goal": goal,
         "measured": measured,
         "met": met,
         "verdict": verdict,
+        "held_back": held_back,
+        "unmeasured": unmeasured,
         "finding": FINDINGS.get(name, ""),
     }
 
@@ -120,149 +172,218 @@ def _by_database(results: dict[str, Any], stage: str) -> dict[str, Any]:
     return node.get("by_database") or {node.get("database", "sqlite"): node}
 
 
-def _judged(name: str, goal: str, entries: dict[str, tuple[str, bool | None, str]]) -> dict[str, Any]:
-    """One target over every database: (measured, met, why not) per database; met when met on each."""
-    measured = "; ".join(f"{kind}: {text}" for kind, (text, _, _) in entries.items()) or "—"
-    verdicts = [met for _, met, _ in entries.values() if met is not None]
-    met = None if not verdicts else all(verdicts)
-    short = "; ".join(f"{kind}: {why}" for kind, (_, ok, why) in entries.items() if ok is False and why)
-    return _target(name, goal, measured, met, short)
+def _at_least(label: str, value: float | None, goal: float, text: str, unit: str = "") -> Check:
+    if value is None:
+        return _check(label, "", None)
+    below = f"{goal / value:.1f}x below" if value else "far below"
+    return _check(label, text, value >= goal, f"{value:g}{unit} is {below} the goal of {goal:g}{unit}")
+
+
+def _at_most(label: str, value: float | None, goal: float, text: str, unit: str = "") -> Check:
+    if value is None:
+        return _check(label, "", None)
+    return _check(label, text, value <= goal, f"{value:g}{unit} is {value / goal:.1f}x the goal of {goal:g}{unit}")
 
 
 def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 12's targets, each judged on every database the run measured."""
     targets = []
 
-    create_entries: dict[str, tuple[str, bool | None, str]] = {}
+    create_checks: dict[str, list[Check]] = {}
     for kind, entry in _by_database(results, "create").items():
         ratio = _get(entry, "by_concurrency", "32", "ratio_to_echo")
-        rps = _get(entry, "by_concurrency", "32", "create", "rps")
-        echo = _get(entry, "by_concurrency", "32", "echo", "rps")
-        create_entries[kind] = (
-            f"{rps}/s vs echo {echo}/s = {ratio}x" if ratio is not None else "—",
-            None if ratio is None else ratio >= 0.5,
-            f"{ratio}x is {0.5 / ratio:.1f}x below the goal" if ratio else "",
+        rps, echo = (
+            _get(entry, "by_concurrency", "32", "create", "rps"),
+            _get(entry, "by_concurrency", "32", "echo", "rps"),
         )
+        p50_ratio = entry.get("p50_ratio_to_echo_at_1")
+        create_checks[kind] = [
+            _at_least(
+                "Create/s at concurrency 32",
+                ratio,
+                create.GOAL_RATIO_AT_32,
+                f"{rps}/s vs echo {echo}/s = {ratio}x",
+                "x",
+            ),
+            _at_most(
+                "p50 at concurrency 1",
+                p50_ratio,
+                create.GOAL_P50_RATIO_AT_1,
+                f"p50 {p50_ratio}x the echo's at c=1",
+                "x",
+            ),
+        ]
     targets.append(
-        _judged("create", "Create ≥ 0.5x the echo ceiling at concurrency 32, on each database", create_entries)
+        _target(
+            "create",
+            f"Create ≥ {create.GOAL_RATIO_AT_32}x the echo ceiling at concurrency 32, and p50 at concurrency 1 ≤ "
+            f"{create.GOAL_P50_RATIO_AT_1:g}x the echo's, on each database",
+            create_checks,
+        )
     )
 
-    pipeline_entries: dict[str, tuple[str, bool | None, str]] = {}
+    pipeline_checks: dict[str, list[Check]] = {}
     for kind, entry in _by_database(results, "pipeline").items():
-        per_second = entry.get("per_second")
-        pipeline_entries[kind] = (
-            f"{per_second}/s with {entry.get('provisioners')} provisioners" if per_second is not None else "—",
-            None if per_second is None else per_second >= 200,
-            f"{per_second}/s is {200 / per_second:.1f}x below the goal" if per_second else "nothing reached running",
+        per_second, provisioners = entry.get("per_second"), entry.get("provisioners")
+        rate = _at_least(
+            "deployments running/s",
+            per_second,
+            pipeline.GOAL_PER_SECOND,
+            f"{per_second}/s with {provisioners} provisioners",
+            "/s",
         )
+        if provisioners != 4:
+            # The goal is for 4 provisioners; a run with fewer measures something else.
+            rate = _check(rate[0], rate[1], None)
+        pipeline_checks[kind] = [
+            rate,
+            # The benchmark creates in a closed loop; it does not offer a paced 100/s.
+            _check("p99 create→running at 100/s offered", "", None),
+        ]
     targets.append(
-        _judged(
+        _target(
             "pipeline",
-            "≥ 200 deployments/s reaching running (simulated driver, zero delay), on each database",
-            pipeline_entries,
+            f"≥ {pipeline.GOAL_PER_SECOND:.0f} deployments/s reaching running with 4 simulated provisioners at zero "
+            "delay, and p99 create→running ≤ 1 s when offered 100/s, on each database",
+            pipeline_checks,
         )
     )
 
-    by_database = _get(results, "update", "by_database") or {}
-    goal = _get(results, "update", "goal_per_second") or 200.0
-    measured_update = [
-        f"{kind}: {entry['per_second']}/s = {entry['ratio_to_goal']}x the goal "
-        f"(p50 {entry['update_to_healthy']['p50_ms']} ms, p99 {entry['update_to_healthy']['p99_ms']} ms)"
-        for kind, entry in by_database.items()
-    ]
-    below = [
-        f"{kind} {entry['per_second']}/s is "
-        + (f"{goal / entry['per_second']:.1f}x below the goal" if entry["per_second"] else "nothing got healthy")
-        for kind, entry in by_database.items()
-        if entry["per_second"] < goal
-    ]
+    update_checks: dict[str, list[Check]] = {}
+    for kind, entry in _by_database(results, "update").items():
+        per_second = entry.get("per_second")
+        latency = entry.get("update_to_healthy") or {}
+        update_checks[kind] = [
+            _at_least(
+                "image updates healthy/s",
+                per_second,
+                update.GOAL_PER_SECOND,
+                f"{per_second}/s (update→healthy p50 {latency.get('p50_ms')} ms, p99 {latency.get('p99_ms')} ms)",
+                "/s",
+            )
+        ]
     targets.append(
         _target(
             "update",
-            f"≥ {goal:.0f} image updates/s reaching healthy on each database (simulated driver, zero delay)",
-            "; ".join(measured_update) or "—",
-            None if not by_database else not below,
-            "; ".join(below),
+            f"≥ {update.GOAL_PER_SECOND:.0f} image updates/s reaching healthy (simulated driver, zero delay), on each "
+            "database",
+            update_checks,
         )
     )
 
-    watch_entries: dict[str, tuple[str, bool | None, str]] = {}
+    watch_checks: dict[str, list[Check]] = {}
     for kind, entry in _by_database(results, "watch").items():
         streams, p99, nats_p99 = entry.get("streams"), entry.get("p99_ms"), entry.get("nats_p99_ms")
-        watch_met: bool | None = None
-        short = ""
-        if streams is not None and p99 is not None and nats_p99 is not None:
-            bound = nats_p99 + 50.0
-            watch_met = streams >= 10_000 and p99 <= bound
-            parts = []
-            if streams < 10_000:
-                parts.append(f"{streams:,} streams, not 10,000")
-            if p99 > bound:
-                parts.append(f"p99 {p99} ms is {p99 - bound:.1f} ms over NATS p99 + 50 ms ({bound:.1f} ms)")
-            short = ", ".join(parts)
-        watch_entries[kind] = (
-            f"{streams:,} streams, p99 {p99} ms vs NATS p99 {nats_p99} ms" if streams is not None else "—",
-            watch_met,
-            short,
-        )
+        kib, grpc_kib = entry.get("kib_per_stream"), entry.get("grpc_kib_per_stream")
+        over = None if p99 is None or nats_p99 is None else round(p99 - nats_p99, 1)
+        watch_checks[kind] = [
+            _at_least(
+                "streams",
+                streams,
+                watch.GOAL_STREAMS,
+                f"{streams:,} streams" if streams is not None else "",
+                " streams",
+            ),
+            _at_most(
+                "delivery p99 over raw NATS p99",
+                over,
+                watch.GOAL_OVER_NATS_MS,
+                f"p99 {p99} ms vs NATS p99 {nats_p99} ms (+{over} ms)",
+                " ms",
+            ),
+            _at_most(
+                "memory per stream",
+                kib,
+                watch.GOAL_KIB_PER_STREAM,
+                f"{kib} KiB/stream" + (f" (a bare grpc.aio server: {grpc_kib})" if grpc_kib is not None else ""),
+                " KiB",
+            ),
+        ]
+        if streams is not None and streams < watch.GOAL_STREAMS:
+            # Latency and memory at fewer streams than the goal say nothing of the goal's.
+            watch_checks[kind] = [
+                watch_checks[kind][0],
+                *(_check(label, text, None) for label, text, _, _ in watch_checks[kind][1:]),
+            ]
     targets.append(
-        _judged(
+        _target(
             "watch",
-            "10,000 watches on one API process, delivery p99 ≤ raw NATS p99 + 50 ms, on each database",
-            watch_entries,
+            f"{watch.GOAL_STREAMS:,} WatchDeployment streams on one API process, delivery p99 ≤ raw NATS p99 + "
+            f"{watch.GOAL_OVER_NATS_MS:g} ms and ≤ {watch.GOAL_KIB_PER_STREAM:g} KiB of memory per stream, on each "
+            "database",
+            watch_checks,
         )
     )
 
-    placement = _get(results, "scheduler", "p99_ms_by_locations", "1000")
+    placement_p99 = _get(results, "scheduler", "p99_ms_by_locations", str(placement.GOAL_LOCATIONS))
+    explain_p99 = _get(results, "scheduler", "by_locations", str(placement.GOAL_LOCATIONS), "explain_p99_ms")
+    cpu_p99 = _get(results, "scheduler", "by_locations", str(placement.GOAL_LOCATIONS), "cpu_p99_ms")
+    placement_checks = (
+        {
+            "-": [
+                _at_most(
+                    f"placement p99 at {placement.GOAL_LOCATIONS:,} locations",
+                    placement_p99,
+                    placement.GOAL_P99_MS,
+                    f"p99 {placement_p99} ms"
+                    + (f" (in cpu time {cpu_p99} ms)" if cpu_p99 is not None else "")
+                    + (f"; with its explanation, as the scheduler calls it, {explain_p99} ms" if explain_p99 else ""),
+                    " ms",
+                )
+            ]
+        }
+        if _get(results, "scheduler") is not None
+        else {}
+    )
     targets.append(
         _target(
             "placement",
-            "placement p99 ≤ 1 ms at 1,000 locations",
-            f"p99 {placement} ms" if placement is not None else "—",
-            None if placement is None else placement <= 1.0,
-            f"{placement} ms is {placement:.2f}x the goal" if placement else "",
+            f"placement p99 ≤ {placement.GOAL_P99_MS:g} ms at {placement.GOAL_LOCATIONS:,} locations (never "
+            "overbooking; the ledger's cost not growing with the number of deployments)",
+            placement_checks,
         )
     )
 
-    list_entries: dict[str, tuple[str, bool | None, str]] = {}
+    list_checks: dict[str, list[Check]] = {}
     for kind, entry in _by_database(results, "list").items():
-        sizes = sorted((int(rows), p) for rows, p in (entry.get("p99_ms_by_rows") or {}).items() if p is not None)
-        list_met: bool | None = None
-        growth = None
-        measured = "—"
-        if len(sizes) >= 2:
-            growth = sizes[-1][1] / sizes[0][1]
-            list_met = sizes[-1][0] >= 1_000_000 and growth <= 2.0
-            measured = (
-                f"p99 {sizes[0][1]} ms at {sizes[0][0]:,} rows → {sizes[-1][1]} ms at {sizes[-1][0]:,} ({growth:.2f}x)"
-            )
-        list_short = []
-        if growth is not None and growth > 2.0:
-            list_short.append(f"grows {growth:.2f}x, not within 2x")
-        if sizes and sizes[-1][0] < 1_000_000:
-            list_short.append(f"largest table measured is {sizes[-1][0]:,} rows, not 1,000,000")
-        list_entries[kind] = (measured, list_met, ", ".join(list_short))
+        largest, p99 = entry.get("largest_rows"), entry.get("p99_ms")
+        goal = entry.get("goal_p99_ms") or listing.GOAL_P99_MS
+        list_checks[kind] = [
+            _at_least("rows stored", largest, 1_000_000, f"{largest:,} rows" if largest is not None else "", " rows"),
+            _at_most("worst query's p99 at the largest table", p99, goal, f"p99 {p99} ms", " ms"),
+        ]
+        if largest is not None and largest < 1_000_000:
+            list_checks[kind][1] = _check(list_checks[kind][1][0], list_checks[kind][1][1], None)
     targets.append(
-        _judged("list", "List p99 within 2x from 10k to 1M stored deployments, on each database", list_entries)
+        _target(
+            "list",
+            f"List p99 of a 50-row page ≤ {listing.GOAL_P99_MS:g} ms at 1,000,000 stored rows, filters included, on "
+            "each database",
+            list_checks,
+        )
     )
 
-    telemetry_entries: dict[str, tuple[str, bool | None, str]] = {}
+    telemetry_checks: dict[str, list[Check]] = {}
     for kind, entry in _by_database(results, "telemetry").items():
         overhead = entry.get("overhead")
         goal = entry.get("goal_overhead", 0.10)
-        telemetry_entries[kind] = (
+        text = (
             f"{entry['on']['rps']}/s on vs {entry['off']['rps']}/s off = {entry['ratio_on_to_off']}x "
             f"({overhead:.1%} overhead, {entry['spans_exported']:,} spans exported)"
             if overhead is not None
-            else "—",
-            None if overhead is None else overhead < goal,
-            f"{overhead:.1%} overhead, over {goal:.0%}" if overhead is not None else "",
+            else ""
         )
+        telemetry_checks[kind] = [
+            _check("overhead", text, None if overhead is None else overhead < goal, f"{overhead:.1%}, over {goal:.0%}")
+            if overhead is not None
+            else _check("overhead", "", None)
+        ]
     targets.append(
-        _judged(
+        _target(
             "telemetry",
             "metrics and tracing on (scraped, exported over OTLP) cost < 10% of Create throughput at "
             "concurrency 32 (issue 14), on each database",
-            telemetry_entries,
+            telemetry_checks,
         )
     )
     return targets
@@ -361,7 +482,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "PostgreSQL one dropped after) with its ceiling measured in the same run; a target is met when it is "
         "met on each.",
         "",
-        "## Targets of issue 7",
+        "## Targets of issue 12",
         "",
         _row("target", "goal", "measured", "verdict"),
         _row("---", "---", "---", "---"),
@@ -369,11 +490,30 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     for target in targets:
         lines.append(_row(target["name"], target["goal"], target["measured"], target["verdict"]))
     lines += ["", f"![how cost grows]({chart.name})", ""]
-    if any(target["finding"] for target in targets):
-        lines += ["## What holds each one back", ""]
-        for target in targets:
-            if target["finding"]:
-                lines += [f"**{target['name']}** — {target['finding']}", ""]
+    lines += [
+        "## What holds each one back",
+        "",
+        "Written from this run's figures: each check a target missed, then what its goal needs that this run did "
+        "not measure. The profile notes after them are kept with the code (bench/report.py) by whoever profiled; "
+        "they say where the time goes, never whether a target is met.",
+        "",
+    ]
+    for target in targets:
+        if target["met"]:
+            summary = "met on every database measured."
+        elif target["met"] is False:
+            summary = "not met."
+        elif target["unmeasured"]:
+            summary = "not known from this run."
+        else:
+            summary = "not measured in this run."
+        lines.append(f"**{target['name']}** — {summary}")
+        lines += [f"- held back by {item}" for item in target["held_back"]]
+        if target["unmeasured"]:
+            lines.append("- not measured in this run: " + ", ".join(target["unmeasured"]))
+        if target["finding"]:
+            lines += ["", f"Profile notes: {target['finding']}"]
+        lines.append("")
 
     nats = _get(results, "ceilings", "nats") or {}
     if nats:
@@ -585,14 +725,38 @@ def write_report(results: dict[str, Any], path: Path) -> None:
             "## Placement",
             "",
             "`scheduler.placement.Placer.place` in the benchmark process, all locations in one region, two "
-            "thirds of them holding reservations, 1 in 20 unhealthy. The index is built once per fleet.",
+            "thirds of them holding reservations, 1 in 20 unhealthy, given the `Usage` (per-location arrays) the "
+            "scheduler's ledger builds. The index is built once per fleet. `cpu p99` is the same calls in the "
+            "thread's cpu time: where it is far below the wall-clock p99, the tail is the process waiting for a "
+            "core on a loaded machine, not placement. `explain` is the call the ledger makes for each placement: "
+            "the same choice with the 20 best candidates and why the others lost.",
             "",
-            _row("locations", "p50 ms", "p99 ms", "max ms", "calls", "index build ms"),
-            _row(*["---"] * 6),
+            _row(
+                "locations",
+                "p50 ms",
+                "p99 ms",
+                "max ms",
+                "cpu p99 ms",
+                "calls",
+                "explain p50 ms",
+                "explain p99 ms",
+                "index build ms",
+            ),
+            _row(*["---"] * 9),
         ]
         for size, entry in placement.items():
             lines.append(
-                _row(size, entry["p50_ms"], entry["p99_ms"], entry["max_ms"], entry["count"], entry["index_build_ms"])
+                _row(
+                    size,
+                    entry["p50_ms"],
+                    entry["p99_ms"],
+                    entry["max_ms"],
+                    entry.get("cpu_p99_ms"),
+                    entry["count"],
+                    entry.get("explain_p50_ms"),
+                    entry.get("explain_p99_ms"),
+                    entry["index_build_ms"],
+                )
             )
         lines.append("")
 

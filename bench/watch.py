@@ -18,12 +18,18 @@ from apphosting.v1 import deployments_pb2 as pb
 from bench import ceilings
 from bench.load import closed_loop
 from bench.plan import Plan
-from bench.procs import Stack
+from bench.procs import Stack, python
 from bench.requests import create_request
 from bench.stats import ratio, summary
 
 if TYPE_CHECKING:
     from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub
+
+# Issue 12: this many streams on one API process, each delivered at most GOAL_OVER_NATS_MS after raw
+# NATS's p99 and holding at most GOAL_KIB_PER_STREAM of the API's memory.
+GOAL_STREAMS = 10_000
+GOAL_OVER_NATS_MS = 10.0
+GOAL_KIB_PER_STREAM = 10.0
 
 # Streams per client channel (one HTTP/2 connection each), well below any per-connection stream limit.
 _STREAMS_PER_CHANNEL = 1000
@@ -191,6 +197,8 @@ async def run(stack: Stack, plan: Plan, database: str, log: Any) -> dict[str, An
         await streams.close()
         await nc.close()
     top = levels[str(plan.watch_levels[-1])]
+    ceiling_kib = await _bare_kib_per_stream(stack, top["streams"], ids, per, plan)
+    log(f"watch on {database}: a bare grpc.aio server holds {top['streams']} streams at {ceiling_kib} KiB/stream")
     p99, nats_p99 = top["delivery"]["p99_ms"], top["nats_pub_sub"]["p99_ms"]
     return {
         "database": database,
@@ -202,6 +210,34 @@ async def run(stack: Stack, plan: Plan, database: str, log: Any) -> dict[str, An
         "over_nats_p99_ms": round(p99 - nats_p99, 3) if p99 is not None and nats_p99 is not None else None,
         "ratio_to_nats_p99": ratio(p99, nats_p99),
         "kib_per_stream": top["kib_per_stream"],
+        # The same streams held by a bare grpc.aio server (bench.echo): what grpc itself costs per stream.
+        "grpc_kib_per_stream": ceiling_kib,
         "streams_per_deployment": per,
         "by_streams": levels,
     }
+
+
+async def _bare_kib_per_stream(stack: Stack, count: int, ids: list[str], per: int, plan: Plan) -> float | None:
+    """The memory ceiling: RSS per stream of `count` WatchDeployment streams held open by bench.echo."""
+    if not count:
+        return None
+    response_file = stack.workdir / "watch-echo-response.bin"
+    response_file.write_bytes(b"")
+    echo_proc = stack.start("echo-watch", python("bench.echo", str(response_file)))
+    port = int(echo_proc.wait_for_line(r"echo: listening on [\d.]+:(\d+)").group(1))
+    streams = _Streams(port)
+    base = echo_proc.rss_mb()
+    opened = asyncio.Event()
+    try:
+        for index in range(count):
+            streams.tasks.append(asyncio.create_task(streams.open(index, ids[index // per], opened, count)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(opened.wait(), timeout=plan.watch_open_seconds)
+        await asyncio.sleep(0.5)
+        rss = echo_proc.rss_mb()
+    finally:
+        # The stack stops the server with the others (recording its peak memory).
+        await streams.close()
+    if rss is None or base is None or not streams.opened:
+        return None
+    return round((rss - base) * 1024.0 / streams.opened, 1)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import math
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from apphosting import db
 from apphosting.locations import LocationConfig
 from apphosting.v1 import deployments_pb2
-from scheduler.placement import Demand, Explained, Placed, Placement, Placer, Refused
-from scheduler.tables import Reservation
+from scheduler.placement import Demand, Explained, Placed, Placement, Placer, Refused, Usage
+from scheduler.tables import LedgerClock, LocationUsage, Reservation
 
 # Key of the PostgreSQL advisory lock that serialises reservations across scheduler processes
 # (an arbitrary constant; it only has to differ from other advisory locks on the same database).
@@ -40,6 +42,10 @@ class Ledger:
         # The database lock already serialises writers; this one keeps a process's own coroutines
         # from queueing on it, which on SQLite would block pool threads in the busy handler.
         self._lock = asyncio.Lock()
+        # The totals as of a tick of the ledger clock, kept between placements: read again only when
+        # a transaction this ledger did not account for (another process's) has moved the clock.
+        self._cache: Usage | None = None
+        self._cache_tick = -1
 
     async def create_tables(self) -> None:
         """Brings the scheduler's tables up to their newest migration."""
@@ -68,22 +74,25 @@ class Ledger:
         writing happen in one transaction that holds the ledger's write lock, so neither another
         coroutine nor another scheduler process can place against the same free capacity in between.
         """
+        changes: list[_Change] = []
         async with self._exclusive() as conn:
-            used = await _used(conn)
+            used = await self._current(conn)
             held = await _held(conn, deployment_id)
             if held is not None:
                 return self._placed_already(deployment_id, geographic_region, used, *held)
             explained = self._placer.explain(used, geographic_region, demand, pinned)
             if isinstance(explained.placement, Placed):
+                location_id = explained.placement.location.id
                 await conn.execute(
-                    insert(Reservation).values(
-                        deployment_id=deployment_id, location_id=explained.placement.location.id, **_columns(demand)
-                    )
+                    insert(Reservation).values(deployment_id=deployment_id, location_id=location_id, **_columns(demand))
                 )
-            return explained
+                tick = await self._count(conn, changes, (location_id, demand, 1))
+        if changes:
+            self._advance(tick, changes)
+        return explained
 
     def _placed_already(
-        self, deployment_id: str, geographic_region: str, used: dict[str, Demand], location_id: str, holds: Demand
+        self, deployment_id: str, geographic_region: str, used: Mapping[str, Demand], location_id: str, holds: Demand
     ) -> Explained:
         """A redelivered request: where the deployment holds capacity, explained as if placed afresh."""
         location = self._locations.get(location_id)
@@ -110,7 +119,7 @@ class Ledger:
     async def check(self, deployment_id: str, location_id: str, demand: Demand) -> Explained:
         """Whether the location has room for the demand, counting what the deployment holds there as free."""
         async with self._engine.connect() as conn:
-            return self._check(await _used(conn), await _held(conn, deployment_id), location_id, demand)
+            return self._check(await self._used(conn), await _held(conn, deployment_id), location_id, demand)
 
     async def set_reservation(self, deployment_id: str, location_id: str, demand: Demand) -> Explained:
         """check(), and when it fits, makes the deployment hold exactly the demand on the location.
@@ -118,9 +127,10 @@ class Ledger:
         Set, not add: asking twice holds it once. Under the ledger's write lock, so that concurrent
         requests never together take more than the location has.
         """
+        changes: list[_Change] = []
         async with self._exclusive() as conn:
-            held = await _held(conn, deployment_id)
-            explained = self._check(await _used(conn), held, location_id, demand)
+            held = await _held(conn, deployment_id, lock=True)
+            explained = self._check(await self._current(conn), held, location_id, demand)
             if isinstance(explained.placement, Placed):
                 if held is None:
                     await conn.execute(
@@ -128,16 +138,20 @@ class Ledger:
                             deployment_id=deployment_id, location_id=location_id, **_columns(demand)
                         )
                     )
+                    tick = await self._count(conn, changes, (location_id, demand, 1))
                 else:
                     await conn.execute(
                         update(Reservation)
                         .where(Reservation.deployment_id == deployment_id)
                         .values(location_id=location_id, **_columns(demand))
                     )
-            return explained
+                    tick = await self._count(conn, changes, (held[0], held[1], -1), (location_id, demand, 1))
+        if changes:
+            self._advance(tick, changes)
+        return explained
 
     def _check(
-        self, used: dict[str, Demand], held: tuple[str, Demand] | None, location_id: str, demand: Demand
+        self, used: Mapping[str, Demand], held: tuple[str, Demand] | None, location_id: str, demand: Demand
     ) -> Explained:
         if held is not None and held[0] == location_id:
             used = _without(used, *held)
@@ -148,13 +162,22 @@ class Ledger:
     async def stop(self, deployment_id: str) -> bool:
         """A stopped deployment keeps its storage and vCluster slot but frees its cpu and memory.
 
-        False when it holds nothing. Idempotent; no ledger lock, since it only frees capacity.
+        False when it holds nothing. Idempotent. Under the ledger's write lock, since the location's
+        totals lose what the reservation held before, which must not change in between.
         """
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
+        changes: list[_Change] = []
+        async with self._exclusive() as conn:
+            held = await _held(conn, deployment_id, lock=True)
+            if held is None:
+                return False
+            location_id, holds = held
+            await conn.execute(
                 update(Reservation).where(Reservation.deployment_id == deployment_id).values(cpu=0.0, memory_mb=0)
             )
-        return result.rowcount > 0
+            freed = Demand(cpu=holds.cpu, memory_mb=holds.memory_mb, storage_gb=0, vclusters=0)
+            tick = await self._count(conn, changes, (location_id, freed, -1))
+        self._advance(tick, changes)
+        return True
 
     async def holding(self, deployment_id: str) -> tuple[str, Demand] | None:
         """The location and the capacity the deployment holds, if it does."""
@@ -164,15 +187,120 @@ class Ledger:
     async def release(self, deployment_id: str) -> bool:
         """Frees the deployment's capacity; False when it held none (already released)."""
         # No ledger lock: freeing capacity cannot overbook, and a reservation that read the usage
-        # just before this commit only errs on the safe side.
+        # just before this commit only errs on the safe side. The delete returns what it freed, so
+        # of two concurrent releases only one takes it off the location's totals.
         async with self._engine.begin() as conn:
-            result = await conn.execute(delete(Reservation).where(Reservation.deployment_id == deployment_id))
-        return result.rowcount > 0
+            freed = (
+                await conn.execute(
+                    delete(Reservation)
+                    .where(Reservation.deployment_id == deployment_id)
+                    .returning(
+                        Reservation.location_id,
+                        Reservation.cpu,
+                        Reservation.memory_mb,
+                        Reservation.storage_gb,
+                        Reservation.vclusters,
+                    )
+                )
+            ).first()
+            if freed is None:
+                return False
+            location_id, cpu, memory, storage, vcs = freed
+            holds = Demand(cpu=float(cpu), memory_mb=int(memory), storage_gb=int(storage), vclusters=int(vcs))
+            changes: list[_Change] = []
+            tick = await self._count(conn, changes, (location_id, holds, -1))
+        self._advance(tick, changes)
+        return True
 
-    async def used(self) -> dict[str, Demand]:
+    async def used(self) -> Usage:
         """Capacity held per location id; locations holding nothing are absent."""
         async with self._engine.connect() as conn:
-            return await _used(conn)
+            return await self._used(conn)
+
+    async def _used(self, conn: AsyncConnection) -> Usage:
+        """The locations' totals: one row per location holding capacity, however many deployments hold it."""
+        rows = await conn.execute(
+            select(
+                LocationUsage.location_id,
+                LocationUsage.cpu_millis,
+                LocationUsage.memory_mb,
+                LocationUsage.storage_gb,
+                LocationUsage.vclusters,
+            ).where(
+                or_(
+                    LocationUsage.cpu_millis != 0,
+                    LocationUsage.memory_mb != 0,
+                    LocationUsage.storage_gb != 0,
+                    LocationUsage.vclusters != 0,
+                )
+            )
+        )
+        return self._placer.usage(
+            (
+                location_id,
+                Demand(cpu=cpu / 1000, memory_mb=int(memory), storage_gb=int(storage), vclusters=int(vcs)),
+            )
+            for location_id, cpu, memory, storage, vcs in rows
+        )
+
+    async def _current(self, conn: AsyncConnection) -> Usage:
+        """The totals, under the ledger's lock: the ones kept in memory while the clock says they are current."""
+        tick = await conn.scalar(select(LedgerClock.tick).where(LedgerClock.id == 1))
+        if tick is None:
+            raise RuntimeError("the scheduler's ledger clock row is missing")
+        if self._cache is None or self._cache_tick != tick:
+            self._cache, self._cache_tick = await self._used(conn), tick
+        return self._cache
+
+    def _advance(self, tick: int, changes: list[_Change]) -> None:
+        """After a commit: its changes applied to the kept totals when nothing else moved the clock since.
+
+        The clock's row is locked by each writer until it commits, so ticks follow commit order: the
+        tick right after the kept one is this transaction; any other means a transaction this ledger
+        did not see, and the totals are read again at the next placement.
+        """
+        if self._cache is None or tick != self._cache_tick + 1:
+            self._cache = None
+            return
+        for location_id, demand, sign in changes:
+            counted = Demand(
+                cpu=cpu_millis(demand.cpu) / 1000,
+                memory_mb=demand.memory_mb,
+                storage_gb=demand.storage_gb,
+                vclusters=demand.vclusters,
+            )
+            self._cache.add(location_id, counted, sign)
+        self._cache_tick = tick
+
+    async def _count(self, conn: AsyncConnection, changes: list[_Change], *counted: _Change) -> int:
+        """Adds reservations' demands to their locations' totals (sign -1: takes them away) in `conn`'s
+        transaction, notes them in `changes` and advances the ledger clock; returns the new tick."""
+        table = LocationUsage.__table__
+        for location_id, demand, sign in counted:
+            values = {
+                "cpu_millis": sign * cpu_millis(demand.cpu),
+                "memory_mb": sign * demand.memory_mb,
+                "storage_gb": sign * demand.storage_gb,
+                "vclusters": sign * demand.vclusters,
+            }
+            statement = (sqlite.insert if self._sqlite else postgresql.insert)(LocationUsage).values(
+                location_id=location_id, **values
+            )
+            # One atomic statement: concurrent releases (outside the ledger's lock) add up, never overwrite.
+            await conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[table.c.location_id],
+                    set_={name: table.c[name] + statement.excluded[name] for name in values},
+                )
+            )
+            changes.append((location_id, demand, sign))
+        tick = await conn.scalar(
+            update(LedgerClock).where(LedgerClock.id == 1).values(tick=LedgerClock.tick + 1).returning(LedgerClock.tick)
+        )
+        if tick is None:
+            # Without its row (migration 0002 writes it), kept totals could not be told stale.
+            raise RuntimeError("the scheduler's ledger clock row is missing")
+        return int(tick)
 
     @asynccontextmanager
     async def _exclusive(self) -> AsyncIterator[AsyncConnection]:
@@ -189,41 +317,32 @@ class Ledger:
             yield conn
 
 
-async def _used(conn: AsyncConnection) -> dict[str, Demand]:
-    rows = await conn.execute(
-        select(
-            Reservation.location_id,
-            func.sum(Reservation.cpu),
-            func.sum(Reservation.memory_mb),
-            func.sum(Reservation.storage_gb),
-            func.sum(Reservation.vclusters),
-        ).group_by(Reservation.location_id)
-    )
-    return {
-        location_id: Demand(cpu=float(cpu), memory_mb=int(memory), storage_gb=int(storage), vclusters=int(vcs))
-        for location_id, cpu, memory, storage, vcs in rows
-    }
+# A change to a location's totals: the location, the demand, and 1 to add it or -1 to take it away.
+_Change = tuple[str, Demand, int]
 
 
-async def _held(conn: AsyncConnection, deployment_id: str) -> tuple[str, Demand] | None:
-    row = (
-        await conn.execute(
-            select(
-                Reservation.location_id,
-                Reservation.cpu,
-                Reservation.memory_mb,
-                Reservation.storage_gb,
-                Reservation.vclusters,
-            ).where(Reservation.deployment_id == deployment_id)
-        )
-    ).first()
+def cpu_millis(cpu: float) -> int:
+    """A reservation's cpu as the totals count it: whole millicores, rounded up, so never less than it holds."""
+    return math.ceil(round(cpu * 1000, 6))
+
+
+async def _held(conn: AsyncConnection, deployment_id: str, lock: bool = False) -> tuple[str, Demand] | None:
+    """The deployment's reservation; `lock` keeps a concurrent release from deleting it until commit."""
+    query = select(
+        Reservation.location_id,
+        Reservation.cpu,
+        Reservation.memory_mb,
+        Reservation.storage_gb,
+        Reservation.vclusters,
+    ).where(Reservation.deployment_id == deployment_id)
+    row = (await conn.execute(query.with_for_update() if lock else query)).first()
     if row is None:
         return None
     location_id, cpu, memory, storage, vcs = row
     return location_id, Demand(cpu=float(cpu), memory_mb=int(memory), storage_gb=int(storage), vclusters=int(vcs))
 
 
-def _without(used: dict[str, Demand], location_id: str, holds: Demand) -> dict[str, Demand]:
+def _without(used: Mapping[str, Demand], location_id: str, holds: Demand) -> Mapping[str, Demand]:
     """Usage with what one deployment holds on a location counted as free."""
     taken = used.get(location_id)
     if taken is None:

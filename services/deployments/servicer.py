@@ -520,19 +520,22 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
             raise errors.invalid_field("since_revision", "since_revision must be 0 or a revision already seen")
         # Listen first, then read: a change that lands in between is queued, not missed.
         with self._hub.watch(Watcher(user_id=user_id, deployment_id=deployment_id)) as watcher:
-            row = await self._get(user_id, deployment_id)
+            # Only what the stream needs of the record is kept: the row (its ORM state and decoded
+            # spec, about 5 KiB) would otherwise live as long as the stream.
             last = request.since_revision
-            if last == 0:
-                yield pb.WatchDeploymentResponse(deployment=row_to_proto(row))
-                last = row.revision
-                if row.deleted_at is not None:
+            first, revision, deleted = await self._watch_start(user_id, deployment_id, last == 0)
+            if first is not None:
+                yield first
+                del first
+                last = revision
+                if deleted:
                     return
-            elif last > row.revision:
+            elif last > revision:
                 raise ServiceError(
                     grpc.StatusCode.OUT_OF_RANGE,
                     "REVISION_IN_FUTURE",
-                    f"since_revision {last} is newer than the deployment's revision {row.revision}",
-                    metadata={"revision": str(row.revision)},
+                    f"since_revision {last} is newer than the deployment's revision {revision}",
+                    metadata={"revision": str(revision)},
                 )
             else:
                 async for item in self._replay(deployment_id, last, strict=True):
@@ -540,10 +543,10 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
                     last = item.event.revision
                     if item.event.final:
                         return
-                if last < row.revision:
+                if last < revision:
                     raise _too_old(last, None)
             while True:
-                change = await watcher.queue.get()
+                change = await watcher.get()
                 if self._hub.closing:
                     raise _shutting_down(last)
                 if change is not RESYNC and change.event.revision == last + 1:
@@ -557,6 +560,15 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
                         last = item.event.revision
                         if item.event.final:
                             return
+
+    async def _watch_start(
+        self, user_id: str | None, deployment_id: str, from_now: bool
+    ) -> tuple[pb.WatchDeploymentResponse | None, int, bool]:
+        """A watch's start: its first answer (the deployment as it is) when it starts from now, the
+        deployment's revision, and whether it is deleted."""
+        row = await self._get(user_id, deployment_id)
+        first = pb.WatchDeploymentResponse(deployment=row_to_proto(row)) if from_now else None
+        return first, row.revision, row.deleted_at is not None
 
     async def _replay(
         self, deployment_id: str, after: int, *, strict: bool
@@ -588,7 +600,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         seen: dict[str, int] = {}
         with self._hub.watch(watcher):
             while True:
-                change = await watcher.queue.get()
+                change = await watcher.get()
                 if self._hub.closing:
                     raise _shutting_down(None)
                 if change is RESYNC:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.report import evaluate
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -78,7 +80,37 @@ def test_quick_benchmark_writes_json_and_report(tmp_path: Path) -> None:
     }
 
     text = report.read_text()
-    assert "## Targets of issue 7" in text
+    assert "## Targets of issue 12" in text
+    assert "## What holds each one back" in text
     assert "## Image updates" in text
     assert "## Telemetry overhead (issue 14)" in text
     assert report.with_suffix(".png").stat().st_size > 0
+
+
+def test_verdicts_are_written_from_the_figures() -> None:
+    results = {
+        "watch": {
+            "by_database": {
+                "sqlite": {"streams": 10_000, "p99_ms": 11.0, "nats_p99_ms": 1.5, "kib_per_stream": 35.6},
+                "postgresql": {"streams": 100, "p99_ms": 5.0, "nats_p99_ms": 1.0, "kib_per_stream": 4.0},
+            }
+        },
+        "scheduler": {"p99_ms_by_locations": {"10000": 0.4}, "by_locations": {"10000": {"explain_p99_ms": 0.3}}},
+        "pipeline": {"by_database": {"sqlite": {"per_second": 250.0, "provisioners": 4}}},
+    }
+    targets = {target["name"]: target for target in evaluate(results)}
+    watch = targets["watch"]
+    assert watch["met"] is False
+    # Only what missed on a database that measured it: sqlite's memory; postgresql opened too few
+    # streams for its latency and memory to count.
+    assert watch["held_back"] == [
+        "memory per stream on sqlite: 35.6 KiB is 3.6x the goal of 10 KiB",
+        "streams on postgresql: 100 streams is 100.0x below the goal of 10000 streams",
+    ]
+    assert targets["placement"]["met"] is True
+    assert targets["placement"]["verdict"] == "met"
+    # The rate is met, but p99 at an offered 100/s is not measured by the benchmark: not known.
+    pipeline = targets["pipeline"]
+    assert pipeline["met"] is None
+    assert pipeline["unmeasured"] == ["p99 create→running at 100/s offered"]
+    assert targets["create"]["verdict"] == "not measured in this run"

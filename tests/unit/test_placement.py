@@ -12,6 +12,8 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import make_url, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -20,7 +22,17 @@ from apphosting.db import make_engine
 from apphosting.locations import Capacity, LocationConfig, load_locations
 from apphosting.v1 import deployments_pb2
 from scheduler.ledger import Ledger
-from scheduler.placement import MAX_CANDIDATES, Demand, Placed, Placement, Placer, Refused, demand_of, place
+from scheduler.placement import (
+    MAX_CANDIDATES,
+    VECTOR_FROM,
+    Demand,
+    Placed,
+    Placement,
+    Placer,
+    Refused,
+    demand_of,
+    place,
+)
 from scheduler.tables import Reservation
 
 _POSTGRES_ADMIN_URL = os.environ.get("APPHOSTING_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -317,6 +329,103 @@ def test_a_pinned_placement_is_refused_saying_why(pinned: str, used: dict[str, D
     assert not any(c.chosen for c in explained.explanation.candidates)
 
 
+# --- the vector path and Usage ------------------------------------------------------------------
+
+_capacities = st.tuples(
+    st.sampled_from((0.5, 1.0, 2.0, 8.0, 64.0)),
+    st.sampled_from((512, 1024, 16384, 262_144)),
+    st.sampled_from((10, 100, 4000)),
+    st.sampled_from((1, 2, 10, 400)),
+)
+_demands = st.builds(
+    Demand,
+    cpu=st.sampled_from((0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0)),
+    memory_mb=st.sampled_from((0, 128, 512, 1024, 4096)),
+    storage_gb=st.integers(0, 60),
+    vclusters=st.integers(0, 2),
+)
+
+
+@st.composite
+def _fleets(draw: st.DrawFn) -> tuple[list[LocationConfig], dict[str, Demand]]:
+    """A region with enough healthy locations for the vector path, many alike (ties), some full."""
+    count = draw(st.integers(VECTOR_FROM, VECTOR_FROM * 3))
+    locations = []
+    held: dict[str, Demand] = {}
+    for index in range(count):
+        cpu, memory_mb, storage_gb, vclusters = draw(_capacities)
+        location_id = f"eu-{draw(st.integers(0, 10_000)):05d}-{index}"
+        locations.append(
+            _location(
+                location_id,
+                cpu=cpu,
+                memory_mb=memory_mb,
+                storage_gb=storage_gb,
+                vclusters=vclusters,
+                healthy=index < VECTOR_FROM or draw(st.booleans()),
+                weight=draw(st.sampled_from((0.0, 0.0, 0.1, -10.0))),
+            )
+        )
+        fill = draw(st.sampled_from((None, 0.0, 0.5, 0.9, 1.0, 1.2)))
+        if fill is not None:
+            # Sums of tenths, as the ledger's are, with their rounding noise; some over capacity.
+            held[location_id] = Demand(
+                cpu=sum([0.1] * round(cpu * fill * 10)),
+                memory_mb=round(memory_mb * fill),
+                storage_gb=round(storage_gb * fill),
+                vclusters=round(vclusters * fill),
+            )
+    return locations, held
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fleet=_fleets(), demand=_demands)
+def test_the_vector_path_chooses_exactly_what_the_reference_loop_chooses(
+    fleet: tuple[list[LocationConfig], dict[str, Demand]], demand: Demand
+) -> None:
+    locations, held = fleet
+    placer = Placer(locations)
+    usage = placer.usage(held)
+    # A plain dict takes the reference loop; a Usage of this placer takes the vector path.
+    assert placer.place(usage, "eu", demand) == placer.place(held, "eu", demand)
+    # The same for the explanation: the same rows, in the same order, and the same choice or refusal.
+    assert placer.explain(usage, "eu", demand) == placer.explain(held, "eu", demand)
+
+
+def test_usage_is_the_mapping_it_was_given_and_follows_set_and_add() -> None:
+    locations = [_location(f"eu-{index:02d}") for index in range(VECTOR_FROM)] + [
+        _location("eu-sick", healthy=False),
+        _location("us-a", geographic_region="us"),
+    ]
+    placer = Placer(locations)
+    usage = placer.usage({"eu-sick": SMALL})
+    assert dict(usage) == {"eu-sick": SMALL}
+    # Filling every location but the last leaves the last as the only choice, on both paths.
+    for location in locations[: VECTOR_FROM - 1]:
+        usage.set(location.id, Demand(cpu=8.0, memory_mb=0, storage_gb=0, vclusters=0))
+    last = locations[VECTOR_FROM - 1].id
+    assert _placed_id(placer.place(usage, "eu", SMALL)) == last
+    assert _placed_id(placer.place(dict(usage), "eu", SMALL)) == last
+    # A reservation added and taken away again leaves it as it was; taking away more than held stops at nothing.
+    usage.add(last, SMALL)
+    assert usage[last] == SMALL
+    usage.add(last, SMALL, sign=-1)
+    usage.add(last, SMALL, sign=-1)
+    assert usage[last] == Demand(cpu=0.0, memory_mb=0, storage_gb=0, vclusters=0)
+    usage.add(last, Demand(cpu=7.5, memory_mb=0, storage_gb=0, vclusters=0))
+    refusal = _refusal(placer.place(usage, "eu", SMALL))
+    assert refusal == _refusal(placer.place(dict(usage), "eu", SMALL))
+    assert refusal.startswith("no location in 'eu' has room for cpu 1.0, memory 1024 MiB, storage 10 GiB")
+    assert f"best free is {last} with cpu 0.5 (short 0.5)" in refusal
+    assert refusal.endswith("; unhealthy, not considered: eu-sick")
+    # Usage of a location in another region, or no longer configured, is kept (eu-sick, the eu ones,
+    # us-a and gone) but scored nowhere.
+    usage.set("us-a", SMALL)
+    usage.set("gone", SMALL)
+    assert usage["gone"] == SMALL
+    assert len(usage) == VECTOR_FROM + 3
+
+
 # --- ledger ----------------------------------------------------------------------------------
 
 # Room for exactly 20 of ONE_OF_20 in every dimension, with vCluster slots to spare.
@@ -442,6 +551,22 @@ async def _postgres_unreachable() -> str | None:
 
 @pytest.fixture
 async def postgres_engines() -> AsyncIterator[EngineFactory]:
+    async with _postgres_database() as make:
+        yield make
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def any_engines(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EngineFactory]:
+    """Engines on SQLite, then on PostgreSQL."""
+    if request.param == "sqlite":
+        yield lambda: create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/s.db")
+        return
+    async with _postgres_database() as make:
+        yield make
+
+
+@contextlib.asynccontextmanager
+async def _postgres_database() -> AsyncIterator[EngineFactory]:
     """Engines on a fresh database, dropped afterwards, so that runs never see each other's rows."""
     reason = await _postgres_unreachable()
     if reason is not None:
@@ -510,3 +635,109 @@ async def test_set_reservation_sets_rather_than_adds_and_never_overbooks(sqlite_
         )
         assert _refusal((await ledger.check("d-1", "nowhere", ONE_OF_20)).placement) == "unknown location 'nowhere'"
         assert await ledger.holding("d-2") is None
+
+
+async def test_the_totals_per_location_stay_the_sum_of_the_reservations(any_engines: EngineFactory) -> None:
+    make = any_engines
+    fleet = tuple(
+        _location(f"eu-{index}", cpu=64, memory_mb=1 << 20, storage_gb=10_000, vclusters=100) for index in range(3)
+    )
+    engine_a, engine_b = make(), make()
+    first, second = Ledger(engine_a, fleet), Ledger(engine_b, fleet)
+    try:
+        await first.create_tables()
+        await second.create_tables()
+        tenth = Demand(cpu=0.1, memory_mb=100, storage_gb=1)
+        # Two ledgers (two scheduler processes) reserve, move, stop and release, some of it twice at once.
+        await asyncio.gather(
+            *(
+                (first, second)[i % 2].reserve(
+                    f"d-{i:02d}", "eu", Demand(cpu=0.1 * (i % 7 + 1), memory_mb=100 * i, storage_gb=i)
+                )
+                for i in range(30)
+            )
+        )
+        await asyncio.gather(
+            *(
+                ledger.set_reservation(f"d-{i:02d}", f"eu-{i % 3}", tenth)
+                for i in range(0, 30, 3)
+                for ledger in (first, second)
+            )
+        )
+        await asyncio.gather(*(ledger.stop(f"d-{i:02d}") for i in range(1, 30, 4) for ledger in (first, second)))
+        await asyncio.gather(*(ledger.release(f"d-{i:02d}") for i in range(2, 30, 5) for ledger in (first, second)))
+        async with engine_a.connect() as conn:
+            rows = (await conn.execute(select(Reservation.__table__))).all()
+        summed: dict[str, list[float]] = {}
+        for row in rows:
+            total = summed.setdefault(row.location_id, [0, 0, 0, 0])
+            for index, value in enumerate((row.cpu, row.memory_mb, row.storage_gb, row.vclusters)):
+                total[index] += value
+        expected = {
+            location_id: (round(cpu, 6), memory, storage, vcs)
+            for location_id, (cpu, memory, storage, vcs) in summed.items()
+        }
+        for ledger in (first, second):
+            used = await ledger.used()
+            assert {
+                location_id: (round(d.cpu, 6), d.memory_mb, d.storage_gb, d.vclusters)
+                for location_id, d in used.items()
+            } == expected
+        # Releasing everything leaves nothing held anywhere.
+        await asyncio.gather(*(first.release(f"d-{i:02d}") for i in range(30)))
+        assert await second.used() == {}
+    finally:
+        await engine_a.dispose()
+        await engine_b.dispose()
+
+
+async def test_a_ledger_keeps_its_totals_only_while_no_other_process_wrote(any_engines: EngineFactory) -> None:
+    async with _ledgers(any_engines, 2) as (first, second):
+        for index in range(10):
+            assert isinstance(await first.reserve(f"a-{index}", "eu", ONE_OF_20), Placed)
+        # Its own reservations keep its totals current without reading them again.
+        kept = first._cache
+        assert kept is not None
+        assert kept["eu-only"] == Demand(cpu=2.5, memory_mb=2560, storage_gb=50, vclusters=10)
+        for index in range(10):
+            assert isinstance(await second.reserve(f"b-{index}", "eu", ONE_OF_20), Placed)
+        # The other process's ten moved the clock: the first reads the totals again and is full.
+        assert "short" in _refusal(await first.reserve("a-full", "eu", ONE_OF_20))
+        assert await second.release("a-3") is True
+        assert _placed_id(await first.reserve("a-again", "eu", ONE_OF_20)) == "eu-only"
+        kept_after_reading_again = first._cache
+        assert kept_after_reading_again is not None
+        assert kept_after_reading_again is not kept
+        assert "short" in _refusal(await second.reserve("b-full", "eu", ONE_OF_20))
+        # A release and a stop by the ledger itself free room in what it keeps.
+        assert await first.release("a-again") is True
+        assert await first.stop("a-4") is True
+        assert first._cache is kept_after_reading_again
+        assert dict(kept_after_reading_again) == dict(await first.used())
+        # 19 held (a-3 and a-again released), a-4 stopped: it keeps its storage and its slot.
+        assert kept_after_reading_again["eu-only"].storage_gb == 95
+        assert kept_after_reading_again["eu-only"].memory_mb == 18 * 256
+
+
+async def test_the_migration_to_totals_counts_the_reservations_already_held(any_engines: EngineFactory) -> None:
+    async with _ledgers(any_engines, 1) as (ledger,):
+        for index in range(3):
+            await ledger.reserve(f"d-{index}", "eu", Demand(cpu=0.1, memory_mb=256, storage_gb=5))
+        expected = await ledger.used()
+        # As a database the scheduler used before migration 0002: reservations, no totals, no clock.
+        engine = any_engines()
+        try:
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql("DROP TABLE scheduler_location_usage")
+                await conn.exec_driver_sql("DROP TABLE scheduler_ledger_clock")
+                await conn.exec_driver_sql("UPDATE alembic_version_scheduler SET version_num = '0001'")
+        finally:
+            await engine.dispose()
+        await ledger.create_tables()
+        assert dict(await ledger.used()) == dict(expected)
+        # Three tenths of a cpu, counted in whole millicores: exactly 0.3, not 0.30000000000000004.
+        assert (await ledger.used())["eu-only"].cpu == 0.3
+        assert "short" in _refusal(await ledger.reserve("d-big", "eu", Demand(cpu=4.8, memory_mb=256, storage_gb=5)))
+        assert (
+            _placed_id(await ledger.reserve("d-fits", "eu", Demand(cpu=4.7, memory_mb=256, storage_gb=5))) == "eu-only"
+        )
