@@ -9,6 +9,7 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
+from apphosting.v1 import api_keys_pb2
 from apphosting.v1 import deployments_pb2 as pb
 from apphosting_client.client import AsyncClient
 from apphosting_client.config import ClientConfig
@@ -196,3 +197,7 @@ class Client:
     def list_all(self, **filters: Any) -> Stream[pb.Deployment]:
         """Every deployment matching the filters of list, page after page."""
         return Stream(self._loop, self._async.list_all(**filters))
+
+    def list_all_api_keys(self) -> Stream[api_keys_pb2.ApiKey]:
+        """Every API key of the caller, page after page."""
+        return Stream(self._loop, self._async.list_all_api_keys())
