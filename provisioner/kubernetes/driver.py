@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from apphosting import netguard
+from apphosting import netguard, secrets
 from apphosting.locations import LocationConfig
 from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner.driver import PermanentError, StepResult, TemporaryError
@@ -52,8 +52,11 @@ class KubernetesDriver:
         repo: GitOpsRepo | None = None,
         poll_after: float | None = None,
         resolver: netguard.Resolver | None = None,
+        secret_keys: secrets.KeyRing | None = None,
     ) -> None:
         self.location = location
+        # Opens the job's sealed secret values, which go into the app's Secret through the API.
+        self.secret_keys = secret_keys
         self.resolver = resolver or netguard.CachingResolver()
         if api is None:
             if location.kubeconfig is None:

@@ -17,7 +17,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from apphosting import CannotStart, bus, db, metrics
+from apphosting import CannotStart, bus, db, metrics, secrets
 from apphosting.locations import load_locations
 from apphosting.netguard import Resolver
 from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN, Limits
@@ -104,6 +104,9 @@ class ApiOptions:
     rollout_timeout: float = 600.0
     # host:port serving Prometheus metrics at /metrics (port 0: any free one); None: no metrics server.
     metrics_listen: str | None = None
+    # The key file that seals secret environment values (apphosting/secrets.py); None: only secret_ref
+    # entries are accepted.
+    secret_key_file: str | None = None
 
 
 class ApplierStopped(Exception):
@@ -199,6 +202,7 @@ class ApiServer:
             locations=locations.locations,
             capacity=Capacity(lambda: self._nc) if self.options.nats_url is not None else None,
             rollout_timeout=self.options.rollout_timeout,
+            secret_keys=secrets.load_for_start(self.options.secret_key_file),
         )
         server = grpc.aio.server(
             # The server span first, so it covers the metrics and the auth refusals too.

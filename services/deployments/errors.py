@@ -188,3 +188,13 @@ def internal(method: str, failure: BaseException) -> ServiceError:
         f"internal error; report correlation_id {correlation_id} to the operator",
         metadata={"correlation_id": correlation_id},
     )
+
+
+def secret_unopenable(name: str, why: str) -> ServiceError:
+    """A stored secret value that the API's key file cannot open (a key removed before its values were rewrapped)."""
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "SECRET_KEY_MISSING",
+        f"secret value {name} cannot be opened with the configured key file: {why}",
+        metadata={"name": name},
+    )

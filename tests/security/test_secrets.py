@@ -1,0 +1,330 @@
+"""Secret environment values: sealed at once, stored and carried only as envelopes, never answered or logged.
+
+Each test runs the real pipeline (API, scheduler, simulated provisioner over a real nats-server) on
+SQLite and on PostgreSQL, and then reads what was written: the raw database file, the rows of every
+table, the JetStream store, what the provisioners were sent, and every log line, for the plaintext.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import nats
+import pytest
+from google.protobuf import field_mask_pb2, json_format
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from apphosting import bus, db, secrets
+from apphosting.logs import redact
+from apphosting.nats_server import NatsServer
+from apphosting.v1 import bus_pb2
+from apphosting.v1 import deployments_pb2 as pb
+from services.deployments.store import rewrap_secrets
+from tests.support.grpc_errors import details_of
+from tests.support.stack import Stack, eventually
+
+if TYPE_CHECKING:
+    from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub as Stub
+
+PLAIN = "pl41n-s3cr3t-" + uuid.uuid4().hex
+CHANGED = "ch4ng3d-s3cr3t-" + uuid.uuid4().hex
+SECRET_TABLES = ("deployments", "deployment_events", "deployment_releases", "outbox")
+
+
+def assert_absent(blob: bytes | str) -> None:
+    """Neither plaintext is in `blob`."""
+    raw = blob.encode() if isinstance(blob, str) else blob
+    assert PLAIN.encode() not in raw
+    assert CHANGED.encode() not in raw
+
+
+def secret(name: str, value: str | None = None, ref: tuple[str, str] | None = None) -> pb.SecretEnvironmentVariable:
+    entry = pb.SecretEnvironmentVariable(name=name)
+    if value is not None:
+        entry.value = value
+    if ref is not None:
+        entry.secret_ref.name, entry.secret_ref.key = ref
+    return entry
+
+
+def request(*entries: pb.SecretEnvironmentVariable, **fields: Any) -> pb.CreateAppHostingDeploymentRequest:
+    return pb.CreateAppHostingDeploymentRequest(
+        geographic_region="eu",
+        deployment_name=fields.pop("name", "web"),
+        app_type="container",
+        docker_image="nginx:1.27",
+        secret_environment_variables=list(entries),
+        **fields,
+    )
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> str:
+    path = tmp_path / "secret-keys.json"
+    secrets.new_key_file(path)
+    return str(path)
+
+
+async def running(stub: Stub, deployment_id: str, release: int = 1) -> pb.Deployment:
+    found: list[pb.Deployment] = []
+
+    async def check() -> bool:
+        found[:] = [await stub.GetDeployment(pb.GetDeploymentRequest(id=deployment_id))]
+        d = found[0]
+        return d.status == pb.DEPLOYMENT_STATUS_RUNNING and not d.reconciling and d.healthy_release >= release
+
+    await eventually(check, within=60)
+    return found[0]
+
+
+def versions(deployment: pb.Deployment) -> dict[str, int]:
+    return {entry.name: entry.version for entry in deployment.secret_environment_variables}
+
+
+async def update_secrets(
+    stub: Stub, deployment: pb.Deployment, *entries: pb.SecretEnvironmentVariable
+) -> pb.Deployment:
+    change = pb.Deployment(id=deployment.id, secret_environment_variables=list(entries))
+    return await stub.UpdateDeployment(
+        pb.UpdateDeploymentRequest(
+            deployment=change, update_mask=field_mask_pb2.FieldMask(paths=["secret_environment_variables"])
+        )
+    )
+
+
+async def database_dump(database_url: str) -> bytes:
+    """Every row of the tables that could hold a spec, as text; and for SQLite the raw file bytes too."""
+    url = make_url(database_url)
+    dump = b""
+    if url.get_backend_name() == "sqlite":
+        base = Path(url.database or "")
+        for path in (base, base.with_name(base.name + "-wal")):
+            if path.exists():
+                dump += path.read_bytes()
+    engine = db.make_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            for table in SECRET_TABLES:
+                rows = (await connection.execute(text(f"SELECT * FROM {table}"))).all()
+                # Each value whole (a Row's repr shortens long ones); JSON keeps non-ASCII as escapes, so
+                # the raw text of each string is added as well.
+                for row in rows:
+                    dump += json.dumps(list(row), default=str).encode()
+                    dump += "".join(str(value) for value in row).encode()
+    finally:
+        await engine.dispose()
+    return dump
+
+
+def jetstream_store(server: NatsServer) -> bytes:
+    return b"".join(path.read_bytes() for path in Path(server.store_dir).rglob("*") if path.is_file())
+
+
+async def test_plaintext_reaches_no_store_answer_log_or_job(
+    stack: Stack, nats_server: NatsServer, database_url: str, key_file: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    jobs: list[bus_pb2.ProvisionJob] = []
+    client = await nats.connect(nats_server.url)
+
+    async def on_job(msg: Any) -> None:
+        jobs.append(bus_pb2.ProvisionJob.FromString(msg.data))
+
+    await client.subscribe(bus.JOBS_SUBJECTS, cb=on_job)
+    stub = await stack.add_api(secret_key_file=key_file)
+    stack.add_scheduler()
+    stack.add_provisioner(secret_key_file=key_file)
+
+    created = await stub.CreateAppHostingDeployment(
+        request(secret("DB_PASSWORD", PLAIN), secret("API_TOKEN", ref=("shared-credentials", "token")))
+    )
+    assert versions(created) == {"DB_PASSWORD": 1, "API_TOKEN": 1}
+    assert created.secret_environment_variables[1].secret_ref.name == "shared-credentials"
+    assert not any(entry.value for entry in created.secret_environment_variables)
+    first = await running(stub, created.id)
+
+    # The same value keeps its version; a name alone keeps the stored value; a new value goes up.
+    same = await update_secrets(stub, first, secret("DB_PASSWORD", PLAIN), secret("API_TOKEN"))
+    assert versions(same) == {"DB_PASSWORD": 1, "API_TOKEN": 1}
+    await running(stub, created.id, release=2)
+    changed = await update_secrets(stub, same, secret("DB_PASSWORD", CHANGED), secret("API_TOKEN"))
+    assert versions(changed) == {"DB_PASSWORD": 2, "API_TOKEN": 1}
+    final = await running(stub, created.id, release=3)
+
+    answers: list[bytes] = [final.SerializeToString()]
+    listed = await stub.ListDeployments(pb.ListDeploymentsRequest())
+    answers.append(listed.SerializeToString())
+    releases = await stub.ListReleases(pb.ListReleasesRequest(id=created.id))
+    assert [versions_of(r.spec) for r in releases.releases] == [
+        {"DB_PASSWORD": 2, "API_TOKEN": 1},
+        {"DB_PASSWORD": 1, "API_TOKEN": 1},
+        {"DB_PASSWORD": 1, "API_TOKEN": 1},
+    ]
+    answers.append(releases.SerializeToString())
+    async for item in stub.WatchDeployment(pb.WatchDeploymentRequest(id=created.id, since_revision=1)):
+        answers.append(item.SerializeToString())
+        if item.deployment.revision >= final.revision:
+            break
+    for answer in answers:
+        assert_absent(answer)
+
+    # What the provisioners were sent: sealed values that open to the plaintext, and nothing else of it.
+    await eventually(lambda: _true(len(jobs) >= 3))
+    ring = secrets.load(key_file)
+    last = jobs[-1]
+    assert [(s.name, s.version) for s in last.sealed_secrets] == [("DB_PASSWORD", 2)]
+    assert ring.open(last.sealed_secrets[0].envelope, created.id, "DB_PASSWORD") == CHANGED
+    for job in jobs:
+        without_envelopes = bus_pb2.ProvisionJob()
+        without_envelopes.CopyFrom(job)
+        for sealed in without_envelopes.sealed_secrets:
+            sealed.ClearField("envelope")
+        shown = json_format.MessageToJson(without_envelopes).encode() + without_envelopes.SerializeToString()
+        assert_absent(shown)
+        for sealed in job.sealed_secrets:
+            assert_absent(sealed.envelope)
+    await client.close()
+
+    stored = await database_dump(database_url)
+    assert b"DB_PASSWORD" in stored  # the names are stored: the dump read what it should
+    assert_absent(stored)
+    store = jetstream_store(nats_server)
+    assert_absent(store)
+    logged = "\n".join(f"{r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in caplog.records)
+    assert created.id in logged
+    assert_absent(logged)
+
+
+def versions_of(spec: pb.CreateAppHostingDeploymentRequest) -> dict[str, int]:
+    return {entry.name: entry.version for entry in spec.secret_environment_variables}
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_bad_entries_are_named_by_field_and_index(stack: Stack, key_file: str) -> None:
+    stub = await stack.add_api(secret_key_file=key_file)
+    stack.add_scheduler()
+    stack.add_provisioner(secret_key_file=key_file)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.CreateAppHostingDeployment(
+            request(
+                secret("1BAD", "x"),
+                secret("OK", "x"),
+                secret("OK", "y"),
+                secret("EMPTY"),
+                secret("REF", ref=("Not_A_Name", "key/with/slash")),
+                secret("HUGE", "x" * 40_000),
+            )
+        )
+    details = details_of(raised.value)
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(details.violations) == {
+        "secret_environment_variables[0].name",
+        "secret_environment_variables[2].name",
+        "secret_environment_variables[3]",
+        "secret_environment_variables[4].secret_ref.name",
+        "secret_environment_variables[4].secret_ref.key",
+        "secret_environment_variables[5].value",
+    }
+    assert "x" * 100 not in str(raised.value.details())
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.CreateAppHostingDeployment(request(secret("PORT", "x"), environment_variables=["PORT=80"]))
+    assert details_of(raised.value).violations["secret_environment_variables[0].name"][0] == "DUPLICATE"
+    created = await running(stub, (await stub.CreateAppHostingDeployment(request(secret("KEEP", "x")))).id)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await update_secrets(stub, created, secret("MISSING"))
+    assert set(details_of(raised.value).violations) == {"deployment.secret_environment_variables[0]"}
+
+
+async def test_without_a_key_file_only_references_are_accepted(stack: Stack) -> None:
+    stub = await stack.add_api()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.CreateAppHostingDeployment(request(secret("DB_PASSWORD", PLAIN)))
+    details = details_of(raised.value)
+    assert details.violations["secret_environment_variables[0].value"][0] == "NOT_SUPPORTED"
+    assert PLAIN not in str(raised.value.details())
+    created = await stub.CreateAppHostingDeployment(request(secret("TOKEN", ref=("creds", "token"))))
+    assert versions(created) == {"TOKEN": 1}
+
+
+async def test_rotation_add_key_rewrap_remove_old_key(stack: Stack, database_url: str, key_file: str) -> None:
+    stub = await stack.add_api(secret_key_file=key_file)
+    stack.add_scheduler()
+    stack.add_provisioner(secret_key_file=key_file)
+    created = await stub.CreateAppHostingDeployment(request(secret("DB_PASSWORD", PLAIN)))
+    await running(stub, created.id)
+    old = secrets.load(key_file)
+
+    new_id = secrets.add_key(key_file)
+    both = secrets.load(key_file)
+    assert both.sealing_id == new_id
+    assert len(both.keys) == 2
+    counts = await rewrap_secrets(database_url, both)
+    assert (counts.values, counts.rewrapped, counts.deployments) == (1, 1, 1)
+    again = await rewrap_secrets(database_url, both)
+    assert again.rewrapped == 0
+
+    secrets.write_key_file(key_file, [k for k in both.keys if k[0] != old.sealing_id])
+    rotated = await stack.add_api(secret_key_file=key_file)
+    # The value still opens with the new key alone: setting it again keeps its version.
+    same = await update_secrets(rotated, created, secret("DB_PASSWORD", PLAIN))
+    assert versions(same) == {"DB_PASSWORD": 1}
+    url = make_url(database_url)
+    engine = db.make_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            spec = (await connection.execute(text("SELECT spec FROM deployments"))).scalar_one()
+    finally:
+        await engine.dispose()
+    envelope = (spec if isinstance(spec, dict) else json.loads(spec))["secret_environment_variables"][0]
+    assert secrets.key_id_of(envelope["envelope"]) == new_id
+    assert secrets.load(key_file).open(envelope["envelope"], created.id, "DB_PASSWORD") == PLAIN
+    assert url.get_backend_name() in ("sqlite", "postgresql")
+
+
+def test_key_file_errors_say_what_is_wrong(tmp_path: Path) -> None:
+    missing = tmp_path / "none.json"
+    with pytest.raises(secrets.SecretKeyError, match="does not exist; make one with"):
+        secrets.load(missing)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"keys": [{"id": "a", "key": "c2hvcnQ="}]}')
+    with pytest.raises(secrets.SecretKeyError, match=r"keys\[0\].key must be the base64 of 32"):
+        secrets.load(bad)
+    path = tmp_path / "k.json"
+    secrets.new_key_file(path)
+    ring = secrets.load(path)
+    envelope = ring.seal("v", "d1", "N")
+    with pytest.raises(secrets.SecretKeyError, match="another deployment or name"):
+        ring.open(envelope, "d2", "N")
+    other = tmp_path / "other.json"
+    secrets.new_key_file(other)
+    with pytest.raises(secrets.SecretKeyError, match="has no key"):
+        secrets.load(other).open(envelope, "d1", "N")
+
+
+def test_log_redaction_covers_requests_in_every_printed_form() -> None:
+    message = request(secret("DB_PASSWORD", PLAIN), secret("B", 'with "quotes" ' + CHANGED))
+    for shown in (
+        str(message),
+        json_format.MessageToJson(message),
+        repr(json_format.MessageToDict(message, preserving_proto_field_name=True)),
+        f"apphosting deploy web --secret-env DB_PASSWORD={PLAIN}",
+    ):
+        assert_absent(redact(shown))
+
+
+def test_dev_makes_a_key_file(tmp_path: Path) -> None:
+    from apphosting_cli.dev import dev_secret_key_file
+
+    path = dev_secret_key_file(tmp_path)
+    assert secrets.load(path).keys
+    assert oct(Path(path).stat().st_mode & 0o777) == "0o600"
+    assert dev_secret_key_file(tmp_path) == path
