@@ -8,7 +8,7 @@ import random
 import sqlite3
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ class _AppSpec:
     release: int
     source: str
     replicas: int
+    # The secret environment values by name and version only: the simulation never holds a value.
+    secret_env: str = ""
 
 
 @dataclass
@@ -154,7 +156,10 @@ def _app_source(deployment: deployments_pb2.Deployment) -> str:
 def _app_spec(job: bus_pb2.ProvisionJob) -> _AppSpec:
     deployment = job.deployment
     replicas = deployment.replicas if deployment.HasField("replicas") else 1
-    return _AppSpec(job.release, _app_source(deployment), replicas)
+    secret_env = ",".join(
+        f"{e.name}@v{e.version}" for e in sorted(deployment.secret_environment_variables, key=lambda e: e.name)
+    )
+    return _AppSpec(job.release, _app_source(deployment), replicas, secret_env)
 
 
 def _changes(old: _AppSpec, new: _AppSpec) -> str:
@@ -163,6 +168,8 @@ def _changes(old: _AppSpec, new: _AppSpec) -> str:
         changed.append(f"{old.source} -> {new.source}")
     if old.replicas != new.replicas:
         changed.append(f"replicas {old.replicas} -> {new.replicas}")
+    if old.secret_env != new.secret_env:
+        changed.append(f"secret values {old.secret_env or 'none'} -> {new.secret_env or 'none'}")
     return ", ".join(changed)
 
 
@@ -353,7 +360,7 @@ class SimulatedDriver:
         if app.spec.replicas == 0:
             return StepResult.done(f"{_PREFIX}app {name} already stopped (0 replicas)")
         await self._awake_vcluster(job)
-        app.spec = _AppSpec(app.spec.release, app.spec.source, 0)
+        app.spec = replace(app.spec, replicas=0)
         await self._save("app", _app_key(job.deployment), asdict(app.spec))
         return StepResult.done(f"{_PREFIX}app {name} scaled to 0 replicas; its volumes and config are kept")
 

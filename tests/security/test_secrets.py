@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import httpx
 import nats
 import pytest
 from google.protobuf import field_mask_pb2, json_format
@@ -328,3 +329,136 @@ def test_dev_makes_a_key_file(tmp_path: Path) -> None:
     assert secrets.load(path).keys
     assert oct(Path(path).stat().st_mode & 0o777) == "0o600"
     assert dev_secret_key_file(tmp_path) == path
+
+
+async def test_rest_accepts_values_and_answers_names_and_versions(stack: Stack, key_file: str) -> None:
+    from apphosting_cli.rest import RestGateway, RestOptions
+    from apphosting_client import ClientConfig
+
+    stub = await stack.add_api(secret_key_file=key_file)
+    stack.add_scheduler()
+    stack.add_provisioner(secret_key_file=key_file)
+    gateway = RestGateway(
+        RestOptions(listen="127.0.0.1:0", client=ClientConfig(address=f"127.0.0.1:{stack.apis[0].port}"))
+    )
+    await gateway.start()
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as http:
+            created = await http.post(
+                "/deployments/app-hosting",
+                json={
+                    "geographic_region": "eu",
+                    "deployment_name": "rest-web",
+                    "app_type": "container",
+                    "docker_image": "nginx:1.27",
+                    "secret_environment_variables": [
+                        {"name": "DB_PASSWORD", "value": PLAIN},
+                        {"name": "TOKEN", "secret_ref": {"name": "creds", "key": "token"}},
+                    ],
+                },
+            )
+            assert created.status_code == 201, created.text
+            assert_absent(created.text)
+            deployment_id = created.json()["id"]
+            assert created.json()["secret_environment_variables"] == [
+                {"name": "DB_PASSWORD", "version": 1, "secret_ref": None},
+                {"name": "TOKEN", "version": 1, "secret_ref": {"name": "creds", "key": "token"}},
+            ]
+            await running(stub, deployment_id)
+            patched = await http.patch(
+                f"/deployments/{deployment_id}",
+                json={"secret_environment_variables": [{"name": "DB_PASSWORD", "value": CHANGED}, {"name": "TOKEN"}]},
+            )
+            assert patched.status_code == 200, patched.text
+            assert {e["name"]: e["version"] for e in patched.json()["secret_environment_variables"]} == {
+                "DB_PASSWORD": 2,
+                "TOKEN": 1,
+            }
+            bad = await http.post(
+                "/deployments/app-hosting",
+                json={
+                    "geographic_region": "eu",
+                    "deployment_name": "rest-bad",
+                    "app_type": "container",
+                    "docker_image": "nginx:1.27",
+                    "secret_environment_variables": [{"name": "9X", "value": PLAIN}],
+                },
+            )
+            assert bad.status_code == 422, bad.text
+            assert_absent(bad.text)
+            assert ["body", "secret_environment_variables", 0, "name"] in [e["loc"] for e in bad.json()["detail"]]
+            for path in (f"/deployments/{deployment_id}", "/deployments", f"/deployments/{deployment_id}/releases"):
+                answer = await http.get(path)
+                assert answer.status_code == 200, (path, answer.text)
+                assert "DB_PASSWORD" in answer.text
+                assert_absent(answer.text)
+    finally:
+        await gateway.stop()
+
+
+async def test_cli_takes_values_from_files_and_flags_and_shows_none(
+    stack: Stack, key_file: str, tmp_path: Path
+) -> None:
+    from tests.e2e.test_user_cli import cli
+
+    stub = await stack.add_api(secret_key_file=key_file)
+    stack.add_scheduler()
+    stack.add_provisioner(secret_key_file=key_file)
+    port = stack.apis[0].port
+    value_file = tmp_path / "db-password"
+    value_file.write_text(PLAIN + "\n")
+    deployed = await cli(
+        port,
+        "deploy",
+        "--name",
+        "cli-web",
+        "--region",
+        "eu",
+        "--image",
+        "nginx:1.27",
+        "--secret-env",
+        f"DB_PASSWORD@{value_file}",
+        "--secret-ref",
+        "TOKEN=creds/token",
+        "-o",
+        "json",
+    )
+    assert deployed.code == 0, deployed
+    assert_absent(deployed.out + deployed.err)
+    shown = json.loads(deployed.out)
+    assert {e["name"]: e.get("version") for e in shown["secret_environment_variables"]} == {
+        "DB_PASSWORD": "1",
+        "TOKEN": "1",
+    }
+    stored = await running(stub, shown["id"])
+    ring = secrets.load(key_file)
+    sealed = await _stored_envelope(stack.database_url, shown["id"])
+    assert ring.open(sealed, shown["id"], "DB_PASSWORD") == PLAIN  # the file's trailing newline is not kept
+    updated = await cli(port, "update", stored.id, "--secret-env", f"DB_PASSWORD={CHANGED}", "-o", "json")
+    assert updated.code == 0, updated
+    assert_absent(updated.out + updated.err)
+    after = json.loads(updated.out)
+    assert {e["name"]: e.get("version") for e in after["secret_environment_variables"]} == {
+        "TOKEN": "1",
+        "DB_PASSWORD": "2",
+    }
+    fetched = await cli(port, "get", stored.id, "-o", "json")
+    assert fetched.code == 0, fetched
+    assert_absent(fetched.out)
+    refused = await cli(port, "deploy", "--name", "x", "--region", "eu", "--image", "nginx:1", "--secret-env", "NOPE")
+    assert refused.code != 0
+    assert "--secret-env takes NAME=VALUE" in refused.err
+
+
+async def _stored_envelope(database_url: str, deployment_id: str) -> str:
+    engine = db.make_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            spec = (
+                await connection.execute(text("SELECT spec FROM deployments WHERE id = :id"), {"id": deployment_id})
+            ).scalar_one()
+    finally:
+        await engine.dispose()
+    document = spec if isinstance(spec, dict) else json.loads(spec)
+    entry = next(e for e in document["secret_environment_variables"] if e["name"] == "DB_PASSWORD")
+    return str(entry["envelope"])
