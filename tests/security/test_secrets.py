@@ -7,8 +7,13 @@ table, the JetStream store, what the provisioners were sent, and every log line,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +28,7 @@ from sqlalchemy.engine import make_url
 
 from apphosting import bus, db, secrets
 from apphosting.logs import redact
-from apphosting.nats_server import NatsServer
+from apphosting.nats_server import NatsServer, free_port, wait_for_port
 from apphosting.v1 import bus_pb2
 from apphosting.v1 import deployments_pb2 as pb
 from services.deployments.store import rewrap_secrets
@@ -462,3 +467,98 @@ async def _stored_envelope(database_url: str, deployment_id: str) -> str:
     document = spec if isinstance(spec, dict) else json.loads(spec)
     entry = next(e for e in document["secret_environment_variables"] if e["name"] == "DB_PASSWORD")
     return str(entry["envelope"])
+
+
+def test_real_processes_log_and_store_no_plaintext_and_rotate_keys(tmp_path: Path) -> None:
+    """`apphosting dev` (its own key file), the user CLI, then `apphosting secrets`: as an operator runs them."""
+    port = free_port()
+    deployment_id = "(none made)"
+    data = tmp_path / "data"
+    logs_out, logs_err = (tmp_path / "dev.out").open("w"), (tmp_path / "dev.err").open("w")
+    command = ["dev", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data), "--rest-listen", "off"]
+    command += ["--metrics-listen", "off", "--simulate-delay", "0.01", "--log-level", "DEBUG", "--log-format", "json"]
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "apphosting_cli", *command],
+        stdout=logs_out,
+        stderr=logs_err,
+    )
+    value_file = tmp_path / "value"
+    value_file.write_text(PLAIN)
+    try:
+        wait_for_port(port, timeout=90)
+        env = {**os.environ, "APPHOSTING_ADDR": f"127.0.0.1:{port}", "APPHOSTING_TOKEN_FILE": str(data / "dev-token")}
+        env.pop("APPHOSTING_TOKEN", None)
+
+        def user(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+            done = subprocess.run(
+                [sys.executable, "-m", "apphosting_cli", *args],
+                env=env,
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            assert done.returncode == 0, done
+            assert_absent(done.stdout + done.stderr)
+            return done
+
+        user(
+            "deploy",
+            "-n",
+            "proc",
+            "--region",
+            "eu",
+            "--image",
+            "nginx:1.27",
+            "--secret-env",
+            f"DB_PASSWORD@{value_file}",
+            "--wait",
+        )
+        listed = json.loads(user("list", "-o", "json").stdout)
+        deployment_id = next(d["id"] for d in listed if d["name"] == "proc")
+        user("update", deployment_id, "--secret-env", "DB_PASSWORD@-", "--wait", stdin=CHANGED + "\n")
+        shown = json.loads(user("get", deployment_id, "-o", "json").stdout)
+        assert [(e["name"], e["version"]) for e in shown["secret_environment_variables"]] == [("DB_PASSWORD", "2")]
+    finally:
+        if dev.poll() is None:
+            dev.send_signal(signal.SIGINT)
+        try:
+            dev.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            dev.kill()
+            dev.wait()
+        logs_out.close()
+        logs_err.close()
+    logged = (tmp_path / "dev.out").read_text() + (tmp_path / "dev.err").read_text()
+    assert deployment_id in logged  # the logs were read: they name the deployment
+    assert_absent(logged)
+    files = b"".join(p.read_bytes() for p in data.rglob("*") if p.is_file() and p.name != "secret-keys.json")
+    assert b"DB_PASSWORD" in files
+    assert_absent(files)
+
+    key_file = data / "secret-keys.json"
+    database = f"sqlite:///{data / 'apphosting.db'}"
+    old = secrets.load(key_file)
+
+    def admin(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "apphosting_cli", "secrets", *args], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done
+        return done.stdout
+
+    admin("add-key", str(key_file))
+    assert "re-wrapped" in admin("rewrap", "--database-url", database, "--secret-key-file", str(key_file))
+    assert " 0 re-wrapped" in admin("rewrap", "--database-url", database, "--secret-key-file", str(key_file))
+    rotated = secrets.load(key_file)
+    secrets.write_key_file(key_file, [k for k in rotated.keys if k[0] != old.sealing_id])
+    envelope = asyncio.run(_stored_envelope(database, deployment_id))
+    assert secrets.load(key_file).open(envelope, deployment_id, "DB_PASSWORD") == CHANGED
+    missing = subprocess.run(
+        [sys.executable, "-m", "apphosting_cli", "secrets", "rewrap", "--secret-key-file", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 1
+    assert "does not exist; make one with `apphosting secrets new-key-file" in missing.stderr
