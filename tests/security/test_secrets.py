@@ -562,3 +562,45 @@ def test_real_processes_log_and_store_no_plaintext_and_rotate_keys(tmp_path: Pat
     )
     assert missing.returncode == 1
     assert "does not exist; make one with `apphosting secrets new-key-file" in missing.stderr
+
+
+async def test_promote_seals_the_values_again_for_the_copy(stack: Stack, key_file: str) -> None:
+    stub = await stack.add_api(secret_key_file=key_file)
+    stack.add_scheduler()
+    stack.add_provisioner(secret_key_file=key_file)
+    created = await stub.CreateAppHostingDeployment(
+        request(secret("DB_PASSWORD", PLAIN), secret("TOKEN", ref=("creds", "token")))
+    )
+    await running(stub, created.id)
+    promoted = await stub.PromoteDeployment(pb.PromoteDeploymentRequest(id=created.id, new_name="web-copy"))
+    copy = promoted.target
+    assert versions(copy) == {"DB_PASSWORD": 1, "TOKEN": 1}
+    assert_absent(promoted.SerializeToString())
+    ring = secrets.load(key_file)
+    envelope = await _stored_envelope(stack.database_url, copy.id)
+    assert ring.open(envelope, copy.id, "DB_PASSWORD") == PLAIN
+    with pytest.raises(secrets.SecretKeyError):
+        ring.open(envelope, created.id, "DB_PASSWORD")
+
+
+async def test_an_api_with_a_missing_or_malformed_key_file_does_not_start(
+    database_url: str, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    from apphosting import CannotStart
+    from services.deployments.app import ApiOptions, ApiServer
+
+    malformed = tmp_path / "bad.json"
+    malformed.write_text("{}")
+    for path, says in ((tmp_path / "none.json", "does not exist"), (malformed, 'must hold "keys"')):
+        server = ApiServer(
+            ApiOptions(
+                listen="127.0.0.1:0",
+                database_url=database_url,
+                nats_url=nats_server.url,
+                auth=None,
+                secret_key_file=str(path),
+            )
+        )
+        with pytest.raises(CannotStart, match=says):
+            await server.start()
+        await server.stop()
