@@ -45,23 +45,28 @@ def seal(
     previous: Sequence[Mapping[str, Any]] = (),
     prefix: str = "",
     updating: bool = False,
+    also: Sequence[FieldViolation] = (),
 ) -> list[dict[str, Any]]:
     """The stored form of `entries`, replacing `previous` (an update's mask replaces the set).
 
     An entry with a name alone keeps the stored one of that name (update only); a value equal to the
     stored one keeps its version, a changed value or reference goes one version up. INVALID_ARGUMENT
-    naming each bad entry; with no key file configured, values are refused (references are not).
+    naming each bad entry, after the violations `also` found elsewhere in the request; with no key file
+    configured, values are refused (references are not).
     """
-    violations: list[FieldViolation] = []
+    violations: list[FieldViolation] = list(also)
     before = {entry["name"]: entry for entry in previous}
     seen: dict[str, int] = {}
     result: list[dict[str, Any]] = []
     if len(entries) > limits.environment_variables_max:
-        raise errors.invalid_field(
-            prefix + FIELD,
-            f"must have at most {limits.environment_variables_max} entries, got {len(entries)}",
-            "TOO_MANY",
+        violations.append(
+            FieldViolation(
+                prefix + FIELD,
+                f"must have at most {limits.environment_variables_max} entries, got {len(entries)}",
+                "TOO_MANY",
+            )
         )
+        raise errors.invalid_argument(violations)
     for index, entry in enumerate(entries):
         where = f"{prefix}{FIELD}[{index}]"
         name = entry.name

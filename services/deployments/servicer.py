@@ -311,16 +311,23 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         request_id = None
         if request.request_id:
             request_id = _parse_id(request.request_id, "request_id")
+        deployment_id = str(uuid.uuid4())
         try:
             spec = await validate_create_resolving(
                 request_to_data(request), limits=self._limits, regions=self._regions, resolver=self._resolver
             )
         except SpecInvalid as invalid:
-            raise errors.invalid_argument(
-                FieldViolation(v.field, v.description, v.reason) for v in invalid.violations
-            ) from None
+            found = [FieldViolation(v.field, v.description, v.reason) for v in invalid.violations]
+            # The secret entries' faults too, all in one answer (seal raises them with these).
+            secret_env.seal(
+                request.secret_environment_variables,
+                deployment_id=deployment_id,
+                ring=self._secret_keys,
+                limits=self._limits,
+                also=found,
+            )
+            raise errors.invalid_argument(found) from None
         stored = spec.model_dump(mode="json", exclude_none=True)
-        deployment_id = str(uuid.uuid4())
         if request.secret_environment_variables:
             stored[secret_env.FIELD] = secret_env.seal(
                 request.secret_environment_variables,

@@ -242,6 +242,10 @@ async def test_bad_entries_are_named_by_field_and_index(stack: Stack, key_file: 
     }
     assert "x" * 100 not in str(raised.value.details())
     with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.CreateAppHostingDeployment(request(secret("1BAD", PLAIN), name="Not A Name"))
+    assert list(details_of(raised.value).violations) == ["deployment_name", "secret_environment_variables[0].name"]
+    assert PLAIN not in str(raised.value.details())
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.CreateAppHostingDeployment(request(secret("PORT", "x"), environment_variables=["PORT=80"]))
     assert details_of(raised.value).violations["secret_environment_variables[0].name"][0] == "DUPLICATE"
     created = await running(stub, (await stub.CreateAppHostingDeployment(request(secret("KEEP", "x")))).id)
