@@ -383,6 +383,15 @@ async def test_rest_accepts_values_and_answers_names_and_versions(stack: Stack, 
                 "DB_PASSWORD": 2,
                 "TOKEN": 1,
             }
+            await running(stub, deployment_id, release=2)
+            unknown = await http.patch(
+                f"/deployments/{deployment_id}",
+                json={
+                    "secret_environment_variables": [{"name": "NOT_STORED"}, {"name": "DB_PASSWORD", "value": PLAIN}]
+                },
+            )
+            assert unknown.status_code == 422, unknown.text
+            assert [e["loc"] for e in unknown.json()["detail"]] == [["body", "secret_environment_variables", 0]]
             bad = await http.post(
                 "/deployments/app-hosting",
                 json={
