@@ -153,6 +153,10 @@ REQUEST_OF: dict[str, bus_pb2.Operation.ValueType] = {
 }
 
 
+# Operations whose jobs deploy no app (a stop scales it to zero; a delete removes it).
+_NO_APP_DEPLOYED = frozenset({bus_pb2.OPERATION_STOP, bus_pb2.OPERATION_DELETE})
+
+
 def placement_outbox(
     operation: bus_pb2.Operation.ValueType, rollout_timeout: float = 0.0
 ) -> Callable[[DeploymentRow], list[Outgoing]]:
@@ -170,7 +174,8 @@ def placement_outbox(
             release=row.release,
             rollout_timeout_seconds=rollout_timeout if kind == bus_pb2.OPERATION_UPDATE else 0.0,
             force=row.operation == "force-delete",
-            sealed_secrets=secret_env.sealed_for_bus(row.spec),
+            # Only the operations that deploy the app carry its values: no copy travels where none is needed.
+            sealed_secrets=secret_env.sealed_for_bus(row.spec) if kind not in _NO_APP_DEPLOYED else [],
         )
         return [Outgoing(bus.PLACEMENT_SUBJECT, request.SerializeToString(), message_id)]
 

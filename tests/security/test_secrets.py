@@ -195,6 +195,10 @@ async def test_plaintext_reaches_no_store_answer_log_or_job(
         assert_absent(shown)
         for sealed in job.sealed_secrets:
             assert_absent(sealed.envelope)
+    stopped = await stub.StopDeployment(pb.StopDeploymentRequest(id=created.id))
+    await eventually(lambda: _true(any(j.operation == bus_pb2.OPERATION_STOP for j in jobs)), within=60)
+    assert [list(j.sealed_secrets) for j in jobs if j.operation == bus_pb2.OPERATION_STOP] == [[]]
+    assert stopped.id == created.id
     await client.close()
 
     stored = await database_dump(database_url)
