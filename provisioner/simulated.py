@@ -162,6 +162,14 @@ def _app_spec(job: bus_pb2.ProvisionJob) -> _AppSpec:
     return _AppSpec(job.release, _app_source(deployment), replicas, secret_env)
 
 
+def _attributes(spec: _AppSpec) -> dict[str, object]:
+    """An app as the shared state keeps it; secret values appear only when it has some."""
+    attributes = asdict(spec)
+    if not spec.secret_env:
+        del attributes["secret_env"]
+    return attributes
+
+
 def _changes(old: _AppSpec, new: _AppSpec) -> str:
     changed = [f"release {old.release} -> {new.release}"]
     if old.source != new.source:
@@ -310,7 +318,7 @@ class SimulatedDriver:
             # Drawn only for a new app, so a failure is decided once per deployment attempt, not per poll.
             if self.failure_rate > 0 and self._random.random() < self.failure_rate:
                 return StepResult.fail(self._bad_source(want.source), permanent=True)
-            if await self._claim("app", key, key in self.apps, asdict(want)):
+            if await self._claim("app", key, key in self.apps, _attributes(want)):
                 self.apps[key] = _App(want, self.ready_polls)
                 return StepResult.done(f"{_PREFIX}app {name} ({want.source}) deployed as release {want.release}")
             # Another worker created it meanwhile; it is compared with the job's release below.
@@ -324,7 +332,7 @@ class SimulatedDriver:
         changes = _changes(app.spec, want)
         app.spec = want
         app.polls_left = self.ready_polls
-        await self._save("app", key, asdict(want))
+        await self._save("app", key, _attributes(want))
         return StepResult.done(f"{_PREFIX}app {name} updated: {changes}")
 
     async def app_rollout(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
@@ -361,7 +369,7 @@ class SimulatedDriver:
             return StepResult.done(f"{_PREFIX}app {name} already stopped (0 replicas)")
         await self._awake_vcluster(job)
         app.spec = replace(app.spec, replicas=0)
-        await self._save("app", _app_key(job.deployment), asdict(app.spec))
+        await self._save("app", _app_key(job.deployment), _attributes(app.spec))
         return StepResult.done(f"{_PREFIX}app {name} scaled to 0 replicas; its volumes and config are kept")
 
     async def sleep_vcluster(self, job: bus_pb2.ProvisionJob) -> StepResult:
