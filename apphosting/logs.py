@@ -100,10 +100,29 @@ _SECRETS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
+# A request that carries secret environment values, in any form it could be printed in (protobuf
+# text, JSON with either field name, the CLI's flag): every `value` after the mention is redacted.
+_SECRET_ENV = re.compile(r"(?i)secret_environment_variables|secretEnvironmentVariables|--secret-env\b")
+_SECRET_ENV_VALUE = re.compile(
+    r"""(?x)
+    ( \bvalue ["']? \s* [:=] \s* )
+    (?!\[REDACTED\])
+    ( "(?:[^"\\]|\\.)*" | '(?:[^'\\]|\\.)*' | [^\s,}\]]+ )
+    """
+)
+# The CLI's --secret-env NAME=value: the value after the name.
+_SECRET_ENV_FLAG = re.compile(r"(--secret-env[=\s]+[A-Za-z_][A-Za-z0-9_]*=)(?!\[REDACTED\])\S+")
+
+
 def redact(text: str) -> str:
     """The text with tokens, JWTs, keys and secret-looking values replaced by [REDACTED]."""
     for pattern, replacement in _SECRETS:
         text = pattern.sub(replacement, text)
+    mention = _SECRET_ENV.search(text)
+    if mention is not None:
+        head, tail = text[: mention.start()], text[mention.start() :]
+        tail = _SECRET_ENV_FLAG.sub(rf"\1{_REDACTED}", tail)
+        text = head + _SECRET_ENV_VALUE.sub(rf"\1{_REDACTED}", tail)
     return text
 
 

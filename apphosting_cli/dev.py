@@ -46,6 +46,8 @@ class DevOptions:
     metrics_listen: str | None = metrics.DEV_METRICS_LISTEN
     # Seconds between the image updater's rounds.
     updater_interval: float = 300.0
+    # The key file of secret environment values; None: data_dir/secret-keys.json, made on first use.
+    secret_key_file: str | None = None
 
 
 def metrics_addresses(listen: str | None) -> dict[str, str | None]:
@@ -58,6 +60,16 @@ def metrics_addresses(listen: str | None) -> dict[str, str | None]:
         address = metrics.next_listen(listen, offset)
         addresses[name] = address if metrics.port_free(address) else metrics.any_port(address)
     return addresses
+
+
+def dev_secret_key_file(data: Path) -> str:
+    """The dev key file of secret environment values (made once, kept in data_dir)."""
+    key_file = data / "secret-keys.json"
+    if not key_file.exists():
+        from apphosting import secrets as secret_keys
+
+        secret_keys.new_key_file(key_file)
+    return str(key_file)
 
 
 def dev_auth(data: Path) -> tuple[JwtVerifier, str]:
@@ -104,12 +116,14 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
     await asyncio.to_thread(nats.start)
     database_url = f"sqlite+aiosqlite:///{data / 'apphosting.db'}"
     served = metrics_addresses(options.metrics_listen)
+    secret_key_file = options.secret_key_file or dev_secret_key_file(data)
     api_options = replace(
         options.api,
         database_url=database_url,
         nats_url=nats.url,
         locations_file=options.locations_file,
         metrics_listen=served["api"],
+        secret_key_file=secret_key_file,
     )
     token = None
     if api_options.auth is NOT_CONFIGURED:
@@ -133,6 +147,7 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
             simulate_state=options.simulate_state or str(data / "simulated-clusters.db"),
             simulate_namespaces=options.simulate_namespaces,
             metrics_listen=served["provisioner"],
+            secret_key_file=secret_key_file,
         )
     )
     tasks: list[asyncio.Task[None]] = []

@@ -108,6 +108,17 @@ def _add_common(parser: argparse.ArgumentParser, *, database: bool = True) -> No
     _add_metrics(parser)
 
 
+def _add_secret_key_file(parser: argparse.ArgumentParser, *, help_extra: str = "") -> None:
+    """The key file of secret environment values: one flag for the API (seals) and the provisioner (opens)."""
+    parser.add_argument(
+        "--secret-key-file",
+        default=os.environ.get("APPHOSTING_SECRET_KEY_FILE"),
+        metavar="PATH",
+        help="key file of secret environment values (make one with `apphosting secrets new-key-file PATH`; "
+        "default: APPHOSTING_SECRET_KEY_FILE)" + help_extra,
+    )
+
+
 def _add_nats_security(parser: argparse.ArgumentParser) -> None:
     nats = parser.add_argument_group("NATS credentials and TLS")
     nats.add_argument("--nats-creds", default=None, help="NATS credentials file (user JWT and nkey seed)")
@@ -497,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(api)
     _add_api_security(api)
     _add_registry_options(api)
+    _add_secret_key_file(api, help_extra="; without one, only secret_ref entries are accepted")
 
     scheduler = commands.add_parser("scheduler", help="run the scheduler (placement of deployments)")
     _add_common(scheduler)
@@ -504,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     provisioner = commands.add_parser("provisioner", help="run a provisioner worker")
     _add_common(provisioner, database=False)
     _add_provisioner_options(provisioner)
+    _add_secret_key_file(provisioner, help_extra="; needed to deliver secret values to a kubernetes location")
     provisioner.add_argument(
         "--location",
         action="append",
@@ -542,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how often the image updater reads each repository in use (default 300)",
     )
+    _add_secret_key_file(dev, help_extra="; default in dev: DATA_DIR/secret-keys.json, made on first use")
     from apphosting.metrics import DEV_METRICS_LISTEN
 
     _add_metrics(dev, DEV_METRICS_LISTEN)
@@ -590,6 +604,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_format(rest)
     _add_metrics(rest)
 
+    keys = commands.add_parser("secrets", help="key files of secret environment values, and key rotation")
+    key_commands = keys.add_subparsers(dest="secrets_command", required=True)
+    new_key_file = key_commands.add_parser("new-key-file", help="make a key file with one fresh key")
+    new_key_file.add_argument("path")
+    add_key = key_commands.add_parser(
+        "add-key", help="put a fresh key first in a key file: it seals from now on, the others still open"
+    )
+    add_key.add_argument("path")
+    rewrap = key_commands.add_parser(
+        "rewrap",
+        help="wrap every stored value's data key again with the key file's first key (the values are not "
+        "touched); after it, keys no longer named by any value can be removed",
+    )
+    rewrap.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
+    _add_secret_key_file(rewrap)
+    for sub in (new_key_file, add_key, rewrap):
+        sub.add_argument("--log-level", default="INFO")
+        _add_log_format(sub, default="console")
+
     migrate = commands.add_parser("migrate", help="bring every service's tables up to date and exit")
     migrate.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
     migrate.add_argument("--log-level", default="INFO")
@@ -629,6 +662,34 @@ def _run(
 
     problem = asyncio.run(runner())
     return 0 if problem is None else _fail(command, problem)
+
+
+def _secrets_command(args: argparse.Namespace) -> int:
+    from apphosting import secrets
+
+    command = f"secrets {args.secrets_command}"
+    try:
+        if args.secrets_command == "new-key-file":
+            print(f"key file {args.path} made; key {secrets.new_key_file(args.path)} seals")
+            return 0
+        if args.secrets_command == "add-key":
+            print(f"key {secrets.add_key(args.path)} added first to {args.path}: it seals from now on")
+            return 0
+        if not args.secret_key_file:
+            return _fail(command, "--secret-key-file (or APPHOSTING_SECRET_KEY_FILE) is required", 2)
+        ring = secrets.load(args.secret_key_file)
+    except secrets.SecretKeyError as failure:
+        return _fail(command, str(failure))
+    from services.deployments.store import rewrap_secrets
+
+    async def rewrap(_: asyncio.Event) -> None:
+        counts = await rewrap_secrets(args.database_url, ring)
+        print(
+            f"{counts.values} sealed values: {counts.rewrapped} re-wrapped with key {ring.sealing_id} in "
+            f"{counts.deployments} deployments and {counts.releases} releases"
+        )
+
+    return _run(command, rewrap, database_url=args.database_url)
 
 
 def _user_command(argv: Sequence[str]) -> bool:
@@ -676,6 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             database_url=args.database_url,
             nats_url=args.nats_url,
             metrics_listen=args.metrics_listen,
+            secret_key_file=args.secret_key_file,
         )
         return _run("api", lambda stop: serve(options, stop), listen=args.listen, database_url=args.database_url)
     if args.command == "scheduler":
@@ -702,6 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             simulate_state=args.simulate_state,
             simulate_namespaces=tuple(args.simulate_namespace),
             metrics_listen=args.metrics_listen,
+            secret_key_file=args.secret_key_file,
         )
         return _run("provisioner", lambda stop: serve_provisioner(provisioner_options, stop))
     if args.command == "dev":
@@ -720,6 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rest_listen=None if args.rest_listen == "off" else args.rest_listen,
             metrics_listen=None if args.metrics_listen == "off" else args.metrics_listen,
             updater_interval=args.updater_interval,
+            secret_key_file=args.secret_key_file,
         )
         return _run("dev", lambda stop: serve_dev(dev_options, stop), listen=args.listen)
     if args.command == "rest":
@@ -745,6 +809,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_listen=args.metrics_listen,
         )
         return _run("updater", lambda stop: serve_updater(updater_options, stop))
+    if args.command == "secrets":
+        return _secrets_command(args)
     if args.command == "migrate":
         from apphosting import db
         from scheduler import ledger

@@ -8,7 +8,7 @@ import random
 import sqlite3
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ class _AppSpec:
     release: int
     source: str
     replicas: int
+    # The secret environment values by name and version only: the simulation never holds a value.
+    secret_env: str = ""
 
 
 @dataclass
@@ -154,7 +156,18 @@ def _app_source(deployment: deployments_pb2.Deployment) -> str:
 def _app_spec(job: bus_pb2.ProvisionJob) -> _AppSpec:
     deployment = job.deployment
     replicas = deployment.replicas if deployment.HasField("replicas") else 1
-    return _AppSpec(job.release, _app_source(deployment), replicas)
+    secret_env = ",".join(
+        f"{e.name}@v{e.version}" for e in sorted(deployment.secret_environment_variables, key=lambda e: e.name)
+    )
+    return _AppSpec(job.release, _app_source(deployment), replicas, secret_env)
+
+
+def _attributes(spec: _AppSpec) -> dict[str, object]:
+    """An app as the shared state keeps it; secret values appear only when it has some."""
+    attributes = asdict(spec)
+    if not spec.secret_env:
+        del attributes["secret_env"]
+    return attributes
 
 
 def _changes(old: _AppSpec, new: _AppSpec) -> str:
@@ -163,6 +176,8 @@ def _changes(old: _AppSpec, new: _AppSpec) -> str:
         changed.append(f"{old.source} -> {new.source}")
     if old.replicas != new.replicas:
         changed.append(f"replicas {old.replicas} -> {new.replicas}")
+    if old.secret_env != new.secret_env:
+        changed.append(f"secret values {old.secret_env or 'none'} -> {new.secret_env or 'none'}")
     return ", ".join(changed)
 
 
@@ -303,7 +318,7 @@ class SimulatedDriver:
             # Drawn only for a new app, so a failure is decided once per deployment attempt, not per poll.
             if self.failure_rate > 0 and self._random.random() < self.failure_rate:
                 return StepResult.fail(self._bad_source(want.source), permanent=True)
-            if await self._claim("app", key, key in self.apps, asdict(want)):
+            if await self._claim("app", key, key in self.apps, _attributes(want)):
                 self.apps[key] = _App(want, self.ready_polls)
                 return StepResult.done(f"{_PREFIX}app {name} ({want.source}) deployed as release {want.release}")
             # Another worker created it meanwhile; it is compared with the job's release below.
@@ -317,7 +332,7 @@ class SimulatedDriver:
         changes = _changes(app.spec, want)
         app.spec = want
         app.polls_left = self.ready_polls
-        await self._save("app", key, asdict(want))
+        await self._save("app", key, _attributes(want))
         return StepResult.done(f"{_PREFIX}app {name} updated: {changes}")
 
     async def app_rollout(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
@@ -353,8 +368,8 @@ class SimulatedDriver:
         if app.spec.replicas == 0:
             return StepResult.done(f"{_PREFIX}app {name} already stopped (0 replicas)")
         await self._awake_vcluster(job)
-        app.spec = _AppSpec(app.spec.release, app.spec.source, 0)
-        await self._save("app", _app_key(job.deployment), asdict(app.spec))
+        app.spec = replace(app.spec, replicas=0)
+        await self._save("app", _app_key(job.deployment), _attributes(app.spec))
         return StepResult.done(f"{_PREFIX}app {name} scaled to 0 replicas; its volumes and config are kept")
 
     async def sleep_vcluster(self, job: bus_pb2.ProvisionJob) -> StepResult:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from apphosting import bus, metrics
+from apphosting import bus, metrics, secrets
 from apphosting.locations import LocationConfig, load_locations
 from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner.driver import Driver
@@ -57,6 +57,9 @@ class ProvisionerOptions:
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     # host:port serving Prometheus metrics at /metrics (port 0: any free one); None: no metrics server.
     metrics_listen: str | None = None
+    # The key file that opens sealed secret values (the API's); None: jobs with secret values fail on a
+    # kubernetes location, which must deliver them (the simulated driver keeps names and versions only).
+    secret_key_file: str | None = None
 
 
 # Every phase a provisioner's event can name: the step label never takes another value.
@@ -154,8 +157,9 @@ class Provisioner(bus.Worker):
         # Locations with cluster credentials get the kubernetes driver; the others are simulated, and
         # every event of theirs says so.
         state = SimulatedState(options.simulate_state) if options.simulate_state else None
+        secret_keys = secrets.load_for_start(options.secret_key_file)
         self.drivers: dict[str, Driver] = {
-            location.id: KubernetesDriver(location)
+            location.id: KubernetesDriver(location, secret_keys=secret_keys)
             if location.kubeconfig
             else SimulatedDriver(
                 options.simulate_delay,

@@ -288,6 +288,7 @@ class Scheduler(bus.Worker):
             release=request.release,
             rollout_timeout_seconds=request.rollout_timeout_seconds,
             force=request.force,
+            sealed_secrets=request.sealed_secrets,
         )
         await bus.publish(self.js, bus.job_subject(location.id), job.SerializeToString(), job.job_id)
 

@@ -26,31 +26,31 @@ from apphosting.v1 import deployments_pb2 as apphosting_dot_v1_dot_deployments__
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61pphosting/v1/bus.proto\x12\rapphosting.v1\x1a\x1f\x61pphosting/v1/deployments.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc3\x01\n\x10PlacementRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\toperation\x18\x02 \x01(\x0e\x32\x18.apphosting.v1.Operation\x12-\n\ndeployment\x18\x03 \x01(\x0b\x32\x19.apphosting.v1.Deployment\x12\x0f\n\x07release\x18\x04 \x01(\x03\x12\x1f\n\x17rollout_timeout_seconds\x18\x05 \x01(\x01\x12\r\n\x05\x66orce\x18\x06 \x01(\x08\"S\n\x08Location\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x19\n\x11geographic_region\x18\x04 \x01(\t\"\x9b\x02\n\x0cProvisionJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12+\n\toperation\x18\x02 \x01(\x0e\x32\x18.apphosting.v1.Operation\x12-\n\ndeployment\x18\x03 \x01(\x0b\x32\x19.apphosting.v1.Deployment\x12)\n\x08location\x18\x04 \x01(\x0b\x32\x17.apphosting.v1.Location\x12\x0f\n\x07release\x18\x05 \x01(\x03\x12\x1f\n\x17rollout_timeout_seconds\x18\x06 \x01(\x01\x12\r\n\x05\x66orce\x18\x07 \x01(\x08\x12\x33\n\x0esealed_secrets\x18\x08 \x03(\x0b\x32\x1b.apphosting.v1.SealedSecret\"?\n\x0cSealedSecret\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08\x65nvelope\x18\x03 \x01(\x0c\"t\n\tCondition\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xff\x05\n\x0bStatusEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\x12/\n\x06status\x18\x03 \x01(\x0e\x32\x1f.apphosting.v1.DeploymentStatus\x12\r\n\x05phase\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x11\n\tsimulated\x18\x07 \x01(\x08\x12(\n\x04time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x66inal\x18\t \x01(\x08\x12\x19\n\x0c\x65ndpoint_url\x18\x14 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rerror_message\x18\x15 \x01(\tH\x01\x88\x01\x01\x12\x15\n\x08provider\x18\x16 \x01(\tH\x02\x88\x01\x01\x12\x13\n\x06region\x18\x17 \x01(\tH\x03\x88\x01\x01\x12\x1b\n\x0e\x63luster_status\x18\x18 \x01(\tH\x04\x88\x01\x01\x12\x1a\n\rcluster_error\x18\x19 \x01(\tH\x05\x88\x01\x01\x12\x15\n\x08git_path\x18\x1a \x01(\tH\x06\x88\x01\x01\x12\x18\n\x0bvalues_yaml\x18\x1b \x01(\tH\x07\x88\x01\x01\x12\x18\n\x0blocation_id\x18\x1c \x01(\tH\x08\x88\x01\x01\x12,\n\nconditions\x18\x1d \x03(\x0b\x32\x18.apphosting.v1.Condition\x12\x0f\n\x07release\x18\x1e \x01(\x03\x12\x17\n\x0frelease_healthy\x18\x1f \x01(\x08\x12\x16\n\x0erelease_failed\x18  \x01(\x08\x12\x36\n\tplacement\x18! \x01(\x0b\x32#.apphosting.v1.PlacementExplanationB\x0f\n\r_endpoint_urlB\x10\n\x0e_error_messageB\x0b\n\t_providerB\t\n\x07_regionB\x11\n\x0f_cluster_statusB\x10\n\x0e_cluster_errorB\x0b\n\t_git_pathB\x0e\n\x0c_values_yamlB\x0e\n\x0c_location_id\"\x80\x01\n\x0f\x43\x61pacityRequest\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.apphosting.v1.CapacityMode\x12-\n\ndeployment\x18\x02 \x01(\x0b\x32\x19.apphosting.v1.Deployment\x12\x13\n\x0blocation_id\x18\x03 \x01(\t\"h\n\rCapacityReply\x12\x0c\n\x04\x66its\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x38\n\x0b\x65xplanation\x18\x03 \x01(\x0b\x32#.apphosting.v1.PlacementExplanation*\xa6\x01\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x14\n\x10OPERATION_CREATE\x10\x01\x12\x14\n\x10OPERATION_DELETE\x10\x02\x12\x14\n\x10OPERATION_UPDATE\x10\x03\x12\x12\n\x0eOPERATION_STOP\x10\x04\x12\x13\n\x0fOPERATION_START\x10\x05\x12\x13\n\x0fOPERATION_ADOPT\x10\x06*|\n\x0c\x43\x61pacityMode\x12\x1d\n\x19\x43\x41PACITY_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43\x41PACITY_MODE_EXPLAIN\x10\x01\x12\x17\n\x13\x43\x41PACITY_MODE_CHECK\x10\x02\x12\x19\n\x15\x43\x41PACITY_MODE_RESERVE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61pphosting/v1/bus.proto\x12\rapphosting.v1\x1a\x1f\x61pphosting/v1/deployments.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf8\x01\n\x10PlacementRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\toperation\x18\x02 \x01(\x0e\x32\x18.apphosting.v1.Operation\x12-\n\ndeployment\x18\x03 \x01(\x0b\x32\x19.apphosting.v1.Deployment\x12\x0f\n\x07release\x18\x04 \x01(\x03\x12\x1f\n\x17rollout_timeout_seconds\x18\x05 \x01(\x01\x12\r\n\x05\x66orce\x18\x06 \x01(\x08\x12\x33\n\x0esealed_secrets\x18\x07 \x03(\x0b\x32\x1b.apphosting.v1.SealedSecret\"S\n\x08Location\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x19\n\x11geographic_region\x18\x04 \x01(\t\"\x9b\x02\n\x0cProvisionJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12+\n\toperation\x18\x02 \x01(\x0e\x32\x18.apphosting.v1.Operation\x12-\n\ndeployment\x18\x03 \x01(\x0b\x32\x19.apphosting.v1.Deployment\x12)\n\x08location\x18\x04 \x01(\x0b\x32\x17.apphosting.v1.Location\x12\x0f\n\x07release\x18\x05 \x01(\x03\x12\x1f\n\x17rollout_timeout_seconds\x18\x06 \x01(\x01\x12\r\n\x05\x66orce\x18\x07 \x01(\x08\x12\x33\n\x0esealed_secrets\x18\x08 \x03(\x0b\x32\x1b.apphosting.v1.SealedSecret\"?\n\x0cSealedSecret\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08\x65nvelope\x18\x03 \x01(\x0c\"t\n\tCondition\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xff\x05\n\x0bStatusEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\x12/\n\x06status\x18\x03 \x01(\x0e\x32\x1f.apphosting.v1.DeploymentStatus\x12\r\n\x05phase\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x11\n\tsimulated\x18\x07 \x01(\x08\x12(\n\x04time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x66inal\x18\t \x01(\x08\x12\x19\n\x0c\x65ndpoint_url\x18\x14 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rerror_message\x18\x15 \x01(\tH\x01\x88\x01\x01\x12\x15\n\x08provider\x18\x16 \x01(\tH\x02\x88\x01\x01\x12\x13\n\x06region\x18\x17 \x01(\tH\x03\x88\x01\x01\x12\x1b\n\x0e\x63luster_status\x18\x18 \x01(\tH\x04\x88\x01\x01\x12\x1a\n\rcluster_error\x18\x19 \x01(\tH\x05\x88\x01\x01\x12\x15\n\x08git_path\x18\x1a \x01(\tH\x06\x88\x01\x01\x12\x18\n\x0bvalues_yaml\x18\x1b \x01(\tH\x07\x88\x01\x01\x12\x18\n\x0blocation_id\x18\x1c \x01(\tH\x08\x88\x01\x01\x12,\n\nconditions\x18\x1d \x03(\x0b\x32\x18.apphosting.v1.Condition\x12\x0f\n\x07release\x18\x1e \x01(\x03\x12\x17\n\x0frelease_healthy\x18\x1f \x01(\x08\x12\x16\n\x0erelease_failed\x18  \x01(\x08\x12\x36\n\tplacement\x18! \x01(\x0b\x32#.apphosting.v1.PlacementExplanationB\x0f\n\r_endpoint_urlB\x10\n\x0e_error_messageB\x0b\n\t_providerB\t\n\x07_regionB\x11\n\x0f_cluster_statusB\x10\n\x0e_cluster_errorB\x0b\n\t_git_pathB\x0e\n\x0c_values_yamlB\x0e\n\x0c_location_id\"\x80\x01\n\x0f\x43\x61pacityRequest\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.apphosting.v1.CapacityMode\x12-\n\ndeployment\x18\x02 \x01(\x0b\x32\x19.apphosting.v1.Deployment\x12\x13\n\x0blocation_id\x18\x03 \x01(\t\"h\n\rCapacityReply\x12\x0c\n\x04\x66its\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x38\n\x0b\x65xplanation\x18\x03 \x01(\x0b\x32#.apphosting.v1.PlacementExplanation*\xa6\x01\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x14\n\x10OPERATION_CREATE\x10\x01\x12\x14\n\x10OPERATION_DELETE\x10\x02\x12\x14\n\x10OPERATION_UPDATE\x10\x03\x12\x12\n\x0eOPERATION_STOP\x10\x04\x12\x13\n\x0fOPERATION_START\x10\x05\x12\x13\n\x0fOPERATION_ADOPT\x10\x06*|\n\x0c\x43\x61pacityMode\x12\x1d\n\x19\x43\x41PACITY_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43\x41PACITY_MODE_EXPLAIN\x10\x01\x12\x17\n\x13\x43\x41PACITY_MODE_CHECK\x10\x02\x12\x19\n\x15\x43\x41PACITY_MODE_RESERVE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'apphosting.v1.bus_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OPERATION']._serialized_start=1868
-  _globals['_OPERATION']._serialized_end=2034
-  _globals['_CAPACITYMODE']._serialized_start=2036
-  _globals['_CAPACITYMODE']._serialized_end=2160
+  _globals['_OPERATION']._serialized_start=1921
+  _globals['_OPERATION']._serialized_end=2087
+  _globals['_CAPACITYMODE']._serialized_start=2089
+  _globals['_CAPACITYMODE']._serialized_end=2213
   _globals['_PLACEMENTREQUEST']._serialized_start=109
-  _globals['_PLACEMENTREQUEST']._serialized_end=304
-  _globals['_LOCATION']._serialized_start=306
-  _globals['_LOCATION']._serialized_end=389
-  _globals['_PROVISIONJOB']._serialized_start=392
-  _globals['_PROVISIONJOB']._serialized_end=675
-  _globals['_SEALEDSECRET']._serialized_start=677
-  _globals['_SEALEDSECRET']._serialized_end=740
-  _globals['_CONDITION']._serialized_start=742
-  _globals['_CONDITION']._serialized_end=858
-  _globals['_STATUSEVENT']._serialized_start=861
-  _globals['_STATUSEVENT']._serialized_end=1628
-  _globals['_CAPACITYREQUEST']._serialized_start=1631
-  _globals['_CAPACITYREQUEST']._serialized_end=1759
-  _globals['_CAPACITYREPLY']._serialized_start=1761
-  _globals['_CAPACITYREPLY']._serialized_end=1865
+  _globals['_PLACEMENTREQUEST']._serialized_end=357
+  _globals['_LOCATION']._serialized_start=359
+  _globals['_LOCATION']._serialized_end=442
+  _globals['_PROVISIONJOB']._serialized_start=445
+  _globals['_PROVISIONJOB']._serialized_end=728
+  _globals['_SEALEDSECRET']._serialized_start=730
+  _globals['_SEALEDSECRET']._serialized_end=793
+  _globals['_CONDITION']._serialized_start=795
+  _globals['_CONDITION']._serialized_end=911
+  _globals['_STATUSEVENT']._serialized_start=914
+  _globals['_STATUSEVENT']._serialized_end=1681
+  _globals['_CAPACITYREQUEST']._serialized_start=1684
+  _globals['_CAPACITYREQUEST']._serialized_end=1812
+  _globals['_CAPACITYREPLY']._serialized_start=1814
+  _globals['_CAPACITYREPLY']._serialized_end=1918
 # @@protoc_insertion_point(module_scope)

@@ -97,6 +97,7 @@ class PlacementRequest(_message.Message):
     RELEASE_FIELD_NUMBER: _builtins.int
     ROLLOUT_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    SEALED_SECRETS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Unique per request; also the Nats-Msg-Id."""
     operation: Global___Operation.ValueType
@@ -110,6 +111,10 @@ class PlacementRequest(_message.Message):
     def deployment(self) -> _deployments_pb2.Deployment:
         """The deployment as recorded when the request was made."""
 
+    @_builtins.property
+    def sealed_secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SealedSecret]:
+        """The deployment's secret environment values, still sealed; the scheduler copies them to the job."""
+
     def __init__(
         self,
         *,
@@ -119,10 +124,11 @@ class PlacementRequest(_message.Message):
         release: _builtins.int = ...,
         rollout_timeout_seconds: _builtins.float = ...,
         force: _builtins.bool = ...,
+        sealed_secrets: _abc.Iterable[Global___SealedSecret] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "force", b"force", "operation", b"operation", "release", b"release", "request_id", b"request_id", "rollout_timeout_seconds", b"rollout_timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "force", b"force", "operation", b"operation", "release", b"release", "request_id", b"request_id", "rollout_timeout_seconds", b"rollout_timeout_seconds", "sealed_secrets", b"sealed_secrets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

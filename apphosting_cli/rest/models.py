@@ -42,6 +42,34 @@ class VolumeConfig(BaseModel):
     purpose: str | None = None
 
 
+class SecretKeyReference(BaseModel):
+    """One key of a Kubernetes Secret that already exists in the app's namespace."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    key: str
+
+
+class SecretEnvironmentVariable(BaseModel):
+    """A secret environment value: `value` (sealed at once, never returned) or `secret_ref`; on update,
+    a name alone keeps the value stored under that name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    value: str | None = None
+    secret_ref: SecretKeyReference | None = None
+
+
+class SecretEnvironmentVariableInfo(BaseModel):
+    """A secret environment value as answers show it: its name, version and reference, never its value."""
+
+    name: str
+    version: int = 0
+    secret_ref: SecretKeyReference | None = None
+
+
 class AppHostingDeploymentCreate(BaseModel):
     """Request for creating an App Hosting deployment on shared infrastructure."""
 
@@ -70,6 +98,7 @@ class AppHostingDeploymentCreate(BaseModel):
     image_allow_tags: str | None = None
     image_ignore_tags: str | None = None
     kubernetes_version: str | None = None
+    secret_environment_variables: list[SecretEnvironmentVariable] | None = None
 
 
 class DeploymentResponse(BaseModel):
@@ -111,6 +140,7 @@ class DeploymentResponse(BaseModel):
 
     geographic_region: str | None = None
     environment_variables: list[str] | None = None
+    secret_environment_variables: list[SecretEnvironmentVariableInfo] | None = None
     docker_image: str | None = None
     volumes: list[VolumeConfig] | None = None
     run_as_uid: int | None = None
@@ -147,6 +177,7 @@ class DeploymentUpdate(BaseModel):
     custom_values_yaml: str | None = None
     config: dict[str, Any] | None = None
     environment_variables: list[str] | None = None
+    secret_environment_variables: list[SecretEnvironmentVariable] | None = None
     cpu_request: float | None = None
     memory_request_mb: int | None = None
     replicas: int | None = None

@@ -205,6 +205,54 @@ ReasonOption = Annotated[str, typer.Option("--reason", help="why, kept with the 
 EtagOption = Annotated[str, typer.Option("--etag", help="refuse if the deployment changed since this etag")]
 ValidateOption = Annotated[bool, typer.Option("--validate-only", help="check it and explain, change nothing")]
 EnvOption = Annotated[list[str] | None, typer.Option("--env", "-e", help="K=V environment variable (repeatable)")]
+SecretEnvOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--secret-env",
+        help="secret environment value, never shown again (repeatable): NAME@FILE reads it from a file, "
+        "NAME@- from stdin, NAME=VALUE from the command line (then it is in your shell's history)",
+    ),
+]
+SecretRefOption = Annotated[
+    list[str] | None,
+    typer.Option("--secret-ref", help="NAME=SECRET/KEY: the value of KEY of an existing Secret in the app's namespace"),
+]
+
+
+def _secret_entries(values: list[str] | None, refs: list[str] | None) -> list[dict[str, Any]]:
+    """--secret-env and --secret-ref as SecretEnvironmentVariable entries (JSON)."""
+    entries: list[dict[str, Any]] = []
+    read_stdin = False
+    for item in values or ():
+        at, eq = item.find("@"), item.find("=")
+        if at > 0 and (eq < 0 or at < eq):
+            name, source = item[:at], item[at + 1 :]
+            if source == "-":
+                if read_stdin:
+                    raise UsageError("--secret-env: only one value can come from stdin (NAME@-)")
+                read_stdin = True
+                value = sys.stdin.read()
+            else:
+                try:
+                    value = Path(source).read_text(encoding="utf-8")
+                except OSError as exc:
+                    raise UsageError(f"--secret-env {name}: cannot read {source}: {exc.strerror}") from None
+            # A file or a pipe ends with one newline the value does not mean.
+            value = value[:-1] if value.endswith("\n") else value
+        elif eq > 0:
+            name, value = item[:eq], item[eq + 1 :]
+        else:
+            raise UsageError(
+                f"--secret-env takes NAME=VALUE, NAME@FILE or NAME@-, got a value without either for {item[:40]!r}"
+            )
+        entries.append({"name": name, "value": value})
+    for item in refs or ():
+        name, sep, target = item.partition("=")
+        secret, slash, key = target.partition("/")
+        if not (name and sep and secret and slash and key):
+            raise UsageError(f"--secret-ref takes NAME=SECRET/KEY, got {item!r}")
+        entries.append({"name": name, "secret_ref": {"name": secret, "key": key}})
+    return entries
 
 
 def _pairs(items: list[str] | None, flag: str) -> list[tuple[str, str]]:
@@ -290,6 +338,8 @@ async def deploy(
     port: Annotated[int | None, typer.Option("--port", help="container_port")] = None,
     storage_gb: Annotated[int | None, typer.Option("--storage-gb", help="storage_size_gb")] = None,
     env: EnvOption = None,
+    secret_env: SecretEnvOption = None,
+    secret_ref: SecretRefOption = None,
     config: Annotated[list[str] | None, typer.Option("--config", help="K=V config entry (repeatable)")] = None,
     set_fields: Annotated[
         list[str] | None, typer.Option("--set", help="any request field=value (JSON values parse)")
@@ -314,6 +364,11 @@ async def deploy(
     body.update({key: value for key, value in flags.items() if value is not None})
     if env:
         body["environment_variables"] = [f"{k}={v}" for k, v in _pairs(env, "--env")]
+    if secret_env or secret_ref:
+        body["secret_environment_variables"] = [
+            *body.get("secret_environment_variables", []),
+            *_secret_entries(secret_env, secret_ref),
+        ]
     if config:
         body["config"] = {**body.get("config", {}), **{k: _value(v) for k, v in _pairs(config, "--config")}}
     body.update({k: _value(v) for k, v in _pairs(set_fields, "--set")})
@@ -418,6 +473,8 @@ async def update(
         list[str] | None,
         typer.Option("--env", "-e", help="K=V: sets K, keeping the other variables (repeatable)"),
     ] = None,
+    secret_env: SecretEnvOption = None,
+    secret_ref: SecretRefOption = None,
     set_fields: Annotated[
         list[str] | None, typer.Option("--set", help="field=value of any updatable field (JSON values parse)")
     ] = None,
@@ -444,9 +501,19 @@ async def update(
         current = await _current(client, deployment_id)
         kept = [e for e in current.environment_variables if e.partition("=")[0] not in given]
         fields["environment_variables"] = kept + [f"{k}={v}" for k, v in given.items()]
+    if secret_env or secret_ref:
+        # The mask replaces the whole set: the others are named alone, which keeps their stored values.
+        entries = _secret_entries(secret_env, secret_ref)
+        named = {entry["name"] for entry in entries}
+        current = await _current(client, deployment_id)
+        kept_secrets = [{"name": e.name} for e in current.secret_environment_variables if e.name not in named]
+        fields["secret_environment_variables"] = kept_secrets + entries
     fields.update({k: _value(v) for k, v in _pairs(set_fields, "--set")})
     if not fields:
-        raise UsageError("nothing to update: give --image, --replicas, --cpu, --memory-mb, --env or --set")
+        raise UsageError(
+            "nothing to update: give --image, --replicas, --cpu, --memory-mb, --env, --secret-env, "
+            "--secret-ref or --set"
+        )
     deployment = _parse({**fields, "id": deployment_id}, pb.Deployment(), "the update")
     answer = await client.update(deployment, list(fields), etag=etag, validate_only=validate_only, reason=reason)
     if validate_only:

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from apphosting import netguard
+from apphosting import netguard, secrets
 from apphosting.locations import LocationConfig
 from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner.driver import PermanentError, StepResult, TemporaryError
@@ -52,8 +52,11 @@ class KubernetesDriver:
         repo: GitOpsRepo | None = None,
         poll_after: float | None = None,
         resolver: netguard.Resolver | None = None,
+        secret_keys: secrets.KeyRing | None = None,
     ) -> None:
         self.location = location
+        # Opens the job's sealed secret values, which go into the app's Secret through the API.
+        self.secret_keys = secret_keys
         self.resolver = resolver or netguard.CachingResolver()
         if api is None:
             if location.kubeconfig is None:
@@ -220,6 +223,53 @@ class KubernetesDriver:
             raise TemporaryError(f"secret {names.kubeconfig_secret} has no key config yet")
         return StepResult.done(f"kubeconfig read from secret {names.kubeconfig_secret}", kubeconfig=kubeconfig)
 
+    async def _ensure_secret_env(self, job: bus_pb2.ProvisionJob, names: Names) -> None:
+        """Makes the app's Secret hold the job's secret values, opened here, written only through the API
+        (the GitOps repository references it); removed when the deployment has none left."""
+        namespace, name = names.namespace, names.secret_env
+        what = f"secret {name}"
+        found = await self.api.get(f"read {what}", self.api.core.read_namespaced_secret, name, namespace)
+        if not job.sealed_secrets:
+            if found is not None:
+                await self.api.delete(f"delete {what}", self.api.core.delete_namespaced_secret, name, namespace)
+            return
+        if self.secret_keys is None:
+            raise PermanentError(
+                "the deployment has secret environment values and this provisioner runs without "
+                "--secret-key-file (the API's key file) to open them"
+            )
+        data: dict[str, str] = {}
+        for sealed in job.sealed_secrets:
+            try:
+                value = self.secret_keys.open(sealed.envelope, job.deployment.id, sealed.name)
+            except secrets.SecretKeyError as failure:
+                raise PermanentError(f"secret value {sealed.name} cannot be opened: {failure}") from None
+            data[sealed.name] = base64.b64encode(value.encode()).decode()
+        versions = ",".join(f"{s.name}={s.version}" for s in sorted(job.sealed_secrets, key=lambda s: s.name))
+        body: Obj = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": render.labels(names),
+                "annotations": {render.SECRET_ENV_VERSIONS: versions},
+            },
+            "data": data,
+        }
+        if found is None:
+            if await self.api.create(f"create {what}", self.api.core.create_namespaced_secret, namespace, body):
+                return
+            found = await self.api.get(f"read {what}", self.api.core.read_namespaced_secret, name, namespace)
+            if found is None:
+                raise TemporaryError(f"{what} was deleted while it was being created")
+        annotations = (found.get("metadata") or {}).get("annotations") or {}
+        if found.get("data") == data and annotations.get(render.SECRET_ENV_VERSIONS) == versions:
+            return
+        replace = {**body, "metadata": {**body["metadata"], "resourceVersion": found["metadata"]["resourceVersion"]}}
+        await self.api.call(f"update {what}", self.api.core.replace_namespaced_secret, name, namespace, replace)
+
     async def _register_cluster(self, names: Names, kubeconfig: str) -> None:
         """Tells Argo CD about the vCluster: a cluster secret made from its kubeconfig."""
         body = argocd_cluster_secret(names, self.location, kubeconfig)
@@ -306,6 +356,7 @@ class KubernetesDriver:
         if refused is not None:
             return StepResult.fail(refused, permanent=True)
         await self._register_cluster(names, kubeconfig)
+        await self._ensure_secret_env(job, names)
         files = render.app_files(deployment, names, self.location, release=job.release)
         commit, changed = await self._commit(names.git_path, files.files, self._message(job, names, "deploy"))
         body = render.app_application(deployment, names, self.location, self.repo.url, release=job.release)

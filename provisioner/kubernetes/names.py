@@ -66,6 +66,12 @@ class Names:
         return f"vcluster.loft.sh/managed-by={self.release},vcluster.loft.sh/namespace=default"
 
     @property
+    def secret_env(self) -> str:
+        """The Secret holding the app's secret environment values: made by the driver in the host namespace
+        through the API (never in git), and synced into the vCluster's `default` namespace under this name."""
+        return f"{self.app}-secret-env"
+
+    @property
     def vcluster_application(self) -> str:
         return f"{self.release}-vcluster"[:_APPLICATION_MAX]
 

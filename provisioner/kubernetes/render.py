@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,10 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "apphosting"}
 DEPLOYMENT_LABEL = "apphosting.dev/deployment-id"
 # The release an object was rendered from: on the app's objects and its Application.
 RELEASE_ANNOTATION = "apphosting.dev/release"
+# On the app's pod template: the checksum of its secret values' versions (a change rolls the pods).
+SECRET_ENV_CHECKSUM = "apphosting.dev/secret-env-checksum"
+# On the app's Secret: the name=version of each value it holds.
+SECRET_ENV_VERSIONS = "apphosting.dev/secret-env-versions"
 # On a namespace taken under management by adoption rather than created.
 ADOPTED_ANNOTATION = "apphosting.dev/adopted"
 HEALTH_CHECK_PATH = health.CHECK_PATH_KEY
@@ -176,7 +181,16 @@ def vcluster_values(d: deployments_pb2.Deployment, names: Names, location: Locat
                 "defaultRequest": {"cpu": f"{res.cpu_m}m", "memory": f"{res.memory_mi}Mi"},
             },
         },
-        "sync": {"toHost": {"ingresses": {"enabled": True}, "persistentVolumeClaims": {"enabled": True}}},
+        "sync": {
+            "toHost": {"ingresses": {"enabled": True}, "persistentVolumeClaims": {"enabled": True}},
+            # The app's secret environment values: the one host Secret the driver writes, mapped in.
+            "fromHost": {
+                "secrets": {
+                    "enabled": True,
+                    "mappings": {"byName": {f"{names.namespace}/{names.secret_env}": f"default/{names.secret_env}"}},
+                }
+            },
+        },
         # Argo CD, on the host, reaches the vCluster through its service; this server goes into `config`.
         "exportKubeConfig": {"server": f"https://{names.release}.{names.namespace}.svc:443"},
         "telemetry": {"enabled": False},
@@ -252,8 +266,41 @@ def _pod_security(d: deployments_pb2.Deployment) -> Obj:
     return pod
 
 
-def _env(d: deployments_pb2.Deployment) -> list[Obj]:
-    return [{"name": name, "value": value} for name, _, value in (e.partition("=") for e in d.environment_variables)]
+def _env(d: deployments_pb2.Deployment, names: Names) -> list[Obj]:
+    """The plain values, then the secret ones by reference: to the app's Secret, or to the Secret a
+    `secret_ref` names. A manifest never holds a secret value."""
+    env: list[Obj] = [
+        {"name": name, "value": value} for name, _, value in (e.partition("=") for e in d.environment_variables)
+    ]
+    for entry in d.secret_environment_variables:
+        if entry.HasField("secret_ref"):
+            ref = {"name": entry.secret_ref.name, "key": entry.secret_ref.key}
+        else:
+            ref = {"name": names.secret_env, "key": entry.name}
+        env.append({"name": entry.name, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def secret_env_checksum(d: deployments_pb2.Deployment) -> str | None:
+    """A checksum of the secret values' names, versions and references: a pod template annotation, so a
+    changed value rolls the pods (a Secret's change alone restarts nothing). None when there are none."""
+    if not d.secret_environment_variables:
+        return None
+    parts = sorted(
+        f"{e.name}:{e.version}:{e.secret_ref.name}/{e.secret_ref.key}"
+        if e.HasField("secret_ref")
+        else f"{e.name}:{e.version}"
+        for e in d.secret_environment_variables
+    )
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _pod_metadata(d: deployments_pb2.Deployment, pod_labels: Obj) -> Obj:
+    metadata: Obj = {"labels": pod_labels}
+    checksum = secret_env_checksum(d)
+    if checksum is not None:
+        metadata["annotations"] = {SECRET_ENV_CHECKSUM: checksum}
+    return metadata
 
 
 def health_check_path(d: deployments_pb2.Deployment) -> str | None:
@@ -337,8 +384,8 @@ def docker_manifests(
         "securityContext": dict(_RESTRICTED_CONTAINER),
     }
     container["readinessProbe"], container["livenessProbe"] = probes(d)
-    if d.environment_variables:
-        container["env"] = _env(d)
+    if d.environment_variables or d.secret_environment_variables:
+        container["env"] = _env(d, names)
     if claims:
         container["volumeMounts"] = [{"name": f"vol-{i}", "mountPath": path} for i, (_, path, _) in enumerate(claims)]
     pod_spec: Obj = {
@@ -361,7 +408,7 @@ def docker_manifests(
             # ReadWriteOnce volumes cannot be attached to the old and the new pod at once.
             "strategy": {"type": "Recreate"} if claims else {"type": "RollingUpdate"},
             "selector": {"matchLabels": selector},
-            "template": {"metadata": {"labels": meta_labels}, "spec": pod_spec},
+            "template": {"metadata": _pod_metadata(d, meta_labels), "spec": pod_spec},
         },
     }
     service = {
@@ -484,8 +531,11 @@ def platform_helm_values(
     if d.HasField("docker_image"):
         repo, tag = split_image(d.docker_image)
         values["image"] = {"repository": repo, **({"tag": tag} if tag else {})}
-    if d.environment_variables:
-        values["env"] = _env(d)
+    if d.environment_variables or d.secret_environment_variables:
+        values["env"] = _env(d, names)
+    checksum = secret_env_checksum(d)
+    if checksum is not None:
+        values["podAnnotations"] = {SECRET_ENV_CHECKSUM: checksum}
     if d.HasField("storage_size_gb"):
         values["persistence"] = {"enabled": True, "size": f"{d.storage_size_gb}Gi"}
     return values

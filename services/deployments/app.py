@@ -17,7 +17,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from apphosting import CannotStart, bus, db, metrics
+from apphosting import CannotStart, bus, db, metrics, secrets
 from apphosting.imageupdates import RegistryAccess
 from apphosting.locations import load_locations
 from apphosting.netguard import Resolver
@@ -111,6 +111,9 @@ class ApiOptions:
     metrics_listen: str | None = None
     # How PreviewImageUpdate reaches registries (the flags the updater takes too).
     registries: RegistryAccess = field(default_factory=RegistryAccess)
+    # The key file that seals secret environment values (apphosting/secrets.py); None: only secret_ref
+    # entries are accepted.
+    secret_key_file: str | None = None
 
 
 class ApplierStopped(Exception):
@@ -212,6 +215,7 @@ class ApiServer:
             capacity=Capacity(lambda: self._nc) if self.options.nats_url is not None else None,
             rollout_timeout=self.options.rollout_timeout,
             registry_client=self._registry_client,
+            secret_keys=secrets.load_for_start(self.options.secret_key_file),
         )
         api_keys = ApiKeyStore(self.store)
         auth = self.options.auth

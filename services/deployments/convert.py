@@ -247,6 +247,7 @@ def row_to_proto(
         config.update(spec["config"])
         message.config.CopyFrom(config)
     message.environment_variables.extend(spec.get("environment_variables") or ())
+    message.secret_environment_variables.extend(secret_entries(spec))
     for volume in spec.get("volumes") or ():
         entry = message.volumes.add(path=volume["path"], size_gb=volume["size_gb"])
         if volume.get("purpose") is not None:
@@ -254,6 +255,18 @@ def row_to_proto(
     if observed["deleted_at"] is not None:
         message.deleted_at.CopyFrom(timestamp(observed["deleted_at"]))
     return message
+
+
+def secret_entries(spec: Mapping[str, Any]) -> list[pb.SecretEnvironmentVariable]:
+    """A spec's secret environment values as answers carry them: names, versions and references, never a value."""
+    entries = []
+    for stored in spec.get("secret_environment_variables") or ():
+        entry = pb.SecretEnvironmentVariable(name=stored["name"], version=int(stored["version"]))
+        if stored.get("secret_ref") is not None:
+            entry.secret_ref.name = stored["secret_ref"]["name"]
+            entry.secret_ref.key = stored["secret_ref"]["key"]
+        entries.append(entry)
+    return entries
 
 
 def spec_to_request(spec: Mapping[str, Any]) -> pb.CreateAppHostingDeploymentRequest:
@@ -267,6 +280,7 @@ def spec_to_request(spec: Mapping[str, Any]) -> pb.CreateAppHostingDeploymentReq
     if spec.get("config") is not None:
         request.config.update(spec["config"])
     request.environment_variables.extend(spec.get("environment_variables") or ())
+    request.secret_environment_variables.extend(secret_entries(spec))
     for volume in spec.get("volumes") or ():
         entry = request.volumes.add(path=volume["path"], size_gb=volume["size_gb"])
         if volume.get("purpose") is not None:

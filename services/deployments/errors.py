@@ -287,3 +287,13 @@ def registry_failure(docker_image: str, failure: Exception, retry_after: float |
         f"the registry of docker_image {echo(docker_image)} {said} ({detail}); retry{when}",
         metadata=metadata,
     )
+
+
+def secret_unopenable(name: str, why: str) -> ServiceError:
+    """A stored secret value that the API's key file cannot open (a key removed before its values were rewrapped)."""
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "SECRET_KEY_MISSING",
+        f"secret value {name} cannot be opened with the configured key file: {why}",
+        metadata={"name": name},
+    )

@@ -25,6 +25,7 @@ UPDATABLE = (
     "custom_values_yaml",
     "config",
     "environment_variables",
+    "secret_environment_variables",
     "cpu_request",
     "memory_request_mb",
     "replicas",
@@ -147,6 +148,9 @@ def updated_spec(spec: Mapping[str, Any], deployment: pb.Deployment, mask: field
         raise errors.invalid_argument(violations)
     data = dict(spec)
     for path in dict.fromkeys(paths):
+        if path == "secret_environment_variables":
+            # Sealed by the servicer, which holds the key file and the stored envelopes.
+            continue
         value: Any
         if path == "config":
             value = struct_to_python(deployment.config) if deployment.HasField("config") else None

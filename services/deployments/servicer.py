@@ -14,13 +14,13 @@ import grpc
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from apphosting import bus, imageupdates, netguard, registry
+from apphosting import bus, imageupdates, netguard, registry, secrets
 from apphosting.locations import LocationConfig
 from apphosting.netguard import Resolver
 from apphosting.settings import Limits
 from apphosting.v1 import bus_pb2, deployments_pb2_grpc
 from apphosting.v1 import deployments_pb2 as pb
-from services.deployments import errors, operations, paging
+from services.deployments import errors, operations, paging, secret_env
 from services.deployments.auth import LOCAL_USER_ID, Caller, current_caller
 from services.deployments.capacity import Capacity
 from services.deployments.convert import (
@@ -30,6 +30,7 @@ from services.deployments.convert import (
     release_to_proto,
     request_to_data,
     row_to_proto,
+    secret_entries,
     set_fields,
 )
 from services.deployments.errors import FieldViolation, ServiceError
@@ -135,6 +136,9 @@ def _request_hash(request: pb.CreateAppHostingDeploymentRequest) -> str:
     body = pb.CreateAppHostingDeploymentRequest()
     body.CopyFrom(request)
     body.ClearField("request_id")
+    # The stored hash must not become a way to test guesses of a secret value: names count, values do not.
+    for entry in body.secret_environment_variables:
+        entry.ClearField("value")
     return hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()
 
 
@@ -148,6 +152,10 @@ REQUEST_OF: dict[str, bus_pb2.Operation.ValueType] = {
     "delete": bus_pb2.OPERATION_DELETE,
     "force-delete": bus_pb2.OPERATION_DELETE,
 }
+
+
+# Operations whose jobs deploy no app (a stop scales it to zero; a delete removes it).
+_NO_APP_DEPLOYED = frozenset({bus_pb2.OPERATION_STOP, bus_pb2.OPERATION_DELETE})
 
 
 def placement_outbox(
@@ -167,6 +175,8 @@ def placement_outbox(
             release=row.release,
             rollout_timeout_seconds=rollout_timeout if kind == bus_pb2.OPERATION_UPDATE else 0.0,
             force=row.operation == "force-delete",
+            # Only the operations that deploy the app carry its values: no copy travels where none is needed.
+            sealed_secrets=secret_env.sealed_for_bus(row.spec) if kind not in _NO_APP_DEPLOYED else [],
         )
         return [Outgoing(bus.PLACEMENT_SUBJECT, request.SerializeToString(), message_id)]
 
@@ -263,9 +273,11 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         capacity: Capacity | None = None,
         rollout_timeout: float = 600.0,
         registry_client: registry.RegistryClient | None = None,
+        secret_keys: secrets.KeyRing | None = None,
     ) -> None:
         self._store = store
         self._registry = registry_client
+        self._secret_keys = secret_keys
         self._locations = {location.id: location for location in locations}
         self._capacity = capacity
         self._rollout_timeout = rollout_timeout
@@ -307,23 +319,43 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         request_id = None
         if request.request_id:
             request_id = _parse_id(request.request_id, "request_id")
+        deployment_id = str(uuid.uuid4())
         try:
             spec = await validate_create_resolving(
                 request_to_data(request), limits=self._limits, regions=self._regions, resolver=self._resolver
             )
         except SpecInvalid as invalid:
-            raise errors.invalid_argument(
-                FieldViolation(v.field, v.description, v.reason) for v in invalid.violations
-            ) from None
+            found = [FieldViolation(v.field, v.description, v.reason) for v in invalid.violations]
+            # The secret entries' faults too, all in one answer (seal raises them with these).
+            secret_env.seal(
+                request.secret_environment_variables,
+                deployment_id=deployment_id,
+                ring=self._secret_keys,
+                limits=self._limits,
+                also=found,
+            )
+            raise errors.invalid_argument(found) from None
+        stored = spec.model_dump(mode="json", exclude_none=True)
+        if request.secret_environment_variables:
+            stored[secret_env.FIELD] = secret_env.seal(
+                request.secret_environment_variables,
+                deployment_id=deployment_id,
+                ring=self._secret_keys,
+                limits=self._limits,
+            )
+            overlap = secret_env.overlap_violations(stored)
+            if overlap:
+                raise errors.invalid_argument(overlap)
         new = NewDeployment(
             user_id=user_id,
             name=spec.deployment_name,
             app_type=spec.app_type,
             geographic_region=spec.geographic_region,
-            spec=spec.model_dump(mode="json", exclude_none=True),
+            spec=stored,
             request_id=request_id,
             request_hash=_request_hash(request),
             demand=demand_of(spec),
+            id=deployment_id,
         )
         if request.validate_only:
             return await self._preview_create(new)
@@ -618,13 +650,22 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
     # Day-2 operations: each checks, then changes the desired state; workers converge to it.
 
     async def _spec(self, data: dict[str, Any], prefix: str, renames: dict[str, str] | None = None) -> dict[str, Any]:
+        """A stored spec made from `data`: validated; its sealed secret values carried over as they are."""
+        data = dict(data)
+        sealed = data.pop(secret_env.FIELD, None)
         try:
             spec = await validate_create_resolving(
                 data, limits=self._limits, regions=self._regions, resolver=self._resolver
             )
         except SpecInvalid as invalid:
             raise _prefixed(invalid, prefix, renames) from None
-        return spec.model_dump(mode="json", exclude_none=True)
+        result = spec.model_dump(mode="json", exclude_none=True)
+        if sealed:
+            result[secret_env.FIELD] = sealed
+            overlap = secret_env.overlap_violations(result, prefix)
+            if overlap:
+                raise errors.invalid_argument(overlap)
+        return result
 
     async def _hold(self, row: DeploymentRow, spec: dict[str, Any], *, validate_only: bool) -> Usage:
         """Quota and capacity for a new spec of a record: checked (validate_only) or held, before anything is written.
@@ -700,6 +741,16 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         row = await self._get(_owner(self._caller(context)), request.deployment.id)
         operations.precheck(row, "update", request.etag or request.deployment.etag)
         data = operations.updated_spec(row.spec, request.deployment, request.update_mask)
+        if secret_env.FIELD in request.update_mask.paths:
+            data[secret_env.FIELD] = secret_env.seal(
+                request.deployment.secret_environment_variables,
+                deployment_id=row.id,
+                ring=self._secret_keys,
+                limits=self._limits,
+                previous=secret_env.stored(row.spec),
+                prefix="deployment.",
+                updating=True,
+            )
         spec = await self._spec(data, "deployment.")
         shrunk = operations.growth_violations(row.spec, spec, "deployment.")
         if shrunk:
@@ -868,6 +919,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         spec = await self._spec(
             data, "overrides.", {"deployment_name": "new_name", "geographic_region": "target_geographic_region"}
         )
+        copy_id = str(uuid.uuid4())
+        spec = secret_env.resealed(spec, source.id, copy_id, self._secret_keys)
         request_id = _parse_id(request.request_id, "request_id") if request.request_id else None
         body = pb.PromoteDeploymentRequest()
         body.CopyFrom(request)
@@ -886,6 +939,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
             reason=f"{operation} of {source.id} ({source.name}) release {source.release}",
             target_location=location,
             promoted_from=source.id,
+            id=copy_id,
         )
         if request.validate_only:
             return pb.PromoteDeploymentResponse(source=row_to_proto(source), target=await self._preview_create(new))
@@ -1122,7 +1176,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
 
 
 # Spec fields that set_fields reads by their own rules, not as optional scalars.
-_REPEATED_OR_STRUCT = frozenset({"config", "environment_variables", "volumes"})
+_REPEATED_OR_STRUCT = frozenset({"config", "environment_variables", "secret_environment_variables", "volumes"})
 
 
 def _apply_spec(message: pb.Deployment, spec: dict[str, Any]) -> None:
@@ -1137,6 +1191,8 @@ def _apply_spec(message: pb.Deployment, spec: dict[str, Any]) -> None:
             message.config.update(value)
         elif name == "environment_variables":
             message.environment_variables.extend(value)
+        elif name == "secret_environment_variables":
+            message.secret_environment_variables.extend(secret_entries(spec))
         elif name == "volumes":
             for volume in value:
                 entry = message.volumes.add(path=volume["path"], size_gb=volume["size_gb"])

@@ -16,9 +16,10 @@ from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from apphosting import tracing
+from apphosting import secrets, tracing
 from apphosting.v1 import deployments_pb2 as pb
 from services.deployments import quotas as quota_rules
+from services.deployments import secret_env
 from services.deployments.convert import OBSERVED, changed, fold, observed_of, row_to_proto
 from services.deployments.lifecycle import TERMINAL, allowed, early
 from services.deployments.tables import DeploymentRow, EventRow, OutboxRow, ReleaseRow
@@ -71,6 +72,8 @@ class NewDeployment:
     promoted_from: str | None = None
     is_adopted: bool = False
     source_namespace: str | None = None
+    # The id to give it; chosen by the caller when the spec depends on it (sealed secret values).
+    id: str | None = None
 
 
 class NameTaken(Exception):
@@ -269,7 +272,7 @@ class DeploymentStore:
                 return replay, None
         moment = now()
         row = DeploymentRow(
-            id=str(uuid.uuid4()),
+            id=new.id or str(uuid.uuid4()),
             user_id=new.user_id,
             cluster_id=str(uuid.uuid4()),
             name=new.name,
@@ -968,3 +971,68 @@ class TransitionRejected(Exception):
         self.current = current
         self.new = new
         self.early = early
+
+
+@dataclass
+class RewrapCounts:
+    deployments: int = 0
+    releases: int = 0
+    values: int = 0
+    rewrapped: int = 0
+
+
+async def rewrap_secrets(database_url: str, ring: secrets.KeyRing) -> RewrapCounts:
+    """Wraps every stored secret value's data key (records and kept releases) with the key file's first key.
+
+    The values' ciphertexts are not touched. A record is written only if it is still at the revision
+    read, so a concurrent update is never overwritten (its new values are sealed by the first key anyway).
+    """
+    from apphosting import db
+
+    counts = RewrapCounts()
+    engine = db.make_engine(database_url)
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    try:
+        async with sessions() as session, session.begin():
+            records = (
+                await session.execute(select(DeploymentRow.id, DeploymentRow.revision, DeploymentRow.spec))
+            ).all()
+            for deployment_id, revision, spec in records:
+                counts.values += sum(1 for e in secret_env.stored(spec or {}) if "envelope" in e)
+                new = secret_env.rewrapped(spec or {}, ring)
+                if new is None:
+                    continue
+                counts.rewrapped += _envelopes_changed(spec, new)
+                result = await session.execute(
+                    update(DeploymentRow)
+                    .where(DeploymentRow.id == deployment_id, DeploymentRow.revision == revision)
+                    .values(spec=new)
+                )
+                counts.deployments += result.rowcount  # type: ignore[attr-defined]
+            releases = (
+                await session.execute(
+                    select(ReleaseRow.deployment_id, ReleaseRow.number, ReleaseRow.spec).where(
+                        ReleaseRow.spec.is_not(None)
+                    )
+                )
+            ).all()
+            for deployment_id, number, spec in releases:
+                counts.values += sum(1 for e in secret_env.stored(spec or {}) if "envelope" in e)
+                new = secret_env.rewrapped(spec or {}, ring)
+                if new is None:
+                    continue
+                counts.rewrapped += _envelopes_changed(spec, new)
+                await session.execute(
+                    update(ReleaseRow)
+                    .where(ReleaseRow.deployment_id == deployment_id, ReleaseRow.number == number)
+                    .values(spec=new)
+                )
+                counts.releases += 1
+    finally:
+        await engine.dispose()
+    return counts
+
+
+def _envelopes_changed(before: Mapping[str, Any], after: Mapping[str, Any]) -> int:
+    old = {e["name"]: e.get("envelope") for e in secret_env.stored(before)}
+    return sum(1 for e in secret_env.stored(after) if "envelope" in e and old.get(e["name"]) != e["envelope"])
