@@ -13,6 +13,14 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import (
+    ConnectionClosedError,
+    ConnectionReconnectingError,
+    FlushTimeoutError,
+    NoRespondersError,
+    OutboundBufferLimitError,
+    StaleConnectionError,
+)
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -23,7 +31,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from apphosting import tracing
 from apphosting.supervise import Supervisor
@@ -63,6 +71,14 @@ BACKOFF = [ACK_WAIT, 15.0, 30.0, 60.0, 60.0, 120.0, 120.0, 300.0, 300.0, 300.0]
 DRAIN_WAIT = 0.02
 # Long handlers report progress this often, well inside the ack wait.
 HEARTBEAT = ACK_WAIT / 3
+# A handler that failed because NATS itself did not answer (a stream with no leader while a cluster
+# elects one, a node lost, a reconnect) is run again in place, holding its message, after a wait that
+# doubles from BUS_AWAY_RETRY up to BUS_AWAY_RETRY_CAP; only after BUS_AWAY_PATIENCE is the message
+# handed back, spending one of its MAX_DELIVER deliveries. An election on a loaded machine takes
+# longer than MAX_DELIVER quick redeliveries, which dropped messages that nothing was wrong with.
+BUS_AWAY_RETRY = 0.5
+BUS_AWAY_RETRY_CAP = 5.0
+BUS_AWAY_PATIENCE = 300.0
 # Window in which JetStream drops a second publish with the same Nats-Msg-Id.
 DUPLICATE_WINDOW = 600.0
 WEEK = 7 * 24 * 3600.0
@@ -310,6 +326,25 @@ async def publish(
 
 Handler = Callable[[Msg], Awaitable[None]]
 
+# What the client raises when NATS, not the request, is the problem: no server or stream leader
+# answered, or the connection is being replaced.
+_BUS_AWAY: tuple[type[Exception], ...] = (
+    NoRespondersError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+    NatsTimeoutError,
+    FlushTimeoutError,
+    ConnectionClosedError,
+    ConnectionReconnectingError,
+    StaleConnectionError,
+    OutboundBufferLimitError,
+)
+
+
+def bus_away(error: BaseException) -> bool:
+    """True when `error` says NATS did not answer (worth waiting for), not that the work is wrong."""
+    return isinstance(error, _BUS_AWAY)
+
 
 class ConsumerGone(Exception):
     """The durable consumer a Consumer pulls from was deleted."""
@@ -397,7 +432,7 @@ class Consumer:
             # The handler's spans and log lines continue the trace and deployment of the publisher.
             with tracing.consuming(f"{self.durable} process", msg.headers, self._span_attributes(msg)) as span:
                 try:
-                    await self.handler(msg)
+                    await self._run_handler(msg)
                     log.debug("handled %s from %s", msg.subject, self.durable)
                 except Exception as failure:
                     tracing.record(span, failure)
@@ -413,6 +448,29 @@ class Consumer:
         finally:
             beating.cancel()
             self._slots.release()
+
+    async def _run_handler(self, msg: Msg) -> None:
+        """Runs the handler, again in place while it fails because NATS did not answer: the message
+        keeps its deliveries for failures of its own. Handlers are idempotent, as for any redelivery."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + BUS_AWAY_PATIENCE
+        delay = BUS_AWAY_RETRY
+        while True:
+            try:
+                await self.handler(msg)
+                return
+            except Exception as failure:
+                if not bus_away(failure) or self._stopping.is_set() or loop.time() + delay > give_up:
+                    raise
+                log.warning(
+                    "handler for %s from %s: NATS did not answer (%s); running it again in %g s",
+                    msg.subject,
+                    self.durable,
+                    failure or type(failure).__name__,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BUS_AWAY_RETRY_CAP)
 
     def _span_attributes(self, msg: Msg) -> dict[str, Any]:
         return {

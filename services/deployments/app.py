@@ -393,7 +393,7 @@ class ApiServer:
                 *(bus.publish(js, row.subject, row.payload, row.id, row.headers) for row in rows),
                 return_exceptions=True,
             )
-            await self.store.mark_sent([row.seq for row, result in zip(rows, results, strict=True) if result is None])
+            await self.store.mark_sent([row for row, result in zip(rows, results, strict=True) if result is None])
             failures = [result for result in results if isinstance(result, BaseException)]
             if failures:
                 log.warning("outbox relay paused: %s", failures[0])

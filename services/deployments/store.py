@@ -947,12 +947,17 @@ class DeploymentStore:
             query = select(OutboxRow).order_by(OutboxRow.seq).limit(limit)
             return list((await session.scalars(query)).all())
 
-    async def mark_sent(self, seqs: Sequence[int]) -> None:
-        """Forgets the rows JetStream stored: the stream holds them now, and keeps no second copy here."""
-        if not seqs:
+    async def mark_sent(self, rows: Sequence[OutboxRow]) -> None:
+        """Forgets the rows JetStream stored: the stream holds them now, and keeps no second copy here.
+
+        Matched by message id, never by seq: SQLite gives a new row the seq of a deleted last row, so
+        when another replica's relay sent and deleted a row first, deleting by seq would drop a newer
+        row that was never sent.
+        """
+        if not rows:
             return
         async with self.transaction() as session:
-            await session.execute(delete(OutboxRow).where(OutboxRow.seq.in_(seqs)))
+            await session.execute(delete(OutboxRow).where(OutboxRow.id.in_([row.id for row in rows])))
 
 
 class _Raced(Exception):
