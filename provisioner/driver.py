@@ -102,6 +102,10 @@ class Driver(Protocol):
         """Done when every replica of the job's release is available and healthy; retry while it rolls out."""
         ...
 
+    async def applied_release(self, job: bus_pb2.ProvisionJob) -> int:
+        """The release the deployment's app was last deployed as; 0 when there is no app (or it predates releases)."""
+        ...
+
     async def stop_app(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
         """Scale the app to zero replicas, keeping its volumes and config; done once none runs."""
         ...

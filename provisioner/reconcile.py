@@ -67,6 +67,9 @@ class _Step:
     cluster: bool = False
     # The app's rollout, whose "not yet" ends after the job's rollout timeout when it sets one.
     rollout: bool = False
+    # Changes (or waits for) the app's release: a job whose release a newer one already replaced (a
+    # redelivered job, after the rollout it belongs to ended) stops here instead of deploying it again.
+    release_bound: bool = False
     # Done, it tells a watcher nothing on its own: its condition (and any record field it found) rides
     # on the next event instead of costing an event of its own. A failure is reported all the same,
     # and the last step of a plan is never quiet.
@@ -78,16 +81,27 @@ _CREATE: tuple[_Step, ...] = (
     _Step("vcluster", "VClusterCreated", lambda d, j, c: d.ensure_vcluster(j), cluster=True),
     _Step("vcluster_ready", "VClusterReady", lambda d, j, c: d.vcluster_ready(j), cluster=True),
     _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), cluster=True, quiet=True),
-    _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", ""))),
-    _Step("rollout", "AppAvailable", lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")), rollout=True),
+    _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", "")), release_bound=True),
+    _Step(
+        "rollout",
+        "AppAvailable",
+        lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")),
+        rollout=True,
+        release_bound=True,
+    ),
     _Step("endpoint", "Ready", lambda d, j, c: d.endpoint(j, c.get("kubeconfig", ""))),
 )
 # An update reports two events: the release applied, then running healthy (its rollout's condition on it).
 _UPDATE: tuple[_Step, ...] = (
     _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), quiet=True),
-    _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", ""))),
+    _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", "")), release_bound=True),
     _Step(
-        "rollout", "AppAvailable", lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")), rollout=True, quiet=True
+        "rollout",
+        "AppAvailable",
+        lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")),
+        rollout=True,
+        release_bound=True,
+        quiet=True,
     ),
     _Step("endpoint", "Ready", lambda d, j, c: d.endpoint(j, c.get("kubeconfig", ""))),
 )
@@ -100,8 +114,14 @@ _START: tuple[_Step, ...] = (
     _Step("vcluster_wake", "VClusterAwake", lambda d, j, c: d.wake_vcluster(j), cluster=True),
     _Step("vcluster_ready", "VClusterReady", lambda d, j, c: d.vcluster_ready(j), cluster=True),
     _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), cluster=True, quiet=True),
-    _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", ""))),
-    _Step("rollout", "AppAvailable", lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")), rollout=True),
+    _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", "")), release_bound=True),
+    _Step(
+        "rollout",
+        "AppAvailable",
+        lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")),
+        rollout=True,
+        release_bound=True,
+    ),
     _Step("endpoint", "Ready", lambda d, j, c: d.endpoint(j, c.get("kubeconfig", ""))),
 )
 _ADOPT: tuple[_Step, ...] = (_Step("adopt", "NamespaceAdopted", lambda d, j, c: d.adopt_namespace(j)),)
@@ -182,6 +202,10 @@ def _carrying(event: bus_pb2.StatusEvent, carried: bus_pb2.StatusEvent) -> bus_p
 def event_id(job_id: str, step: str, outcome: str) -> str:
     """The id (and Nats-Msg-Id) of the event for one outcome of one step of a job."""
     return str(uuid.uuid5(_EVENT_NAMESPACE, f"{job_id}/{step}/{outcome}"))
+
+
+class _SupersededError(Exception):
+    """Ends the job without a report: a newer release of its deployment is deployed already."""
 
 
 class _StepFailedError(Exception):
@@ -275,6 +299,12 @@ class Reconciler:
             with tracing.span(f"reconcile {step.name}", attributes) as span:
                 try:
                     result = await self._reconcile_step(job, step, context, plan, span)
+                except _SupersededError as superseded:
+                    # Its events would say nothing true of the deployment any more: the service ignores a
+                    # release other than the record's, and the newer release's job reports for it.
+                    _log.info("job %s: %s", job.job_id, superseded)
+                    span.add_event("superseded", {"message": str(superseded)})
+                    return last, False
                 except _StepFailedError as failed:
                     tracing.failed(span, failed.event.error_message)
                     await self._emit(_carrying(failed.event, carried))
@@ -301,6 +331,8 @@ class Reconciler:
             timeout = job.rollout_timeout_seconds
         while True:
             await self._heartbeat()
+            if step.release_bound:
+                await self._check_current(job, step)
             result = await self._call(job, step, context)
             if result.outcome is StepOutcome.DONE:
                 return result
@@ -331,6 +363,20 @@ class Reconciler:
             delay = min(max(result.after_seconds, policy.min_poll), timeout - waited)
             waited += delay
             await self._wait(delay)
+
+    async def _check_current(self, job: bus_pb2.ProvisionJob, step: _Step) -> None:
+        """Raises _SupersededError when a newer release than the job's is deployed already."""
+        if job.release <= 0:
+            return
+        try:
+            async with asyncio.timeout(self._policy.call_timeout):
+                applied = await self._driver.applied_release(job)
+        except Exception:
+            # Not knowable now: the step itself runs, and fails or retries on the same trouble.
+            _log.warning("job %s step %s: the deployed release could not be read", job.job_id, step.name, exc_info=True)
+            return
+        if applied > job.release:
+            raise _SupersededError(f"step {step.name}: release {job.release} is superseded by release {applied}")
 
     async def _call(self, job: bus_pb2.ProvisionJob, step: _Step, context: dict[str, str]) -> StepResult:
         try:

@@ -335,6 +335,10 @@ class SimulatedDriver:
         await self._save("app", key, _attributes(want))
         return StepResult.done(f"{_PREFIX}app {name} updated: {changes}")
 
+    async def applied_release(self, job: bus_pb2.ProvisionJob) -> int:
+        app = await self._app(job)
+        return app.spec.release if app is not None else 0
+
     async def app_rollout(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
         await self._work()
         name = app_name(job.deployment)

@@ -395,6 +395,15 @@ class KubernetesDriver:
             return None
         return None
 
+    async def applied_release(self, job: bus_pb2.ProvisionJob) -> int:
+        names = self.names(job)
+        app = await self._application(self.location.argocd_namespace, names.app_application, "the app's Application")
+        annotations = ((app or {}).get("metadata") or {}).get("annotations") or {}
+        try:
+            return int(annotations.get(render.RELEASE_ANNOTATION, 0))
+        except ValueError:
+            return 0
+
     async def app_rollout(self, job: bus_pb2.ProvisionJob, kubeconfig: str) -> StepResult:
         names = self.names(job)
         app, problem = await self._synced_application(names.app_application)

@@ -124,6 +124,40 @@ async def test_update_changes_the_app_in_place_and_ends_healthy() -> None:
     assert driver.created_counts[f"app/{_APP}"] == 1
 
 
+async def test_a_redelivered_job_of_a_replaced_release_changes_nothing_and_reports_nothing() -> None:
+    # Release 2 never got healthy; the service rolled back as release 3, which now runs. The release 2 job
+    # comes again (its worker died before acking it): it must not deploy release 2 over release 3.
+    driver = SimulatedDriver()
+    await _created(driver)
+    await _run(driver, _job(bus_pb2.OPERATION_UPDATE, 3, image="ghcr.io/acme/shop:1"))
+
+    stale, _ = await _run(driver, _job(bus_pb2.OPERATION_UPDATE, 2, image="ghcr.io/acme/never-healthy:2"))
+
+    assert stale.events == []
+    app = driver.apps[_APP]
+    assert (app.spec.release, app.spec.source) == (3, "image ghcr.io/acme/shop:1")
+
+
+async def test_a_job_waiting_on_its_rollout_stops_when_a_newer_release_is_deployed() -> None:
+    driver = SimulatedDriver()
+    await _created(driver)
+    driver.ready_polls = 5
+    newer = _job(bus_pb2.OPERATION_UPDATE, 3, image="ghcr.io/acme/shop:3")
+
+    async def sleep(_: float) -> None:
+        # While release 2 rolls out, another worker deploys release 3.
+        if driver.apps[_APP].spec.release == 2:
+            await driver.ensure_app(newer, "")
+
+    bus = _Bus()
+    await Reconciler(driver, bus.emit, worker_id="w1", sleep=sleep).run(
+        _job(bus_pb2.OPERATION_UPDATE, 2, image="ghcr.io/acme/shop:2")
+    )
+
+    assert bus.phases == ["app"]
+    assert driver.apps[_APP].spec.release == 3
+
+
 async def test_update_rerun_changes_nothing_and_repeats_its_event_ids() -> None:
     driver = SimulatedDriver()
     await _created(driver)
