@@ -169,3 +169,64 @@ def test_prometheus_scrapes_every_process_on_its_metrics_port(services: dict[str
     mounted = " ".join(services["prometheus"]["volumes"])
     assert "./deploy/prometheus/alerts.yml" in mounted
     assert "./deploy/grafana/dashboard.json" in " ".join(services["grafana"]["volumes"])
+
+
+# The processes that use the key file of secret environment values: the API seals, the provisioner opens.
+KEY_FILE_USERS = ("api", "provisioner")
+KEY_FILE_MAKER = "secret-keys"
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Container path -> (source, mode) of a service's short-syntax volumes."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target, *mode = str(volume).split(":")
+        mounts[target] = (source, mode[0] if mode else "rw")
+    return mounts
+
+
+def _key_file_script(services: dict[str, dict[str, Any]]) -> str:
+    maker = services[KEY_FILE_MAKER]
+    assert maker["entrypoint"] == ["sh", "-c"]
+    (script,) = _command(maker) if isinstance(maker["command"], str) else maker["command"]
+    return str(script)
+
+
+def test_the_key_file_is_made_once_by_a_one_shot_on_a_named_volume(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    maker = services[KEY_FILE_MAKER]
+    assert maker["restart"] == "no"
+    assert (str(maker.get("build")), maker.get("image")) == (
+        str(services["api"].get("build")),
+        services["api"]["image"],
+    )
+    script = _key_file_script(services)
+    made = re.search(r"test -e (\S+) \|\| apphosting (secrets new-key-file (\S+));", script)
+    assert made, f"the one-shot must make the key file only when it is missing: {script!r}"
+    path, invocation, made_path = made[1], made[2], made[3]
+    assert path == made_path
+    # `new-key-file` refuses a file that exists; the guard above is what keeps a second `up` succeeding.
+    assert build_parser().parse_args(shlex.split(invocation)).path == path
+    assert f"chown 10001:10001 {path}" in script, "the image's user must own the key file it reads"
+    source, mode = _mounts(maker)[str(Path(path).parent)]
+    assert source in (compose.get("volumes") or {}), "the key file must live on a named volume"
+    assert mode == "rw"
+
+
+def test_only_the_api_and_the_provisioner_get_the_key_file_read_only(services: dict[str, dict[str, Any]]) -> None:
+    maker_source, _ = _mounts(services[KEY_FILE_MAKER])["/keys"]
+    made_path = re.findall(r"new-key-file (\S+);", _key_file_script(services))[0]
+    for name in (*APPHOSTING_SERVICES, "rest"):
+        service = services[name]
+        paths = _option_values(_command(service), "--secret-key-file")
+        key_mounts = {target: spec for target, spec in _mounts(service).items() if spec[0] == maker_source}
+        if name not in KEY_FILE_USERS:
+            assert not paths, f"{name} must not get the key file"
+            assert not key_mounts, f"{name} must not mount the key file"
+            assert KEY_FILE_MAKER not in _depends_on(service), name
+            continue
+        (path,) = paths
+        assert key_mounts == {str(Path(path).parent): (maker_source, "ro")}, name
+        assert Path(path).name == Path(made_path).name, name
+        assert _depends_on(service)[KEY_FILE_MAKER] == "service_completed_successfully", name

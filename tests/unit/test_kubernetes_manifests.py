@@ -490,3 +490,39 @@ def test_stream_replicas_flag_exists() -> None:
     missing = [command for command in NATS_CLIENTS if not _knows(command, STREAM_REPLICAS)]
     if missing:
         pytest.skip(f"`apphosting {'/'.join(missing)}` has no {STREAM_REPLICAS} yet; production passes it")
+
+
+# The processes that use the key file of secret environment values: the API seals, the provisioners open.
+KEY_FILE_USERS = ("api", "provisioner")
+KEY_FILE_SECRET = "apphosting-secret-keys"
+
+
+def test_only_the_api_and_the_provisioners_mount_the_key_file_read_only(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    objects = rendered[overlay]
+    users = set()
+    for workload, container in _containers(objects):
+        if not _ours(workload):
+            continue
+        name = workload["metadata"]["name"]
+        volumes = {v["name"]: v for v in _pod_spec(workload).get("volumes", [])}
+        key_volumes = {n for n, v in volumes.items() if v.get("secret", {}).get("secretName") == KEY_FILE_SECRET}
+        paths = _flag(container["args"], "--secret-key-file")
+        if _component(workload) not in KEY_FILE_USERS:
+            assert not paths, f"{name} must not get the key file"
+            assert not key_volumes, f"{name} must not mount the key file"
+            continue
+        users.add(_component(workload))
+        (path,) = paths
+        assert _parse(_expanded_args(objects, container)).secret_key_file == path, name
+        (volume,) = key_volumes
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume]
+        assert mount == {"name": volume, "mountPath": Path(path).parent.as_posix(), "readOnly": True}, name
+        # A Secret volume without items holds one file per key: the file the flag names is the key.
+        assert "items" not in volumes[volume]["secret"], name
+        assert volumes[volume]["secret"]["defaultMode"] & 0o007 == 0, f"{name}: the key file is not world-readable"
+    assert users == set(KEY_FILE_USERS)
+    (path,) = {p for _, c in _containers(objects) for p in _flag(c.get("args", []), "--secret-key-file")}
+    documented = (ROOT / "docs" / "kubernetes.md").read_text()
+    assert f"kubectl create secret generic {KEY_FILE_SECRET} -n apphosting --from-file={Path(path).name}=" in documented
