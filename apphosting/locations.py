@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -51,6 +52,12 @@ class LocationConfig(BaseModel):
     # Where Argo CD runs, and the AppProject the deployments' Applications belong to.
     argocd_namespace: str = Field("argocd", min_length=1)
     argocd_project: str = Field("default", min_length=1)
+    # Who updates the images of deployments with an image_update_strategy here. platform: our updater
+    # (`apphosting updater`, docs/image-updates.md), through releases, history and a rollback's pin; the
+    # Applications carry no Argo CD Image Updater annotations, so an Image Updater running on the cluster
+    # leaves them alone. argocd: the Applications carry those annotations for an Argo CD Image Updater the
+    # operator runs instead of ours (its git write-back bypasses our releases).
+    image_updater: Literal["platform", "argocd"] = "platform"
     # The loft-sh vcluster chart the vClusters are installed from.
     vcluster_chart_repo: str = "https://charts.loft.sh"
     vcluster_chart_version: str = Field("0.35.3", min_length=1)

@@ -557,8 +557,9 @@ def helm_values(d: deployments_pb2.Deployment, names: Names, location: LocationC
 
 
 def image_updater_annotations(d: deployments_pb2.Deployment, helm: bool) -> dict[str, str]:
-    """Argo CD Image Updater annotations for the app's image; none when no update policy was asked for,
-    or while a rollback paused image updates (automation must not undo it)."""
+    """Argo CD Image Updater annotations for the app's image, for a location whose image_updater is argocd;
+    none when no update policy was asked for, or while a rollback paused image updates (automation must
+    not undo it)."""
     if not d.HasField("docker_image") or not d.HasField("image_update_strategy") or d.image_updates_paused:
         return {}
     repo, _ = split_image(d.docker_image)
@@ -590,7 +591,9 @@ def app_application(
     """The app's Application: the git path (docker) or the chart with values from git (helm)."""
     helm = d.app_type == deployments_pb2.APP_TYPE_HELM
     destination = {"name": names.argocd_cluster, "namespace": "default"}
-    annotations = image_updater_annotations(d, helm)
+    # Only where the location leaves image updates to Argo CD Image Updater: under the platform's own
+    # updater both would update the same app.
+    annotations = image_updater_annotations(d, helm) if location.image_updater == "argocd" else {}
     if helm:
         annotations = {**annotations, f"{IMAGE_UPDATER}/git-branch": location.git_branch} if annotations else {}
         annotations.update(_release_annotations(release))
