@@ -183,6 +183,7 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
                     interval=options.updater_interval,
                     registries=api_options.registries,
                     metrics_listen=served["updater"],
+                    locations_file=options.locations_file,
                 )
             )
             updater.start_metrics()

@@ -585,6 +585,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between rounds; no repository is read more often (default 300)",
     )
     _add_registry_options(updater)
+    updater.add_argument(
+        "--locations",
+        default=None,
+        help="locations YAML file (default: the sample locations); deployments on a location with "
+        "image_updater: argocd are left to Argo CD Image Updater",
+    )
     updater.add_argument("--log-level", default="INFO")
     _add_log_format(updater)
     _add_metrics(updater)
@@ -807,6 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             interval=args.interval,
             registries=_registry_access(args),
             metrics_listen=args.metrics_listen,
+            locations_file=args.locations,
         )
         return _run("updater", lambda stop: serve_updater(updater_options, stop))
     if args.command == "secrets":

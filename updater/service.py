@@ -28,6 +28,7 @@ from prometheus_client import Counter
 from apphosting import imageupdates, metrics, registry
 from apphosting.imagepolicy import Policy
 from apphosting.imageupdates import RegistryAccess, Target
+from apphosting.locations import load_locations
 from apphosting.v1 import deployments_pb2 as pb
 from apphosting_client import AsyncClient, ClientConfig
 
@@ -47,6 +48,9 @@ class UpdaterOptions:
     registries: RegistryAccess = field(default_factory=RegistryAccess)
     # host:port serving Prometheus metrics at /metrics (port 0: any free one); None: no metrics server.
     metrics_listen: str | None = None
+    # The locations file: deployments on a location whose image_updater is argocd are Argo CD Image
+    # Updater's, not ours. None: the sample locations.
+    locations_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,12 @@ class Updater:
         self._registry = registry_client if registry_client is not None else options.registries.client()
         self._client = AsyncClient(options.client)
         self._clock = clock
+        # Locations whose images Argo CD Image Updater follows (LocationConfig.image_updater): left alone.
+        self._argocd_locations = frozenset(
+            location.id
+            for location in load_locations(options.locations_file).locations
+            if location.image_updater == "argocd"
+        )
         # When each repository was last read (clock time).
         self._polled: dict[str, float] = {}
         # Rounds finished by run(), whatever their outcome.
@@ -131,6 +141,8 @@ class Updater:
             if not deployment.docker_image or not deployment.image_update_strategy:
                 continue
             if deployment.image_updates_paused or deployment.reconciling:
+                continue
+            if deployment.location_id in self._argocd_locations:
                 continue
             target = target_of(deployment)
             try:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import datetime as dt
 import http.server
+from pathlib import Path
+
+import yaml
 
 from apphosting.imageupdates import UPDATER_ACTOR, RegistryAccess
+from apphosting.locations import load_locations
 from apphosting.registry import RegistryClient
 from tests.support.image_updates import CountingTransport, at_rest, platform, until
 from tests.support.registry import RunningRegistry, http_server, open_registry_fixture, push_image, retag
@@ -119,3 +123,40 @@ async def test_a_rate_limited_registry_is_not_asked_before_its_retry_after(stack
         finally:
             await updater.close()
             await world.close()
+
+
+async def test_deployments_on_a_location_that_argo_cd_image_updater_serves_are_left_alone(
+    stack: Stack, open_registry: RunningRegistry, tmp_path: Path
+) -> None:
+    host = open_registry.host
+    await push_image(open_registry, "acme/web", "1.0.0", created=T0)
+    world = await platform(stack, (host,))
+    web = await world.running("web", f"{host}/acme/web:1.0.0", image_update_strategy="semver")
+    await push_image(open_registry, "acme/web", "1.1.0", created=T0)
+    served = load_locations(stack.locations_file).locations
+    argocd = tmp_path / "locations.yaml"
+    argocd.write_text(
+        yaml.safe_dump(
+            {
+                "locations": [
+                    {**location.model_dump(mode="json", exclude_none=True), "image_updater": "argocd"}
+                    for location in served
+                ]
+            }
+        )
+    )
+    updater = Updater(
+        UpdaterOptions(
+            client=world.updater_config(),
+            interval=INTERVAL,
+            registries=RegistryAccess(plain_http=(host,)),
+            locations_file=str(argocd),
+        )
+    )
+    try:
+        done = await updater.run_round()
+        assert (done.polled, done.updated) == ([], [])
+        assert (await world.user.get(web.id)).release == 1
+    finally:
+        await updater.close()
+        await world.close()
