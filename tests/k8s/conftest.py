@@ -66,6 +66,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not REAL_KUBECONFIG:
         return
     for item in items:
+        if "tests/k8s/" in item.nodeid and item.get_closest_marker("timeout") is None:
+            # A real cluster's waits are long (WITHIN each): the suite's per-test limit is for the fakes.
+            item.add_marker(pytest.mark.timeout(4 * WITHIN))
         marker = item.get_closest_marker("fake_only")
         if marker is not None:
             reason = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "needs the fakes")
@@ -124,6 +127,10 @@ class ClusterReader:
         assert isinstance(items, list)
         return items
 
+    def delete(self, kind: str, name: str, namespace: str = "") -> None:
+        """Asks for the object's deletion; nothing when it is already gone."""
+        self._call("DELETE", self._path(kind, namespace, name))
+
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         namespace = obj["metadata"].get("namespace", "")
         created = self._call("POST", self._path(obj["kind"], namespace), body=obj)
@@ -163,7 +170,7 @@ class Cluster:
         return self.fake, self.argocd
 
 
-def _fakes() -> tuple[FakeApiServer, FakeArgoCD]:
+def start_fakes() -> tuple[FakeApiServer, FakeArgoCD]:
     """The fake API server and its controller loop, running."""
     server = FakeApiServer(validator=object_errors).start()
     server.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "argocd"}})
@@ -179,7 +186,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         finally:
             real.read.close()
         return
-    server, argocd = _fakes()
+    server, argocd = start_fakes()
     fake = Cluster(server.write_kubeconfig(tmp_path / "kubeconfig"), server, argocd)
     try:
         yield fake

@@ -463,6 +463,7 @@ async def test_a_chart_host_that_now_points_inward_is_not_fetched(cluster: Clust
     assert "helm_repo_url is not fetched" in last.error_message
     assert "10.1.2.3" in last.error_message
     assert cluster.read.get("Application", names.app_application, "argocd") is None
+    await Run(driver, cluster)(delete_of(create))
 
 
 @pytest.mark.parametrize(
@@ -483,3 +484,4 @@ async def test_a_cluster_internal_chart_host_is_not_fetched_even_when_it_resolve
     assert "helm_repo_url is not fetched" in last.error_message
     assert "cluster-internal" in last.error_message or "single-label" in last.error_message
     assert cluster.read.get("Application", names.app_application, "argocd") is None
+    await Run(driver, cluster)(delete_of(create))
