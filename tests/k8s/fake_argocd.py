@@ -13,8 +13,9 @@ only acts through the driver and waits for the conditions a real cluster would s
   `operationState`, leaves the control plane's replicas alone (the driver's Applications ignore
   them) and prunes everything when an Application is deleted. Like a real Argo CD between its polls
   of git, it syncs an Application's new commits only when asked to (`auto_sync` follows every one);
-- the Deployment controller and vCluster's syncer: a Deployment's status (observedGeneration,
-  replicas, readyReplicas, availableReplicas, its Available condition) and its pods, which appear
+- the Deployment controller and vCluster's syncer: a ReplicaSet per pod template (older ones scaled
+  to zero), a Deployment's status (observedGeneration, replicas, readyReplicas, availableReplicas,
+  its Available condition) and its pods, which appear
   in the host namespace as vCluster syncs them there, ready, or gone once it is scaled to zero;
   PVCs and Ingresses are synced there too under vCluster's translated names.
 
@@ -273,10 +274,14 @@ class FakeArgoCD:
         if deleting:
             cluster = spec["destination"]["name"]
             for item in resources:
-                if cluster in self.server.clusters and self.server.get(
-                    item["kind"], item["name"], item.get("namespace", ""), cluster
-                ):
-                    self.server.delete_object(item["kind"], item["name"], item.get("namespace", ""), cluster)
+                item_ns = item.get("namespace", "")
+                if cluster in self.server.clusters and self.server.get(item["kind"], item["name"], item_ns, cluster):
+                    self.server.delete_object(item["kind"], item["name"], item_ns, cluster)
+                    # The garbage collector takes what the object owned.
+                    for owned in (
+                        self._replica_sets(item["name"], item_ns, cluster) if item["kind"] == "Deployment" else []
+                    ):
+                        self.server.delete_object("ReplicaSet", owned["metadata"]["name"], item_ns, cluster)
             host_ns = self._host_namespace(cluster)
             if host_ns is not None:
                 for pod in self._synced_pods(host_ns, cluster):
@@ -322,7 +327,7 @@ class FakeArgoCD:
                 wanted = manifest["spec"].get("replicas", 1)
                 if not available and wanted:
                     health = "Progressing"
-                self._deployment_status(manifest, cluster, available)
+                self._deployment_controller(manifest, cluster, available)
                 if host_ns is not None:
                     self._sync_pods(manifest, wanted, host_ns, cluster, ready=available, crashing=crashing)
             if kind in ("PersistentVolumeClaim", "Ingress") and host_ns is not None:
@@ -358,13 +363,49 @@ class FakeArgoCD:
         )
         return revision
 
-    def _deployment_status(self, deployment: Obj, cluster: str, available: bool) -> None:
-        """What the Deployment controller reports once it has acted on the Deployment's generation."""
+    @staticmethod
+    def _template_hash(template: Obj) -> str:
+        return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
+
+    def _deployment_controller(self, deployment: Obj, cluster: str, available: bool) -> None:
+        """What the Deployment controller does for the Deployment's generation: one ReplicaSet per pod
+        template (the current one at the wanted replicas, older ones at zero) and the status it reports."""
         ns, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
         stored = self.server.get("Deployment", name, ns, cluster)
         assert stored is not None
         wanted = deployment["spec"].get("replicas", 1)
         ready = wanted if available else 0
+        template = deployment["spec"]["template"]
+        template_hash = self._template_hash(template)
+        current = f"{name}-{template_hash}"
+        owner = {"apiVersion": "apps/v1", "kind": "Deployment", "name": name, "uid": stored["metadata"]["uid"]}
+        for replica_set in self._replica_sets(name, ns, cluster):
+            if replica_set["metadata"]["name"] != current and replica_set["spec"]["replicas"]:
+                replica_set["spec"]["replicas"] = 0
+                self.server.put(replica_set, cluster)
+                self.server.set_status("ReplicaSet", replica_set["metadata"]["name"], {"replicas": 0}, ns, cluster)
+        labels = {**template["metadata"].get("labels", {}), "pod-template-hash": template_hash}
+        selector = {**deployment["spec"]["selector"]["matchLabels"], "pod-template-hash": template_hash}
+        self.server.put(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "metadata": {"name": current, "namespace": ns, "labels": labels, "ownerReferences": [owner]},
+                "spec": {
+                    "replicas": wanted,
+                    "selector": {"matchLabels": selector},
+                    "template": {**template, "metadata": {**template["metadata"], "labels": labels}},
+                },
+            },
+            cluster,
+        )
+        self.server.set_status(
+            "ReplicaSet",
+            current,
+            {"replicas": wanted, "readyReplicas": ready, "availableReplicas": ready},
+            ns,
+            cluster,
+        )
         condition = {
             "type": "Available",
             "status": "True" if ready >= wanted else "False",
@@ -381,6 +422,13 @@ class FakeArgoCD:
             "conditions": [condition],
         }
         self.server.set_status("Deployment", name, status, ns, cluster)
+
+    def _replica_sets(self, deployment: str, ns: str, cluster: str) -> list[Obj]:
+        return [
+            replica_set
+            for replica_set in self.server.objects("ReplicaSet", ns, cluster)
+            if any(o.get("name") == deployment for o in replica_set["metadata"].get("ownerReferences") or [])
+        ]
 
     @staticmethod
     def _pod_status(template: Obj, ready: bool, crashing: bool) -> Obj:
@@ -425,7 +473,7 @@ class FakeArgoCD:
         (a changed template replaces them, as a rollout does), with their readiness."""
         ns, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
         template = deployment["spec"]["template"]
-        template_hash = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
+        template_hash = self._template_hash(template)
         wanted = {f"{name}-{template_hash}-{i}-x-{ns}-x-{cluster}"[:63] for i in range(replicas)}
         status = self._pod_status(template, ready, crashing)
         for pod in self._synced_pods(host_ns, cluster):

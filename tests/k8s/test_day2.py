@@ -4,6 +4,7 @@ stop and start, adoption and its release."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ import yaml
 from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner.driver import StepOutcome
 from provisioner.kubernetes import KubernetesDriver, Names
-from tests.k8s.conftest import IMAGE, IMAGE_V2, Cluster, git_log, wait_for
+from tests.k8s.conftest import IMAGE, IMAGE_V2, Cluster, ClusterReader, git_log, wait_for
 from tests.k8s.test_driver import Run, delete_of, driver, helm_job, host_pods, job, ready_pods, until
 
 # The driver fixture of the driver tests, shared here.
@@ -278,4 +279,32 @@ async def test_a_new_release_of_an_unchanged_spec_is_still_committed(
     rolled = await until(lambda: driver.app_rollout(rollback, kubeconfig))
     assert rolled.outcome is StepOutcome.DONE, rolled.message
     assert "release 3" in rolled.message
+    await Run(driver, cluster)(delete_of(create))
+
+
+@pytest.mark.fake_only(reason="reads inside the vCluster, whose API a real cluster does not expose to the test host")
+async def test_an_update_gets_a_new_replica_set_and_the_old_one_scales_to_zero(
+    cluster: Cluster, driver: KubernetesDriver, tmp_path: Path
+) -> None:
+    create, kubeconfig = await _running(driver, cluster)
+    (tmp_path / "vcluster-kubeconfig").write_text(kubeconfig)
+    inside = ClusterReader(tmp_path / "vcluster-kubeconfig")
+    update = _with(create, bus_pb2.OPERATION_UPDATE, 2)
+    update.deployment.docker_image = IMAGE_V2
+
+    assert (await driver.ensure_app(update, kubeconfig)).outcome is StepOutcome.DONE
+    rolled = await until(lambda: driver.app_rollout(update, kubeconfig))
+
+    assert rolled.outcome is StepOutcome.DONE, rolled.message
+    replica_sets = {
+        rs["spec"]["template"]["spec"]["containers"][0]["image"]: (rs["spec"]["replicas"], rs["status"])
+        for rs in inside.list("ReplicaSet", "default")
+    }
+    assert replica_sets[IMAGE][0] == 0
+    assert replica_sets[IMAGE_V2] == (2, {"replicas": 2, "readyReplicas": 2, "availableReplicas": 2})
+    deployment = inside.get("Deployment", "shop", "default")
+    assert deployment is not None
+    assert deployment["status"]["observedGeneration"] == deployment["metadata"]["generation"]
+    assert deployment["status"]["readyReplicas"] == 2
+    inside.close()
     await Run(driver, cluster)(delete_of(create))
