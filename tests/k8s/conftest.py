@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from kubernetes import client, config
+from kubernetes import client
+from kubernetes import config as kube_config
 
 from apphosting.locations import LocationConfig
 from apphosting.nats_server import NatsServer
@@ -80,7 +81,7 @@ class ClusterReader:
 
     def __init__(self, kubeconfig: Path) -> None:
         configuration = client.Configuration()
-        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)  # type: ignore[no-untyped-call]
+        kube_config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)  # type: ignore[no-untyped-call]
         self.api_client = client.ApiClient(configuration)
 
     def close(self) -> None:
