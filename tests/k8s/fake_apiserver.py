@@ -58,6 +58,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("", "v1", "limitranges", "LimitRange", status=False, short=("limits",)),
     Kind("apps", "v1", "deployments", "Deployment", short=("deploy",)),
     Kind("apps", "v1", "statefulsets", "StatefulSet", short=("sts",)),
+    Kind("apps", "v1", "replicasets", "ReplicaSet", short=("rs",)),
     Kind("networking.k8s.io", "v1", "ingresses", "Ingress", short=("ing",)),
     # Argo CD's CRD declares no status subresource: its controller writes status with the object.
     Kind("argoproj.io", "v1alpha1", "applications", "Application", status=False, short=("app", "apps")),

@@ -1,24 +1,39 @@
-"""A stand-in for Argo CD and the vcluster chart on the fake API server, for the driver's tests.
+"""A stand-in for the controllers of a cluster with Argo CD, on the fake API server, for the driver's tests.
 
-`reconcile()` does once what their controllers do continually: it installs the vcluster chart's
-objects (control plane StatefulSet, its PVC, the kubeconfig secret `vc-<release>`) for a vcluster
-Application, applies the manifests committed under an app Application's git path into the vCluster
-(itself a cluster of the fake server, so a vCluster's kubeconfig really reaches it), reports sync
-and health in the Applications' status, and prunes everything when an Application is deleted.
+Started, it runs a controller loop that does continually what the real controllers do, so a test
+only acts through the driver and waits for the conditions a real cluster would show:
 
-Like Argo CD it reports the git commit an Application was synced to (`status.sync.revision`, or
-`revisions` for several sources), runs a sync requested through the Application's `operation` field
-and records it in `operationState`, and leaves the control plane's replicas alone (the driver's
-Applications ignore them). With `auto_sync` off it notices new commits only when asked to sync, as a
-real Argo CD between its polls of git. The app's pods appear in the host namespace as vCluster syncs
-them there; a container image naming `never-healthy` never becomes available; an asleep vCluster
-(control plane at zero) answers no sync.
+- the vcluster chart (through its Application): the control plane StatefulSet and its PVC, whose
+  replica becomes ready on a later pass than the one that created it, then the kubeconfig secret
+  `vc-<release>`; an asleep vCluster (control plane at zero) answers no sync;
+- Argo CD: it applies the manifests committed under an app Application's git path into the vCluster
+  (itself a cluster of the fake server, so a vCluster's kubeconfig really reaches it), reports the
+  git commit it synced to (`status.sync.revision`, or `revisions` for several sources), sync status
+  and health, runs a sync requested through the Application's `operation` field and records it in
+  `operationState`, leaves the control plane's replicas alone (the driver's Applications ignore
+  them) and prunes everything when an Application is deleted. Like a real Argo CD between its polls
+  of git, it syncs an Application's new commits only when asked to (`auto_sync` follows every one);
+- the Deployment controller and vCluster's syncer: a ReplicaSet per pod template (older ones scaled
+  to zero), a Deployment's status (observedGeneration, replicas, readyReplicas, availableReplicas,
+  its Available condition) and its pods, which appear
+  in the host namespace as vCluster syncs them there, ready, or gone once it is scaled to zero;
+  PVCs and Ingresses are synced there too under vCluster's translated names.
+
+Failures are configured up front, through the same objects a real cluster would see:
+
+- an image whose name holds `never-healthy` runs but never gets ready (as an image that does not
+  exist never does on a real cluster); one holding `crash-loop` keeps restarting (CrashLoopBackOff);
+- a Helm chart named `fails-to-sync` fails every sync attempt, as Argo CD reports a chart whose
+  install fails: `operationState` Failed, its retry count growing to the Application's retry limit;
+- `ready = False` keeps every control plane and Deployment unready (the vCluster never starts).
 """
 
 from __future__ import annotations
 
 import base64
 import copy
+import hashlib
+import json
 import threading
 from datetime import UTC, datetime
 from typing import Any
@@ -30,6 +45,12 @@ from tests.k8s.fake_apiserver import ApiError, FakeApiServer
 
 Obj = dict[str, Any]
 FINALIZER = "resources-finalizer.argocd.argoproj.io"
+# Failure injection, configured up front through what a test deploys (see the module's docstring).
+NEVER_HEALTHY = "never-healthy"
+CRASH_LOOP = "crash-loop"
+FAILING_CHART = "fails-to-sync"
+# The sync retries of the driver's Applications (their syncPolicy.retry.limit).
+_SYNC_RETRY_LIMIT = 5
 
 
 class FakeArgoCD:
@@ -38,15 +59,16 @@ class FakeArgoCD:
         self.namespace = namespace
         # False: control planes and Deployments stay unready until `mark_ready`.
         self.ready = ready
-        # False: an Application that has synced once syncs again only when an operation asks for it.
-        self.auto_sync = True
+        # False: an Application that has synced once syncs again only when an operation asks for it
+        # (a real Argo CD polls git every few minutes); True: it follows every commit at once.
+        self.auto_sync = False
         # Every sync requested through `operation`: (Application name, its info as a dict).
         self.sync_requests: list[tuple[str, dict[str, str]]] = []
         self._repos: dict[str, GitOpsRepo] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, interval: float = 0.02) -> FakeArgoCD:
+    def start(self, interval: float = 0.05) -> FakeArgoCD:
         def loop() -> None:
             while not self._stop.wait(interval):
                 self.reconcile()
@@ -84,6 +106,10 @@ class FakeArgoCD:
             self._vcluster(app, source, deleting)
             self._finish(app, deleting)
             return
+        chart = next((s for s in spec.get("sources") or [] if s.get("chart")), None)
+        if chart is not None and chart["chart"] == FAILING_CHART and not deleting:
+            self._failing_sync(app)
+            return
         operation = app.get("operation")
         if operation is not None:
             info = {i["name"]: i["value"] for i in operation.get("info") or []}
@@ -113,6 +139,33 @@ class FakeArgoCD:
                     },
                 )
         self._finish(app, deleting)
+
+    def _failing_sync(self, app: Obj) -> None:
+        """A sync whose install fails: Argo CD retries it up to the retry limit, then reports it Failed."""
+        state = (app.get("status") or {}).get("operationState") or {}
+        attempt = min(int(state.get("retryCount", -1)) + 1, _SYNC_RETRY_LIMIT)
+        failed = attempt >= _SYNC_RETRY_LIMIT
+        message = f"chart {FAILING_CHART}: one or more objects failed to apply"
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self._status(
+            app,
+            {
+                "sync": {"status": "OutOfSync"},
+                "health": {"status": "Missing"},
+                "operationState": {
+                    "operation": {"sync": {"prune": True}, "retry": {"limit": _SYNC_RETRY_LIMIT}},
+                    "phase": "Failed" if failed else "Running",
+                    "message": message if failed else f"Retrying attempt #{attempt} ({message})",
+                    "retryCount": attempt,
+                    "startedAt": now,
+                    **({"finishedAt": now} if failed else {}),
+                },
+            },
+        )
+        if app.get("operation") is not None:
+            taken = copy.deepcopy(app)
+            taken.pop("operation")
+            self.server.put(taken)
 
     def _finish(self, app: Obj, deleting: bool) -> None:
         if deleting:
@@ -160,12 +213,13 @@ class FakeArgoCD:
                 "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "5Gi"}}},
             }
         )
-        ready = replicas if self.ready else 0
+        # The control plane's pod starts after the pass that created its StatefulSet.
+        ready = replicas if self.ready and existing is not None else 0
         self.server.set_status("StatefulSet", release, {"replicas": replicas, "readyReplicas": ready}, ns)
         self.server.cluster(release)
         if self.server.get("Namespace", "default", cluster=release) is None:
             self.server.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}, release)
-        if self.ready and self.server.get("Secret", f"vc-{release}", ns) is None:
+        if ready and self.server.get("Secret", f"vc-{release}", ns) is None:
             self.server.put(
                 {
                     "apiVersion": "v1",
@@ -175,7 +229,7 @@ class FakeArgoCD:
                     "stringData": {"config": self.server.kubeconfig(release, release)},
                 }
             )
-        health = "Healthy" if self.ready else "Progressing"
+        health = "Healthy" if ready == replicas else "Progressing"
         self._status(
             app,
             {
@@ -220,10 +274,14 @@ class FakeArgoCD:
         if deleting:
             cluster = spec["destination"]["name"]
             for item in resources:
-                if cluster in self.server.clusters and self.server.get(
-                    item["kind"], item["name"], item.get("namespace", ""), cluster
-                ):
-                    self.server.delete_object(item["kind"], item["name"], item.get("namespace", ""), cluster)
+                item_ns = item.get("namespace", "")
+                if cluster in self.server.clusters and self.server.get(item["kind"], item["name"], item_ns, cluster):
+                    self.server.delete_object(item["kind"], item["name"], item_ns, cluster)
+                    # The garbage collector takes what the object owned.
+                    for owned in (
+                        self._replica_sets(item["name"], item_ns, cluster) if item["kind"] == "Deployment" else []
+                    ):
+                        self.server.delete_object("ReplicaSet", owned["metadata"]["name"], item_ns, cluster)
             host_ns = self._host_namespace(cluster)
             if host_ns is not None:
                 for pod in self._synced_pods(host_ns, cluster):
@@ -264,19 +322,14 @@ class FakeArgoCD:
             kind, name = manifest["kind"], manifest["metadata"]["name"]
             if kind == "Deployment":
                 images = [c["image"] for c in manifest["spec"]["template"]["spec"]["containers"]]
-                available = self.ready and not any("never-healthy" in image for image in images)
-                if not available:
+                crashing = any(CRASH_LOOP in image for image in images)
+                available = self.ready and not crashing and not any(NEVER_HEALTHY in image for image in images)
+                wanted = manifest["spec"].get("replicas", 1)
+                if not available and wanted:
                     health = "Progressing"
-                replicas = manifest["spec"]["replicas"] if available else 0
-                self.server.set_status(
-                    kind,
-                    name,
-                    {"replicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas},
-                    ns,
-                    cluster,
-                )
+                self._deployment_controller(manifest, cluster, available)
                 if host_ns is not None:
-                    self._sync_pods(manifest, replicas, host_ns, cluster)
+                    self._sync_pods(manifest, wanted, host_ns, cluster, ready=available, crashing=crashing)
             if kind in ("PersistentVolumeClaim", "Ingress") and host_ns is not None:
                 # vCluster syncs these to the host namespace under translated names.
                 synced = {
@@ -311,6 +364,98 @@ class FakeArgoCD:
         return revision
 
     @staticmethod
+    def _template_hash(template: Obj) -> str:
+        return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
+
+    def _deployment_controller(self, deployment: Obj, cluster: str, available: bool) -> None:
+        """What the Deployment controller does for the Deployment's generation: one ReplicaSet per pod
+        template (the current one at the wanted replicas, older ones at zero) and the status it reports."""
+        ns, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
+        stored = self.server.get("Deployment", name, ns, cluster)
+        assert stored is not None
+        wanted = deployment["spec"].get("replicas", 1)
+        ready = wanted if available else 0
+        template = deployment["spec"]["template"]
+        template_hash = self._template_hash(template)
+        current = f"{name}-{template_hash}"
+        owner = {"apiVersion": "apps/v1", "kind": "Deployment", "name": name, "uid": stored["metadata"]["uid"]}
+        for replica_set in self._replica_sets(name, ns, cluster):
+            if replica_set["metadata"]["name"] != current and replica_set["spec"]["replicas"]:
+                replica_set["spec"]["replicas"] = 0
+                self.server.put(replica_set, cluster)
+                self.server.set_status("ReplicaSet", replica_set["metadata"]["name"], {"replicas": 0}, ns, cluster)
+        labels = {**template["metadata"].get("labels", {}), "pod-template-hash": template_hash}
+        selector = {**deployment["spec"]["selector"]["matchLabels"], "pod-template-hash": template_hash}
+        self.server.put(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "metadata": {"name": current, "namespace": ns, "labels": labels, "ownerReferences": [owner]},
+                "spec": {
+                    "replicas": wanted,
+                    "selector": {"matchLabels": selector},
+                    "template": {**template, "metadata": {**template["metadata"], "labels": labels}},
+                },
+            },
+            cluster,
+        )
+        self.server.set_status(
+            "ReplicaSet",
+            current,
+            {"replicas": wanted, "readyReplicas": ready, "availableReplicas": ready},
+            ns,
+            cluster,
+        )
+        condition = {
+            "type": "Available",
+            "status": "True" if ready >= wanted else "False",
+            "reason": "MinimumReplicasAvailable" if ready >= wanted else "MinimumReplicasUnavailable",
+            "message": f"Deployment has {ready} of {wanted} replicas available.",
+        }
+        status = {
+            "observedGeneration": stored["metadata"]["generation"],
+            "replicas": wanted,
+            "updatedReplicas": wanted,
+            "readyReplicas": ready,
+            "availableReplicas": ready,
+            "unavailableReplicas": wanted - ready,
+            "conditions": [condition],
+        }
+        self.server.set_status("Deployment", name, status, ns, cluster)
+
+    def _replica_sets(self, deployment: str, ns: str, cluster: str) -> list[Obj]:
+        return [
+            replica_set
+            for replica_set in self.server.objects("ReplicaSet", ns, cluster)
+            if any(o.get("name") == deployment for o in replica_set["metadata"].get("ownerReferences") or [])
+        ]
+
+    @staticmethod
+    def _pod_status(template: Obj, ready: bool, crashing: bool) -> Obj:
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        containers = []
+        for container in template["spec"]["containers"]:
+            state: Obj = {"running": {"startedAt": now}}
+            if crashing:
+                state = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off restarting failed container"}}
+            containers.append(
+                {
+                    "name": container["name"],
+                    "image": container["image"],
+                    "imageID": "",
+                    "ready": ready,
+                    "started": not crashing,
+                    "restartCount": 3 if crashing else 0,
+                    "state": state,
+                }
+            )
+        return {
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            "containerStatuses": containers,
+        }
+
+    @staticmethod
     def _pod_labels(ns: str, cluster: str) -> dict[str, str]:
         return {"vcluster.loft.sh/managed-by": cluster, "vcluster.loft.sh/namespace": ns}
 
@@ -321,17 +466,27 @@ class FakeArgoCD:
             if (pod["metadata"].get("labels") or {}).get("vcluster.loft.sh/managed-by") == cluster
         ]
 
-    def _sync_pods(self, deployment: Obj, replicas: int, host_ns: str, cluster: str) -> None:
-        """The Deployment's running pods as vCluster shows them on the host: `replicas` of them."""
+    def _sync_pods(
+        self, deployment: Obj, replicas: int, host_ns: str, cluster: str, *, ready: bool, crashing: bool
+    ) -> None:
+        """The Deployment's pods as vCluster shows them on the host: `replicas` of its current template
+        (a changed template replaces them, as a rollout does), with their readiness."""
         ns, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
-        wanted = {f"{name}-{i}-x-{ns}-x-{cluster}"[:63] for i in range(replicas)}
+        template = deployment["spec"]["template"]
+        template_hash = self._template_hash(template)
+        wanted = {f"{name}-{template_hash}-{i}-x-{ns}-x-{cluster}"[:63] for i in range(replicas)}
+        status = self._pod_status(template, ready, crashing)
         for pod in self._synced_pods(host_ns, cluster):
             if pod["metadata"]["name"] not in wanted:
                 self.server.delete_object("Pod", pod["metadata"]["name"], host_ns)
-        template = deployment["spec"]["template"]
         for pod_name in sorted(wanted):
-            if self.server.get("Pod", pod_name, host_ns) is None:
-                labels = {**template["metadata"].get("labels", {}), **self._pod_labels(ns, cluster)}
+            current = self.server.get("Pod", pod_name, host_ns)
+            if current is None:
+                labels = {
+                    **template["metadata"].get("labels", {}),
+                    **self._pod_labels(ns, cluster),
+                    "pod-template-hash": template_hash,
+                }
                 self.server.put(
                     {
                         "apiVersion": "v1",
@@ -340,6 +495,9 @@ class FakeArgoCD:
                         "spec": copy.deepcopy(template["spec"]),
                     }
                 )
+            ready_now = [c.get("status") for c in (current or {}).get("status", {}).get("conditions") or []]
+            if current is None or ready_now != [status["conditions"][0]["status"]]:
+                self.server.set_status("Pod", pod_name, status, host_ns)
 
     def _host_namespace(self, release: str) -> str | None:
         for sts in self.server.objects("StatefulSet"):

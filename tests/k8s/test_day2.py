@@ -1,47 +1,29 @@
-"""Day-2 steps of the kubernetes driver against the fake API server and fake Argo CD: update, stop and
-start, adoption and its release."""
+"""Day-2 steps of the kubernetes driver, on the fakes or (APPHOSTING_TEST_KUBECONFIG) a real cluster: update,
+stop and start, adoption and its release."""
 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from apphosting.v1 import bus_pb2, deployments_pb2
-from provisioner.driver import StepOutcome, StepResult
+from provisioner.driver import StepOutcome
 from provisioner.kubernetes import KubernetesDriver, Names
-from tests.k8s.conftest import Cluster
-from tests.k8s.fake_argocd import FakeArgoCD
-from tests.k8s.test_driver import Run, driver, job
+from tests.k8s.conftest import IMAGE, IMAGE_V2, Cluster, ClusterReader, git_log, wait_for
+from tests.k8s.test_driver import Run, delete_of, driver, helm_job, host_pods, job, ready_pods, until
 
 # The driver fixture of the driver tests, shared here.
 __all__ = ["driver"]
 
 _Status = deployments_pb2.DeploymentStatus
-# Rounds of "step, then one Argo CD reconcile" before a step that keeps answering "not yet" fails the test.
-_ROUNDS = 40
 
 
-async def until(step: Callable[[], Awaitable[StepResult]], argocd: FakeArgoCD) -> StepResult:
-    """Runs a step until it stops asking to be polled again, letting the fake Argo CD work in between."""
-    result = await step()
-    for _ in range(_ROUNDS):
-        if result.outcome is not StepOutcome.RETRY:
-            return result
-        await asyncio.to_thread(argocd.reconcile)
-        result = await step()
-    raise AssertionError(f"still not done: {result.message}")
-
-
-def _log(repo: str) -> list[str]:
-    done = subprocess.run(
-        ["git", "--git-dir", repo, "log", "--format=%s", "main"], capture_output=True, text=True, check=True
-    )
-    return done.stdout.splitlines()
+async def _log(driver: KubernetesDriver) -> list[str]:
+    return await asyncio.to_thread(git_log, driver.repo)
 
 
 def _with(base: bus_pb2.ProvisionJob, operation: bus_pb2.Operation.ValueType, release: int) -> bus_pb2.ProvisionJob:
@@ -53,9 +35,11 @@ def _with(base: bus_pb2.ProvisionJob, operation: bus_pb2.Operation.ValueType, re
     return changed
 
 
-async def _running(driver: KubernetesDriver, cluster: Cluster, **fields: Any) -> tuple[bus_pb2.ProvisionJob, str]:
+async def _running(
+    driver: KubernetesDriver, cluster: Cluster, *, helm: bool = False
+) -> tuple[bus_pb2.ProvisionJob, str]:
     """A deployment created at release 1 and running; its job and the vCluster's kubeconfig."""
-    create = job(**fields)
+    create = helm_job() if helm else job()
     create.release = 1
     last = await Run(driver, cluster)(create)
     assert last.status == _Status.DEPLOYMENT_STATUS_RUNNING, last.message
@@ -66,122 +50,124 @@ async def _running(driver: KubernetesDriver, cluster: Cluster, **fields: Any) ->
 async def test_an_update_is_a_new_commit_synced_and_healthy_at_its_release(
     cluster: Cluster, driver: KubernetesDriver
 ) -> None:
-    fake, argocd = cluster.need_fake()
     create, kubeconfig = await _running(driver, cluster)
     names = Names.of(create.deployment, driver.location)
-    # Argo CD polls git only every few minutes: the new commit must be synced on request.
-    argocd.auto_sync = False
     update = _with(create, bus_pb2.OPERATION_UPDATE, 2)
-    update.deployment.docker_image = "ghcr.io/acme/shop:1.3.0"
-    commits = len(_log(driver.repo.url))
+    update.deployment.docker_image = IMAGE_V2
+    commits = len(await _log(driver))
 
     applied = await driver.ensure_app(update, kubeconfig)
 
     assert applied.outcome is StepOutcome.DONE, applied.message
     assert "release 2" in applied.message
+    # Argo CD polls git only every few minutes: the new commit is synced on request.
     assert "sync requested" in applied.message
-    log = _log(driver.repo.url)
+    log = await _log(driver)
     assert len(log) == commits + 1
     assert "release 2" in log[0]
     committed = driver.repo.read(names.git_path)
     assert committed is not None
-    assert yaml.safe_load(committed["deployment-shop.yaml"])["metadata"]["annotations"] == {
-        "apphosting.dev/release": "2"
-    }
-    application = fake.get("Application", names.app_application, "argocd")
+    manifest = yaml.safe_load(committed["deployment-shop.yaml"])
+    assert manifest["metadata"]["annotations"] == {"apphosting.dev/release": "2"}
+    assert manifest["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE_V2
+    application = cluster.read.get("Application", names.app_application, "argocd")
     assert application is not None
     assert application["metadata"]["annotations"]["apphosting.dev/release"] == "2"
 
-    rolled = await until(lambda: driver.app_rollout(update, kubeconfig), argocd)
+    rolled = await until(lambda: driver.app_rollout(update, kubeconfig))
 
     assert rolled.outcome is StepOutcome.DONE, rolled.message
     assert "release 2" in rolled.message
-    assert (names.app_application, {"release": "2"}) in argocd.sync_requests
-    deployment = fake.get("Deployment", "shop", "default", cluster=names.release)
-    assert deployment is not None
-    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/acme/shop:1.3.0"
-    assert deployment["metadata"]["annotations"]["apphosting.dev/release"] == "2"
-    application = fake.get("Application", names.app_application, "argocd")
+    application = cluster.read.get("Application", names.app_application, "argocd")
     assert application is not None
-    assert application["status"]["operationState"]["phase"] == "Succeeded"
+    operation = application["status"]["operationState"]
+    assert operation["phase"] == "Succeeded"
+    assert {"name": "release", "value": "2"} in operation["operation"]["info"]
+    assert operation["syncResult"]["revision"] == driver.repo.last_change(names.git_path)
+    await wait_for("the app's 2 pods running the new image", lambda: ready_pods(cluster, names, IMAGE_V2, 2))
 
     # The same job again: already committed, nothing new in git, still healthy.
     again = await driver.ensure_app(update, kubeconfig)
     assert again.outcome is StepOutcome.DONE
     assert "already committed" in again.message
-    assert len(_log(driver.repo.url)) == commits + 1
+    assert len(await _log(driver)) == commits + 1
     assert (await driver.app_rollout(update, kubeconfig)).outcome is StepOutcome.DONE
+    await Run(driver, cluster)(delete_of(create))
 
 
 async def test_a_rollout_that_never_gets_healthy_keeps_retrying(cluster: Cluster, driver: KubernetesDriver) -> None:
-    _, argocd = cluster.need_fake()
     create, kubeconfig = await _running(driver, cluster)
+    names = Names.of(create.deployment, driver.location)
     update = _with(create, bus_pb2.OPERATION_UPDATE, 2)
-    update.deployment.docker_image = "ghcr.io/acme/never-healthy:2.0"
+    # An image that never gets ready: one that does not exist, on a real cluster.
+    broken = f"{IMAGE.rsplit(':', 1)[0]}:never-healthy"
+    update.deployment.docker_image = broken
     assert (await driver.ensure_app(update, kubeconfig)).outcome is StepOutcome.DONE
 
-    for _ in range(5):
-        await asyncio.to_thread(argocd.reconcile)
-        waiting = await driver.app_rollout(update, kubeconfig)
-        assert waiting.outcome is StepOutcome.RETRY, waiting.message
+    def broken_pods() -> list[dict[str, Any]]:
+        return [p for p in host_pods(cluster, names) if p["spec"]["containers"][0]["image"] == broken]
+
+    # Once the broken release's pods run (unready), Argo CD has synced it: the rollout still waits.
+    await wait_for("pods of the broken image", broken_pods)
+    waiting = await driver.app_rollout(update, kubeconfig)
+
+    assert waiting.outcome is StepOutcome.RETRY, waiting.message
     assert "Progressing" in waiting.message or "not yet available" in waiting.message
+    await Run(driver, cluster)(delete_of(create))
 
 
 async def test_stop_then_start(cluster: Cluster, driver: KubernetesDriver) -> None:
-    fake, argocd = cluster.need_fake()
+    read = cluster.read
     create, kubeconfig = await _running(driver, cluster)
     names = Names.of(create.deployment, driver.location)
-    assert len(fake.objects("Pod", names.namespace)) == 2
+    await wait_for("the app's 2 pods", lambda: ready_pods(cluster, names, IMAGE, 2))
     stop = _with(create, bus_pb2.OPERATION_STOP, 1)
 
-    stopped = await until(lambda: driver.stop_app(stop, kubeconfig), argocd)
+    stopped = await until(lambda: driver.stop_app(stop, kubeconfig))
     assert stopped.outcome is StepOutcome.DONE, stopped.message
-    assert fake.objects("Pod", names.namespace) == []
+    assert host_pods(cluster, names) == []
     committed = driver.repo.read(names.git_path)
     assert committed is not None
     assert yaml.safe_load(committed["deployment-shop.yaml"])["spec"]["replicas"] == 0
-    # Volumes and config stay.
-    assert fake.get("Deployment", "shop", "default", cluster=names.release) is not None
+    # Volumes stay.
+    assert read.list("PersistentVolumeClaim", names.namespace)
 
-    asleep = await until(lambda: driver.sleep_vcluster(stop), argocd)
+    # Done only once the controllers report the control plane down; Argo CD did not scale it back.
+    asleep = await until(lambda: driver.sleep_vcluster(stop))
     assert asleep.outcome is StepOutcome.DONE, asleep.message
-    control_plane = fake.get("StatefulSet", names.control_plane, names.namespace)
+    control_plane = read.get("StatefulSet", names.control_plane, names.namespace)
     assert control_plane is not None
     assert control_plane["spec"]["replicas"] == 0
-    assert fake.get("PersistentVolumeClaim", f"data-{names.release}-0", names.namespace) is not None
-    # Argo CD does not scale it back, and the vCluster stays down.
-    await asyncio.to_thread(argocd.reconcile)
-    control_plane = fake.get("StatefulSet", names.control_plane, names.namespace)
-    assert control_plane is not None
-    assert control_plane["spec"]["replicas"] == 0
+    assert read.get("PersistentVolumeClaim", f"data-{names.release}-0", names.namespace) is not None
     assert (await driver.sleep_vcluster(stop)).outcome is StepOutcome.DONE
 
     start = _with(create, bus_pb2.OPERATION_START, 1)
     woken = await driver.wake_vcluster(start)
     assert woken.outcome is StepOutcome.DONE, woken.message
-    ready = await until(lambda: driver.vcluster_ready(start), argocd)
+    ready = await until(lambda: driver.vcluster_ready(start))
     assert ready.outcome is StepOutcome.DONE, ready.message
     applied = await driver.ensure_app(start, kubeconfig)
     assert applied.outcome is StepOutcome.DONE, applied.message
-    rolled = await until(lambda: driver.app_rollout(start, kubeconfig), argocd)
+    rolled = await until(lambda: driver.app_rollout(start, kubeconfig))
     assert rolled.outcome is StepOutcome.DONE, rolled.message
-    assert len(fake.objects("Pod", names.namespace)) == 2
-    deployment = fake.get("Deployment", "shop", "default", cluster=names.release)
-    assert deployment is not None
-    assert deployment["spec"]["replicas"] == 2
-    assert [s for s in _log(driver.repo.url) if "stop shop" in s]
+    await wait_for("the app's 2 pods back", lambda: ready_pods(cluster, names, IMAGE, 2))
+    committed = driver.repo.read(names.git_path)
+    assert committed is not None
+    assert yaml.safe_load(committed["deployment-shop.yaml"])["spec"]["replicas"] == 2
+    assert [s for s in await _log(driver) if "stop shop" in s]
+    await Run(driver, cluster)(delete_of(create))
 
 
 def _legacy(cluster: Cluster) -> None:
-    fake, _ = cluster.need_fake()
-    fake.put(
+    """A namespace with a workload apphosting did not create, made through the API as any tool would."""
+    cluster.read.create(
         {
             "apiVersion": "v1",
             "kind": "Namespace",
             "metadata": {"name": "legacy", "labels": {"team": "web", "app.kubernetes.io/managed-by": "Helm"}},
         }
     )
-    fake.put(
+    cluster.read.create(
         {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
@@ -198,6 +184,15 @@ def _legacy(cluster: Cluster) -> None:
     )
 
 
+async def _forced_delete(driver: KubernetesDriver, adopt: bus_pb2.ProvisionJob) -> None:
+    """A forced delete of an adopted namespace: it goes with everything in it."""
+    delete = _with(adopt, bus_pb2.OPERATION_DELETE, 1)
+    delete.force = True
+    assert (await until(lambda: driver.delete_app(delete))).outcome is StepOutcome.DONE
+    gone = await until(lambda: driver.delete_namespace(delete))
+    assert gone.outcome is StepOutcome.DONE, gone.message
+
+
 def _adoption(**fields: Any) -> bus_pb2.ProvisionJob:
     adopt = job(bus_pb2.OPERATION_ADOPT, name="legacy-web", is_adopted=True, source_namespace="legacy", **fields)
     adopt.release = 1
@@ -207,15 +202,16 @@ def _adoption(**fields: Any) -> bus_pb2.ProvisionJob:
 async def test_adopting_a_present_namespace_labels_it_and_recreates_nothing(
     cluster: Cluster, driver: KubernetesDriver
 ) -> None:
-    fake, _ = cluster.need_fake()
+    read = cluster.read
     _legacy(cluster)
-    before = fake.get("Deployment", "old-web", "legacy")
+    before = read.get("Deployment", "old-web", "legacy")
+    assert before is not None
     adopt = _adoption()
 
     adopted = await driver.adopt_namespace(adopt)
 
     assert adopted.outcome is StepOutcome.DONE, adopted.message
-    namespace = fake.get("Namespace", "legacy")
+    namespace = read.get("Namespace", "legacy")
     assert namespace is not None
     labels = namespace["metadata"]["labels"]
     assert labels["apphosting.dev/deployment-id"] == adopt.deployment.id
@@ -223,7 +219,9 @@ async def test_adopting_a_present_namespace_labels_it_and_recreates_nothing(
     assert labels["app.kubernetes.io/managed-by"] == "Helm"
     assert labels["team"] == "web"
     assert namespace["metadata"]["annotations"]["apphosting.dev/adopted"] == "true"
-    assert fake.get("Deployment", "old-web", "legacy") == before
+    after = read.get("Deployment", "old-web", "legacy")
+    assert after is not None
+    assert (after["metadata"]["generation"], after["spec"]) == (before["metadata"]["generation"], before["spec"])
     again = await driver.adopt_namespace(adopt)
     assert "already adopted" in again.message
 
@@ -232,10 +230,10 @@ async def test_adopting_a_present_namespace_labels_it_and_recreates_nothing(
     assert taken.outcome is StepOutcome.FAIL
     assert taken.permanent
     assert adopt.deployment.id in taken.message
+    await _forced_delete(driver, adopt)
 
 
 async def test_adopting_an_absent_namespace_fails_for_good(cluster: Cluster, driver: KubernetesDriver) -> None:
-    cluster.need_fake()
     failed = await driver.adopt_namespace(_adoption())
     assert failed.outcome is StepOutcome.FAIL
     assert failed.permanent
@@ -246,7 +244,7 @@ async def test_adopting_an_absent_namespace_fails_for_good(cluster: Cluster, dri
 async def test_release_leaves_the_workloads_and_forced_delete_removes_them(
     cluster: Cluster, driver: KubernetesDriver
 ) -> None:
-    fake, argocd = cluster.need_fake()
+    read = cluster.read
     _legacy(cluster)
     adopt = _adoption()
     assert (await driver.adopt_namespace(adopt)).outcome is StepOutcome.DONE
@@ -255,41 +253,58 @@ async def test_release_leaves_the_workloads_and_forced_delete_removes_them(
     released = await driver.release_namespace(delete)
 
     assert released.outcome is StepOutcome.DONE, released.message
-    namespace = fake.get("Namespace", "legacy")
+    namespace = read.get("Namespace", "legacy")
     assert namespace is not None
     labels = namespace["metadata"]["labels"]
     assert "apphosting.dev/deployment-id" not in labels
     assert (labels["team"], labels["app.kubernetes.io/managed-by"]) == ("web", "Helm")
     assert "apphosting.dev/adopted" not in (namespace["metadata"].get("annotations") or {})
-    assert fake.get("Deployment", "old-web", "legacy") is not None
+    assert read.get("Deployment", "old-web", "legacy") is not None
 
     assert (await driver.adopt_namespace(adopt)).outcome is StepOutcome.DONE
-    delete.force = True
-    assert (await until(lambda: driver.delete_app(delete), argocd)).outcome is StepOutcome.DONE
-    gone = await until(lambda: driver.delete_namespace(delete), argocd)
-    assert gone.outcome is StepOutcome.DONE, gone.message
-    assert fake.get("Namespace", "legacy") is None
-    assert fake.get("Deployment", "old-web", "legacy") is None
+    await _forced_delete(driver, adopt)
+    assert read.get("Namespace", "legacy") is None
+    assert read.get("Deployment", "old-web", "legacy") is None
 
 
 @pytest.mark.parametrize("helm", [False, True], ids=["docker", "helm"])
 async def test_a_new_release_of_an_unchanged_spec_is_still_committed(
     cluster: Cluster, driver: KubernetesDriver, helm: bool
 ) -> None:
-    _, argocd = cluster.need_fake()
-    fields: dict[str, Any] = {}
-    if helm:
-        fields = {
-            "name": "blog",
-            "app_type": deployments_pb2.APP_TYPE_HELM,
-            "helm_repo_url": "https://charts.example.com/stable",
-            "helm_chart_name": "wordpress",
-        }
-    create, kubeconfig = await _running(driver, cluster, **fields)
+    create, kubeconfig = await _running(driver, cluster, helm=helm)
     # A rollback to release 1's spec is release 3: git and Argo CD must say 3.
     rollback = _with(create, bus_pb2.OPERATION_UPDATE, 3)
     assert (await driver.ensure_app(rollback, kubeconfig)).outcome is StepOutcome.DONE
-    assert "release 3" in _log(driver.repo.url)[0]
-    rolled = await until(lambda: driver.app_rollout(rollback, kubeconfig), argocd)
+    assert "release 3" in (await _log(driver))[0]
+    rolled = await until(lambda: driver.app_rollout(rollback, kubeconfig))
     assert rolled.outcome is StepOutcome.DONE, rolled.message
     assert "release 3" in rolled.message
+    await Run(driver, cluster)(delete_of(create))
+
+
+@pytest.mark.fake_only(reason="reads inside the vCluster, whose API a real cluster does not expose to the test host")
+async def test_an_update_gets_a_new_replica_set_and_the_old_one_scales_to_zero(
+    cluster: Cluster, driver: KubernetesDriver, tmp_path: Path
+) -> None:
+    create, kubeconfig = await _running(driver, cluster)
+    (tmp_path / "vcluster-kubeconfig").write_text(kubeconfig)
+    inside = ClusterReader(tmp_path / "vcluster-kubeconfig")
+    update = _with(create, bus_pb2.OPERATION_UPDATE, 2)
+    update.deployment.docker_image = IMAGE_V2
+
+    assert (await driver.ensure_app(update, kubeconfig)).outcome is StepOutcome.DONE
+    rolled = await until(lambda: driver.app_rollout(update, kubeconfig))
+
+    assert rolled.outcome is StepOutcome.DONE, rolled.message
+    replica_sets = {
+        rs["spec"]["template"]["spec"]["containers"][0]["image"]: (rs["spec"]["replicas"], rs["status"])
+        for rs in inside.list("ReplicaSet", "default")
+    }
+    assert replica_sets[IMAGE][0] == 0
+    assert replica_sets[IMAGE_V2] == (2, {"replicas": 2, "readyReplicas": 2, "availableReplicas": 2})
+    deployment = inside.get("Deployment", "shop", "default")
+    assert deployment is not None
+    assert deployment["status"]["observedGeneration"] == deployment["metadata"]["generation"]
+    assert deployment["status"]["readyReplicas"] == 2
+    inside.close()
+    await Run(driver, cluster)(delete_of(create))

@@ -1,4 +1,5 @@
-"""End to end on the kubernetes driver: gRPC create, the real bus and processes, the fake cluster, delete."""
+"""End to end on the kubernetes driver: gRPC create, the real bus and processes, the cluster (the fakes, or a
+real one with APPHOSTING_TEST_KUBECONFIG), delete."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 from google.protobuf import json_format
 
 from apphosting.v1 import deployments_pb2 as pb
-from tests.k8s.conftest import BASE_DOMAIN, K8sStack
+from provisioner.kubernetes import Names
+from tests.k8s.conftest import BASE_DOMAIN, HELM_CHART, HELM_REPO, HELM_VERSION, IMAGE, WITHIN, K8sStack, wait_for
+from tests.k8s.test_driver import ready_pods
 
 if TYPE_CHECKING:
     from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub as Stub
@@ -34,7 +37,7 @@ def request(name: str, **fields: Any) -> pb.CreateAppHostingDeploymentRequest:
 async def watch_until(stub: Stub, deployment_id: str, until: set[pb.DeploymentStatus.ValueType]) -> pb.Deployment:
     stream = stub.WatchDeployment(pb.WatchDeploymentRequest(id=deployment_id))
     try:
-        async with asyncio.timeout(120):
+        async with asyncio.timeout(WITHIN):
             async for item in stream:
                 if item.event.final or (item.HasField("event") and item.deployment.status in until):
                     return item.deployment
@@ -44,19 +47,17 @@ async def watch_until(stub: Stub, deployment_id: str, until: set[pb.DeploymentSt
 
 
 async def test_docker_and_helm_run_and_delete_leaves_nothing(pipeline: Stub, k8s_stack: K8sStack) -> None:
-    server = k8s_stack.fake
+    read = k8s_stack.read
     docker = await pipeline.CreateAppHostingDeployment(
-        request(
-            "web", app_type="web_app", docker_image="ghcr.io/acme/web:1.0.0", container_port=8080, storage_size_gb=1
-        )
+        request("web", app_type="web_app", docker_image=IMAGE, container_port=8080, storage_size_gb=1)
     )
     helm = await pipeline.CreateAppHostingDeployment(
         request(
             "blog",
             app_type="helm",
-            helm_repo_url="https://charts.example.com/stable",
-            helm_chart_name="wordpress",
-            helm_chart_version="18.2.4",
+            helm_repo_url=HELM_REPO,
+            helm_chart_name=HELM_CHART,
+            helm_chart_version=HELM_VERSION,
             custom_values_yaml="replicaCount: 2\n",
         )
     )
@@ -69,30 +70,30 @@ async def test_docker_and_helm_run_and_delete_leaves_nothing(pipeline: Stub, k8s
         assert deployment.git_path.startswith("deployments/eu-k8s-a/")
         assert deployment.values_yaml
     assert "replicaCount: 2" in running[1].values_yaml
-    assert len(server.objects("Application", "argocd")) == 4
-    assert "web" in {
-        d["metadata"]["name"] for d in server.objects("Deployment", cluster=running[0].git_path.rsplit("/", 1)[1])
-    }
+    names = [Names.of(d, k8s_stack.location) for d in running]
+    for each in names:
+        assert read.get("Application", each.app_application, "argocd") is not None
+        assert read.get("Application", each.vcluster_application, "argocd") is not None
+    await wait_for("the web app's pod", lambda: ready_pods(k8s_stack.cluster, names[0], IMAGE, 1))
 
     for deployment in running:
         await pipeline.DeleteDeployment(pb.DeleteDeploymentRequest(id=deployment.id))
     gone = await asyncio.gather(*(watch_until(pipeline, d.id, set()) for d in running))
 
     assert all(d.HasField("deleted_at") for d in gone)
-    assert [n["metadata"]["name"] for n in server.objects("Namespace")] == ["argocd"]
-    assert server.objects("Application") == []
-    assert server.objects("Secret") == []
-    assert server.objects("PersistentVolumeClaim") == []
-    assert set(server.clusters) == {""}
+    for each in names:
+        assert read.get("Namespace", each.namespace) is None
+        assert read.get("Application", each.app_application, "argocd") is None
+        assert read.get("Application", each.vcluster_application, "argocd") is None
+        assert read.get("Secret", each.argocd_cluster_secret, "argocd") is None
+        assert read.list("PersistentVolumeClaim", each.namespace) == []
 
 
+@pytest.mark.fake_only(reason="needs an admission webhook that refuses the namespace")
 async def test_a_rejected_object_ends_failed_with_the_api_message(pipeline: Stub, k8s_stack: K8sStack) -> None:
-    server = k8s_stack.fake
     denial = 'admission webhook "quota.example" denied the request: namespace limit reached'
-    server.reject("Namespace", "-refused", denial, code=403)
-    created = await pipeline.CreateAppHostingDeployment(
-        request("refused", app_type="web_app", docker_image="ghcr.io/acme/web:1.0.0")
-    )
+    k8s_stack.fake.reject("Namespace", "-refused", denial, code=403)
+    created = await pipeline.CreateAppHostingDeployment(request("refused", app_type="web_app", docker_image=IMAGE))
 
     failed = await watch_until(pipeline, created.id, SETTLED)
 
