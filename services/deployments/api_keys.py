@@ -280,17 +280,10 @@ class ApiKeyServicer(api_keys_pb2_grpc.ApiKeyServiceServicer):
         request: pb.ListApiKeysRequest,
         context: grpc.aio.ServicerContext[pb.ListApiKeysRequest, pb.ListApiKeysResponse],
     ) -> pb.ListApiKeysResponse:
-        if request.page_size < 0:
-            raise errors.invalid_field("page_size", "page_size must be 0 (the default, 50) or more", "OUT_OF_RANGE")
-        size = min(request.page_size or paging.DEFAULT_PAGE_SIZE, paging.MAX_PAGE_SIZE)
+        size = paging.page_size(request.page_size)
         caller = current_caller()
         page_key = _page_key(caller.user_id)
-        cursor = None
-        if request.page_token:
-            try:
-                cursor = paging.decode(request.page_token, page_key)
-            except paging.BadToken as bad:
-                raise errors.invalid_field("page_token", str(bad), "INVALID_PAGE_TOKEN") from None
+        cursor = paging.position(request.page_token, page_key)
         # One row more than the page: whether there is a next page, without a second query.
         rows = await self._keys.page(caller.user_id, before_seq=cursor, limit=size + 1)
         response = pb.ListApiKeysResponse(api_keys=[to_proto(row) for row in rows[:size]])

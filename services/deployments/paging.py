@@ -1,4 +1,4 @@
-"""Opaque page tokens for ListDeployments: a keyset position bound to the caller and filter, with a checksum."""
+"""Page sizes and opaque page tokens of the lists: a keyset position bound to the caller and filter, with a checksum."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import hmac
 import json
 from collections.abc import Sequence
 from typing import Final
+
+from services.deployments import errors
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -28,6 +30,23 @@ _NOT_ISSUED: Final = "page_token is not a token this service issued; list again 
 
 class BadToken(ValueError):
     pass
+
+
+def page_size(requested: int) -> int:
+    """A request's page_size as rows to answer: DEFAULT_PAGE_SIZE for 0, at most MAX_PAGE_SIZE; below 0 refused."""
+    if requested < 0:
+        raise errors.invalid_field("page_size", "page_size must be 0 (the default, 50) or more", "OUT_OF_RANGE")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def position(page_token: str, key: str) -> int | None:
+    """Where a request's page_token says to go on (None: from the first page); refused naming page_token."""
+    if not page_token:
+        return None
+    try:
+        return decode(page_token, key)
+    except BadToken as bad:
+        raise errors.invalid_field("page_token", str(bad), "INVALID_PAGE_TOKEN") from None
 
 
 def filter_key(caller: str, statuses: Sequence[str], geographic_region: str, show_deleted: bool = False) -> str:

@@ -408,18 +408,11 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         request: pb.ListDeploymentsRequest,
         context: grpc.aio.ServicerContext[pb.ListDeploymentsRequest, pb.ListDeploymentsResponse],
     ) -> pb.ListDeploymentsResponse:
-        if request.page_size < 0:
-            raise errors.invalid_field("page_size", "page_size must be 0 (the default, 50) or more", "OUT_OF_RANGE")
-        size = min(request.page_size or paging.DEFAULT_PAGE_SIZE, paging.MAX_PAGE_SIZE)
+        size = paging.page_size(request.page_size)
         statuses = _statuses(request.statuses, "statuses")
         caller = self._caller(context)
         key = paging.filter_key(caller.user_id, statuses, request.geographic_region, request.show_deleted)
-        cursor = None
-        if request.page_token:
-            try:
-                cursor = paging.decode(request.page_token, key)
-            except paging.BadToken as bad:
-                raise errors.invalid_field("page_token", str(bad), "INVALID_PAGE_TOKEN") from None
+        cursor = paging.position(request.page_token, key)
         response = pb.ListDeploymentsResponse()
         used = 0
         full = False
@@ -1082,16 +1075,9 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
     ) -> pb.ListReleasesResponse:
         caller = self._caller(context)
         row = await self._get(_owner(caller), request.id)
-        if request.page_size < 0:
-            raise errors.invalid_field("page_size", "page_size must be 0 (the default, 50) or more", "OUT_OF_RANGE")
-        size = min(request.page_size or paging.DEFAULT_PAGE_SIZE, paging.MAX_PAGE_SIZE)
+        size = paging.page_size(request.page_size)
         key = paging.filter_key(caller.user_id, ["releases"], row.id)
-        before = None
-        if request.page_token:
-            try:
-                before = paging.decode(request.page_token, key)
-            except paging.BadToken as bad:
-                raise errors.invalid_field("page_token", str(bad), "INVALID_PAGE_TOKEN") from None
+        before = paging.position(request.page_token, key)
         rows = await self._store.releases(row.id, before=before, limit=size + 1)
         response = pb.ListReleasesResponse(releases=[release_to_proto(release) for release in rows[:size]])
         if len(rows) > size:
