@@ -6,7 +6,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from google.protobuf import timestamp_pb2
@@ -76,53 +76,44 @@ class _Step:
     quiet: bool = False
 
 
+# Steps that several plans share, as the plans below use them.
+_VCLUSTER_READY = _Step("vcluster_ready", "VClusterReady", lambda d, j, c: d.vcluster_ready(j), cluster=True)
+_KUBECONFIG = _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), quiet=True)
+# Reading the kubeconfig right after the vCluster (re)starts: failing there means the vCluster is broken.
+_CLUSTER_KUBECONFIG = replace(_KUBECONFIG, cluster=True)
+_APP = _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", "")), release_bound=True)
+_ROLLOUT = _Step(
+    "rollout",
+    "AppAvailable",
+    lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")),
+    rollout=True,
+    release_bound=True,
+)
+_ENDPOINT = _Step("endpoint", "Ready", lambda d, j, c: d.endpoint(j, c.get("kubeconfig", "")))
+
 _CREATE: tuple[_Step, ...] = (
     _Step("host_namespace", "HostNamespaceReady", lambda d, j, c: d.ensure_namespace(j), cluster=True),
     _Step("vcluster", "VClusterCreated", lambda d, j, c: d.ensure_vcluster(j), cluster=True),
-    _Step("vcluster_ready", "VClusterReady", lambda d, j, c: d.vcluster_ready(j), cluster=True),
-    _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), cluster=True, quiet=True),
-    _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", "")), release_bound=True),
-    _Step(
-        "rollout",
-        "AppAvailable",
-        lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")),
-        rollout=True,
-        release_bound=True,
-    ),
-    _Step("endpoint", "Ready", lambda d, j, c: d.endpoint(j, c.get("kubeconfig", ""))),
+    _VCLUSTER_READY,
+    _CLUSTER_KUBECONFIG,
+    _APP,
+    _ROLLOUT,
+    _ENDPOINT,
 )
 # An update reports two events: the release applied, then running healthy (its rollout's condition on it).
-_UPDATE: tuple[_Step, ...] = (
-    _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), quiet=True),
-    _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", "")), release_bound=True),
-    _Step(
-        "rollout",
-        "AppAvailable",
-        lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")),
-        rollout=True,
-        release_bound=True,
-        quiet=True,
-    ),
-    _Step("endpoint", "Ready", lambda d, j, c: d.endpoint(j, c.get("kubeconfig", ""))),
-)
+_UPDATE: tuple[_Step, ...] = (_KUBECONFIG, _APP, replace(_ROLLOUT, quiet=True), _ENDPOINT)
 _STOP: tuple[_Step, ...] = (
-    _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), quiet=True),
+    _KUBECONFIG,
     _Step("app_stop", "AppStopped", lambda d, j, c: d.stop_app(j, c.get("kubeconfig", ""))),
     _Step("vcluster_sleep", "VClusterAsleep", lambda d, j, c: d.sleep_vcluster(j)),
 )
 _START: tuple[_Step, ...] = (
     _Step("vcluster_wake", "VClusterAwake", lambda d, j, c: d.wake_vcluster(j), cluster=True),
-    _Step("vcluster_ready", "VClusterReady", lambda d, j, c: d.vcluster_ready(j), cluster=True),
-    _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), cluster=True, quiet=True),
-    _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", "")), release_bound=True),
-    _Step(
-        "rollout",
-        "AppAvailable",
-        lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")),
-        rollout=True,
-        release_bound=True,
-    ),
-    _Step("endpoint", "Ready", lambda d, j, c: d.endpoint(j, c.get("kubeconfig", ""))),
+    _VCLUSTER_READY,
+    _CLUSTER_KUBECONFIG,
+    _APP,
+    _ROLLOUT,
+    _ENDPOINT,
 )
 _ADOPT: tuple[_Step, ...] = (_Step("adopt", "NamespaceAdopted", lambda d, j, c: d.adopt_namespace(j)),)
 _DELETE: tuple[_Step, ...] = (
