@@ -27,8 +27,6 @@ from typing import Any, Final, TypeVar
 
 import grpc
 from sqlalchemy import func, or_, select, update
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from apphosting.v1 import api_keys_pb2 as pb
@@ -59,8 +57,6 @@ LAST_USED_RESOLUTION: Final = timedelta(minutes=1)
 _KEYS_LOCK_SPACE: Final = 0x61706B79  # "apky"
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
-# What a database that is down or overloaded raises: the caller is told UNAVAILABLE (retry), as by DeploymentService.
-_DATABASE_FAILURES: Final = (DBAPIError, PoolTimeout, OSError)
 
 
 def new_key() -> str:
@@ -224,7 +220,7 @@ def _answered(
     async def wrapper(self: ApiKeyServicer, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
         try:
             return await method(self, request, context)
-        except _DATABASE_FAILURES as failure:
+        except errors.DATABASE_FAILURES as failure:
             log.warning("database unavailable in %s: %s", method.__name__, failure)
             raise errors.unavailable("the database") from None
 
@@ -335,7 +331,7 @@ class ApiKeyVerifier(JwtVerifier):
         prefix = errors.echo(key_prefix(token), len(KEY_PREFIX) + PREFIX_CHARS)
         try:
             row = await self._keys.find(key_hash(token))
-        except _DATABASE_FAILURES as failure:
+        except errors.DATABASE_FAILURES as failure:
             log.warning("API key %s not checked, database unavailable: %s", prefix, failure)
             raise errors.unavailable("the database") from None
         if row is None:

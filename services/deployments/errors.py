@@ -12,6 +12,8 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from apphosting import registry
 
@@ -23,6 +25,9 @@ log = logging.getLogger(__name__)
 # message percent-encoded (up to 3 bytes a byte) in grpc-message, its details base64-encoded (4 bytes
 # per 3) in grpc-status-details-bin. These bounds keep both together near 6 KiB whatever is echoed.
 MESSAGE_MAX_BYTES: Final = 400
+# What a database that is down or overloaded raises (OperationalError is a DBAPIError): the caller is told
+# UNAVAILABLE, to retry.
+DATABASE_FAILURES: Final = (DBAPIError, PoolTimeout, OSError)
 DETAILS_MAX_BYTES: Final = 3_400
 DESCRIPTION_MAX_BYTES: Final = 400
 FIELD_MAX_BYTES: Final = 200

@@ -11,8 +11,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequ
 from typing import Any, TypeVar
 
 import grpc
-from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from apphosting import bus, imageupdates, netguard, registry, secrets
 from apphosting.locations import LocationConfig
@@ -66,7 +64,7 @@ def _answer(method: str, failure: Exception) -> ServiceError:
     """What the caller is told about a failure: never UNKNOWN, never the text of an unexpected exception."""
     if isinstance(failure, ServiceError):
         return failure
-    if isinstance(failure, (OperationalError, DBAPIError, PoolTimeout, OSError)):
+    if isinstance(failure, errors.DATABASE_FAILURES):
         log.warning("database unavailable in %s: %s", method, failure)
         return errors.unavailable("the database")
     return errors.internal(method, failure)
