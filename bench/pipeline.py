@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import nats
@@ -24,11 +25,17 @@ from bench.procs import Stack, python
 from bench.requests import create_request
 from bench.stats import summary
 
+if TYPE_CHECKING:
+    from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub
+
 # Room for every deployment of the run, so placement never refuses and only speed is measured.
 _HUGE = {"cpu": 1_000_000, "memory_mb": 1_000_000_000, "storage_gb": 1_000_000_000, "vclusters": 1_000_000}
 LOCATION_IDS = ("bench-a", "bench-b", "bench-c", "bench-d")
-# Issue 12's goal: deployments per second from Create to `running`.
+# Issue 12's goals: deployments per second from Create to `running`, and the p99 of create→running
+# when Creates are offered at OFFERED_PER_SECOND whatever the answers (an open loop).
 GOAL_PER_SECOND = 200.0
+OFFERED_PER_SECOND = 100.0
+GOAL_OFFERED_P99_MS = 1000.0
 
 
 def write_locations(path: Path) -> Path:
@@ -94,76 +101,147 @@ async def start_processes(stack: Stack, provisioners: int, *, shared_state: bool
     return port
 
 
+class _Arrivals:
+    """The API's announcements of what it applied: when each deployment was seen `running`, or failed."""
+
+    def __init__(self) -> None:
+        self.created: dict[str, float] = {}
+        self.running: dict[str, float] = {}
+        self.failed: dict[str, str] = {}
+        self.expected: int | None = None
+        self.done = asyncio.Event()
+
+    async def on_change(self, msg: Msg) -> None:
+        # The API announces every change it applied; the record is `running` when this arrives.
+        deployment = pb.WatchDeploymentsResponse.FromString(msg.data).deployment
+        if deployment.status == pb.DEPLOYMENT_STATUS_RUNNING and deployment.id not in self.running:
+            self.running[deployment.id] = time.perf_counter()
+        elif deployment.status in (pb.DEPLOYMENT_STATUS_FAILED, pb.DEPLOYMENT_STATUS_ERROR):
+            self.failed[deployment.id] = deployment.error_message
+        self.check()
+
+    def check(self) -> None:
+        if self.expected is not None and len(self.running) + len(self.failed) >= self.expected:
+            self.done.set()
+
+    def all_created(self) -> None:
+        self.expected = len(self.created)
+        self.check()
+
+    async def wait(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.done.wait(), timeout=max(1.0, seconds))
+
+    def reached(self) -> list[float]:
+        return [self.running[i] - self.created[i] for i in self.created if i in self.running]
+
+
+@contextlib.asynccontextmanager
+async def _watching(stack: Stack, port: int) -> AsyncIterator[tuple[_Arrivals, DeploymentServiceAsyncStub]]:
+    arrivals = _Arrivals()
+    nc = await nats.connect(stack.nats.url, name="bench-pipeline")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        await nc.subscribe(bus.CHANGES_SUBJECTS, cb=arrivals.on_change)
+        await nc.flush()
+        stub: DeploymentServiceAsyncStub = deployments_pb2_grpc.DeploymentServiceStub(channel)  # type: ignore[assignment]
+        yield arrivals, stub
+    finally:
+        await channel.close()
+        await nc.close()
+
+
 async def run_one(stack: Stack, plan: Plan, provisioners: int, database: str, log: Any) -> dict[str, Any]:
     port = await start_processes(stack, provisioners)
-    nc = await nats.connect(stack.nats.url, name="bench-pipeline")
+    async with _watching(stack, port) as (arrivals, stub):
 
-    created: dict[str, float] = {}
-    running: dict[str, float] = {}
-    failed: dict[str, str] = {}
-    done = asyncio.Event()
-    created_all = False
+        async def call(index: int) -> None:
+            t0 = time.perf_counter()
+            deployment = await stub.CreateAppHostingDeployment(create_request(index), timeout=10)
+            arrivals.created[deployment.id] = t0
 
-    async def on_change(msg: Msg) -> None:
-        # The API announces every change it applied; the record is `running` when this arrives.
-        change = pb.WatchDeploymentsResponse.FromString(msg.data)
-        deployment = change.deployment
-        if deployment.status == pb.DEPLOYMENT_STATUS_RUNNING and deployment.id not in running:
-            running[deployment.id] = time.perf_counter()
-        elif deployment.status in (pb.DEPLOYMENT_STATUS_FAILED, pb.DEPLOYMENT_STATUS_ERROR):
-            failed[deployment.id] = deployment.error_message
-        if created_all and len(running) + len(failed) >= len(created):
-            done.set()
-
-    await nc.subscribe(bus.CHANGES_SUBJECTS, cb=on_change)
-    await nc.flush()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    stub = deployments_pb2_grpc.DeploymentServiceStub(channel)
-
-    async def call(index: int) -> None:
-        t0 = time.perf_counter()
-        deployment = await stub.CreateAppHostingDeployment(create_request(index), timeout=10)
-        created[deployment.id] = t0
-
-    began = time.perf_counter()
-    try:
+        began = time.perf_counter()
         load = await closed_loop(
             call,
             concurrency=plan.pipeline_concurrency,
             max_requests=plan.pipeline_deployments,
             duration=plan.pipeline_seconds / 2,
         )
-        created_all = True
-        if len(running) + len(failed) >= len(created):
-            done.set()
-        remaining = max(1.0, plan.pipeline_seconds - (time.perf_counter() - began))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), timeout=remaining)
+        arrivals.all_created()
+        await arrivals.wait(plan.pipeline_seconds - (time.perf_counter() - began))
         peaks = stack.peaks()
-    finally:
-        await channel.close()
-        await nc.close()
-    reached = [running[i] - created[i] for i in created if i in running]
-    last = max((running[i] for i in created if i in running), default=began)
+    reached = arrivals.reached()
+    last = max((arrivals.running[i] for i in arrivals.created if i in arrivals.running), default=began)
     per_second = len(reached) / (last - began) if reached else 0.0
     result: dict[str, Any] = {
         "database": database,
         "provisioners": provisioners,
-        "created": len(created),
+        "created": len(arrivals.created),
         "create_rps": round(load.rps, 1),
         "running": len(reached),
-        "failed": len(failed),
+        "failed": len(arrivals.failed),
         "per_second": round(per_second, 1),
         "ratio_to_goal": round(per_second / GOAL_PER_SECOND, 3),
         "seconds": round(last - began, 2),
         "create_to_running": summary(reached),
         "peak_rss_mb": peaks,
     }
-    if failed:
-        result["first_failure"] = next(iter(failed.values()))[:300]
+    if arrivals.failed:
+        result["first_failure"] = next(iter(arrivals.failed.values()))[:300]
     log(
-        f"pipeline on {database} with {provisioners} provisioner(s): {len(reached)}/{len(created)} running, "
-        f"{per_second:.1f}/s, create→running p50 {result['create_to_running']['p50_ms']} ms "
+        f"pipeline on {database} with {provisioners} provisioner(s): {len(reached)}/{len(arrivals.created)} "
+        f"running, {per_second:.1f}/s, create→running p50 {result['create_to_running']['p50_ms']} ms "
         f"p99 {result['create_to_running']['p99_ms']} ms"
+    )
+    return result
+
+
+async def run_offered(stack: Stack, plan: Plan, provisioners: int, database: str, log: Any) -> dict[str, Any]:
+    """Creates offered at OFFERED_PER_SECOND for plan.pipeline_offered_seconds, each sent at its own
+    moment whether or not earlier ones were answered (an open loop), so a slow pipeline shows as
+    growing latency rather than as a slower sender. Latency runs from a Create's scheduled moment to
+    its `running`; a deployment not running when the run ends counts as the whole wait (so the p99
+    is then a lower bound, said by `complete`)."""
+    port = await start_processes(stack, provisioners)
+    count = round(OFFERED_PER_SECOND * plan.pipeline_offered_seconds)
+    errors: list[str] = []
+    async with _watching(stack, port) as (arrivals, stub):
+        began = time.perf_counter()
+
+        async def send(index: int) -> None:
+            due = began + index / OFFERED_PER_SECOND
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            try:
+                deployment = await stub.CreateAppHostingDeployment(create_request(index), timeout=30)
+            except grpc.aio.AioRpcError as failure:
+                errors.append(f"{failure.code().name}: {failure.details()}")
+                return
+            arrivals.created[deployment.id] = due
+
+        await asyncio.gather(*(send(index) for index in range(count)))
+        arrivals.all_created()
+        waited = plan.pipeline_offered_seconds + plan.pipeline_seconds
+        await arrivals.wait(waited - (time.perf_counter() - began))
+        ended = time.perf_counter()
+    reached = arrivals.reached()
+    unfinished = [ended - arrivals.created[i] for i in arrivals.created if i not in arrivals.running]
+    latency = summary(reached + unfinished)
+    result: dict[str, Any] = {
+        "database": database,
+        "provisioners": provisioners,
+        "offered_per_second": OFFERED_PER_SECOND,
+        "offered": count,
+        "created": len(arrivals.created),
+        "create_errors": len(errors),
+        "running": len(reached),
+        "failed": len(arrivals.failed),
+        "complete": not unfinished and not errors,
+        "create_to_running": latency,
+    }
+    if errors:
+        result["first_error"] = errors[0][:300]
+    log(
+        f"pipeline on {database} offered {OFFERED_PER_SECOND:g}/s with {provisioners} provisioner(s): "
+        f"{len(reached)}/{count} running, create→running p50 {latency['p50_ms']} ms p99 {latency['p99_ms']} ms"
     )
     return result

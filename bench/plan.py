@@ -19,6 +19,8 @@ class Plan:
     pipeline_deployments: int
     pipeline_concurrency: int
     pipeline_seconds: float
+    # Pipeline at an offered rate (pipeline.OFFERED_PER_SECOND) for this long, with the most provisioners.
+    pipeline_offered_seconds: float
     # Image updates: deployments created and waited for, then each updated once at update_concurrency.
     update_provisioners: int
     update_deployments: int
@@ -53,6 +55,7 @@ FULL = Plan(
     pipeline_deployments=1000,
     pipeline_concurrency=32,
     pipeline_seconds=60.0,
+    pipeline_offered_seconds=20.0,
     update_provisioners=4,
     update_deployments=1000,
     update_concurrency=32,
@@ -82,6 +85,7 @@ QUICK = Plan(
     pipeline_deployments=12,
     pipeline_concurrency=8,
     pipeline_seconds=20.0,
+    pipeline_offered_seconds=0.2,
     update_provisioners=4,
     update_deployments=12,
     update_concurrency=8,

@@ -46,6 +46,10 @@ def test_quick_benchmark_writes_json_and_report(tmp_path: Path) -> None:
         assert entry["per_second"] > 0, (kind, entry)
         assert entry["ratio_to_goal"] > 0, (kind, entry)
         assert entry["create_to_running_p99_ms"] > 0, (kind, entry)
+        offered = entry["offered"]
+        assert offered["offered"] > 0, (kind, offered)
+        assert offered["running"] > 0, (kind, offered)
+        assert offered["create_to_running"]["p99_ms"] > 0, (kind, offered)
     for kind, entry in results["update"]["by_database"].items():
         assert entry["per_second"] > 0, (kind, entry)
         assert entry["running"] > 0, (kind, entry)
@@ -114,3 +118,21 @@ def test_verdicts_are_written_from_the_figures() -> None:
     assert pipeline["met"] is None
     assert pipeline["unmeasured"] == ["p99 create→running at 100/s offered"]
     assert targets["create"]["verdict"] == "not measured in this run"
+
+
+def test_the_offered_pipeline_is_judged_by_its_p99() -> None:
+    def pipeline_with(offered: dict[str, object]) -> dict[str, object]:
+        entry = {"per_second": 250.0, "provisioners": 4, "offered": {"provisioners": 4, **offered}}
+        return {"pipeline": {"by_database": {"sqlite": entry}}}
+
+    fast = {"offered_per_second": 100.0, "offered": 2000, "running": 2000, "complete": True}
+    met = evaluate(pipeline_with({**fast, "create_to_running": {"p99_ms": 400.0}}))
+    assert {t["name"]: t for t in met}["pipeline"]["met"] is True
+    # Deployments still on their way when the run ended: the p99 is a lower bound, and it is said.
+    slow = {**fast, "running": 900, "complete": False, "create_to_running": {"p99_ms": 80000.0}}
+    missed = {t["name"]: t for t in evaluate(pipeline_with(slow))}["pipeline"]
+    assert missed["met"] is False
+    assert "≥ 80000.0 ms" in missed["measured"]
+    assert missed["held_back"] == [
+        "p99 create→running at 100/s offered on sqlite: 80000 ms is 80.0x the goal of 1000 ms"
+    ]
