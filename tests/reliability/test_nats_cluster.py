@@ -83,22 +83,27 @@ async def create_over(stub: DeploymentServiceAsyncStub, prefix: str, count: int,
 
 
 async def settle(stub: DeploymentServiceAsyncStub, ids: list[str], within: float = 300) -> dict[str, pb.Deployment]:
-    async with asyncio.timeout(within):
-        while True:
-            found = {i: await stub.GetDeployment(pb.GetDeploymentRequest(id=i), timeout=30) for i in ids}
-            if all(d.status in SETTLED for d in found.values()):
-                return found
-            await asyncio.sleep(0.3)
+    deadline = time.monotonic() + within
+    while True:
+        found = {i: await stub.GetDeployment(pb.GetDeploymentRequest(id=i), timeout=30) for i in ids}
+        unsettled = {i: pb.DeploymentStatus.Name(d.status) for i, d in found.items() if d.status not in SETTLED}
+        if not unsettled:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not settled after {within} s: {unsettled}")
+        await asyncio.sleep(0.3)
 
 
-async def until(check: Callable[[], str | None], within: float = 120) -> str:
+async def until(check: Callable[[], str | None], what: str, within: float = 120) -> str:
     """Polls a blocking check in a thread until it returns something other than None."""
-    async with asyncio.timeout(within):
-        while True:
-            found = await asyncio.to_thread(check)
-            if found is not None:
-                return found
-            await asyncio.sleep(0.1)
+    deadline = time.monotonic() + within
+    while True:
+        found = await asyncio.to_thread(check)
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {within} s")
+        await asyncio.sleep(0.1)
 
 
 async def running(stub: DeploymentServiceAsyncStub, deployment_id: str) -> bool:
@@ -118,15 +123,20 @@ def other_than(found: str | None, leader: str) -> str | None:
 
 
 async def kill_leader(nats_cluster: NatsCluster, leader: str, *, stream: str | None = None) -> None:
-    """SIGKILLs the node that leads, waits until the others elected another leader, then restarts it."""
+    """SIGKILLs the node that leads, waits until the others elected another leader, then restarts it
+    and waits until it caught up: a node killed before the last one caught up would leave a stream
+    without a quorum, which no client can survive."""
     node = nats_cluster.node(leader)
     await asyncio.to_thread(nats_cluster.kill, node)
     if stream is None:
-        await until(lambda: other_than(nats_cluster.meta_leader(), leader))
+        await until(lambda: other_than(nats_cluster.meta_leader(), leader), f"meta leader other than {leader}")
     else:
-        await until(lambda: other_than(nats_cluster.stream_leader(stream), leader))
+        await until(
+            lambda: other_than(nats_cluster.stream_leader(stream), leader), f"{stream} leader other than {leader}"
+        )
     await asyncio.to_thread(nats_cluster.restart, node)
     await asyncio.to_thread(nats_cluster.wait_for_meta_leader)
+    await asyncio.to_thread(nats_cluster.wait_until_healthy)
 
 
 async def test_streams_are_replicated_on_every_node(
@@ -144,11 +154,12 @@ async def test_meta_leader_and_stream_leaders_killed_while_deployments_flow(
     _, stub, state = cluster_stack
     creating = asyncio.create_task(create_over(stub, "flow", DEPLOYMENTS, span=15))
     killed = []
-    meta = await until(nats_cluster.meta_leader)
+    await asyncio.to_thread(nats_cluster.wait_until_healthy)
+    meta = await until(nats_cluster.meta_leader, "meta leader")
     await kill_leader(nats_cluster, meta)
     killed.append(f"meta {meta}")
     for stream in (bus.JOBS_STREAM, bus.EVENTS_STREAM, bus.REQUESTS_STREAM):
-        leader = await until(lambda s=stream: nats_cluster.stream_leader(s))  # type: ignore[misc]
+        leader = await until(lambda s=stream: nats_cluster.stream_leader(s), f"{stream} leader")  # type: ignore[misc]
         await kill_leader(nats_cluster, leader, stream=stream)
         killed.append(f"{stream} {leader}")
     ids = await creating
@@ -170,14 +181,14 @@ async def test_a_node_cut_off_longer_than_the_ack_wait(
     _, stub, state = cluster_stack
     first = await create_over(stub, "before", 6, span=1)
     # The node that leads the jobs stream: its messages in flight are the ones a cut-off node holds.
-    leader = await until(lambda: nats_cluster.stream_leader(bus.JOBS_STREAM))
+    leader = await until(lambda: nats_cluster.stream_leader(bus.JOBS_STREAM), "jobs stream leader")
     node = nats_cluster.node(leader)
     cut_at = time.monotonic()
     await asyncio.to_thread(nats_cluster.freeze, node)
     try:
         creating = asyncio.create_task(create_over(stub, "during", DEPLOYMENTS, span=10))
         # The others carry on without it: a new leader for the stream, and deployments that run.
-        await until(lambda: other_than(nats_cluster.stream_leader(bus.JOBS_STREAM), leader))
+        await until(lambda: other_than(nats_cluster.stream_leader(bus.JOBS_STREAM), leader), "another jobs leader")
         during = await creating
         await eventually(lambda: running(stub, during[0]), within=300)
         # Held away for longer than a message's ack wait, so what it held is redelivered elsewhere.
@@ -192,7 +203,7 @@ async def test_a_node_cut_off_longer_than_the_ack_wait(
     } == {}
     assert_built_once(state, len(ids))
     # The node rejoined: it answers and agrees on the leader again.
-    assert await until(nats_cluster.meta_leader)
+    assert await until(nats_cluster.meta_leader, "meta leader")
 
 
 async def test_a_message_whose_handler_meets_a_stream_away_keeps_its_deliveries(nats_cluster: NatsCluster) -> None:
@@ -209,7 +220,7 @@ async def test_a_message_whose_handler_meets_a_stream_away_keeps_its_deliveries(
         await js.add_stream(StreamConfig(name="AWAY_IN", subjects=["away.in"], num_replicas=3))
         # One replica: while its node is down, nothing answers a publish to it.
         await js.add_stream(StreamConfig(name="AWAY_OUT", subjects=["away.out"], num_replicas=1))
-        node = nats_cluster.node(await until(lambda: nats_cluster.stream_leader("AWAY_OUT")))
+        node = nats_cluster.node(await until(lambda: nats_cluster.stream_leader("AWAY_OUT"), "AWAY_OUT leader"))
         dropped: list[bytes] = []
         attempts: dict[str, int] = {}
         handled_on_delivery: dict[str, int] = {}

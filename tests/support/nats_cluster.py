@@ -134,6 +134,26 @@ class NatsCluster:
                         return int(detail.get("config", {}).get("num_replicas", 1))
         return None
 
+    def healthy(self, node: NatsServer) -> bool:
+        """The node's /healthz: it runs, has a meta leader and its streams and consumers are current."""
+        assert node.monitor_url is not None
+        try:
+            with urllib.request.urlopen(f"{node.monitor_url}/healthz", timeout=5) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    def wait_until_healthy(self, timeout: float = 180) -> None:
+        """Waits until every live node is healthy: a node that came back has caught up with its
+        streams, so losing another one leaves each stream a quorum (as a rolling restart waits)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self.healthy(node) for node in self.alive()):
+                return
+            time.sleep(0.2)
+        unhealthy = [self.name_of(n) for n in self.alive() if not self.healthy(n)]
+        raise TimeoutError(f"nodes {unhealthy} not healthy after {timeout} s")
+
     def wait_for_meta_leader(self, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
