@@ -18,10 +18,14 @@ FINDINGS: dict[str, str] = {
         "p50 2 s); `netguard.CachingResolver` keeps answers 60 s and failures 30 s and asks once per name. "
         "This process's SQLite writers queue on an asyncio lock instead of sleeping in SQLite's busy handler, "
         "and the outbox relay publishes all unsent rows at once and deletes them in one statement once stored. "
-        "Still open: one transaction per create with three ORM inserts (deployment, its first event, outbox "
-        "row) bounds throughput near 100/s on SQLite whatever the concurrency. Reaching half the echo "
-        "ceiling needs group commit (the creates waiting at one moment written in one transaction) and Core "
-        "`INSERT`s instead of the ORM flush; on PostgreSQL, concurrent transactions also help."
+        "Group commit (`DeploymentStore.create`): the creates that arrive while one group is written wait and "
+        "are written together in the next transaction, with one Core executemany `INSERT` per table "
+        "(deployments, events, releases, outbox) and one look for their request_ids, names and quota use, "
+        "instead of a transaction and an ORM flush each. Measured side by side on the loaded 2-core "
+        "machine, before -> after: SQLite c=32 92 -> 305/s (0.067 -> 0.27x echo), c=128 107 -> 261/s; "
+        "PostgreSQL c=32 69 -> 179/s (0.041 -> 0.089x), c=128 115 -> 219/s; c=1 unchanged (a group of one). "
+        "Still open: the per-request work around the store (validation, `row_to_proto` twice, the gRPC "
+        "handler) and one group in flight per process."
     ),
     "pipeline": (
         "The API's event consumer is the limit; the scheduler and provisioners are idle in profiles. Done "

@@ -48,6 +48,15 @@ class Usage:
     # Database bytes: what the store counts for each record and its history.
     stored_bytes: int = 0
 
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.deployments + other.deployments,
+            self.cpu_millis + other.cpu_millis,
+            self.memory_mb + other.memory_mb,
+            self.storage_gb + other.storage_gb,
+            self.stored_bytes + other.stored_bytes,
+        )
+
     def __sub__(self, other: Usage) -> Usage:
         return Usage(
             self.deployments - other.deployments,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import case, delete, func, insert, inspect, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -21,8 +22,9 @@ from apphosting.v1 import deployments_pb2 as pb
 from services.deployments import quotas as quota_rules
 from services.deployments import secret_env
 from services.deployments.convert import OBSERVED, changed, fold, observed_of, row_to_proto
+from services.deployments.errors import ServiceError
 from services.deployments.lifecycle import TERMINAL, allowed, early
-from services.deployments.tables import DeploymentRow, EventRow, OutboxRow, ReleaseRow
+from services.deployments.tables import Base, DeploymentRow, EventRow, OutboxRow, ReleaseRow
 
 # First key of the PostgreSQL advisory locks that serialise one user's quota-checked creates
 # (arbitrary; the scheduler's ledger uses a single 64-bit key, which cannot collide with a pair).
@@ -181,6 +183,122 @@ SETTABLE = (
 )
 
 
+# The most creates one group transaction writes; the rest wait for the next.
+_GROUP_MOST = 128
+
+
+@dataclass(frozen=True)
+class _Creating:
+    """A create's records, built before its transaction: written alone, or with a group."""
+
+    new: NewDeployment
+    quotas: quota_rules.Quotas | None
+    row: DeploymentRow
+    event: EventRow
+    release: ReleaseRow
+    outbox: list[OutboxRow]
+
+    @property
+    def checked(self) -> bool:
+        return self.quotas is not None and self.quotas.enforced
+
+    @property
+    def demand(self) -> quota_rules.Usage:
+        """What it holds against its owner's quotas, its stored bytes included."""
+        return dataclasses.replace(self.new.demand, stored_bytes=self.row.record_bytes + self.row.history_bytes)
+
+
+# What a create in a group is answered: written, a replayed record (no change), or why it was refused.
+_Answer = _Creating | tuple[DeploymentRow, Change | None] | Exception
+
+
+def _creating(new: NewDeployment, outbox: OutboxFn, quotas: quota_rules.Quotas | None) -> _Creating:
+    """The records a create writes: the pending deployment, its first event, release 1 and its outbox rows."""
+    moment = now()
+    row = DeploymentRow(
+        id=new.id or str(uuid.uuid4()),
+        user_id=new.user_id,
+        cluster_id=str(uuid.uuid4()),
+        name=new.name,
+        live_name=new.name,
+        app_type=new.app_type,
+        status="pending",
+        phase="accepted",
+        geographic_region=new.geographic_region,
+        spec=new.spec,
+        request_id=new.request_id,
+        request_hash=new.request_hash,
+        revision=1,
+        is_adopted=new.is_adopted,
+        source_namespace=new.source_namespace,
+        target_location=new.target_location,
+        promoted_from=new.promoted_from,
+        release=1,
+        image_updates_paused=False,
+        cpu_millis=new.demand.cpu_millis,
+        memory_mb=new.demand.memory_mb,
+        storage_gb=new.demand.storage_gb,
+        created_at=moment,
+        updated_at=moment,
+    )
+    event = EventRow(
+        event_id=f"api:{row.id}:1",
+        deployment_id=row.id,
+        revision=1,
+        status="pending",
+        phase="accepted",
+        message="deployment accepted",
+        source="api",
+        simulated=False,
+        final=False,
+        time=moment,
+        actor=new.user_id,
+        operation=new.made_by,
+        release=1,
+        # The first event is the base every later change is folded onto.
+        changes=observed_of(row),
+    )
+    release = ReleaseRow(
+        deployment_id=row.id,
+        number=1,
+        # The current release's spec is the record's.
+        spec=None,
+        operation=new.made_by,
+        actor=new.user_id,
+        reason=new.reason,
+        created_at=moment,
+        healthy=False,
+    )
+    row.record_bytes = _record_bytes(row)
+    row.history_bytes = _event_bytes(event) + _release_bytes(release)
+    return _Creating(new, quotas, row, event, release, _outbox_rows(outbox(row), moment, row.id))
+
+
+def _outbox_rows(messages: Sequence[Outgoing], moment: datetime, deployment_id: str) -> list[OutboxRow]:
+    # The relay sends the rows later, from another task: each keeps the trace it was made in.
+    headers = tracing.outbox_headers(deployment_id)
+    return [
+        OutboxRow(id=message.id, subject=message.subject, payload=message.payload, headers=headers, created_at=moment)
+        for message in messages
+    ]
+
+
+async def _insert_all(session: AsyncSession, records: Sequence[Base]) -> None:
+    """Inserts records of one table with one Core executemany, in their order, without the ORM's flush.
+
+    Each row gets the columns its record was given; those left unset stay out (NULL or their
+    default), as in a flush.
+    """
+    if not records:
+        return
+    table = Base.metadata.tables[records[0].__tablename__]
+    rows = []
+    for record in records:
+        given = inspect(record).dict
+        rows.append({column.key: given[column.key] for column in table.columns if column.key in given})
+    await session.execute(insert(table), rows)
+
+
 class DeploymentStore:
     """Reads and writes deployments; every write also appends its event and its outbox rows."""
 
@@ -197,6 +315,9 @@ class DeploymentStore:
         # the rollout of an automatic rollback, and the delete that ends a migration.
         self.update_outbox: OutboxFn = lambda row: []
         self.delete_outbox: OutboxFn = lambda row: []
+        # Creates waiting for the group transaction after the one being written (group commit).
+        self._waiting: list[tuple[_Creating, asyncio.Future[tuple[DeploymentRow, Change | None]]]] = []
+        self._grouping: asyncio.Task[None] | None = None
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -213,24 +334,32 @@ class DeploymentStore:
 
     @staticmethod
     async def _usage(session: AsyncSession, user_id: str) -> quota_rules.Usage:
+        return (await DeploymentStore._usages(session, [user_id]))[user_id]
+
+    @staticmethod
+    async def _usages(session: AsyncSession, user_ids: Sequence[str]) -> dict[str, quota_rules.Usage]:
         live = DeploymentRow.deleted_at.is_(None)
 
         def live_sum(column: Any) -> Any:
             return func.coalesce(func.sum(case((live, column), else_=0)), 0)
 
-        row = (
+        rows = (
             await session.execute(
                 select(
+                    DeploymentRow.user_id,
                     func.coalesce(func.sum(case((live, 1), else_=0)), 0),
                     live_sum(DeploymentRow.cpu_millis),
                     live_sum(DeploymentRow.memory_mb),
                     live_sum(DeploymentRow.storage_gb),
                     # A deleted record stays stored until it is purged (purge_deleted): its bytes still count.
                     func.coalesce(func.sum(DeploymentRow.record_bytes + DeploymentRow.history_bytes), 0),
-                ).where(DeploymentRow.user_id == user_id)
+                )
+                .where(DeploymentRow.user_id.in_(user_ids))
+                .group_by(DeploymentRow.user_id)
             )
-        ).one()
-        return quota_rules.Usage(*(int(value) for value in row))
+        ).all()
+        found = {user: quota_rules.Usage(*(int(value) for value in values)) for user, *values in rows}
+        return {user: found.get(user, quota_rules.Usage()) for user in user_ids}
 
     @staticmethod
     async def _lock_user(session: AsyncSession, user_id: str) -> None:
@@ -239,12 +368,21 @@ class DeploymentStore:
         Then the usage read next includes every deployment another create committed before, and
         none can commit in between: two concurrent creates never both fit under one limit.
         """
+        await DeploymentStore._lock_users(session, [user_id])
+
+    @staticmethod
+    async def _lock_users(session: AsyncSession, user_ids: Sequence[str]) -> None:
+        """_lock_user for several users, taken in sorted order so that two groups never wait on each other.
+
+        On SQLite, the database-wide write lock, whatever the users (none too).
+        """
         connection = await session.connection()
         if connection.dialect.name == "sqlite":
             # The driver opens a transaction only at the first write; take the (database-wide) write
             # lock before the read.
             await connection.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
+            return
+        for user_id in sorted(set(user_ids)):
             # Per user, across processes; released at commit or rollback.
             await connection.execute(select(func.pg_advisory_xact_lock(_QUOTA_LOCK_SPACE, func.hashtext(user_id))))
 
@@ -265,80 +403,42 @@ class DeploymentStore:
         together would exceed one; a request_id replay is answered even then. `also` (a record's id,
         a plan made from the new row, its outbox) changes another record in the same transaction:
         the source of a promote; the change is in the returned Change's `also`.
+
+        Creates without `also` that arrive while a group is being written wait, and are written
+        together in the next transaction (group commit); each is answered as if written alone.
         """
+        # Built here, in the caller's context: the outbox rows keep the caller's trace.
+        creating = _creating(new, outbox, quotas)
+        if also is not None:
+            return await self._create_alone(creating, also)
+        done: asyncio.Future[tuple[DeploymentRow, Change | None]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((creating, done))
+        if self._grouping is None or self._grouping.done():
+            self._grouping = asyncio.create_task(self._write_groups())
+        return await done
+
+    async def _create_alone(
+        self,
+        creating: _Creating,
+        also: tuple[str, Callable[[DeploymentRow], Plan], OutboxFn | None] | None = None,
+    ) -> tuple[DeploymentRow, Change | None]:
+        """One create in its own transaction, through the ORM (with `also`, or after a group failed)."""
+        new, row = creating.new, creating.row
         if new.request_id is not None:
             replay = await self._replay(new)
             if replay is not None:
                 return replay, None
-        moment = now()
-        row = DeploymentRow(
-            id=new.id or str(uuid.uuid4()),
-            user_id=new.user_id,
-            cluster_id=str(uuid.uuid4()),
-            name=new.name,
-            live_name=new.name,
-            app_type=new.app_type,
-            status="pending",
-            phase="accepted",
-            geographic_region=new.geographic_region,
-            spec=new.spec,
-            request_id=new.request_id,
-            request_hash=new.request_hash,
-            revision=1,
-            is_adopted=new.is_adopted,
-            source_namespace=new.source_namespace,
-            target_location=new.target_location,
-            promoted_from=new.promoted_from,
-            release=1,
-            image_updates_paused=False,
-            cpu_millis=new.demand.cpu_millis,
-            memory_mb=new.demand.memory_mb,
-            storage_gb=new.demand.storage_gb,
-            created_at=moment,
-            updated_at=moment,
-        )
-        event = EventRow(
-            event_id=f"api:{row.id}:1",
-            deployment_id=row.id,
-            revision=1,
-            status="pending",
-            phase="accepted",
-            message="deployment accepted",
-            source="api",
-            simulated=False,
-            final=False,
-            time=moment,
-            actor=new.user_id,
-            operation=new.made_by,
-            release=1,
-            # The first event is the base every later change is folded onto.
-            changes=observed_of(row),
-        )
-        release = ReleaseRow(
-            deployment_id=row.id,
-            number=1,
-            # The current release's spec is the record's.
-            spec=None,
-            operation=new.made_by,
-            actor=new.user_id,
-            reason=new.reason,
-            created_at=moment,
-            healthy=False,
-        )
-        row.record_bytes = _record_bytes(row)
-        row.history_bytes = _event_bytes(event) + _release_bytes(release)
-        demand = dataclasses.replace(new.demand, stored_bytes=row.record_bytes + row.history_bytes)
-        checked = quotas is not None and quotas.enforced
+        quotas = creating.quotas
         try:
             async with self.transaction() as session:
-                if quotas is not None and checked:
+                if quotas is not None and quotas.enforced:
                     await self._lock_user(session, new.user_id)
-                    quota_rules.check(quotas, await self._usage(session, new.user_id), demand)
+                    quota_rules.check(quotas, await self._usage(session, new.user_id), creating.demand)
                 session.add(row)
                 await session.flush()
-                session.add(event)
-                session.add(release)
-                self._add_outbox(session, outbox(row), moment, row.id)
+                session.add(creating.event)
+                session.add(creating.release)
+                session.add_all(creating.outbox)
                 others: tuple[Change, ...] = ()
                 if also is not None:
                     other_id, make_plan, other_outbox = also
@@ -351,7 +451,114 @@ class DeploymentStore:
                     return replay, None
             raise NameTaken(await self._live_id(new.user_id, new.name)) from None
         self.outbox_written()
-        return row, Change(row, event, row_to_proto(row), also=others)
+        return row, Change(row, creating.event, row_to_proto(row), also=others)
+
+    async def _write_groups(self) -> None:
+        """Writes the waiting creates, one group per transaction, until none wait."""
+        while self._waiting:
+            taken = self._waiting[:_GROUP_MOST]
+            del self._waiting[:_GROUP_MOST]
+            # A caller that gave up (its call was cancelled) is not written.
+            group = [(creating, done) for creating, done in taken if not done.done()]
+            if group:
+                await self._write_group(group)
+
+    async def _write_group(
+        self, group: Sequence[tuple[_Creating, asyncio.Future[tuple[DeploymentRow, Change | None]]]]
+    ) -> None:
+        """Writes a group in one transaction and answers each caller; on a conflict the group's look
+        could not see (another process's write), each is written on its own for its precise answer."""
+        answers: list[_Answer] = []
+        try:
+            try:
+                async with self.transaction() as session:
+                    answers = await self._group_in(session, [creating for creating, _ in group])
+            except IntegrityError:
+                answers = []
+                for creating, _ in group:
+                    try:
+                        answers.append(await self._create_alone(creating))
+                    except Exception as refused:
+                        answers.append(refused)
+            else:
+                if any(isinstance(answer, _Creating) for answer in answers):
+                    self.outbox_written()
+        except Exception as failure:
+            answers = [failure] * len(group)
+        finally:
+            for (_, done), answer in itertools.zip_longest(group, answers):
+                if done.done():
+                    continue
+                if answer is None:
+                    # The writer itself was cancelled before it had an answer.
+                    done.cancel()
+                elif isinstance(answer, Exception):
+                    done.set_exception(answer)
+                elif isinstance(answer, _Creating):
+                    row = answer.row
+                    try:
+                        done.set_result((row, Change(row, answer.event, row_to_proto(row))))
+                    except Exception as failure:
+                        done.set_exception(failure)
+                else:
+                    done.set_result(answer)
+
+    async def _group_in(self, session: AsyncSession, group: Sequence[_Creating]) -> list[_Answer]:
+        """Checks and writes a group in order, as one create after another would be: each one's
+        answer is the written create, a replayed record, or why it was refused."""
+        checked = sorted({creating.new.user_id for creating in group if creating.checked})
+        # On SQLite also without quotas: the looks below must still hold when the group writes.
+        await self._lock_users(session, checked)
+        used = await self._usages(session, checked) if checked else {}
+        requests = {(c.new.user_id, c.new.request_id) for c in group if c.new.request_id is not None}
+        stored: dict[tuple[str, str | None], DeploymentRow] = {}
+        if requests:
+            found = await session.scalars(
+                select(DeploymentRow).where(tuple_(DeploymentRow.user_id, DeploymentRow.request_id).in_(requests))
+            )
+            stored = {(row.user_id, row.request_id): row for row in found}
+        names = {(c.new.user_id, c.new.name) for c in group}
+        live = await session.execute(
+            select(DeploymentRow.user_id, DeploymentRow.live_name, DeploymentRow.id).where(
+                tuple_(DeploymentRow.user_id, DeploymentRow.live_name).in_(names)
+            )
+        )
+        taken: dict[tuple[str, str | None], str] = {(user, name): id_ for user, name, id_ in live.all()}
+        answers: list[_Answer] = []
+        written: list[_Creating] = []
+        for creating in group:
+            new = creating.new
+            request = (new.user_id, new.request_id)
+            prior = stored.get(request) if new.request_id is not None else None
+            if prior is not None:
+                answers.append((prior, None) if prior.request_hash == new.request_hash else RequestIdReused())
+                continue
+            if creating.quotas is not None and creating.checked:
+                try:
+                    quota_rules.check(creating.quotas, used[new.user_id], creating.demand)
+                except ServiceError as refused:
+                    answers.append(refused)
+                    continue
+            name = (new.user_id, new.name)
+            if name in taken:
+                answers.append(NameTaken(taken[name]))
+                continue
+            # What the creates after it in the group see, as they would after its commit.
+            taken[name] = creating.row.id
+            if new.request_id is not None:
+                stored[request] = creating.row
+            if new.user_id in used:
+                used[new.user_id] += creating.demand
+            written.append(creating)
+            answers.append(creating)
+        if written:
+            # Core executemany: one statement per table for the whole group, in the group's order
+            # (the outbox's seq, so the relay sends them in it).
+            await _insert_all(session, [c.row for c in written])
+            await _insert_all(session, [c.event for c in written])
+            await _insert_all(session, [c.release for c in written])
+            await _insert_all(session, [message for c in written for message in c.outbox])
+        return answers
 
     async def _replay(self, new: NewDeployment) -> DeploymentRow | None:
         async with self._sessions() as session:
@@ -373,18 +580,7 @@ class DeploymentStore:
 
     @staticmethod
     def _add_outbox(session: AsyncSession, messages: Sequence[Outgoing], moment: datetime, deployment_id: str) -> None:
-        # The relay sends the rows later, from another task: each keeps the trace it was made in.
-        headers = tracing.outbox_headers(deployment_id)
-        for message in messages:
-            session.add(
-                OutboxRow(
-                    id=message.id,
-                    subject=message.subject,
-                    payload=message.payload,
-                    headers=headers,
-                    created_at=moment,
-                )
-            )
+        session.add_all(_outbox_rows(messages, moment, deployment_id))
 
     async def get(self, user_id: str | None, deployment_id: str) -> DeploymentRow | None:
         """The deployment if `user_id` owns it; user_id None (an admin) reads any."""
