@@ -11,9 +11,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import case, delete, func, insert, inspect, select, tuple_, update
+from sqlalchemy import Table, case, delete, func, insert, inspect, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -91,7 +91,7 @@ class RequestIdReused(Exception):
 @dataclass(frozen=True)
 class Change:
     """A change applied to a record: the record after it, the event that made it, and the
-    Deployment as it left it (built at once: a later change in the same batch refreshes `row`)."""
+    Deployment as it left it (each change has its own copy of the record)."""
 
     row: DeploymentRow
     event: EventRow
@@ -286,17 +286,64 @@ def _outbox_rows(messages: Sequence[Outgoing], moment: datetime, deployment_id: 
 async def _insert_all(session: AsyncSession, records: Sequence[Base]) -> None:
     """Inserts records of one table with one Core executemany, in their order, without the ORM's flush.
 
-    Each row gets the columns its record was given; those left unset stay out (NULL or their
-    default), as in a flush.
+    The statement names the columns any of the records was given (one executemany needs the same
+    columns in every row): a record that left one of them unset writes NULL there; columns no record
+    set stay out and take their defaults, as in a flush.
     """
     if not records:
         return
     table = Base.metadata.tables[records[0].__tablename__]
-    rows = []
-    for record in records:
-        given = inspect(record).dict
-        rows.append({column.key: given[column.key] for column in table.columns if column.key in given})
-    await session.execute(insert(table), rows)
+    given = [inspect(record).dict for record in records]
+    keys = [column.key for column in table.columns if any(column.key in values for values in given)]
+    await session.execute(insert(table), [{key: values.get(key) for key in keys} for values in given])
+# The tables, for the Core statements of changes (no unit of work, no identity map).
+_RECORDS = cast(Table, DeploymentRow.__table__)
+_RECORD_COLUMNS = tuple(column.key for column in _RECORDS.columns)
+
+
+class _Batch:
+    """What one transaction of changes knows: the records as its writes left them, which event ids
+    are stored, and the events still to insert (all at once, when the changes are written)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        # By id; None for a record that does not exist.
+        self.rows: dict[str, DeploymentRow | None] = {}
+        # The event ids looked up, and those of them that are stored (or will be, with `events`).
+        self.checked: set[str] = set()
+        self.seen: set[str] = set()
+        self.events: list[EventRow] = []
+
+    async def load(self, ids: Sequence[str]) -> None:
+        """Reads the records not read yet, in one statement: plain rows, not in the session, so that a
+        write is one `UPDATE` and the record after it is built from the values written."""
+        wanted = {deployment_id for deployment_id in ids if deployment_id not in self.rows}
+        if not wanted:
+            return
+        found = await self.session.execute(select(_RECORDS).where(DeploymentRow.id.in_(wanted)))
+        for values in found.mappings():
+            self.rows[values["id"]] = DeploymentRow(**values)
+        for deployment_id in wanted:
+            self.rows.setdefault(deployment_id, None)
+
+    async def look_up(self, event_ids: Sequence[str]) -> None:
+        """Learns which of the event ids are stored, in one statement."""
+        wanted = {event_id for event_id in event_ids if event_id not in self.checked}
+        if not wanted:
+            return
+        self.seen.update(await self.session.scalars(select(EventRow.event_id).where(EventRow.event_id.in_(wanted))))
+        self.checked.update(wanted)
+
+    def add(self, row: DeploymentRow, event: EventRow) -> None:
+        self.rows[row.id] = row
+        self.checked.add(event.event_id)
+        self.seen.add(event.event_id)
+        self.events.append(event)
+
+    async def flush(self) -> None:
+        """Inserts the events written, in one statement; a stored event id fails it (IntegrityError)."""
+        events, self.events = self.events, []
+        await _insert_all(self.session, events)
 
 
 class DeploymentStore:
@@ -638,7 +685,9 @@ class DeploymentStore:
         while True:
             try:
                 async with self.transaction() as session:
-                    applied = await self._apply_in(session, deployment_id, change, outbox, user_id=user_id)
+                    batch = _Batch(session)
+                    applied = await self._apply_in(batch, deployment_id, change, outbox, user_id=user_id)
+                    await batch.flush()
             except (IntegrityError, _Raced):
                 # Another writer took this revision, or applied the same event: look again.
                 continue
@@ -681,16 +730,17 @@ class DeploymentStore:
     async def _mutate_in(
         self, session: AsyncSession, deployment_id: str, user_id: str | None, plan: Plan, outbox: OutboxFn | None
     ) -> Change:
-        query = select(DeploymentRow).where(DeploymentRow.id == deployment_id).execution_options(populate_existing=True)
-        if user_id is not None:
-            query = query.where(DeploymentRow.user_id == user_id)
-        row = await session.scalar(query)
-        if row is None or row.deleted_at is not None:
+        batch = _Batch(session)
+        await batch.load([deployment_id])
+        row = batch.rows[deployment_id]
+        if row is None or row.deleted_at is not None or (user_id is not None and row.user_id != user_id):
             raise RecordMissing(deployment_id)
         change = plan(row)
         if not allowed(row.status, change.status, change.record.get("operation", row.operation)):
             raise TransitionRejected(row.status, change.status)
-        return await self._write(session, row, change, outbox, late=False)
+        applied = await self._write(batch, row, change, outbox, late=False)
+        await batch.flush()
+        return applied
 
     async def release(self, deployment_id: str, number: int) -> ReleaseRow | None:
         found = await self._releases(
@@ -748,13 +798,18 @@ class DeploymentStore:
         """
         try:
             async with self.transaction() as session:
+                # Every record and every event id the batch names is read first, in two statements.
+                batch = _Batch(session)
+                await batch.load([deployment_id for deployment_id, _ in changes])
+                await batch.look_up([change.event_id for _, change in changes])
                 results: list[Change | Exception | None] = []
                 for deployment_id, change in changes:
                     try:
-                        results.append(await self._apply_in(session, deployment_id, change, None))
+                        results.append(await self._apply_in(batch, deployment_id, change, None))
                     except (TransitionRejected, RecordMissing) as refused:
                         # Refused before it wrote anything: the others in the batch go on.
                         results.append(refused)
+                await batch.flush()
             # An event may have made requests of its own (a rollback, the delete after a migration).
             self.outbox_written()
             return results
@@ -769,44 +824,41 @@ class DeploymentStore:
 
     async def _apply_in(
         self,
-        session: AsyncSession,
+        batch: _Batch,
         deployment_id: str,
         change: EventInput,
         outbox: OutboxFn | None,
         *,
         user_id: str | None = None,
     ) -> Change | None:
-        query = select(DeploymentRow).where(DeploymentRow.id == deployment_id).execution_options(populate_existing=True)
-        if user_id is not None:
-            query = query.where(DeploymentRow.user_id == user_id)
-        row = await session.scalar(query)
-        if row is None:
+        await batch.load([deployment_id])
+        row = batch.rows[deployment_id]
+        if row is None or (user_id is not None and row.user_id != user_id):
             raise RecordMissing(deployment_id)
-        seen = await session.scalar(select(EventRow.seq).where(EventRow.event_id == change.event_id))
-        if seen is not None or row.deleted_at is not None:
+        await batch.look_up([change.event_id])
+        if change.event_id in batch.seen or row.deleted_at is not None:
             return None
         late = False
         if not allowed(row.status, change.status, row.operation):
             late = change.time is not None and change.time <= row.updated_at
             if not late:
                 raise TransitionRejected(row.status, change.status, early=early(row.status, change.status))
-        applied = await self._write(session, row, change, outbox, late=late)
+        applied = await self._write(batch, row, change, outbox, late=late)
         if row.promoted_from is not None and not late:
-            follow_up = await self._finish_promote(session, applied)
+            follow_up = await self._finish_promote(batch, applied)
             if follow_up is not None:
                 applied = dataclasses.replace(applied, also=(follow_up,))
         return applied
 
-    async def _finish_promote(self, session: AsyncSession, copy: Change) -> Change | None:
+    async def _finish_promote(self, batch: _Batch, copy: Change) -> Change | None:
         """Ends the promote or migration of the copy's source once the copy runs, failed or is gone."""
         row = copy.row
         assert row.promoted_from is not None
         healthy = row.status == "running" and row.healthy_release is not None
         if not (healthy or row.status in TERMINAL or row.deleted_at is not None):
             return None
-        source = await session.scalar(
-            select(DeploymentRow).where(DeploymentRow.id == row.promoted_from).execution_options(populate_existing=True)
-        )
+        await batch.load([row.promoted_from])
+        source = batch.rows[row.promoted_from]
         if (
             source is None
             or source.deleted_at is not None
@@ -847,11 +899,14 @@ class DeploymentStore:
                 operation=source.operation,
                 record={"operation": None, "promoted_to": None},
             )
-        return await self._write(session, source, change, outbox, late=False)
+        return await self._write(batch, source, change, outbox, late=False)
 
     async def _write(
-        self, session: AsyncSession, row: DeploymentRow, change: EventInput, outbox: OutboxFn | None, *, late: bool
+        self, batch: _Batch, row: DeploymentRow, change: EventInput, outbox: OutboxFn | None, *, late: bool
     ) -> Change:
+        """Writes the change with one `UPDATE` of the record (lost to a concurrent writer: _Raced); its
+        event is inserted by the batch's flush. The record after it is `row` with the values written."""
+        session = batch.session
         moment = now()
         before = observed_of(row)
         values: dict[str, Any] = {"revision": row.revision + 1, "updated_at": moment}
@@ -916,27 +971,32 @@ class DeploymentStore:
                 .values(spec=row.spec)
             )
             replaced = _json_bytes(row.spec)
-        values.update(
-            record_bytes=DeploymentRow.record_bytes + _text_bytes(after) - _text_bytes(before) + spec_bytes,
-            # Relative, as trim_events changes it too; releases are kept, and count with the history.
-            history_bytes=DeploymentRow.history_bytes
-            + _event_bytes(event)
-            + replaced
-            + (_release_bytes(release) if release is not None and release.seq is None else 0),
-        )
+        record_grew = _text_bytes(after) - _text_bytes(before) + spec_bytes
+        # Releases are kept, and count with the history.
+        history_grew = _event_bytes(event) + replaced
+        if release is not None and release.seq is None:
+            history_grew += _release_bytes(release)
         result = await session.execute(
-            update(DeploymentRow)
+            update(_RECORDS)
             .where(DeploymentRow.id == row.id, DeploymentRow.revision == row.revision)
-            .values(**values)
-            .execution_options(synchronize_session=False)
+            # Relative, as trim_events changes history_bytes too.
+            .values(
+                **values,
+                record_bytes=DeploymentRow.record_bytes + record_grew,
+                history_bytes=DeploymentRow.history_bytes + history_grew,
+            )
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]
             raise _Raced
-        updated = await session.scalar(
-            select(DeploymentRow).where(DeploymentRow.id == row.id).execution_options(populate_existing=True)
+        updated = DeploymentRow(
+            **{
+                **{name: getattr(row, name) for name in _RECORD_COLUMNS},
+                **values,
+                "record_bytes": row.record_bytes + record_grew,
+                "history_bytes": row.history_bytes + history_grew,
+            }
         )
-        assert updated is not None
-        session.add(event)
+        batch.add(updated, event)
         if release is not None and release.seq is None:
             session.add(release)
         if outbox is not None:
