@@ -98,10 +98,15 @@ FINDINGS: dict[str, str] = {
         "The keyset index is used: a page from the middle of the table costs the same as the first, and the "
         "status and region filters use their indexes. p50 barely moves with table size. What varies is the "
         "p99, which tracks machine noise and the page cache (the table is about 1 GB at a million rows). The "
-        "page's cost is fixed per row: 50 times `row_to_proto` (about 15 % of the API's samples) plus ORM "
-        "hydration of the whole row, including the JSON spec (about 11 %), and aiosqlite (about 15 %). "
-        "Proposed: `DeploymentStore.page` selects columns through Core rows instead of ORM entities, and "
-        "`row_to_proto` avoids rebuilding the spec's nested messages for every row."
+        "page's cost is fixed per row: it was 50 times `row_to_proto` (about 15 % of the API's samples) plus "
+        "ORM hydration of the whole row, including the JSON spec (about 11 %), and aiosqlite (about 15 %). "
+        "Done since: `DeploymentStore.page` reads only the columns a Deployment is made of, as Core rows, and "
+        "`row_to_proto` reads such a row through its mapping, builds the message in one constructor call and "
+        "the stored placement without `json_format` (61 to 2 µs a row); the API's CPU time for a 50-row page "
+        "(read, convert, size, append) went from 4.4 to 2.9 ms on SQLite (7.4 to 3.0 ms when every row has a "
+        "placement, which the bench's rows do not) and from 6.0 to 4.7 ms on PostgreSQL, measured side by "
+        "side on the loaded 2-core machine, and the ORM left the SQLite profile (19 % of busy samples to 1 %). "
+        "What a page still costs is the driver, the JSON spec's decoding and building the 50 messages."
     ),
 }
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, case, delete, func, insert, inspect, select, tuple_, update
+from sqlalchemy import Row, Table, case, delete, func, insert, inspect, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -21,7 +21,7 @@ from apphosting import secrets, tracing
 from apphosting.v1 import deployments_pb2 as pb
 from services.deployments import quotas as quota_rules
 from services.deployments import secret_env
-from services.deployments.convert import OBSERVED, changed, fold, observed_of, row_to_proto
+from services.deployments.convert import OBSERVED, RECORD_COLUMNS, changed, fold, observed_of, row_to_proto
 from services.deployments.errors import ServiceError
 from services.deployments.lifecycle import TERMINAL, allowed, early
 from services.deployments.tables import Base, DeploymentRow, EventRow, OutboxRow, ReleaseRow
@@ -37,6 +37,8 @@ HISTORY_BYTES = 256 * 1024
 # so that many small rows count too.
 _RECORD_OVERHEAD = 512
 _EVENT_OVERHEAD = 128
+# What a listed page reads: the keyset and the columns its Deployments are made of.
+_PAGE_COLUMNS = (DeploymentRow.seq, *(DeploymentRow.__table__.c[name] for name in RECORD_COLUMNS))
 
 
 def now() -> datetime:
@@ -296,9 +298,11 @@ async def _insert_all(session: AsyncSession, records: Sequence[Base]) -> None:
     given = [inspect(record).dict for record in records]
     keys = [column.key for column in table.columns if any(column.key in values for values in given)]
     await session.execute(insert(table), [{key: values.get(key) for key in keys} for values in given])
+
+
 # The tables, for the Core statements of changes (no unit of work, no identity map).
 _RECORDS = cast(Table, DeploymentRow.__table__)
-_RECORD_COLUMNS = tuple(column.key for column in _RECORDS.columns)
+_RECORD_TABLE_COLUMNS = tuple(column.key for column in _RECORDS.columns)
 
 
 class _Batch:
@@ -646,12 +650,13 @@ class DeploymentStore:
         show_deleted: bool = False,
         before_seq: int | None = None,
         limit: int,
-    ) -> list[DeploymentRow]:
+    ) -> list[Row[Any]]:
         """One page, newest first: at most `limit` rows older than before_seq; user_id None: every user's.
 
-        Records whose teardown finished are left out unless show_deleted.
+        Records whose teardown finished are left out unless show_deleted. The rows hold `seq` and
+        RECORD_COLUMNS, read without the ORM: a page is answered, never written back.
         """
-        query = select(DeploymentRow)
+        query = select(*_PAGE_COLUMNS)
         if not show_deleted:
             query = query.where(DeploymentRow.deleted_at.is_(None))
         if user_id is not None:
@@ -663,8 +668,8 @@ class DeploymentStore:
         if before_seq is not None:
             query = query.where(DeploymentRow.seq < before_seq)
         query = query.order_by(DeploymentRow.seq.desc()).limit(limit)
-        async with self._sessions() as session:
-            return list((await session.scalars(query)).all())
+        async with self.engine.connect() as connection:
+            return list((await connection.execute(query)).all())
 
     async def apply(
         self,
@@ -990,7 +995,7 @@ class DeploymentStore:
             raise _Raced
         updated = DeploymentRow(
             **{
-                **{name: getattr(row, name) for name in _RECORD_COLUMNS},
+                **{name: getattr(row, name) for name in _RECORD_TABLE_COLUMNS},
                 **values,
                 "record_bytes": row.record_bytes + record_grew,
                 "history_bytes": row.history_bytes + history_grew,
