@@ -144,7 +144,7 @@ async def _watching(stack: Stack, port: int) -> AsyncIterator[tuple[_Arrivals, D
     try:
         await nc.subscribe(bus.CHANGES_SUBJECTS, cb=arrivals.on_change)
         await nc.flush()
-        stub: DeploymentServiceAsyncStub = deployments_pb2_grpc.DeploymentServiceStub(channel)  # type: ignore[assignment]
+        stub: DeploymentServiceAsyncStub = deployments_pb2_grpc.DeploymentServiceStub(channel)
         yield arrivals, stub
     finally:
         await channel.close()
