@@ -18,7 +18,7 @@ from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner import STOP_STEPS, STOPPED_PHASE, UPDATE_STEPS
 from provisioner.simulated import SimulatedState
 from provisioner.worker import Provisioner, ProvisionerOptions
-from tests.support.stack import FAST
+from tests.support.stack import FAST, publish
 
 _Status = deployments_pb2.DeploymentStatus
 _LOCATION = bus_pb2.Location(id="eu-fsn1-a", provider="hetzner", region="fsn1", geographic_region="eu")
@@ -36,7 +36,7 @@ class _World:
 
     async def run(self, job: bus_pb2.ProvisionJob) -> list[bus_pb2.StatusEvent]:
         """Publishes the job and returns its events up to the one that ends it."""
-        await bus.publish(self.nc.jetstream(), bus.job_subject(job.location.id), job.SerializeToString(), job.job_id)
+        await publish(self.nc.jetstream(), bus.job_subject(job.location.id), job.SerializeToString(), job.job_id)
         seen: list[bus_pb2.StatusEvent] = []
         async with asyncio.timeout(_WITHIN):
             while True:

@@ -21,7 +21,7 @@ from apphosting.v1 import bus_pb2
 from apphosting.v1 import deployments_pb2 as pb
 from scheduler.placement import Demand
 from scheduler.service import Scheduler
-from tests.support.stack import Stack, eventually
+from tests.support.stack import Stack, eventually, publish
 
 
 def _location(location_id: str, *, cpu: float = 4.0, healthy: bool = True, weight: float = 0.0) -> dict[str, Any]:
@@ -75,7 +75,7 @@ class Bus:
         message = bus_pb2.PlacementRequest(
             request_id=request_id, operation=operation, deployment=deployment, **fields
         ).SerializeToString()
-        await bus.publish(self.js, bus.PLACEMENT_SUBJECT, message, request_id)
+        await publish(self.js, bus.PLACEMENT_SUBJECT, message, request_id)
         return request_id
 
     async def event(
@@ -269,7 +269,7 @@ async def test_a_stopped_deployment_keeps_storage_and_its_slot_but_frees_cpu_and
             phase="stopped",
             source="test",
         )
-        await bus.publish(wire.js, bus.event_subject(deployment.id), stopped.SerializeToString(), stopped.event_id)
+        await publish(wire.js, bus.event_subject(deployment.id), stopped.SerializeToString(), stopped.event_id)
         kept = ("eu-b", Demand(cpu=0.0, memory_mb=0, storage_gb=10, vclusters=1))
 
         async def freed() -> bool:

@@ -17,7 +17,7 @@ from scheduler.tables import Reservation
 from services.deployments.servicer import placement_outbox
 from services.deployments.tables import EventRow
 from tests.e2e.test_pipeline import SETTLED, request, watch
-from tests.support.stack import Stack, eventually
+from tests.support.stack import Stack, eventually, publish
 
 if TYPE_CHECKING:
     from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub as Stub
@@ -29,7 +29,7 @@ async def publish_again(stack: Stack, subject: str, payload: bytes, times: int) 
     try:
         js = nc.jetstream()
         for _ in range(times):
-            await bus.publish(js, subject, payload, str(uuid.uuid4()))
+            await publish(js, subject, payload, str(uuid.uuid4()))
     finally:
         await nc.drain()
 

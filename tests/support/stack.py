@@ -14,6 +14,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
+from apphosting import bus
 from apphosting.nats_server import NatsServer
 from apphosting.v1 import deployments_pb2_grpc
 from provisioner.reconcile import RetryPolicy
@@ -25,6 +26,8 @@ from tests.support.nats_cluster import NatsCluster
 from tests.support.tcp_proxy import TcpProxy
 
 if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+
     from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub
 
 
@@ -143,3 +146,17 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = 30.0)
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"not true after {within} s: {check}")
         await asyncio.sleep(0.05)
+
+
+async def publish(js: JetStreamContext, subject: str, payload: bytes, msg_id: str, within: float = 60.0) -> None:
+    """bus.publish as the platform's publishers use it: sent again under the same id while NATS does
+    not acknowledge it (a loaded machine), so it is stored once."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        try:
+            await bus.publish(js, subject, payload, msg_id)
+            return
+        except Exception as failure:
+            if not bus.bus_away(failure) or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.2)
