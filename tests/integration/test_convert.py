@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from google.protobuf import json_format, timestamp_pb2
 
-from apphosting import db
 from apphosting.v1 import deployments_pb2 as pb
-from services.deployments.app import MIGRATIONS, VERSION_TABLE
 from services.deployments.convert import has, placement_to_json, placement_to_proto, row_to_proto, timestamp
 from services.deployments.store import DeploymentStore
 from services.deployments.tables import DeploymentRow
-
-
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[DeploymentStore]:
-    engine = db.make_engine(database_url)
-    try:
-        await db.upgrade(engine, MIGRATIONS, VERSION_TABLE)
-        yield DeploymentStore(engine)
-    finally:
-        await engine.dispose()
 
 
 def _placement() -> dict[str, Any]:

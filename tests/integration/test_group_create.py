@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from apphosting import db
-from services.deployments.app import MIGRATIONS, VERSION_TABLE
 from services.deployments.errors import ServiceError
 from services.deployments.quotas import Quotas, Usage
 from services.deployments.store import (
@@ -44,13 +43,8 @@ class Counting(DeploymentStore):
 
 
 @pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Counting]:
-    engine = db.make_engine(database_url)
-    try:
-        await db.upgrade(engine, MIGRATIONS, VERSION_TABLE)
-        yield Counting(engine)
-    finally:
-        await engine.dispose()
+def store(migrated_engine: AsyncEngine) -> Counting:
+    return Counting(migrated_engine)
 
 
 def new(name: str, user_id: str = ALICE, request_id: str | None = None, request_hash: str = "h") -> NewDeployment:

@@ -3,25 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import pytest
-
-from apphosting import db
-from services.deployments.app import MIGRATIONS, VERSION_TABLE
 from services.deployments.store import DeploymentStore
 from services.deployments.tables import OutboxRow
-
-
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[DeploymentStore]:
-    engine = db.make_engine(database_url)
-    try:
-        await db.upgrade(engine, MIGRATIONS, VERSION_TABLE)
-        yield DeploymentStore(engine)
-    finally:
-        await engine.dispose()
 
 
 async def _write(store: DeploymentStore, name: str) -> None:
