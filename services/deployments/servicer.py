@@ -47,6 +47,8 @@ from services.deployments.store import (
     RecordMissing,
     RequestIdReused,
     TransitionRejected,
+    new_record,
+    now,
 )
 from services.deployments.tables import DeploymentRow, EventRow
 from services.deployments.validation import DeploymentSpec, SpecInvalid, validate_create_resolving
@@ -181,35 +183,9 @@ def placement_outbox(
     return build
 
 
-def _preview(new: NewDeployment, spec: dict[str, Any]) -> pb.Deployment:
+def _preview(new: NewDeployment) -> pb.Deployment:
     """The Deployment a create would make, as a validate_only answer shows it (no id: nothing exists)."""
-    row = DeploymentRow(
-        id="",
-        user_id=new.user_id,
-        cluster_id="",
-        name=new.name,
-        app_type=new.app_type,
-        status="pending",
-        phase="validated",
-        geographic_region=new.geographic_region,
-        spec=spec,
-        revision=0,
-        is_adopted=new.is_adopted,
-        source_namespace=new.source_namespace,
-        target_location=new.target_location,
-        promoted_from=new.promoted_from,
-        release=1,
-        image_updates_paused=False,
-        created_at=_now(),
-        updated_at=_now(),
-    )
-    return row_to_proto(row)
-
-
-def _now() -> Any:
-    from services.deployments.store import now
-
-    return now()
+    return row_to_proto(new_record(new, now(), id="", cluster_id="", phase="validated", revision=0))
 
 
 def _prefixed(invalid: SpecInvalid, prefix: str, renames: dict[str, str] | None = None) -> ServiceError:
@@ -293,7 +269,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         """What a create would make, written nowhere: quota checked, and where it would be placed and why."""
         if self._quotas is not None and self._quotas.enforced:
             quota_rules_check(self._quotas, await self._store.usage(new.user_id), new.demand)
-        preview = _preview(new, new.spec)
+        preview = _preview(new)
         if self._capacity is None:
             raise errors.unavailable("the scheduler (no bus configured)")
         reply = await self._capacity.ask(bus_pb2.CAPACITY_MODE_EXPLAIN, preview, new.target_location or "")

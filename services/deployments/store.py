@@ -214,35 +214,42 @@ class _Creating:
 _Answer = _Creating | tuple[DeploymentRow, Change | None] | Exception
 
 
+def new_record(new: NewDeployment, moment: datetime, **given: Any) -> DeploymentRow:
+    """The pending record a create makes of `new` at `moment`; `given` sets or overrides columns (a
+    validate_only preview has no id yet)."""
+    columns: dict[str, Any] = {
+        "id": new.id or str(uuid.uuid4()),
+        "user_id": new.user_id,
+        "cluster_id": str(uuid.uuid4()),
+        "name": new.name,
+        "live_name": new.name,
+        "app_type": new.app_type,
+        "status": "pending",
+        "phase": "accepted",
+        "geographic_region": new.geographic_region,
+        "spec": new.spec,
+        "request_id": new.request_id,
+        "request_hash": new.request_hash,
+        "revision": 1,
+        "is_adopted": new.is_adopted,
+        "source_namespace": new.source_namespace,
+        "target_location": new.target_location,
+        "promoted_from": new.promoted_from,
+        "release": 1,
+        "image_updates_paused": False,
+        "cpu_millis": new.demand.cpu_millis,
+        "memory_mb": new.demand.memory_mb,
+        "storage_gb": new.demand.storage_gb,
+        "created_at": moment,
+        "updated_at": moment,
+    }
+    return DeploymentRow(**(columns | given))
+
+
 def _creating(new: NewDeployment, outbox: OutboxFn, quotas: quota_rules.Quotas | None) -> _Creating:
     """The records a create writes: the pending deployment, its first event, release 1 and its outbox rows."""
     moment = now()
-    row = DeploymentRow(
-        id=new.id or str(uuid.uuid4()),
-        user_id=new.user_id,
-        cluster_id=str(uuid.uuid4()),
-        name=new.name,
-        live_name=new.name,
-        app_type=new.app_type,
-        status="pending",
-        phase="accepted",
-        geographic_region=new.geographic_region,
-        spec=new.spec,
-        request_id=new.request_id,
-        request_hash=new.request_hash,
-        revision=1,
-        is_adopted=new.is_adopted,
-        source_namespace=new.source_namespace,
-        target_location=new.target_location,
-        promoted_from=new.promoted_from,
-        release=1,
-        image_updates_paused=False,
-        cpu_millis=new.demand.cpu_millis,
-        memory_mb=new.demand.memory_mb,
-        storage_gb=new.demand.storage_gb,
-        created_at=moment,
-        updated_at=moment,
-    )
+    row = new_record(new, moment)
     event = EventRow(
         event_id=f"api:{row.id}:1",
         deployment_id=row.id,
