@@ -7,7 +7,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -51,7 +51,8 @@ from services.deployments.store import (
     now,
 )
 from services.deployments.tables import DeploymentRow, EventRow
-from services.deployments.validation import DeploymentSpec, SpecInvalid, validate_create_resolving
+from services.deployments.validation import DeploymentSpec, SpecInvalid, validate_create, validate_create_resolving
+from services.deployments.validation.model import IMAGE_UPDATE_FIELDS
 from services.deployments.watch import RESYNC, Watcher, WatchHub
 
 log = logging.getLogger(__name__)
@@ -616,17 +617,36 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
 
     # Day-2 operations: each checks, then changes the desired state; workers converge to it.
 
-    async def _spec(self, data: dict[str, Any], prefix: str, renames: dict[str, str] | None = None) -> dict[str, Any]:
-        """A stored spec made from `data`: validated; its sealed secret values carried over as they are."""
+    async def _spec(
+        self,
+        data: dict[str, Any],
+        prefix: str,
+        renames: dict[str, str] | None = None,
+        *,
+        changed: Collection[str] | None = None,
+    ) -> dict[str, Any]:
+        """A stored spec made from `data`: validated; its sealed secret values carried over as they are.
+
+        With `changed` (the fields an update sets in a stored, valid spec), only those are judged,
+        with the fields the rules pair them with; the others are kept as they are stored.
+        """
         data = dict(data)
         sealed = data.pop(secret_env.FIELD, None)
+        judged = data if changed is None else {key: data[key] for key in _judged(data, changed) if key in data}
         try:
-            spec = await validate_create_resolving(
-                data, limits=self._limits, regions=self._regions, resolver=self._resolver
-            )
+            if changed is not None and "helm_repo_url" not in changed:
+                # The stored region was accepted at create; an update does not move it.
+                regions = {*self._regions, str(data.get("geographic_region"))}
+                spec = validate_create(judged, limits=self._limits, regions=regions)
+            else:
+                spec = await validate_create_resolving(
+                    judged, limits=self._limits, regions=self._regions, resolver=self._resolver
+                )
         except SpecInvalid as invalid:
             raise _prefixed(invalid, prefix, renames) from None
         result = spec.model_dump(mode="json", exclude_none=True)
+        if changed is not None:
+            result = {**{key: value for key, value in data.items() if key not in judged}, **result}
         if sealed:
             result[secret_env.FIELD] = sealed
             overlap = secret_env.overlap_violations(result, prefix)
@@ -718,7 +738,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
                 prefix="deployment.",
                 updating=True,
             )
-        spec = await self._spec(data, "deployment.")
+        spec = await self._spec(data, "deployment.", changed=request.update_mask.paths)
         shrunk = operations.growth_violations(row.spec, spec, "deployment.")
         if shrunk:
             raise errors.invalid_argument(shrunk)
@@ -742,7 +762,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
     ) -> pb.Deployment:
         row = await self._get(_owner(self._caller(context)), request.id)
         operations.precheck(row, "scale", request.etag)
-        spec = await self._spec({**row.spec, "replicas": request.replicas}, "")
+        spec = await self._spec({**row.spec, "replicas": request.replicas}, "", changed=("replicas",))
         return await self._release(
             context,
             row,
@@ -1137,6 +1157,32 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
 
 # Spec fields that set_fields reads by their own rules, not as optional scalars.
 _REPEATED_OR_STRUCT = frozenset({"config", "environment_variables", "secret_environment_variables", "volumes"})
+
+
+# What validate_create needs besides the fields an update changes: the fields the model requires, and
+# those whose values decide which cross-field rules apply (services/deployments/validation/cross_field.py).
+_ALWAYS_JUDGED = ("geographic_region", "deployment_name", "app_type", "deployment_type")
+# What app_type requires to be set (helm: the chart; any other: the image).
+_REQUIRED_BY_APP_TYPE = {"helm": ("helm_repo_url", "helm_chart_name")}
+_REQUIRED_OTHERWISE = ("docker_image",)
+# The fields a rule pairs with each changed field: the image-update settings need an image and agree
+# with each other; a database needs storage_size_gb or a volume.
+_IMAGE_FIELDS = ("docker_image", *IMAGE_UPDATE_FIELDS)
+_PAIRED: dict[str, tuple[str, ...]] = {
+    **{name: _IMAGE_FIELDS for name in _IMAGE_FIELDS},
+    "storage_size_gb": ("volumes",),
+    "volumes": ("storage_size_gb",),
+}
+
+
+def _judged(data: Mapping[str, Any], changed: Collection[str]) -> list[str]:
+    """The fields of a spec an update of `changed` is validated on (each once, in a stable order)."""
+    app_type = data.get("app_type", "helm")
+    names = [*_ALWAYS_JUDGED, *_REQUIRED_BY_APP_TYPE.get(app_type, _REQUIRED_OTHERWISE)]
+    for name in changed:
+        names.append(name)
+        names.extend(_PAIRED.get(name, ()))
+    return list(dict.fromkeys(names))
 
 
 def _apply_spec(message: pb.Deployment, spec: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import itertools
 import json
@@ -214,6 +215,31 @@ class _Creating:
 _Answer = _Creating | tuple[DeploymentRow, Change | None] | Exception
 
 
+@dataclass(frozen=True)
+class _Mutating:
+    """An owner's operation waiting for a group transaction, with the context of the call that asked."""
+
+    deployment_id: str
+    user_id: str | None
+    plan: Plan
+    outbox: OutboxFn | None
+    quotas: quota_rules.Quotas | None
+    demand: quota_rules.Usage | None
+    # The caller's context (its trace): its part of the group runs in it, so its outbox rows carry it.
+    context: contextvars.Context
+    done: asyncio.Future[Change]
+
+    @property
+    def checked(self) -> bool:
+        return self.quotas is not None and self.demand is not None and self.quotas.enforced
+
+    def check(self, used: quota_rules.Usage, row: DeploymentRow) -> None:
+        """QUOTA_EXCEEDED when the owner's other deployments (`used` less what `row` holds) and the
+        demand would not fit."""
+        if self.quotas is not None and self.demand is not None and self.quotas.enforced:
+            quota_rules.check(self.quotas, used - quota_rules.held(row), self.demand)
+
+
 def new_record(new: NewDeployment, moment: datetime, **given: Any) -> DeploymentRow:
     """The pending record a create makes of `new` at `moment`; `given` sets or overrides columns (a
     validate_only preview has no id yet)."""
@@ -376,6 +402,9 @@ class DeploymentStore:
         # Creates waiting for the group transaction after the one being written (group commit).
         self._waiting: list[tuple[_Creating, asyncio.Future[tuple[DeploymentRow, Change | None]]]] = []
         self._grouping: asyncio.Task[None] | None = None
+        # Owners' operations (mutate) waiting for the group transaction after the one being written.
+        self._mutations: list[_Mutating] = []
+        self._mutating: asyncio.Task[None] | None = None
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -721,28 +750,140 @@ class DeploymentStore:
 
         With quotas and `demand` (what the record will hold), the owner's other deployments and this
         demand together must fit, checked under the same per-user lock creates take.
+
+        Operations that arrive while a group is being written wait, and are written together in the
+        next transaction (group commit); each is answered as if written alone: a refusal (the plan's,
+        the lifecycle's, a quota's) goes to its caller only.
         """
+        done: asyncio.Future[Change] = asyncio.get_running_loop().create_future()
+        self._mutations.append(
+            _Mutating(deployment_id, user_id, plan, outbox, quotas, demand, contextvars.copy_context(), done)
+        )
+        if self._mutating is None or self._mutating.done():
+            self._mutating = asyncio.create_task(self._mutate_groups())
+        return await done
+
+    async def _mutate_alone(self, member: _Mutating) -> Change:
+        """One operation in its own transaction (after its group met a conflict), retried when raced."""
         while True:
             try:
                 async with self.transaction() as session:
-                    if quotas is not None and demand is not None and quotas.enforced:
-                        row = await self.get(user_id, deployment_id)
+                    if member.checked:
+                        row = await self.get(member.user_id, member.deployment_id)
                         if row is None:
-                            raise RecordMissing(deployment_id)
+                            raise RecordMissing(member.deployment_id)
                         await self._lock_user(session, row.user_id)
-                        used = await self._usage(session, row.user_id)
-                        quota_rules.check(quotas, used - quota_rules.held(row), demand)
-                    applied = await self._mutate_in(session, deployment_id, user_id, plan, outbox)
+                        member.check(await self._usage(session, row.user_id), row)
+                    applied = await self._mutate_in(
+                        session, member.deployment_id, member.user_id, member.plan, member.outbox
+                    )
             except (IntegrityError, _Raced):
                 continue
-            if outbox is not None:
+            if member.outbox is not None:
                 self.outbox_written()
             return applied
+
+    async def _mutate_groups(self) -> None:
+        """Writes the waiting operations, one group per transaction, until none wait."""
+        while self._mutations:
+            taken = self._mutations[:_GROUP_MOST]
+            del self._mutations[:_GROUP_MOST]
+            # A caller that gave up (its call was cancelled) is not written.
+            group = [member for member in taken if not member.done.done()]
+            if group:
+                await self._mutate_group(group)
+
+    async def _mutate_group(self, group: Sequence[_Mutating]) -> None:
+        """Writes a group in one transaction and answers each caller; on a conflict (another writer
+        took a revision, or an event id), each is written on its own, as if the group never was."""
+        answers: list[Change | Exception] = []
+        try:
+            try:
+                async with self.transaction() as session:
+                    answers = await self._mutate_group_in(session, group)
+            except (IntegrityError, _Raced):
+                answers = []
+                for member in group:
+                    try:
+                        answers.append(await asyncio.create_task(self._mutate_alone(member), context=member.context))
+                    except Exception as refused:
+                        answers.append(refused)
+            else:
+                wrote = zip(group, answers, strict=True)
+                if any(isinstance(answer, Change) and member.outbox is not None for member, answer in wrote):
+                    self.outbox_written()
+        except Exception as failure:
+            answers = [failure] * len(group)
+        finally:
+            for member, answer in itertools.zip_longest(group, answers):
+                if member.done.done():
+                    continue
+                if answer is None:
+                    # The writer itself was cancelled before it had an answer.
+                    member.done.cancel()
+                elif isinstance(answer, Exception):
+                    member.done.set_exception(answer)
+                else:
+                    member.done.set_result(answer)
+
+    async def _mutate_group_in(self, session: AsyncSession, group: Sequence[_Mutating]) -> list[Change | Exception]:
+        """Checks and writes a group in order, as one operation after another would be: each sees the
+        records as those before it left them; its answer is its change or why it was refused."""
+        batch = _Batch(session)
+        connection = await session.connection()
+        checking = any(member.checked for member in group)
+        if checking and connection.dialect.name == "sqlite":
+            # The database-wide write lock, before the reads (as _lock_users takes it).
+            await self._lock_users(session, [])
+        await batch.load([member.deployment_id for member in group])
+        users = sorted(
+            {
+                row.user_id
+                for member in group
+                if member.checked and (row := batch.rows[member.deployment_id]) is not None
+            }
+        )
+        used: dict[str, quota_rules.Usage] = {}
+        if users:
+            if connection.dialect.name != "sqlite":
+                await self._lock_users(session, users)
+            used = await self._usages(session, users)
+        answers: list[Change | Exception] = []
+        for member in group:
+            try:
+                # In the caller's context: the outbox rows it writes keep the caller's trace.
+                applied = await asyncio.create_task(self._mutate_member(batch, member, used), context=member.context)
+            except (TransitionRejected, RecordMissing, ServiceError) as refused:
+                # Refused before it wrote anything: the others in the group go on.
+                answers.append(refused)
+                continue
+            answers.append(applied)
+        await batch.flush()
+        return answers
+
+    async def _mutate_member(self, batch: _Batch, member: _Mutating, used: dict[str, quota_rules.Usage]) -> Change:
+        """One operation of a group: refused (raising) before it writes anything, or written."""
+        row = batch.rows[member.deployment_id]
+        if row is not None and row.user_id in used:
+            member.check(used[row.user_id], row)
+        applied = await self._change_in(batch, member.deployment_id, member.user_id, member.plan, member.outbox)
+        if row is not None and row.user_id in used:
+            # What the operations after it in the group see, as they would after its commit.
+            used[row.user_id] = used[row.user_id] - quota_rules.held(row) + quota_rules.held(applied.row)
+        return applied
 
     async def _mutate_in(
         self, session: AsyncSession, deployment_id: str, user_id: str | None, plan: Plan, outbox: OutboxFn | None
     ) -> Change:
         batch = _Batch(session)
+        applied = await self._change_in(batch, deployment_id, user_id, plan, outbox)
+        await batch.flush()
+        return applied
+
+    async def _change_in(
+        self, batch: _Batch, deployment_id: str, user_id: str | None, plan: Plan, outbox: OutboxFn | None
+    ) -> Change:
+        """Plans and writes an owner's operation on the record as `batch` has it; a refusal writes nothing."""
         await batch.load([deployment_id])
         row = batch.rows[deployment_id]
         if row is None or row.deleted_at is not None or (user_id is not None and row.user_id != user_id):
@@ -750,9 +891,7 @@ class DeploymentStore:
         change = plan(row)
         if not allowed(row.status, change.status, change.record.get("operation", row.operation)):
             raise TransitionRejected(row.status, change.status)
-        applied = await self._write(batch, row, change, outbox, late=False)
-        await batch.flush()
-        return applied
+        return await self._write(batch, row, change, outbox, late=False)
 
     async def release(self, deployment_id: str, number: int) -> ReleaseRow | None:
         found = await self._releases(
