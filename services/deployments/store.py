@@ -763,6 +763,15 @@ class DeploymentStore:
             self._mutating = asyncio.create_task(self._mutate_groups())
         return await done
 
+    async def record(self, user_id: str | None, deployment_id: str) -> DeploymentRow | None:
+        """get, read as a plain row with one Core statement (no session): what an operation is checked on."""
+        query = select(_RECORDS).where(DeploymentRow.id == deployment_id)
+        if user_id is not None:
+            query = query.where(DeploymentRow.user_id == user_id)
+        async with self.engine.connect() as connection:
+            found = (await connection.execute(query)).mappings().first()
+        return None if found is None else DeploymentRow(**found)
+
     async def _mutate_alone(self, member: _Mutating) -> Change:
         """One operation in its own transaction (after its group met a conflict), retried when raced."""
         while True:
