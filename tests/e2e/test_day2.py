@@ -157,6 +157,52 @@ async def test_update_refusals_name_the_field_the_etag_or_the_operation_in_fligh
     assert (await pipeline.GetDeployment(pb.GetDeploymentRequest(id=web.id))).release == 2
 
 
+async def test_an_update_is_judged_on_the_fields_it_changes_and_the_rules_they_take_part_in(pipeline: Stub) -> None:
+    web = await running(
+        pipeline,
+        "judged",
+        environment_variables=["LOG_LEVEL=info"],
+        config={"team": "web"},
+        image_update_strategy="semver",
+        image_update_constraint="^1.0",
+    )
+    cases: list[tuple[pb.UpdateDeploymentRequest, str, str]] = [
+        # Rules between the changed field and the app type, the image, the other image-update settings.
+        (
+            update(web.id, "helm_chart_version", helm_chart_version="1.2.3"),
+            "deployment.helm_chart_version",
+            "NOT_ALLOWED",
+        ),
+        (update(web.id, "docker_image"), "deployment.docker_image", "REQUIRED"),
+        (update(web.id, "image_update_strategy"), "deployment.image_update_strategy", "REQUIRED"),
+        (
+            update(web.id, "image_update_constraint", image_update_constraint="not a constraint"),
+            "deployment.image_update_constraint",
+            "INVALID_FORMAT",
+        ),
+        # A field's own rules.
+        (
+            update(web.id, "environment_variables", environment_variables=["A=1", "A=2"]),
+            "deployment.environment_variables[1]",
+            "DUPLICATE",
+        ),
+        (update(web.id, "container_port", container_port=70000), "deployment.container_port", "OUT_OF_RANGE"),
+    ]
+    for call, field, reason in cases:
+        bad = await refused(pipeline.UpdateDeployment(call))
+        assert bad.code == grpc.StatusCode.INVALID_ARGUMENT, call
+        assert bad.violations[field][0] == reason, bad.violations
+    scaled = await refused(pipeline.ScaleDeployment(pb.ScaleDeploymentRequest(id=web.id, replicas=-1)))
+    assert "replicas" in scaled.violations
+    # An accepted update keeps every field it does not name, as stored.
+    updated = await pipeline.UpdateDeployment(update(web.id, "docker_image", docker_image="ghcr.io/acme/web:1.1.0"))
+    assert updated.docker_image == "ghcr.io/acme/web:1.1.0"
+    assert list(updated.environment_variables) == ["LOG_LEVEL=info"]
+    assert json_format.MessageToDict(updated.config) == {"team": "web"}
+    assert (updated.image_update_strategy, updated.image_update_constraint) == ("semver", "^1.0")
+    assert (updated.cpu_request, updated.memory_request_mb, updated.release) == (0.5, 512, 2)
+
+
 async def test_a_release_that_never_gets_healthy_is_rolled_back_by_itself(stack: Stack) -> None:
     stub = await stack.add_api(rollout_timeout=1.0)
     stack.add_scheduler()
