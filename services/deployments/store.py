@@ -8,12 +8,12 @@ import dataclasses
 import itertools
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, case, delete, func, insert, inspect, select, tuple_, update
+from sqlalchemy import Row, Table, and_, case, delete, func, insert, inspect, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -292,6 +292,26 @@ def _outbox_rows(messages: Sequence[Outgoing], moment: datetime, deployment_id: 
     ]
 
 
+def _by_user(pairs: Iterable[tuple[str, str | None]]) -> dict[str, set[str]]:
+    """(user, key) pairs as each user's keys."""
+    keys: dict[str, set[str]] = {}
+    for user_id, key in pairs:
+        if key is not None:
+            keys.setdefault(user_id, set()).add(key)
+    return keys
+
+
+def _keyed(column: Any, keys: Mapping[str, set[str]]) -> Any:
+    """The records of each user with one of that user's keys in `column` (a unique (user_id, column) index).
+
+    Written per user, not as a (user_id, column) IN list of pairs: SQLite searches its index for a
+    pair list of one, but reads the whole table for two or more.
+    """
+    return or_(
+        *(and_(DeploymentRow.user_id == user_id, column.in_(sorted(values))) for user_id, values in keys.items())
+    )
+
+
 async def _insert_all(session: AsyncSession, records: Sequence[Base]) -> None:
     """Inserts records of one table with one Core executemany, in their order, without the ORM's flush.
 
@@ -568,17 +588,15 @@ class DeploymentStore:
         # On SQLite also without quotas: the looks below must still hold when the group writes.
         await self._lock_users(session, checked)
         used = await self._usages(session, checked) if checked else {}
-        requests = {(c.new.user_id, c.new.request_id) for c in group if c.new.request_id is not None}
+        requests = _by_user((c.new.user_id, c.new.request_id) for c in group if c.new.request_id is not None)
         stored: dict[tuple[str, str | None], DeploymentRow] = {}
         if requests:
-            found = await session.scalars(
-                select(DeploymentRow).where(tuple_(DeploymentRow.user_id, DeploymentRow.request_id).in_(requests))
-            )
+            found = await session.scalars(select(DeploymentRow).where(_keyed(DeploymentRow.request_id, requests)))
             stored = {(row.user_id, row.request_id): row for row in found}
-        names = {(c.new.user_id, c.new.name) for c in group}
+        names = _by_user((c.new.user_id, c.new.name) for c in group)
         live = await session.execute(
             select(DeploymentRow.user_id, DeploymentRow.live_name, DeploymentRow.id).where(
-                tuple_(DeploymentRow.user_id, DeploymentRow.live_name).in_(names)
+                _keyed(DeploymentRow.live_name, names)
             )
         )
         taken: dict[tuple[str, str | None], str] = {(user, name): id_ for user, name, id_ in live.all()}
