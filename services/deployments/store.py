@@ -547,6 +547,7 @@ class DeploymentStore:
         """Writes a group in one transaction and answers each caller; on a conflict the group's look
         could not see (another process's write), each is written on its own for its precise answer."""
         answers: list[_Answer] = []
+        wrote = False
         try:
             try:
                 async with self.transaction() as session:
@@ -559,8 +560,7 @@ class DeploymentStore:
                     except Exception as refused:
                         answers.append(refused)
             else:
-                if any(isinstance(answer, _Creating) for answer in answers):
-                    self.outbox_written()
+                wrote = any(isinstance(answer, _Creating) for answer in answers)
         except Exception as failure:
             answers = [failure] * len(group)
         finally:
@@ -580,10 +580,18 @@ class DeploymentStore:
                         done.set_exception(failure)
                 else:
                     done.set_result(answer)
+            # The relay is woken once the callers are: their answers go out before it reads the outbox.
+            if wrote:
+                self.outbox_written()
 
     async def _group_in(self, session: AsyncSession, group: Sequence[_Creating]) -> list[_Answer]:
         """Checks and writes a group in order, as one create after another would be: each one's
         answer is the written create, a replayed record, or why it was refused."""
+        if len(group) == 1 and group[0].new.request_id is None and not group[0].checked:
+            # One create with nothing to look up: its insert meets the unique name index itself, and a
+            # taken name fails the transaction (IntegrityError), after which _create_alone names the holder.
+            await self._insert_group(session, group)
+            return list(group)
         checked = sorted({creating.new.user_id for creating in group if creating.checked})
         # On SQLite also without quotas: the looks below must still hold when the group writes.
         await self._lock_users(session, checked)
@@ -627,14 +635,18 @@ class DeploymentStore:
                 used[new.user_id] += creating.demand
             written.append(creating)
             answers.append(creating)
+        await self._insert_group(session, written)
+        return answers
+
+    @staticmethod
+    async def _insert_group(session: AsyncSession, written: Sequence[_Creating]) -> None:
+        """Core executemany: one statement per table for the whole group, in the group's order (the
+        outbox's seq, so the relay sends them in it)."""
         if written:
-            # Core executemany: one statement per table for the whole group, in the group's order
-            # (the outbox's seq, so the relay sends them in it).
             await _insert_all(session, [c.row for c in written])
             await _insert_all(session, [c.event for c in written])
             await _insert_all(session, [c.release for c in written])
             await _insert_all(session, [message for c in written for message in c.outbox])
-        return answers
 
     async def _replay(self, new: NewDeployment) -> DeploymentRow | None:
         async with self._sessions() as session:
