@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Mapping
@@ -24,7 +23,6 @@ from pydantic import (
 
 from apphosting import imagepolicy, images, netguard, versions, yamlbounds
 from apphosting.resources import DEFAULT_VOLUME_SIZE_GB
-from apphosting.settings import Limits
 from services.deployments.validation.checks import (
     context,
     limits_of,
@@ -430,15 +428,27 @@ class DeploymentSpec(BaseModel):
     def _custom_values_yaml(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return value
-        limits = limits_of(info)
-        maximum = limits.custom_values_yaml_max_bytes
+        maximum = limits_of(info).custom_values_yaml_max_bytes
         size = len(value.encode())
         if size > maximum:
             raise fail("TOO_LONG", f"must be at most {maximum} bytes, got {size}")
-        # Reading YAML is most of a create's validation; a document is judged the same every time.
-        problem = _values_problem(value, limits) if size <= _REMEMBERED_VALUES_BYTES else _read_values(value, limits)
-        if problem is not None:
-            raise fail(*problem)
+        try:
+            loaded = yamlbounds.load(value, limits_of(info))
+        except yamlbounds.TooBig as exc:
+            raise fail(exc.reason, exc.message) from None
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            raise fail("INVALID_FORMAT", f"must be valid YAML; it does not parse{at}") from None
+        except ValueError as exc:
+            # A scalar the constructor cannot hold, e.g. an integer of more than 4300 digits.
+            raise fail("INVALID_FORMAT", f"must be valid YAML; a value cannot be read ({str(exc)[:120]})") from None
+        # An empty document means "no values", the same as leaving the field out.
+        if loaded is not None and not isinstance(loaded, dict):
+            raise fail(
+                "INVALID_FORMAT",
+                f"must be a YAML mapping (key: value pairs), got a {type(loaded).__name__}",
+            )
         return value
 
     @field_validator("image_update_strategy")
@@ -513,33 +523,6 @@ class DeploymentSpec(BaseModel):
         if parsed[0] not in supported:
             raise fail("UNSUPPORTED", f"must be one of the supported versions {offered}, got {shown(value)}")
         return value
-
-
-# The custom values documents whose verdict is remembered: up to this size, the most recent ones.
-_REMEMBERED_VALUES_BYTES = 4096
-_REMEMBERED_VALUES = 256
-
-
-def _read_values(value: str, limits: Limits) -> tuple[str, str] | None:
-    """Why `value` is not a YAML mapping within the limits (reason, message), or None when it is one."""
-    try:
-        loaded = yamlbounds.load(value, limits)
-    except yamlbounds.TooBig as exc:
-        return exc.reason, exc.message
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        return "INVALID_FORMAT", f"must be valid YAML; it does not parse{at}"
-    except ValueError as exc:
-        # A scalar the constructor cannot hold, e.g. an integer of more than 4300 digits.
-        return "INVALID_FORMAT", f"must be valid YAML; a value cannot be read ({str(exc)[:120]})"
-    # An empty document means "no values", the same as leaving the field out.
-    if loaded is not None and not isinstance(loaded, dict):
-        return "INVALID_FORMAT", f"must be a YAML mapping (key: value pairs), got a {type(loaded).__name__}"
-    return None
-
-
-_values_problem = functools.lru_cache(maxsize=_REMEMBERED_VALUES)(_read_values)
 
 
 def _short(error: Exception) -> str:
