@@ -334,8 +334,9 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         )
         if request.validate_only:
             return await self._preview_create(new)
-        row, _ = await self._create(new)
-        return row_to_proto(row)
+        row, change = await self._create(new)
+        # The Deployment the change announced is the record as written: answered as it is.
+        return change.deployment if change is not None else row_to_proto(row)
 
     async def _create(
         self, new: NewDeployment, also: tuple[str, Callable[[DeploymentRow], Plan], OutboxFn | None] | None = None
@@ -1061,8 +1062,9 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         )
         if request.validate_only:
             return await self._preview_create(new)
-        row, _ = await self._create(new)
-        return row_to_proto(row)
+        row, change = await self._create(new)
+        # The Deployment the change announced is the record as written: answered as it is.
+        return change.deployment if change is not None else row_to_proto(row)
 
     @_unary
     async def ListReleases(

@@ -9,12 +9,12 @@ import dataclasses
 import itertools
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, case, delete, func, insert, inspect, select, tuple_, update
+from sqlalchemy import Row, Table, and_, case, delete, func, insert, inspect, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -318,6 +318,26 @@ def _outbox_rows(messages: Sequence[Outgoing], moment: datetime, deployment_id: 
     ]
 
 
+def _by_user(pairs: Iterable[tuple[str, str | None]]) -> dict[str, set[str]]:
+    """(user, key) pairs as each user's keys."""
+    keys: dict[str, set[str]] = {}
+    for user_id, key in pairs:
+        if key is not None:
+            keys.setdefault(user_id, set()).add(key)
+    return keys
+
+
+def _keyed(column: Any, keys: Mapping[str, set[str]]) -> Any:
+    """The records of each user with one of that user's keys in `column` (a unique (user_id, column) index).
+
+    Written per user, not as a (user_id, column) IN list of pairs: SQLite searches its index for a
+    pair list of one, but reads the whole table for two or more.
+    """
+    return or_(
+        *(and_(DeploymentRow.user_id == user_id, column.in_(sorted(values))) for user_id, values in keys.items())
+    )
+
+
 async def _insert_all(session: AsyncSession, records: Sequence[Base]) -> None:
     """Inserts records of one table with one Core executemany, in their order, without the ORM's flush.
 
@@ -556,6 +576,7 @@ class DeploymentStore:
         """Writes a group in one transaction and answers each caller; on a conflict the group's look
         could not see (another process's write), each is written on its own for its precise answer."""
         answers: list[_Answer] = []
+        wrote = False
         try:
             try:
                 async with self.transaction() as session:
@@ -568,8 +589,7 @@ class DeploymentStore:
                     except Exception as refused:
                         answers.append(refused)
             else:
-                if any(isinstance(answer, _Creating) for answer in answers):
-                    self.outbox_written()
+                wrote = any(isinstance(answer, _Creating) for answer in answers)
         except Exception as failure:
             answers = [failure] * len(group)
         finally:
@@ -589,25 +609,31 @@ class DeploymentStore:
                         done.set_exception(failure)
                 else:
                     done.set_result(answer)
+            # The relay is woken once the callers are: their answers go out before it reads the outbox.
+            if wrote:
+                self.outbox_written()
 
     async def _group_in(self, session: AsyncSession, group: Sequence[_Creating]) -> list[_Answer]:
         """Checks and writes a group in order, as one create after another would be: each one's
         answer is the written create, a replayed record, or why it was refused."""
+        if len(group) == 1 and group[0].new.request_id is None and not group[0].checked:
+            # One create with nothing to look up: its insert meets the unique name index itself, and a
+            # taken name fails the transaction (IntegrityError), after which _create_alone names the holder.
+            await self._insert_group(session, group)
+            return list(group)
         checked = sorted({creating.new.user_id for creating in group if creating.checked})
         # On SQLite also without quotas: the looks below must still hold when the group writes.
         await self._lock_users(session, checked)
         used = await self._usages(session, checked) if checked else {}
-        requests = {(c.new.user_id, c.new.request_id) for c in group if c.new.request_id is not None}
+        requests = _by_user((c.new.user_id, c.new.request_id) for c in group if c.new.request_id is not None)
         stored: dict[tuple[str, str | None], DeploymentRow] = {}
         if requests:
-            found = await session.scalars(
-                select(DeploymentRow).where(tuple_(DeploymentRow.user_id, DeploymentRow.request_id).in_(requests))
-            )
+            found = await session.scalars(select(DeploymentRow).where(_keyed(DeploymentRow.request_id, requests)))
             stored = {(row.user_id, row.request_id): row for row in found}
-        names = {(c.new.user_id, c.new.name) for c in group}
+        names = _by_user((c.new.user_id, c.new.name) for c in group)
         live = await session.execute(
             select(DeploymentRow.user_id, DeploymentRow.live_name, DeploymentRow.id).where(
-                tuple_(DeploymentRow.user_id, DeploymentRow.live_name).in_(names)
+                _keyed(DeploymentRow.live_name, names)
             )
         )
         taken: dict[tuple[str, str | None], str] = {(user, name): id_ for user, name, id_ in live.all()}
@@ -638,14 +664,18 @@ class DeploymentStore:
                 used[new.user_id] += creating.demand
             written.append(creating)
             answers.append(creating)
+        await self._insert_group(session, written)
+        return answers
+
+    @staticmethod
+    async def _insert_group(session: AsyncSession, written: Sequence[_Creating]) -> None:
+        """Core executemany: one statement per table for the whole group, in the group's order (the
+        outbox's seq, so the relay sends them in it)."""
         if written:
-            # Core executemany: one statement per table for the whole group, in the group's order
-            # (the outbox's seq, so the relay sends them in it).
             await _insert_all(session, [c.row for c in written])
             await _insert_all(session, [c.event for c in written])
             await _insert_all(session, [c.release for c in written])
             await _insert_all(session, [message for c in written for message in c.outbox])
-        return answers
 
     async def _replay(self, new: NewDeployment) -> DeploymentRow | None:
         async with self._sessions() as session:

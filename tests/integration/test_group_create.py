@@ -233,3 +233,20 @@ async def test_a_name_taken_by_another_writer_during_the_group_is_answered_preci
     assert results[1].existing_id is not None
     assert results[2][0].name == "fine-too"
     assert await count(store, DeploymentRow) == 3
+
+
+async def test_a_lone_create_of_a_taken_name_is_answered_with_its_holder(store: Counting) -> None:
+    # Alone, a create looks nothing up first: the name's unique index refuses it, and the answer still
+    # names the deployment that holds the name.
+    holder, _ = await store.create(new("held"), outbox)
+    with pytest.raises(NameTaken) as taken:
+        await store.create(new("held"), outbox)
+    assert taken.value.existing_id == holder.id
+    row, change = await store.create(new("held", user_id=BOB), outbox)
+    assert change is not None
+    assert row.user_id == BOB
+    assert await count(store, DeploymentRow) == 2
+    assert await count(store, EventRow) == 2
+    assert await count(store, ReleaseRow) == 2
+    assert await count(store, OutboxRow) == 2
+    assert store.commits == 2
