@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.message import Message
 from sqlalchemy import Row
 
@@ -86,8 +87,8 @@ _RECORD_FIXED = (
 RECORD_COLUMNS = (*_RECORD_FIXED, *OBSERVED)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SECOND = timedelta(seconds=1)
-# A deployment record: the ORM's, or a row of (at least) RECORD_COLUMNS read by name.
-Record: TypeAlias = DeploymentRow | Row[Any]
+# A deployment record: the ORM's, or a row or mapping of (at least) RECORD_COLUMNS read by name.
+Record: TypeAlias = DeploymentRow | Row[Any] | Mapping[str, Any]
 
 APP_TYPES = {
     "web_app": pb.APP_TYPE_WEB_APP,
@@ -168,9 +169,14 @@ def _volume_to_data(volume: pb.VolumeConfig) -> dict[str, Any]:
 
 def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     """What Timestamp.FromDatetime makes (a naive moment is UTC), for a fraction of its cost."""
+    return timestamp_pb2.Timestamp(**_timestamp_fields(moment))
+
+
+def _timestamp_fields(moment: datetime) -> dict[str, int]:
+    """A Timestamp's fields, for a constructor to fill the message in place instead of copying one in."""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return timestamp_pb2.Timestamp(seconds=(moment - _EPOCH) // _SECOND, nanos=moment.microsecond * 1000)
+    return {"seconds": (moment - _EPOCH) // _SECOND, "nanos": moment.microsecond * 1000}
 
 
 def observed_of(row: DeploymentRow) -> dict[str, Any]:
@@ -218,16 +224,21 @@ def row_to_proto(
     observed: Mapping[str, Any] | None = None,
     revision: int = 0,
     spec: Mapping[str, Any] | None = None,
+    *,
+    add_to: RepeatedCompositeFieldContainer[pb.Deployment] | None = None,
 ) -> pb.Deployment:
-    """The Deployment of a record (a DeploymentRow, or a row of RECORD_COLUMNS read without the ORM);
+    """The Deployment of a record (a DeploymentRow, or a row or mapping of RECORD_COLUMNS read without the ORM);
     with `observed` (as an event stores it), as of `revision`, with `spec` (its release's) when given,
-    else the record's."""
+    else the record's. With `add_to`, the message is made as that repeated field's new last element:
+    appending a finished message would copy it."""
     # A Core row's mapping reads a column for a fraction of what an attribute costs on either kind.
     record: Mapping[Any, Any]
-    if isinstance(row, Row):
+    if isinstance(row, DeploymentRow):
+        record = {name: getattr(row, name) for name in (RECORD_COLUMNS if observed is None else _RECORD_FIXED)}
+    elif isinstance(row, Row):
         record = row._mapping
     else:
-        record = {name: getattr(row, name) for name in (RECORD_COLUMNS if observed is None else _RECORD_FIXED)}
+        record = row
     if observed is None:
         observed = {name: record[name] for name in OBSERVED}
         revision = record["revision"]
@@ -248,8 +259,8 @@ def row_to_proto(
         "app_type": APP_TYPES[record["app_type"]],
         "status": STATUSES[observed["status"]],
         "is_adopted": observed["is_adopted"],
-        "created_at": timestamp(record["created_at"]),
-        "updated_at": timestamp(observed["updated_at"]),
+        "created_at": _timestamp_fields(record["created_at"]),
+        "updated_at": _timestamp_fields(observed["updated_at"]),
         "geographic_region": record["geographic_region"],
         "revision": revision,
         "phase": observed["phase"],
@@ -281,8 +292,8 @@ def row_to_proto(
     if spec.get("volumes"):
         fields["volumes"] = [_volume_fields(volume) for volume in spec["volumes"]]
     if observed["deleted_at"] is not None:
-        fields["deleted_at"] = timestamp(observed["deleted_at"])
-    message = pb.Deployment(**fields)
+        fields["deleted_at"] = _timestamp_fields(observed["deleted_at"])
+    message = pb.Deployment(**fields) if add_to is None else add_to.add(**fields)
     placement = placement_to_proto(observed.get("placement"))
     if placement is not None:
         message.placement.CopyFrom(placement)

@@ -19,7 +19,7 @@ from apphosting.v1 import deployments_pb2 as pb
 from services.deployments.convert import STATUS_NAMES
 from services.deployments.store import Change
 from services.deployments.tables import DeploymentRow, EventRow, OutboxRow
-from services.deployments.telemetry import stream_items
+from services.deployments.telemetry import is_stream
 
 _CODES = {code.value[0]: code.name for code in grpc.StatusCode}
 # Methods of the services this server registers: anything else (an unknown method) is one label value.
@@ -156,9 +156,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 sent = m.msg_sent.labels("server_stream", service, method)
                 failed = True
                 try:
-                    async for item in stream_items(streaming(request, context)):
-                        sent.inc()
-                        yield item
+                    result = streaming(request, context)
+                    if is_stream(result):
+                        async for item in result:
+                            sent.inc()
+                            yield item
+                    else:
+                        await result
                     failed = False
                 finally:
                     finish("server_stream", context, start, failed)

@@ -404,17 +404,19 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
                 limit=limit,
             )
             for row in rows:
-                item = row_to_proto(row)
+                if len(response.deployments) == size:
+                    full = True
+                    break
+                # Made in place as the page's last element: appending a finished message copies it.
+                item = row_to_proto(row, add_to=response.deployments)
                 # The field's tag and length prefix take at most 6 bytes more per row.
                 cost = item.ByteSize() + 6
-                full = len(response.deployments) == size or (
-                    len(response.deployments) > 0 and used + cost > paging.MAX_PAGE_BYTES
-                )
-                if full:
+                if len(response.deployments) > 1 and used + cost > paging.MAX_PAGE_BYTES:
+                    del response.deployments[-1]
+                    full = True
                     break
-                response.deployments.append(item)
                 used += cost
-                cursor = row.seq
+                cursor = row["seq"]
             if len(rows) < limit:
                 break
         if full and cursor is not None:

@@ -8,14 +8,30 @@ import contextvars
 import dataclasses
 import itertools
 import json
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, and_, case, delete, func, insert, inspect, or_, select, update
-from sqlalchemy.exc import IntegrityError
+import asyncpg
+from sqlalchemy import (
+    Dialect,
+    Integer,
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    inspect,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from apphosting import secrets, tracing
@@ -39,7 +55,47 @@ HISTORY_BYTES = 256 * 1024
 _RECORD_OVERHEAD = 512
 _EVENT_OVERHEAD = 128
 # What a listed page reads: the keyset and the columns its Deployments are made of.
-_PAGE_COLUMNS = (DeploymentRow.seq, *(DeploymentRow.__table__.c[name] for name in RECORD_COLUMNS))
+_PAGE_COLUMNS = tuple(cast(Table, DeploymentRow.__table__).c[name] for name in ("seq", *RECORD_COLUMNS))
+_PAGE_NAMES = tuple(column.name for column in _PAGE_COLUMNS)
+# What the two drivers raise for a failed statement (OSError, a lost socket, passes as it is).
+_DRIVER_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+@dataclass(frozen=True)
+class _PageStatement:
+    """A page's SQL for one combination of filters, the order of its parameters and its columns' decoders."""
+
+    sql: str
+    binds: tuple[str, ...]
+    # Parameters the dialect added with their values (SQLite's OFFSET 0 after a LIMIT).
+    constants: dict[str, Any]
+    decoders: tuple[Callable[[Any], Any] | None, ...]
+
+    @classmethod
+    def compile(
+        cls, dialect: Dialect, user: bool, statuses: int, region: bool, show_deleted: bool, before: bool
+    ) -> _PageStatement:
+        query = select(*_PAGE_COLUMNS)
+        if not show_deleted:
+            query = query.where(DeploymentRow.deleted_at.is_(None))
+        if user:
+            query = query.where(DeploymentRow.user_id == bindparam("user_id"))
+        if statuses:
+            query = query.where(DeploymentRow.status.in_([bindparam(f"status_{i}") for i in range(statuses)]))
+        if region:
+            query = query.where(DeploymentRow.geographic_region == bindparam("region"))
+        if before:
+            query = query.where(DeploymentRow.seq < bindparam("before"))
+        query = query.order_by(DeploymentRow.seq.desc()).limit(bindparam("limit", type_=Integer))
+        compiled = query.compile(dialect=dialect)
+        decoders = tuple(column.type.dialect_impl(dialect).result_processor(dialect, None) for column in _PAGE_COLUMNS)
+        return cls(compiled.string, tuple(compiled.positiontup or ()), compiled.params, decoders)
+
+    def record(self, row: Sequence[Any]) -> dict[str, Any]:
+        return {
+            name: value if decode is None or value is None else decode(value)
+            for name, decode, value in zip(_PAGE_NAMES, self.decoders, row, strict=True)
+        }
 
 
 def now() -> datetime:
@@ -425,6 +481,8 @@ class DeploymentStore:
         # Owners' operations (mutate) waiting for the group transaction after the one being written.
         self._mutations: list[_Mutating] = []
         self._mutating: asyncio.Task[None] | None = None
+        # The compiled statement of each combination of a page's filters (page).
+        self._pages: dict[tuple[bool, int, bool, bool, bool], _PageStatement] = {}
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -716,26 +774,36 @@ class DeploymentStore:
         show_deleted: bool = False,
         before_seq: int | None = None,
         limit: int,
-    ) -> list[Row[Any]]:
+    ) -> list[dict[str, Any]]:
         """One page, newest first: at most `limit` rows older than before_seq; user_id None: every user's.
 
-        Records whose teardown finished are left out unless show_deleted. The rows hold `seq` and
-        RECORD_COLUMNS, read without the ORM: a page is answered, never written back.
+        Records whose teardown finished are left out unless show_deleted. Each row is a dict of `seq`
+        and RECORD_COLUMNS: a page is answered, never written back.
+
+        The statement of each combination of filters is compiled once and run on the driver's own
+        connection in one call (aiosqlite: one trip to its thread instead of four; asyncpg: one
+        prepared fetch, no transaction), its columns decoded by their types' own result processors.
         """
-        query = select(*_PAGE_COLUMNS)
-        if not show_deleted:
-            query = query.where(DeploymentRow.deleted_at.is_(None))
-        if user_id is not None:
-            query = query.where(DeploymentRow.user_id == user_id)
-        if statuses:
-            query = query.where(DeploymentRow.status.in_(statuses))
-        if geographic_region:
-            query = query.where(DeploymentRow.geographic_region == geographic_region)
-        if before_seq is not None:
-            query = query.where(DeploymentRow.seq < before_seq)
-        query = query.order_by(DeploymentRow.seq.desc()).limit(limit)
+        shape = (user_id is not None, len(statuses), bool(geographic_region), show_deleted, before_seq is not None)
+        statement = self._pages.get(shape)
+        if statement is None:
+            statement = self._pages[shape] = _PageStatement.compile(self.engine.dialect, *shape)
+        values: dict[str, Any] = {"user_id": user_id, "region": geographic_region, "before": before_seq}
+        values.update({f"status_{index}": status for index, status in enumerate(statuses)})
+        values["limit"] = limit
+        args = [values[name] if name in values else statement.constants[name] for name in statement.binds]
         async with self.engine.connect() as connection:
-            return list((await connection.execute(query)).all())
+            driver: Any = (await connection.get_raw_connection()).driver_connection
+            try:
+                if self.engine.dialect.name == "sqlite":
+                    found: Sequence[Sequence[Any]] = list(await driver.execute_fetchall(statement.sql, args))
+                else:
+                    found = await driver.fetch(statement.sql, *args)
+            except _DRIVER_ERRORS as failure:
+                # As SQLAlchemy would: the connection is not reused, and the caller sees a DBAPIError.
+                await connection.invalidate()
+                raise OperationalError(statement.sql, args, failure) from failure
+        return [statement.record(row) for row in found]
 
     async def apply(
         self,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from opentelemetry.trace import INVALID_SPAN
 
 from apphosting import logs, tracing
 
@@ -40,14 +42,21 @@ def _deployment_of(message: Any) -> str | None:
     return found if isinstance(found, str) and found else None
 
 
-async def stream_items(result: Any) -> AsyncIterator[Any]:
-    """The messages of a server-streaming handler, whichever its kind: an async generator yields them,
-    a coroutine (grpc's Health.Watch) writes them itself through context.write and returns None."""
-    if hasattr(result, "__aiter__"):
-        async for item in result:
-            yield item
-    else:
-        await result
+def is_stream(result: Any) -> bool:
+    """Whether a server-streaming handler's result yields its messages (an async generator) or is a coroutine
+    that writes them itself through context.write and returns None (grpc's Health.Watch).
+
+    Each interceptor iterates the result in its own generator rather than through a helper generator: every
+    async generator costs an open stream a frame and an entry in the event loop's set of generators."""
+    return hasattr(result, "__aiter__")
+
+
+def _server_span(name: str, attributes: dict[str, Any], parent: Any) -> contextlib.AbstractContextManager[tracing.Span]:
+    """The call's span; with tracing off, the invalid span without the span helper's generator, which a
+    stream would hold for its whole life."""
+    if not tracing.enabled():
+        return contextlib.nullcontext(INVALID_SPAN)
+    return tracing.span(name, attributes, kind=tracing.SpanKind.SERVER, parent=parent)
 
 
 class TelemetryInterceptor(grpc.aio.ServerInterceptor):
@@ -97,15 +106,14 @@ def _wrap(
             deployment_id, request_id = about(request)
             with (
                 logs.bound(deployment_id=deployment_id, request_id=request_id),
-                tracing.span(
+                _server_span(
                     method.lstrip("/"),
                     {
                         **attributes,
                         tracing.DEPLOYMENT_ATTRIBUTE: deployment_id,
                         tracing.REQUEST_ATTRIBUTE: request_id,
                     },
-                    kind=tracing.SpanKind.SERVER,
-                    parent=tracing.extract(metadata),
+                    tracing.extract(metadata),
                 ) as span,
             ):
                 try:
@@ -131,20 +139,23 @@ def _wrap(
             deployment_id, request_id = about(request)
             with (
                 logs.bound(deployment_id=deployment_id, request_id=request_id),
-                tracing.span(
+                _server_span(
                     method.lstrip("/"),
                     {
                         **attributes,
                         tracing.DEPLOYMENT_ATTRIBUTE: deployment_id,
                         tracing.REQUEST_ATTRIBUTE: request_id,
                     },
-                    kind=tracing.SpanKind.SERVER,
-                    parent=tracing.extract(metadata),
+                    tracing.extract(metadata),
                 ) as span,
             ):
                 try:
-                    async for item in stream_items(streaming(request, context)):
-                        yield item
+                    result = streaming(request, context)
+                    if is_stream(result):
+                        async for item in result:
+                            yield item
+                    else:
+                        await result
                 finally:
                     finish(span, context)
 

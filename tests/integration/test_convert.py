@@ -114,8 +114,11 @@ async def test_a_listed_row_converts_as_the_orm_record_does(store: DeploymentSto
     through_orm = row_to_proto(await store.get(None, record.id) or pytest.fail("record not read"))
     (listed,) = await store.page(record.user_id, show_deleted=True, limit=2)
 
-    assert listed.seq == record.seq
+    assert listed["seq"] == record.seq
     assert row_to_proto(listed) == through_orm
+    page = pb.ListDeploymentsResponse()
+    assert row_to_proto(listed, add_to=page.deployments) == through_orm
+    assert list(page.deployments) == [through_orm]
     unset = [
         field.name
         for field in pb.Deployment.DESCRIPTOR.fields
@@ -135,6 +138,57 @@ async def test_an_empty_config_is_still_set(store: DeploymentStore) -> None:
     (listed,) = await store.page(record.user_id, show_deleted=True, limit=1)
     assert row_to_proto(listed).HasField("config")
     assert row_to_proto(listed) == row_to_proto(record)
+
+
+async def test_every_filter_of_a_page_selects_what_it_names(store: DeploymentStore) -> None:
+    moment = datetime(2026, 3, 1, tzinfo=UTC)
+    owner, other = str(uuid.uuid4()), str(uuid.uuid4())
+    records = []
+    for index, (status, region, owner_of, deleted) in enumerate(
+        [
+            ("running", "eu", owner, False),
+            ("failed", "us", owner, False),
+            ("deleting", "eu", owner, True),
+            ("running", "us", other, False),
+            ("pending", "eu", owner, False),
+            ("failed", "eu", owner, False),
+        ]
+    ):
+        record = _full_record(moment)
+        record.name = record.live_name = f"filtered-{index}"
+        record.status, record.geographic_region, record.user_id = status, region, owner_of
+        record.deleted_at = moment if deleted else None
+        records.append(record)
+        async with store.transaction() as session:
+            session.add(record)
+    newest_first = sorted(records, key=lambda record: -record.seq)
+
+    async def listed(user_id: str | None, **filters: Any) -> list[str]:
+        return [row["name"] for row in await store.page(user_id, limit=10, **filters)]
+
+    def expected(user_id: str | None, statuses: tuple[str, ...] = (), region: str = "", **rest: Any) -> list[str]:
+        return [
+            record.name
+            for record in newest_first
+            if (user_id is None or record.user_id == user_id)
+            and (not statuses or record.status in statuses)
+            and (not region or record.geographic_region == region)
+            and (rest.get("show_deleted") or record.deleted_at is None)
+            and (rest.get("before_seq") is None or record.seq < rest["before_seq"])
+        ]
+
+    middle = newest_first[2].seq
+    users: tuple[str | None, ...] = (owner, None)
+    for user_id in users:
+        for statuses in ((), ("failed",), ("failed", "running", "deleting")):
+            for region in ("", "eu"):
+                for show_deleted in (False, True):
+                    for before_seq in (None, middle):
+                        filters: dict[str, Any] = {"show_deleted": show_deleted, "before_seq": before_seq}
+                        assert await listed(
+                            user_id, statuses=statuses, geographic_region=region, **filters
+                        ) == expected(user_id, statuses, region, **filters), (user_id, statuses, region, filters)
+    assert len(await store.page(owner, limit=2)) == 2
 
 
 @pytest.mark.parametrize(

@@ -106,7 +106,7 @@ async def test_many_concurrent_creates_are_stored_with_their_events_releases_and
     assert [row.payload.decode() for row in await store.unsent()] == [row.id for row in rows]
     # Listed newest first, as created one after another.
     page = await store.page(ALICE, limit=100)
-    assert [row.id for row in page] == [row.id for row in reversed(rows)]
+    assert [row["id"] for row in page] == [row.id for row in reversed(rows)]
     used = await store.usage(ALICE)
     assert (used.deployments, used.cpu_millis) == (60, 60 * 250)
     assert used.stored_bytes == sum(row.record_bytes + row.history_bytes for row in rows)
