@@ -383,6 +383,7 @@ class Consumer:
         self._owed = 0
         self._pull_ended = asyncio.Event()
         self._trouble: str | None = None
+        self._room = asyncio.Event()
 
     async def run(self) -> None:
         await ensure_consumer(self.js, self.stream, self.durable, self.filter_subject)
@@ -396,6 +397,13 @@ class Consumer:
         wake = asyncio.create_task(self._wake_on_stop())
         try:
             while not self._stopping.is_set():
+                # Ask only for what there is room for: a message that waits here for a slot is not
+                # handled, and its ack wait runs.
+                while self._slots.locked() and not self._stopping.is_set():
+                    self._room.clear()
+                    await self._room.wait()
+                # Handlers that end together (an applier's batch) free their slots before counting.
+                await asyncio.sleep(0)
                 want = max(1, min(self.batch, self.concurrency - len(self._tasks)))
                 self._owed = want
                 self._trouble = None
@@ -426,6 +434,7 @@ class Consumer:
     async def _wake_on_stop(self) -> None:
         await self._stopping.wait()
         self._pull_ended.set()
+        self._room.set()
 
     async def _delivered(self, msg: Msg) -> None:
         """Takes what the pull delivers: a message starts its handler at once; a status ends the pull."""
@@ -486,6 +495,7 @@ class Consumer:
         finally:
             beating.stop()
             self._slots.release()
+            self._room.set()
 
     async def _run_handler(self, msg: Msg) -> None:
         """Runs the handler, again in place while it fails because NATS did not answer: the message

@@ -129,3 +129,36 @@ async def test_a_handler_slower_than_the_ack_wait_keeps_its_message(
 
 async def _started(deliveries: list[int]) -> bool:
     return bool(deliveries)
+
+
+async def test_with_every_slot_busy_no_more_messages_are_taken(
+    js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Short pulls, so that many would have come and gone while the handlers hold their slots.
+    monkeypatch.setattr(bus, "PULL_WAIT", 0.2)
+    monkeypatch.setattr(bus, "PULL_GRACE", 0.2)
+    for n in range(10):
+        await bus.publish(js, SUBJECT, f"m{n}".encode(), f"m{n}")
+    in_hand: list[bytes] = []
+    release = asyncio.Event()
+
+    async def handler(msg: Msg) -> None:
+        in_hand.append(msg.data)
+        await release.wait()
+        await msg.ack()
+
+    async with consuming(js, handler, concurrency=2):
+
+        async def slots_busy() -> bool:
+            return len(in_hand) == 2
+
+        await eventually(slots_busy, within=60)
+        await asyncio.sleep(2.0)
+        # A message taken without a slot for it would sit unhandled while its ack wait runs.
+        assert (await js.consumer_info(STREAM, "test")).num_ack_pending == 2
+        release.set()
+
+        async def all_handled() -> bool:
+            return len(in_hand) == 10
+
+        await eventually(all_handled, within=60)
