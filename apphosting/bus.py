@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -67,8 +68,10 @@ API_EVENTS_CONSUMER = "api-events"
 ACK_WAIT = 10.0
 MAX_DELIVER = 10
 BACKOFF = [ACK_WAIT, 15.0, 30.0, 60.0, 60.0, 120.0, 120.0, 300.0, 300.0, 300.0]
-# How long a fetch for what is already waiting may linger after the first message of a round.
-DRAIN_WAIT = 0.02
+# How long one pull request stays open on the server for messages still to come; a consumer
+# also notices a stop within this. Past PULL_GRACE more without any answer it is asked again.
+PULL_WAIT = 1.0
+PULL_GRACE = 1.0
 # Long handlers report progress this often, well inside the ack wait.
 HEARTBEAT = ACK_WAIT / 3
 # A handler that failed because NATS itself did not answer (a stream with no leader while a cluster
@@ -375,31 +378,51 @@ class Consumer:
         self._stopping = self.stopping
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(self.concurrency)
+        # Messages the pull request in flight may still deliver; it ends when they all came, or when
+        # the server says it expired (or could not be served), or when nothing answered in time.
+        self._owed = 0
+        self._pull_ended = asyncio.Event()
+        self._trouble: str | None = None
+        self._room = asyncio.Event()
 
     async def run(self) -> None:
         await ensure_consumer(self.js, self.stream, self.durable, self.filter_subject)
-        sub = await self.js.pull_subscribe(self.filter_subject, durable=self.durable, stream=self.stream)
+        nc = _client(self.js)
+        inbox = nc.new_inbox()
+        pull_subject = f"{_api_prefix(self.js)}.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}"
+        # One long-lived pull at a time: the server hands over at once what is waiting, then each
+        # message as it is stored, until the batch is full or the pull expires. A fetch instead
+        # costs a request per round, and a batch fetch waits for its batch or its timeout.
+        sub = await nc.subscribe(inbox, cb=self._delivered)
+        wake = asyncio.create_task(self._wake_on_stop())
         try:
             while not self._stopping.is_set():
+                # Ask only for what there is room for: a message that waits here for a slot is not
+                # handled, and its ack wait runs.
+                while self._slots.locked() and not self._stopping.is_set():
+                    self._room.clear()
+                    await self._room.wait()
+                # Handlers that end together (an applier's batch) free their slots before counting.
+                await asyncio.sleep(0)
                 want = max(1, min(self.batch, self.concurrency - len(self._tasks)))
+                self._owed = want
+                self._trouble = None
+                self._pull_ended.clear()
+                request = {"batch": want, "expires": int(PULL_WAIT * 1_000_000_000)}
                 try:
-                    # Wait for one message only: asking for a batch would wait for the whole batch
-                    # (or the timeout) when messages trickle in. What else is waiting comes next.
-                    first = await sub.fetch(1, timeout=1.0)
+                    await nc.publish(pull_subject, json.dumps(request).encode(), reply=inbox)
+                    await asyncio.wait_for(self._pull_ended.wait(), PULL_WAIT + PULL_GRACE)
                 except (TimeoutError, NatsTimeoutError):
+                    # No answer at all (a reconnect lost the request, a server restarted): ask again.
                     continue
                 except Exception as exc:
-                    if self._stopping.is_set():
-                        break
-                    log.warning("fetch from %s/%s failed: %s", self.stream, self.durable, exc)
+                    self._trouble = str(exc) or type(exc).__name__
+                if self._trouble is not None and not self._stopping.is_set():
+                    log.warning("pull from %s/%s failed: %s", self.stream, self.durable, self._trouble)
                     await self._check_consumer()
                     await asyncio.sleep(0.5)
-                    continue
-                await self._start(first)
-                if want > 1:
-                    with contextlib.suppress(Exception):
-                        await self._start(await sub.fetch(want - 1, timeout=DRAIN_WAIT))
         finally:
+            wake.cancel()
             if self.hand_back:
                 for task in self._tasks:
                     task.cancel()
@@ -408,26 +431,50 @@ class Consumer:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
+    async def _wake_on_stop(self) -> None:
+        await self._stopping.wait()
+        self._pull_ended.set()
+        self._room.set()
+
+    async def _delivered(self, msg: Msg) -> None:
+        """Takes what the pull delivers: a message starts its handler at once; a status ends the pull."""
+        status = msg.headers.get(_STATUS) if msg.headers else None
+        if status is None:
+            self._owed -= 1
+            if self._owed <= 0:
+                self._pull_ended.set()
+            await self._slots.acquire()
+            if self._stopping.is_set():
+                # Nobody is going to handle it here: hand it back now, not after the ack wait.
+                self._slots.release()
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+                return
+            task = asyncio.create_task(self._handle(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        if status == _IDLE_HEARTBEAT:
+            return
+        if status not in (_NO_MESSAGES, _REQUEST_TIMEOUT):
+            # 409 (consumer deleted, leadership change, too many pulls waiting), 503 (no JetStream).
+            description = msg.headers.get(_DESCRIPTION, "") if msg.headers else ""
+            self._trouble = f"{status} {description}".strip()
+        self._pull_ended.set()
+
     async def _check_consumer(self) -> None:
         """Raises ConsumerGone when the durable consumer no longer exists (deleted, or lost with the
-        server's state): fetching again would fail for ever, and a restart of run() declares it anew."""
+        server's state): pulling again would fail for ever, and a restart of run() declares it anew."""
         try:
             await self.js.consumer_info(self.stream, self.durable)
         except NotFoundError as exc:
             raise ConsumerGone(f"consumer {self.stream}/{self.durable} no longer exists") from exc
         except Exception as exc:
-            # NATS itself is away: the client reconnects, and the fetches resume.
+            # NATS itself is away: the client reconnects, and the pulls resume.
             log.debug("consumer %s/%s not checked: %s", self.stream, self.durable, exc)
 
-    async def _start(self, msgs: list[Msg]) -> None:
-        for msg in msgs:
-            await self._slots.acquire()
-            task = asyncio.create_task(self._handle(msg))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
     async def _handle(self, msg: Msg) -> None:
-        beating = asyncio.create_task(_heartbeat(msg))
+        beating = _Heartbeat(msg)
         try:
             # The handler's spans and log lines continue the trace and deployment of the publisher.
             with tracing.consuming(f"{self.durable} process", msg.headers, self._span_attributes(msg)) as span:
@@ -446,8 +493,9 @@ class Consumer:
             if not self._stopping.is_set():
                 raise
         finally:
-            beating.cancel()
+            beating.stop()
             self._slots.release()
+            self._room.set()
 
     async def _run_handler(self, msg: Msg) -> None:
         """Runs the handler, again in place while it fails because NATS did not answer: the message
@@ -481,12 +529,47 @@ class Consumer:
         }
 
 
-async def _heartbeat(msg: Msg) -> None:
-    """Tells JetStream the message is still being worked on, so it is not given to another worker."""
-    while True:
-        await asyncio.sleep(HEARTBEAT)
+class _Heartbeat:
+    """Tells JetStream, every HEARTBEAT while a message is handled, that it is still being worked on,
+    so it is not given to another worker. A timer, not a task: most handlers end long before it fires."""
+
+    __slots__ = ("_msg", "_sending", "_timer")
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+        self._sending: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(HEARTBEAT, self._beat)
+
+    def _beat(self) -> None:
+        self._sending = asyncio.create_task(self._send())
+        self._timer = asyncio.get_running_loop().call_later(HEARTBEAT, self._beat)
+
+    async def _send(self) -> None:
         with contextlib.suppress(Exception):
-            await msg.in_progress()
+            await self._msg.in_progress()
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+
+# The status a pull request's answer carries in its headers instead of a message.
+_STATUS = "Status"
+_DESCRIPTION = "Description"
+_IDLE_HEARTBEAT = "100"
+_NO_MESSAGES = "404"
+_REQUEST_TIMEOUT = "408"
+
+
+def _client(js: JetStreamContext) -> Client:
+    """The connection a JetStream context uses; the client keeps it unexported."""
+    nc: Client = getattr(js, "_nc")  # noqa: B009
+    return nc
+
+
+def _api_prefix(js: JetStreamContext) -> str:
+    """The JetStream API prefix ($JS.API, or a domain's) of a context; the client keeps it unexported."""
+    prefix: str = getattr(js, "_prefix", "$JS.API")
+    return prefix
 
 
 def last_delivery(msg: Msg) -> bool:
