@@ -14,7 +14,7 @@ from apphosting.imageupdates import UPDATER_ACTOR
 from apphosting.nats_server import NatsServer, free_port
 from apphosting_cli.rest import RestGateway, RestOptions
 from apphosting_client import ClientConfig
-from provisioner.worker import Provisioner, ProvisionerOptions
+from provisioner.worker import DEFAULT_REPORT_WINDOW, Provisioner, ProvisionerOptions
 from scheduler.service import Scheduler, SchedulerOptions
 from services.deployments.app import ApiOptions, ApiServer
 from services.deployments.auth import LOCAL_USER_ID, NOT_CONFIGURED, JwtVerifier, mint_token
@@ -33,6 +33,7 @@ class DevOptions:
     # Default: a file in data_dir, so the simulated clusters survive a restart like the records do.
     simulate_state: str | None = None
     simulate_namespaces: tuple[str, ...] = ()
+    report_window: float = DEFAULT_REPORT_WINDOW
     # JetStream fsync interval: None is the server's default (2 minutes), "always" every write.
     nats_sync_interval: str | None = None
     # The API's address, auth, TLS, quotas and limits; dev sets its database, NATS and locations, and
@@ -146,6 +147,7 @@ async def serve(options: DevOptions, stop: asyncio.Event) -> None:
             simulate_failure_rate=options.simulate_failure_rate,
             simulate_state=options.simulate_state or str(data / "simulated-clusters.db"),
             simulate_namespaces=options.simulate_namespaces,
+            report_window=options.report_window,
             metrics_listen=served["provisioner"],
             secret_key_file=secret_key_file,
         )

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from services.deployments.app import ApiOptions
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+# ProvisionerOptions' default, written out so that building the parser imports no provisioner code.
+DEFAULT_REPORT_WINDOW = 0.25
 
 
 def _add_metrics(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -469,6 +471,14 @@ def _add_provisioner_options(parser: argparse.ArgumentParser) -> None:
         "--simulate-delay", type=_seconds, default=0.5, help="seconds each simulated step takes (default 0.5)"
     )
     parser.add_argument(
+        "--report-window",
+        type=_seconds,
+        default=DEFAULT_REPORT_WINDOW,
+        metavar="SECONDS",
+        help="seconds a done step's event waits for the next step, so that steps done in quick succession "
+        f"cost one event; 0 reports every step on its own (default {DEFAULT_REPORT_WINDOW:g})",
+    )
+    parser.add_argument(
         "--simulate-failure-rate",
         type=_probability,
         default=0.0,
@@ -769,6 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             simulate_failure_rate=args.simulate_failure_rate,
             simulate_state=args.simulate_state,
             simulate_namespaces=tuple(args.simulate_namespace),
+            report_window=args.report_window,
             metrics_listen=args.metrics_listen,
             secret_key_file=args.secret_key_file,
         )
@@ -784,6 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             simulate_failure_rate=args.simulate_failure_rate,
             simulate_state=args.simulate_state,
             simulate_namespaces=tuple(args.simulate_namespace),
+            report_window=args.report_window,
             nats_sync_interval=args.nats_sync_interval,
             api=_api_options(args),
             rest_listen=None if args.rest_listen == "off" else args.rest_listen,

@@ -78,7 +78,15 @@ FINDINGS: dict[str, str] = {
         "and a deployment could report fewer, coarser events. Offered 100 Creates/s (an open loop), the "
         "pipeline takes them in at once but brings about 30/s "
         "to `running`, so the rest queue and create→running grows through the run: its p99 (tens of seconds) "
-        "follows from the rate, and falls under 1 s only once the pipeline runs faster than it is offered."
+        "follows from the rate, and falls under 1 s only once the pipeline runs faster than it is offered. "
+        "Fewer, coarser events: steps a provisioner finishes within `--report-window` (0.25 s) of each other "
+        "share one event (`_Held` in provisioner/reconcile.py; `vcluster_ready`, which the API times, is never "
+        "held), so at zero delay a create applies three events in the API (placement, `vcluster_ready`, "
+        "`endpoint`) instead of seven; `--only pipeline` at 300 deployments, two alternating runs each on a "
+        "machine loaded by other runs (load 7-16 on 2 cores, so wide spread): SQLite 24.0 and 35.5/s became "
+        "38.9 and 44.1/s with 1 provisioner, 28.2 and 25.7/s became 52.9 and 26.0/s with 4; PostgreSQL 11.7 "
+        "and 8.6/s became 15.4 and 26.8/s with 1, 7.3 and 19.7/s became 23.5 and 14.7/s with 4 (the Creates "
+        "themselves were accepted at only 32-46/s in most of these runs)."
     ),
     "update": (
         "The API was the limit, as for the pipeline; the scheduler only forwards the job and the provisioners "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -74,10 +75,15 @@ class _Step:
     # on the next event instead of costing an event of its own. A failure is reported all the same,
     # and the last step of a plan is never quiet.
     quiet: bool = False
+    # Reported at once, never held back to ride on the next step's event: the API times the lifecycle
+    # from its phase (placement to vCluster ready).
+    milestone: bool = False
 
 
 # Steps that several plans share, as the plans below use them.
-_VCLUSTER_READY = _Step("vcluster_ready", "VClusterReady", lambda d, j, c: d.vcluster_ready(j), cluster=True)
+_VCLUSTER_READY = _Step(
+    "vcluster_ready", "VClusterReady", lambda d, j, c: d.vcluster_ready(j), cluster=True, milestone=True
+)
 _KUBECONFIG = _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), quiet=True)
 # Reading the kubeconfig right after the vCluster (re)starts: failing there means the vCluster is broken.
 _CLUSTER_KUBECONFIG = replace(_KUBECONFIG, cluster=True)
@@ -134,7 +140,7 @@ RECORD_FIELDS: tuple[RecordField, ...] = ("endpoint_url", "git_path", "values_ya
 
 
 def _reported(steps: tuple[_Step, ...]) -> tuple[str, ...]:
-    """The phases a run of these steps reports, one event each, in order."""
+    """The phases a run of these steps reports, one event each, in order (with a report window of 0)."""
     if steps[-1].quiet:
         raise ValueError(f"step {steps[-1].name}: the last step of a plan reports its outcome")
     return tuple(step.name for step in steps if not step.quiet)
@@ -190,6 +196,49 @@ def _carrying(event: bus_pb2.StatusEvent, carried: bus_pb2.StatusEvent) -> bus_p
     return event
 
 
+class _Held:
+    """A done step's event, held back for a window: the next step's event carries it when that step
+    is done within the window; when the window ends first, it is published then."""
+
+    def __init__(self, emit: Emit, event: bus_pb2.StatusEvent, window: float) -> None:
+        self.event = event
+        self._emit = emit
+        self._publishing = False
+        # An endless window (a re-run) publishes nothing by itself: the next event always carries it.
+        self._timer = asyncio.create_task(self._publish_after(window)) if math.isfinite(window) else None
+
+    async def _publish_after(self, window: float) -> None:
+        await asyncio.sleep(window)
+        self._publishing = True
+        await self._emit(self.event)
+
+    async def take(self) -> bus_pb2.StatusEvent | None:
+        """The event, for the next one to carry; None when its window ended, once it is published."""
+        if not self._publishing:
+            self.drop()
+            return self.event
+        assert self._timer is not None
+        await self._timer
+        return None
+
+    async def publish(self) -> None:
+        """Publishes the event now, unless it is published already."""
+        event = await self.take()
+        if event is not None:
+            await self._emit(event)
+
+    def drop(self) -> None:
+        """Forgets the event (the job ends without reporting it: a re-run reports it again)."""
+        if self._timer is None:
+            return
+        if self._timer.done():
+            if not self._timer.cancelled():
+                # Retrieved, so a failed publish is not logged again as never retrieved.
+                self._timer.exception()
+            return
+        self._timer.cancel()
+
+
 def event_id(job_id: str, step: str, outcome: str) -> str:
     """The id (and Nats-Msg-Id) of the event for one outcome of one step of a job."""
     return str(uuid.uuid5(_EVENT_NAMESPACE, f"{job_id}/{step}/{outcome}"))
@@ -223,22 +272,34 @@ class Reconciler:
         policy: RetryPolicy | None = None,
         sleep: Sleep = asyncio.sleep,
         heartbeat: Heartbeat = _no_heartbeat,
+        report_window: float = 0.0,
     ) -> None:
+        if report_window < 0:
+            raise ValueError("report_window must not be negative")
         self._driver = driver
         self._emit = emit
         self._source = f"provisioner/{worker_id}"
         self._policy = policy or RetryPolicy()
         self._sleep = sleep
         self._heartbeat = heartbeat
+        # Real seconds a done step's event waits for the next step to be done too, so that steps done
+        # in quick succession cost one event; 0: every step reports on its own.
+        self._window = report_window
 
-    async def run(self, job: bus_pb2.ProvisionJob) -> bus_pb2.StatusEvent:
-        """Run the job to its end and return the last event it published (its goal, or a failure)."""
+    async def run(self, job: bus_pb2.ProvisionJob, *, rerun: bool = False) -> bus_pb2.StatusEvent:
+        """Run the job to its end and return the last event it published (its goal, or a failure).
+
+        A re-run (a redelivered job) holds every step's event until the next milestone, the plan's last
+        step or a failure, whose events every run of the job publishes: whichever steps the first run
+        reported alone or together, the re-run adds no event for a step the deployment has passed.
+        """
+        window = math.inf if rerun and self._window > 0 else self._window
         if job.operation == bus_pb2.OPERATION_DELETE:
-            return await self._delete(job)
+            return await self._delete(job, window)
         plan = _PLANS.get(job.operation)
         if plan is None:
             raise ValueError(f"job {job.job_id}: unsupported operation {job.operation}")
-        last, completed = await self._run(job, plan)
+        last, completed = await self._run(job, plan, window)
         if not completed or job.operation != bus_pb2.OPERATION_STOP:
             return last
         stopped = self._event(
@@ -252,7 +313,7 @@ class Reconciler:
         await self._emit(stopped)
         return stopped
 
-    async def _delete(self, job: bus_pb2.ProvisionJob) -> bus_pb2.StatusEvent:
+    async def _delete(self, job: bus_pb2.ProvisionJob, window: float) -> bus_pb2.StatusEvent:
         if not job.deployment.is_adopted:
             steps, message = _DELETE, "deployment deleted: app, vCluster and host namespace are gone"
         elif job.force:
@@ -261,7 +322,7 @@ class Reconciler:
         else:
             steps = _DELETE_ADOPTED
             message = "deployment deleted: the adopted namespace was given back, its workloads still running"
-        last, completed = await self._run(job, _Plan(steps, _Status.DEPLOYMENT_STATUS_DELETING))
+        last, completed = await self._run(job, _Plan(steps, _Status.DEPLOYMENT_STATUS_DELETING), window)
         if not completed:
             return last
         final = self._event(job, DELETED_PHASE, "final", _Status.DEPLOYMENT_STATUS_DELETING, message)
@@ -269,47 +330,76 @@ class Reconciler:
         await self._emit(final)
         return final
 
-    async def _run(self, job: bus_pb2.ProvisionJob, plan: _Plan) -> tuple[bus_pb2.StatusEvent, bool]:
+    async def _run(self, job: bus_pb2.ProvisionJob, plan: _Plan, window: float) -> tuple[bus_pb2.StatusEvent, bool]:
         """Run the steps in order; the bool says whether all of them got done."""
         context: dict[str, str] = {}
         # What quiet steps found out, for the next event to carry.
         carried = bus_pb2.StatusEvent()
+        # A reported step's event waiting for the next one, within the window.
+        held: _Held | None = None
         last = bus_pb2.StatusEvent()
         logs.bind(deployment_id=job.deployment.id)
         operation = bus_pb2.Operation.Name(job.operation).removeprefix("OPERATION_").lower()
         _log.info("job %s: %s, release %d, %d steps", job.job_id, operation, job.release, len(plan.steps))
-        for step in plan.steps:
-            # One span per step, current while its event is published: the event carries it to the API.
-            attributes = {
-                tracing.DEPLOYMENT_ATTRIBUTE: job.deployment.id,
-                tracing.STEP_ATTRIBUTE: step.name,
-                "apphosting.operation": operation,
-                "apphosting.job_id": job.job_id,
-                "apphosting.release": job.release,
-            }
-            with tracing.span(f"reconcile {step.name}", attributes) as span:
-                try:
-                    result = await self._reconcile_step(job, step, context, plan, span)
-                except _SupersededError as superseded:
-                    # Its events would say nothing true of the deployment any more: the service ignores a
-                    # release other than the record's, and the newer release's job reports for it.
-                    _log.info("job %s: %s", job.job_id, superseded)
-                    span.add_event("superseded", {"message": str(superseded)})
-                    return last, False
-                except _StepFailedError as failed:
-                    tracing.failed(span, failed.event.error_message)
-                    await self._emit(_carrying(failed.event, carried))
-                    return failed.event, False
-                context.update(result.fields)
-                done = self._done_event(job, step, plan, result)
-                if step.quiet:
-                    carried.MergeFrom(done)
-                    continue
-                last = _carrying(done, carried)
-                carried = bus_pb2.StatusEvent()
-                await self._emit(last)
-                _log.debug("job %s: step %s done", job.job_id, step.name)
+        try:
+            for step in plan.steps:
+                # One span per step, current while its event is published: the event carries it to the API.
+                attributes = {
+                    tracing.DEPLOYMENT_ATTRIBUTE: job.deployment.id,
+                    tracing.STEP_ATTRIBUTE: step.name,
+                    "apphosting.operation": operation,
+                    "apphosting.job_id": job.job_id,
+                    "apphosting.release": job.release,
+                }
+                with tracing.span(f"reconcile {step.name}", attributes) as span:
+                    try:
+                        result = await self._reconcile_step(job, step, context, plan, span)
+                    except _SupersededError as superseded:
+                        # Its events would say nothing true of the deployment any more: the service ignores a
+                        # release other than the record's, and the newer release's job reports for it.
+                        _log.info("job %s: %s", job.job_id, superseded)
+                        span.add_event("superseded", {"message": str(superseded)})
+                        if held is not None:
+                            # What was done before is reported as it would have been.
+                            await held.publish()
+                            last, held = held.event, None
+                        return last, False
+                    except _StepFailedError as failed:
+                        tracing.failed(span, failed.event.error_message)
+                        event = _carrying(failed.event, carried)
+                        if held is not None:
+                            await self._carry_held(event, held)
+                            held = None
+                        await self._emit(event)
+                        return failed.event, False
+                    context.update(result.fields)
+                    done = self._done_event(job, step, plan, result)
+                    if step.quiet:
+                        carried.MergeFrom(done)
+                        continue
+                    event = _carrying(done, carried)
+                    carried = bus_pb2.StatusEvent()
+                    if held is not None:
+                        await self._carry_held(event, held)
+                        held = None
+                    if window > 0 and not step.milestone and step is not plan.steps[-1]:
+                        held = _Held(self._emit, event, window)
+                        last = event
+                        continue
+                    last = event
+                    await self._emit(event)
+                    _log.debug("job %s: step %s done", job.job_id, step.name)
+        finally:
+            if held is not None:
+                held.drop()
         return last, True
+
+    @staticmethod
+    async def _carry_held(event: bus_pb2.StatusEvent, held: _Held) -> None:
+        """Puts the held event's conditions and record fields on `event`, unless its window let it out."""
+        earlier = await held.take()
+        if earlier is not None:
+            _carrying(event, earlier)
 
     async def _reconcile_step(
         self, job: bus_pb2.ProvisionJob, step: _Step, context: dict[str, str], plan: _Plan, span: tracing.Span

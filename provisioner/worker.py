@@ -37,6 +37,8 @@ from provisioner.simulated import SimulatedDriver, SimulatedState
 
 log = logging.getLogger(__name__)
 
+DEFAULT_REPORT_WINDOW = 0.25
+
 
 @dataclass
 class ProvisionerOptions:
@@ -55,6 +57,9 @@ class ProvisionerOptions:
     # Jobs run at once by this worker, over all its locations.
     concurrency: int = 16
     policy: RetryPolicy = field(default_factory=RetryPolicy)
+    # Seconds a done step's event waits for the next step, so that steps done in quick succession cost
+    # one event (a watcher still sees each step at most this late); 0: every step reports on its own.
+    report_window: float = DEFAULT_REPORT_WINDOW
     # host:port serving Prometheus metrics at /metrics (port 0: any free one); None: no metrics server.
     metrics_listen: str | None = None
     # The key file that opens sealed secret values (the API's); None: jobs with secret values fail on a
@@ -232,10 +237,16 @@ class Provisioner(bus.Worker):
             # The consumer reports the job in progress while it runs, so no heartbeat is wired in here.
             # Timed from here, so a job waiting for its deployment's previous one is not counted in its first step.
             emit = self._steps.emitter(kind, self._emit)
-            reconciler = Reconciler(driver, emit, worker_id=self.options.worker_id, policy=self.options.policy)
+            reconciler = Reconciler(
+                driver,
+                emit,
+                worker_id=self.options.worker_id,
+                policy=self.options.policy,
+                report_window=self.options.report_window,
+            )
             self._steps.jobs_running.inc()
             try:
-                await reconciler.run(job)
+                await reconciler.run(job, rerun=msg.metadata.num_delivered > 1)
                 self._steps.jobs.labels(operation, kind, "finished").inc()
             except Exception as exc:
                 if not bus.last_delivery(msg):

@@ -82,6 +82,8 @@ async def world(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[_World
             simulate_state=str(state_file),
             worker_id="day2",
             policy=FAST,
+            # Each step's own event is under test here.
+            report_window=0.0,
         )
     )
     task = asyncio.create_task(provisioner.run())
