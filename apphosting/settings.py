@@ -7,10 +7,19 @@ from pydantic import BaseModel, ConfigDict, Field
 # Re-exported: the versions' home is apphosting.versions.
 from apphosting.versions import DEFAULT_KUBERNETES_VERSION, KUBERNETES_VERSIONS
 
-__all__ = ["DEFAULT_DATABASE_URL", "DEFAULT_KUBERNETES_VERSION", "DEFAULT_LISTEN", "KUBERNETES_VERSIONS", "Limits"]
+__all__ = [
+    "DEFAULT_DATABASE_URL",
+    "DEFAULT_KUBERNETES_VERSION",
+    "DEFAULT_LISTEN",
+    "DEFAULT_REPORT_WINDOW",
+    "KUBERNETES_VERSIONS",
+    "Limits",
+]
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///apphosting.db"
+# Seconds a provisioner holds a finished step's event for the next step to carry (0: each on its own).
+DEFAULT_REPORT_WINDOW = 0.25
 
 
 class Limits(BaseModel):

@@ -12,9 +12,10 @@ from pathlib import Path
 from apphosting import metrics
 from apphosting.imageupdates import UPDATER_ACTOR
 from apphosting.nats_server import NatsServer, free_port
+from apphosting.settings import DEFAULT_REPORT_WINDOW
 from apphosting_cli.rest import RestGateway, RestOptions
 from apphosting_client import ClientConfig
-from provisioner.worker import DEFAULT_REPORT_WINDOW, Provisioner, ProvisionerOptions
+from provisioner.worker import Provisioner, ProvisionerOptions
 from scheduler.service import Scheduler, SchedulerOptions
 from services.deployments.app import ApiOptions, ApiServer
 from services.deployments.auth import LOCAL_USER_ID, NOT_CONFIGURED, JwtVerifier, mint_token

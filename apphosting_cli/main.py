@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from apphosting import CannotStart, logs, tracing
-from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN
+from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN, DEFAULT_REPORT_WINDOW
 
 # Each command imports only the process it runs (a provisioner never loads the API's code), so the
 # imports of the processes are inside the functions below.
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 # ProvisionerOptions' default, written out so that building the parser imports no provisioner code.
-DEFAULT_REPORT_WINDOW = 0.25
 
 
 def _add_metrics(parser: argparse.ArgumentParser, default: str | None = None) -> None:

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from apphosting import bus, metrics, secrets
 from apphosting.locations import LocationConfig, load_locations
+from apphosting.settings import DEFAULT_REPORT_WINDOW
 from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner.driver import Driver
 from provisioner.kubernetes import KubernetesDriver
@@ -36,8 +37,6 @@ from provisioner.reconcile import (
 from provisioner.simulated import SimulatedDriver, SimulatedState
 
 log = logging.getLogger(__name__)
-
-DEFAULT_REPORT_WINDOW = 0.25
 
 
 @dataclass
