@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import time
 import zlib
 from datetime import UTC, datetime
 from typing import Any
 
 from alembic import command, context
 from alembic.config import Config
-from sqlalchemy import Connection, DateTime, Dialect, MetaData, TypeDecorator, event
+from sqlalchemy import Connection, DateTime, Dialect, MetaData, TypeDecorator, event, exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry, NullPool
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool, PoolProxiedConnection
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -58,7 +59,37 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None
     cursor.close()
 
 
-def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
+# A pooled server connection idle for longer than this is pinged before it is handed out again.
+PING_IDLE_AFTER = 1.0
+
+
+def _ping_when_idle(engine: AsyncEngine, idle_after: float) -> None:
+    """Pings a pooled connection on checkout only when it sat idle for longer than `idle_after` seconds.
+
+    A connection that went away while idle (a database restart, a cut) is replaced before a caller
+    sees it, as with pre-ping, but a busy process does not pay a round trip on every checkout. One
+    that dies while in use fails that statement, and the pool then renews every connection.
+    """
+    dialect = engine.sync_engine.dialect
+
+    def checkin(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    def checkout(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: PoolProxiedConnection) -> None:
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since <= idle_after:
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as failure:
+            # The pool drops this connection and checks out another one.
+            raise exc.DisconnectionError(f"pooled connection gone while idle: {failure}") from failure
+
+    event.listen(engine.sync_engine, "checkin", checkin)
+    event.listen(engine.sync_engine, "checkout", checkout)
+
+
+def make_engine(url: str, *, ping_idle_after: float = PING_IDLE_AFTER, **kwargs: Any) -> AsyncEngine:
     """An async engine for the URL, with SQLite set up for WAL and waiting writers."""
     url = normalise_url(url)
     if make_url(url).get_backend_name() == "sqlite":
@@ -67,8 +98,9 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
         return engine
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
-    kwargs.setdefault("pool_pre_ping", True)
-    return create_async_engine(url, **kwargs)
+    engine = create_async_engine(url, **kwargs)
+    _ping_when_idle(engine, ping_idle_after)
+    return engine
 
 
 def _upgrade(connection: Connection, script_location: str, version_table: str) -> None:
