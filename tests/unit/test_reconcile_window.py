@@ -9,9 +9,9 @@ import pytest
 
 from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner import CREATE_STEPS, PermanentError, Reconciler, SimulatedDriver, StepResult, event_id
+from tests.unit.test_reconcile_day2 import _job as day2_job
 
 _Status = deployments_pb2.DeploymentStatus
-_DEPLOYMENT_ID = "5a1c9e2b-7d3f-4e8a-9b6c-0d1e2f3a4b5c"
 # Long enough that steps of the simulated driver at zero delay always finish within it.
 _LONG = 60.0
 # Generous: the machine may be loaded; each wait below ends as soon as its event is out.
@@ -47,17 +47,7 @@ class _CrashError(Exception):
 
 
 def _job(operation: bus_pb2.Operation.ValueType = bus_pb2.OPERATION_CREATE, release: int = 0) -> bus_pb2.ProvisionJob:
-    deployment = deployments_pb2.Deployment(
-        id=_DEPLOYMENT_ID, name="shop", geographic_region="eu", docker_image="ghcr.io/acme/shop:1"
-    )
-    location = bus_pb2.Location(id="eu-west-1a", provider="hetzner", region="fsn1", geographic_region="eu")
-    return bus_pb2.ProvisionJob(
-        job_id=f"job-{operation}-{release}",
-        operation=operation,
-        deployment=deployment,
-        location=location,
-        release=release,
-    )
+    return day2_job(operation, release)
 
 
 def _reconciler(driver: SimulatedDriver, bus: _Bus, window: float) -> Reconciler:
