@@ -86,7 +86,13 @@ FINDINGS: dict[str, str] = {
         "machine loaded by other runs (load 7-16 on 2 cores, so wide spread): SQLite 24.0 and 35.5/s became "
         "38.9 and 44.1/s with 1 provisioner, 28.2 and 25.7/s became 52.9 and 26.0/s with 4; PostgreSQL 11.7 "
         "and 8.6/s became 15.4 and 26.8/s with 1, 7.3 and 19.7/s became 23.5 and 14.7/s with 4 (the Creates "
-        "themselves were accepted at only 32-46/s in most of these runs)."
+        "themselves were accepted at only 32-46/s in most of these runs). "
+        "Since then `vcluster_ready` is held too (the API times placement to vCluster ready from the "
+        "`VClusterReady` condition's time, on whichever event carries it first, once per deployment), so a "
+        "create applies two events (placement, `endpoint`) instead of three; `--only pipeline` at 300 "
+        "deployments on SQLite, two alternating pairs (load 9-14): 37.0 and 51.4/s before, 35.3 and 32.1/s "
+        "after with 1 provisioner, 37.5 and 42.2/s before, 43.1 and 38.4/s after with 4; p99 at 100/s offered "
+        "8.9 and 5.3 s before, 6.4 and 12.9 s after: within this machine's noise."
     ),
     "update": (
         "The API was the limit, as for the pipeline; the scheduler only forwards the job and the provisioners "

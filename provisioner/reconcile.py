@@ -75,15 +75,10 @@ class _Step:
     # on the next event instead of costing an event of its own. A failure is reported all the same,
     # and the last step of a plan is never quiet.
     quiet: bool = False
-    # Reported at once, never held back to ride on the next step's event: the API times the lifecycle
-    # from its phase (placement to vCluster ready).
-    milestone: bool = False
 
 
 # Steps that several plans share, as the plans below use them.
-_VCLUSTER_READY = _Step(
-    "vcluster_ready", "VClusterReady", lambda d, j, c: d.vcluster_ready(j), cluster=True, milestone=True
-)
+_VCLUSTER_READY = _Step("vcluster_ready", "VClusterReady", lambda d, j, c: d.vcluster_ready(j), cluster=True)
 _KUBECONFIG = _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), quiet=True)
 # Reading the kubeconfig right after the vCluster (re)starts: failing there means the vCluster is broken.
 _CLUSTER_KUBECONFIG = replace(_KUBECONFIG, cluster=True)
@@ -289,9 +284,9 @@ class Reconciler:
     async def run(self, job: bus_pb2.ProvisionJob, *, rerun: bool = False) -> bus_pb2.StatusEvent:
         """Run the job to its end and return the last event it published (its goal, or a failure).
 
-        A re-run (a redelivered job) holds every step's event until the next milestone, the plan's last
-        step or a failure, whose events every run of the job publishes: whichever steps the first run
-        reported alone or together, the re-run adds no event for a step the deployment has passed.
+        A re-run (a redelivered job) holds every step's event until the plan's last step or a failure,
+        the only events every run of the job publishes: whichever steps the first run reported alone or
+        together, the re-run adds no event for a step the deployment has passed.
         """
         window = math.inf if rerun and self._window > 0 else self._window
         if job.operation == bus_pb2.OPERATION_DELETE:
@@ -382,7 +377,7 @@ class Reconciler:
                     if held is not None:
                         await self._carry_held(event, held)
                         held = None
-                    if window > 0 and not step.milestone and step is not plan.steps[-1]:
+                    if window > 0 and step is not plan.steps[-1]:
                         held = _Held(self._emit, event, window)
                         last = event
                         continue

@@ -35,9 +35,14 @@ _KNOWN_METHODS: frozenset[str] = frozenset(
 }
 _QUOTA_REASON = "QUOTA_EXCEEDED"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
-# The phase of the scheduler's placement event and of the provisioner's steps the durations end at.
+# The phase of the scheduler's placement event.
 _PLACED_PHASE = "placement"
-_VCLUSTER_READY_PHASE = "vcluster_ready"
+# The provisioner's condition of a vCluster answering; any event of a step may carry it (a report window
+# lets a done step's condition ride on a later step's event).
+_VCLUSTER_READY_CONDITION = "VClusterReady"
+# Phases of the provisioner's steps at or after the vCluster's readiness in a create: a deployment whose
+# log has one had its readiness observed already, by the event that carried the condition first.
+_VCLUSTER_READY_OR_LATER = ("vcluster_ready", "app", "rollout", "endpoint")
 _RUNNING = STATUS_NAMES[pb.DEPLOYMENT_STATUS_RUNNING]
 _PROVISIONING = STATUS_NAMES[pb.DEPLOYMENT_STATUS_PROVISIONING]
 
@@ -258,16 +263,41 @@ class ApiMetrics:
         at = change.event.time
         if event.phase == _PLACED_PHASE and change.event.status == _PROVISIONING and row.release == 1:
             self.create_to_placed.observe(_seconds(row.created_at, at))
-        elif event.phase == _VCLUSTER_READY_PHASE and row.release == 1:
-            placed = await self._time_of(row.id, EventRow.phase == _PLACED_PHASE)
+        elif row.release == 1 and (ready := _vcluster_ready_at(event, at)) is not None:
+            placed = await self._first_vcluster_ready(row.id, change.event.revision)
             if placed is not None:
-                self.placed_to_vcluster_ready.observe(_seconds(placed, at))
+                self.placed_to_vcluster_ready.observe(_seconds(placed, ready))
         if event.release_healthy and change.event.status == _RUNNING and event.release == 1:
             self.create_to_running.observe(_seconds(row.created_at, at))
         if event.final:
             asked = await self._time_of(row.id, EventRow.operation == "delete")
             if asked is not None:
                 self.delete_to_gone.observe(_seconds(asked, at))
+
+    async def _first_vcluster_ready(self, deployment_id: str, revision: int) -> datetime | None:
+        """The deployment's placement time, unless an event before `revision` carried its vCluster's readiness."""
+        async with self._engine.connect() as conn:
+            earlier = (
+                await conn.execute(
+                    select(EventRow.seq)
+                    .where(
+                        EventRow.deployment_id == deployment_id,
+                        EventRow.revision < revision,
+                        EventRow.phase.in_(_VCLUSTER_READY_OR_LATER),
+                    )
+                    .limit(1)
+                )
+            ).first()
+            if earlier is not None:
+                return None
+            placed: datetime | None = (
+                await conn.execute(
+                    select(func.max(EventRow.time)).where(
+                        EventRow.deployment_id == deployment_id, EventRow.phase == _PLACED_PHASE
+                    )
+                )
+            ).scalar()
+        return placed
 
     async def _time_of(self, deployment_id: str, condition: Any) -> datetime | None:
         """The time of the deployment's latest logged event that meets `condition`."""
@@ -278,6 +308,14 @@ class ApiMetrics:
                 )
             ).scalar()
         return found
+
+
+def _vcluster_ready_at(event: bus_pb2.StatusEvent, applied: datetime) -> datetime | None:
+    """When the event says the vCluster became ready (its condition's time, else when it was applied), or None."""
+    for condition in event.conditions:
+        if condition.type == _VCLUSTER_READY_CONDITION and condition.status == "True":
+            return condition.time.ToDatetime(tzinfo=UTC) if condition.HasField("time") else applied
+    return None
 
 
 def _seconds(start: datetime, end: datetime) -> float:

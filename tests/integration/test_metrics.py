@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -12,6 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from apphosting.settings import DEFAULT_REPORT_WINDOW
 from apphosting.v1 import deployments_pb2 as pb
 from apphosting_cli.rest import RestGateway, RestOptions
 from apphosting_client import ClientConfig
@@ -194,6 +196,42 @@ async def test_every_process_serves_its_metrics(stack: Stack) -> None:
         check_metrics(rest_text)
     finally:
         await rest.stop()
+
+
+@pytest.mark.parametrize("report_window", [0.0, DEFAULT_REPORT_WINDOW])
+async def test_placed_to_vcluster_ready_is_observed_once_per_deployment(stack: Stack, report_window: float) -> None:
+    # At window 0 vcluster_ready reports on its own event; within the default window its condition
+    # rides on a later step's. A start reports the vCluster ready again: not a second observation.
+    stub = await stack.add_api(metrics_listen="127.0.0.1:0")
+    api = stack.apis[0]
+    stack.add_scheduler()
+    stack.add_provisioner(report_window=report_window)
+    created = await stub.CreateAppHostingDeployment(create_request())
+
+    def settled_in(status: pb.DeploymentStatus.ValueType) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            got = await stub.GetDeployment(pb.GetDeploymentRequest(id=created.id))
+            return got.status == status
+
+        return check
+
+    async def observed(name: str, count: int) -> bool:
+        return value(samples(await scrape(api.metrics_server)), name) == count
+
+    await eventually(settled_in(pb.DEPLOYMENT_STATUS_RUNNING), within=60)
+    await eventually(lambda: observed("apphosting_deployment_placed_to_vcluster_ready_seconds_count", 1), within=60)
+
+    await stub.StopDeployment(pb.StopDeploymentRequest(id=created.id))
+    await eventually(settled_in(pb.DEPLOYMENT_STATUS_STOPPED), within=60)
+    await stub.StartDeployment(pb.StartDeploymentRequest(id=created.id))
+    await eventually(settled_in(pb.DEPLOYMENT_STATUS_RUNNING), within=60)
+    # The teardown's events come after the start's: once its end is observed, so is the start.
+    await stub.DeleteDeployment(pb.DeleteDeploymentRequest(id=created.id))
+    await eventually(lambda: observed("apphosting_deployment_delete_to_gone_seconds_count", 1), within=60)
+
+    api_text = await scrape(api.metrics_server)
+    assert value(samples(api_text), "apphosting_deployment_placed_to_vcluster_ready_seconds_count") == 1
+    check_metrics(api_text)
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)")

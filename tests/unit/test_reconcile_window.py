@@ -63,14 +63,12 @@ async def test_steps_done_within_the_window_cost_one_event_carrying_all_their_co
 
     last = await _reconciler(driver, bus, _LONG).run(_job())
 
-    # vcluster_ready is a milestone (the API times placement to it): reported at once, with what was held.
-    assert bus.phases == ["vcluster_ready", "endpoint"]
-    assert _conditions(bus.events[0]) == [
+    # One event: the last step's, carrying every step's condition with the time that step was done.
+    assert bus.phases == ["endpoint"]
+    assert _conditions(last) == [
         ("HostNamespaceReady", "True"),
         ("VClusterCreated", "True"),
         ("VClusterReady", "True"),
-    ]
-    assert _conditions(last) == [
         ("KubeconfigAvailable", "True"),
         ("AppDeployed", "True"),
         ("AppAvailable", "True"),
@@ -119,10 +117,10 @@ async def test_a_slow_step_lets_the_held_event_out_while_it_runs() -> None:
     async with asyncio.timeout(_WITHIN):
         last = await _reconciler(driver, bus, 0.01).run(_job())
 
-    assert bus.phases == ["host_namespace", "vcluster_ready", "endpoint"]
+    assert bus.phases == ["host_namespace", "endpoint"]
     assert _conditions(bus.events[0]) == [("HostNamespaceReady", "True")]
-    # The vCluster step, done after the namespace's event was out, rides on the milestone's.
-    assert _conditions(bus.events[1]) == [("VClusterCreated", "True"), ("VClusterReady", "True")]
+    # The steps done after the namespace's event was out ride on the last step's.
+    assert _conditions(bus.events[1])[:2] == [("VClusterCreated", "True"), ("VClusterReady", "True")]
     assert last.status == _Status.DEPLOYMENT_STATUS_RUNNING
 
 
@@ -155,16 +153,16 @@ async def test_a_rerun_publishes_only_events_every_complete_run_publishes(first_
     again = _Bus()
     await _reconciler(driver, again, 0.01).run(_job(), rerun=True)
 
-    # Whatever the first run reported alone or together, the re-run's events are its milestone and its
-    # last step, which the first run published under the same ids: the bus and the API drop them.
-    assert again.phases == ["vcluster_ready", "endpoint"]
+    # Whatever the first run reported alone or together, the re-run's one event is its last step's,
+    # which the first run published under the same id: the bus and the API drop it.
+    assert again.phases == ["endpoint"]
     assert {e.event_id for e in again.events} <= {e.event_id for e in first.events}
     assert set(driver.created_counts.values()) == {1}
 
 
 async def test_a_rerun_after_a_crash_resumes_with_the_steps_it_has_not_reported() -> None:
-    # The first run reported the namespace alone (its vCluster was slow), then died before vcluster_ready.
-    crashed = _Bus(crash_at="vcluster_ready")
+    # The first run reported the namespace alone (its vCluster was slow), then died at its last event.
+    crashed = _Bus(crash_at="endpoint")
     driver = _SlowVClusterDriver(crashed)
     with pytest.raises(_CrashError):
         async with asyncio.timeout(_WITHIN):
@@ -174,7 +172,8 @@ async def test_a_rerun_after_a_crash_resumes_with_the_steps_it_has_not_reported(
     resumed = _Bus()
     last = await _reconciler(SimulatedDriver(), resumed, 0.01).run(_job(), rerun=True)
 
-    assert resumed.phases == ["vcluster_ready", "endpoint"]
+    assert resumed.phases == ["endpoint"]
+    assert ("VClusterReady", "True") in _conditions(last)
     assert last.status == _Status.DEPLOYMENT_STATUS_RUNNING
 
 
