@@ -12,7 +12,7 @@ from typing import Literal
 
 from google.protobuf import timestamp_pb2
 
-from apphosting import logs, tracing
+from apphosting import logs, phases, tracing
 from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner.driver import Driver, PermanentError, StepOutcome, StepResult, TemporaryError
 
@@ -78,19 +78,21 @@ class _Step:
 
 
 # Steps that several plans share, as the plans below use them.
-_VCLUSTER_READY = _Step("vcluster_ready", "VClusterReady", lambda d, j, c: d.vcluster_ready(j), cluster=True)
+_VCLUSTER_READY = _Step(
+    phases.VCLUSTER_READY, phases.VCLUSTER_READY_CONDITION, lambda d, j, c: d.vcluster_ready(j), cluster=True
+)
 _KUBECONFIG = _Step("kubeconfig", "KubeconfigAvailable", lambda d, j, c: d.read_kubeconfig(j), quiet=True)
 # Reading the kubeconfig right after the vCluster (re)starts: failing there means the vCluster is broken.
 _CLUSTER_KUBECONFIG = replace(_KUBECONFIG, cluster=True)
-_APP = _Step("app", "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", "")), release_bound=True)
+_APP = _Step(phases.APP, "AppDeployed", lambda d, j, c: d.ensure_app(j, c.get("kubeconfig", "")), release_bound=True)
 _ROLLOUT = _Step(
-    "rollout",
+    phases.ROLLOUT,
     "AppAvailable",
     lambda d, j, c: d.app_rollout(j, c.get("kubeconfig", "")),
     rollout=True,
     release_bound=True,
 )
-_ENDPOINT = _Step("endpoint", "Ready", lambda d, j, c: d.endpoint(j, c.get("kubeconfig", "")))
+_ENDPOINT = _Step(phases.ENDPOINT, "Ready", lambda d, j, c: d.endpoint(j, c.get("kubeconfig", "")))
 
 _CREATE: tuple[_Step, ...] = (
     _Step("host_namespace", "HostNamespaceReady", lambda d, j, c: d.ensure_namespace(j), cluster=True),

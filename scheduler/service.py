@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
-from apphosting import bus, db, metrics
+from apphosting import bus, db, metrics, phases
 from apphosting.locations import LocationConfig, load_locations
 from apphosting.settings import DEFAULT_DATABASE_URL
 from apphosting.v1 import bus_pb2
@@ -183,7 +183,7 @@ class Scheduler(bus.Worker):
                 event_id=_derived_id(request.request_id, "placed"),
                 deployment_id=deployment.id,
                 status=pb.DEPLOYMENT_STATUS_PROVISIONING,
-                phase="placement",
+                phase=phases.PLACEMENT,
                 message=f"placed on {location.id} ({location.provider} {location.region})",
                 provider=location.provider,
                 region=location.region,
@@ -203,7 +203,7 @@ class Scheduler(bus.Worker):
                 event_id=_derived_id(request.request_id, "refused"),
                 deployment_id=request.deployment.id,
                 status=pb.DEPLOYMENT_STATUS_FAILED,
-                phase="placement",
+                phase=phases.PLACEMENT,
                 message=message,
                 error_message=message,
                 release=request.release,
@@ -259,7 +259,7 @@ class Scheduler(bus.Worker):
             event_id=_derived_id(request.request_id, "unplaced"),
             deployment_id=deployment.id,
             status=deployment.status,
-            phase="placement",
+            phase=phases.PLACEMENT,
             message=message,
             error_message=message,
             release=request.release,

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from apphosting import metrics
+from apphosting import metrics, phases
 from apphosting.v1 import bus_pb2
 from apphosting.v1 import deployments_pb2 as pb
 from services.deployments.convert import STATUS_NAMES
@@ -35,14 +35,6 @@ _KNOWN_METHODS: frozenset[str] = frozenset(
 }
 _QUOTA_REASON = "QUOTA_EXCEEDED"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
-# The phase of the scheduler's placement event.
-_PLACED_PHASE = "placement"
-# The provisioner's condition of a vCluster answering; any event of a step may carry it (a report window
-# lets a done step's condition ride on a later step's event).
-_VCLUSTER_READY_CONDITION = "VClusterReady"
-# Phases of the provisioner's steps at or after the vCluster's readiness in a create: a deployment whose
-# log has one had its readiness observed already, by the event that carried the condition first.
-_VCLUSTER_READY_OR_LATER = ("vcluster_ready", "app", "rollout", "endpoint")
 _RUNNING = STATUS_NAMES[pb.DEPLOYMENT_STATUS_RUNNING]
 _PROVISIONING = STATUS_NAMES[pb.DEPLOYMENT_STATUS_PROVISIONING]
 
@@ -261,7 +253,7 @@ class ApiMetrics:
         """Observes the lifecycle durations an applied status event ends, from the record's and the log's times."""
         row = change.row
         at = change.event.time
-        if event.phase == _PLACED_PHASE and change.event.status == _PROVISIONING and row.release == 1:
+        if event.phase == phases.PLACEMENT and change.event.status == _PROVISIONING and row.release == 1:
             self.create_to_placed.observe(_seconds(row.created_at, at))
         elif row.release == 1 and (ready := _vcluster_ready_at(event, at)) is not None:
             placed = await self._first_vcluster_ready(row.id, change.event.revision)
@@ -283,7 +275,7 @@ class ApiMetrics:
                     .where(
                         EventRow.deployment_id == deployment_id,
                         EventRow.revision < revision,
-                        EventRow.phase.in_(_VCLUSTER_READY_OR_LATER),
+                        EventRow.phase.in_(phases.CREATE_FROM_VCLUSTER_READY),
                     )
                     .limit(1)
                 )
@@ -293,7 +285,7 @@ class ApiMetrics:
             placed: datetime | None = (
                 await conn.execute(
                     select(func.max(EventRow.time)).where(
-                        EventRow.deployment_id == deployment_id, EventRow.phase == _PLACED_PHASE
+                        EventRow.deployment_id == deployment_id, EventRow.phase == phases.PLACEMENT
                     )
                 )
             ).scalar()
@@ -313,7 +305,7 @@ class ApiMetrics:
 def _vcluster_ready_at(event: bus_pb2.StatusEvent, applied: datetime) -> datetime | None:
     """When the event says the vCluster became ready (its condition's time, else when it was applied), or None."""
     for condition in event.conditions:
-        if condition.type == _VCLUSTER_READY_CONDITION and condition.status == "True":
+        if condition.type == phases.VCLUSTER_READY_CONDITION and condition.status == "True":
             return condition.time.ToDatetime(tzinfo=UTC) if condition.HasField("time") else applied
     return None
 

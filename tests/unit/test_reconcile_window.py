@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from apphosting import phases
 from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner import CREATE_STEPS, PermanentError, Reconciler, SimulatedDriver, StepResult, event_id
 from tests.unit.test_reconcile_day2 import _job as day2_job
@@ -188,3 +189,8 @@ async def test_a_window_of_zero_reports_every_step() -> None:
 def test_a_negative_window_is_refused() -> None:
     with pytest.raises(ValueError, match="report_window"):
         Reconciler(SimulatedDriver(), _Bus().emit, worker_id="w1", report_window=-1)
+
+
+def test_the_create_plan_reports_the_steps_the_api_counts_from_vcluster_readiness() -> None:
+    # The API's placed-to-ready metric reads these phases; a step added to the plan must be added there.
+    assert CREATE_STEPS[CREATE_STEPS.index(phases.VCLUSTER_READY) :] == phases.CREATE_FROM_VCLUSTER_READY
