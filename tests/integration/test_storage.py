@@ -168,11 +168,16 @@ async def replay(stub: Stub, deployment_id: str, since: int, until: int) -> list
     return await watch(stub, deployment_id, since=since, limit=until - since)
 
 
-async def test_resumed_watches_rebuild_each_revision_exactly_after_trimming(stack: Stack, pipeline: Stub) -> None:
+async def test_resumed_watches_rebuild_each_revision_exactly_after_trimming(stack: Stack) -> None:
+    pipeline = await stack.add_api()
+    stack.add_scheduler()
+    # Each step on its own event: the log must be longer than what the trims below keep.
+    stack.add_provisioner(report_window=0.0)
     created = await pipeline.CreateAppHostingDeployment(maximum_request("replayed"))
     live = await watch(pipeline, created.id, until=SETTLED)
     assert live[-1].deployment.status == pb.DEPLOYMENT_STATUS_RUNNING
     top = live[-1].event.revision
+    assert top > 4, f"the trims below need more than 4 revisions, the log has {top}"
     # Live items came from the change as it was applied; the replay rebuilds them from the log.
     by_revision = {item.event.revision: item for item in live if item.HasField("event")}
     assert sorted(by_revision) == list(range(2, top + 1))
