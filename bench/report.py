@@ -44,7 +44,13 @@ FINDINGS: dict[str, str] = {
         "196/235. What holds c=1 back is outside the create: the outbox relay runs after every commit (a "
         "read of the outbox, the publish, and a `DELETE` transaction that takes SQLite's writer lock the next "
         "create then waits for); in-process, a relay doing only those two statements raised the c=1 p50 from "
-        "4-9 ms to 13-18 ms. At c=32 the API's own samples are mostly gRPC's handler and the event loop."
+        "4-9 ms to 13-18 ms. At c=32 the API's own samples are mostly gRPC's handler and the event loop. "
+        "The full run of 3d91fc3 went on a slower hour of this machine (the echo at c=1 806/s where the run "
+        "before had 1,456/s, placement's cpu-time p99 2.7x): right after it, SQLite only, base ec1a95d and "
+        "3d91fc3 alternating, two pairs: c=1 78 and 83/s -> 96 and 111/s (p50 11.8 and 11.3 -> 9.9 and 8.5 ms), "
+        "c=32 309 and 315/s -> 333 and 369/s (0.072 and 0.079x -> 0.082 and 0.077x the echo). A relay that "
+        "deletes in batches and skips what it sent was tried and not kept: no gain beyond the noise at "
+        "c=1, and PostgreSQL at c=32 lower in two of three pairs."
     ),
     "pipeline": (
         "The API's event consumer is the limit; the scheduler and provisioners are idle in profiles. Done "
@@ -76,7 +82,8 @@ FINDINGS: dict[str, str] = {
         "a quiet full run is needed to tell. "
         "Still open (not profiled since): a `Deployment` built by `row_to_proto` per event. "
         "Offered 100 Creates/s (an open loop), the "
-        "pipeline takes them in at once but brings about 30/s "
+        "pipeline takes them in at once but brings 45-60/s (the full run of 3d91fc3; about 30/s before the "
+        "report window) "
         "to `running`, so the rest queue and create→running grows through the run: its p99 (tens of seconds) "
         "follows from the rate, and falls under 1 s only once the pipeline runs faster than it is offered. "
         "Fewer, coarser events: steps a provisioner finishes within `--report-window` (0.25 s) of each other "
@@ -159,7 +166,12 @@ FINDINGS: dict[str, str] = {
         "arrives (see pipeline). At 100 and 1,000 streams, two alternating rounds on the loaded machine: "
         "SQLite delivery p50 16.5/58.5 and 18.8/10.5 ms before, 6.3/8.9 and 7.1/8.6 ms after; PostgreSQL "
         "(raw NATS p99 up to 68 ms in those runs) 132/10.9 and 158/65.8 ms before, 88/35.1 and 150/36.0 ms "
-        "after. The p99s (40 ms to 1.6 s) followed the machine's load, not the code."
+        "after. The p99s (40 ms to 1.6 s) followed the machine's load, not the code. In the full run of "
+        "3d91fc3 the PostgreSQL p99 at 10,000 streams was 649 ms with a p50 of 12 ms: a stall that held a "
+        "few events (3,000 deliveries make the p99 the 30 slowest, three events' worth). That stage alone, "
+        "run again at once on the same machine, gave p99 32.1 ms (raw NATS 2.4 ms), and the base commit "
+        "(ec1a95d) 25.2 ms beside it: the one-pull consumer does not show in this stage's p99, which is the "
+        "applier's commit and the machine."
     ),
     "placement": (
         "`Placer.place` scores every location of the region at once with numpy, over the arrays of a `Usage` "
