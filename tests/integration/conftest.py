@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from apphosting import db
 from services.deployments.app import MIGRATIONS, VERSION_TABLE
-from services.deployments.store import DeploymentStore
+from tests.support.counting_store import Counting
 
 
 @pytest.fixture
@@ -23,5 +23,6 @@ async def migrated_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.fixture
-def store(migrated_engine: AsyncEngine) -> DeploymentStore:
-    return DeploymentStore(migrated_engine)
+def store(migrated_engine: AsyncEngine) -> Counting:
+    """A store on that database that also counts its commits that wrote outbox rows."""
+    return Counting(migrated_engine)

@@ -7,9 +7,7 @@ import uuid
 from typing import Any
 
 import grpc
-import pytest
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.deployments import operations
 from services.deployments.errors import ServiceError
@@ -25,27 +23,10 @@ from services.deployments.store import (
     TransitionRejected,
 )
 from services.deployments.tables import DeploymentRow, EventRow, OutboxRow, ReleaseRow
+from tests.support.counting_store import Counting
 
 ALICE = str(uuid.uuid4())
 BOB = str(uuid.uuid4())
-
-
-class Counting(DeploymentStore):
-    """A store that counts its commits that wrote outbox rows (the relay's wake-ups)."""
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.commits = 0
-
-        def written() -> None:
-            self.commits += 1
-
-        self.outbox_written = written
-
-
-@pytest.fixture
-def store(migrated_engine: AsyncEngine) -> Counting:
-    return Counting(migrated_engine)
 
 
 def outbox(row: DeploymentRow) -> list[Outgoing]:
