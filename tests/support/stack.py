@@ -70,7 +70,9 @@ class Stack:
         return scheduler
 
     def add_provisioner(self, **options: Any) -> Provisioner:
-        settings: dict[str, Any] = {"simulate_delay": 0.0, "policy": FAST, **options}
+        # Each step on its own event unless a test asks for a report window: at zero delay, whether
+        # steps share an event would depend on the machine's load, and these tests read event sequences.
+        settings: dict[str, Any] = {"simulate_delay": 0.0, "policy": FAST, "report_window": 0.0, **options}
         provisioner = Provisioner(
             ProvisionerOptions(
                 nats_url=self.nats.url,
