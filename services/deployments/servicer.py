@@ -7,7 +7,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -51,8 +51,13 @@ from services.deployments.store import (
     now,
 )
 from services.deployments.tables import DeploymentRow, EventRow
-from services.deployments.validation import DeploymentSpec, SpecInvalid, validate_create, validate_create_resolving
-from services.deployments.validation.model import IMAGE_UPDATE_FIELDS
+from services.deployments.validation import (
+    DeploymentSpec,
+    SpecInvalid,
+    judged_fields,
+    validate_create,
+    validate_create_resolving,
+)
 from services.deployments.watch import RESYNC, Watcher, WatchHub
 
 log = logging.getLogger(__name__)
@@ -635,7 +640,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         """
         data = dict(data)
         sealed = data.pop(secret_env.FIELD, None)
-        judged = data if changed is None else {key: data[key] for key in _judged(data, changed) if key in data}
+        judged = data if changed is None else {key: data[key] for key in judged_fields(data, changed) if key in data}
         try:
             if changed is not None and "helm_repo_url" not in changed:
                 # The stored region was accepted at create; an update does not move it.
@@ -1164,32 +1169,6 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
 
 # Spec fields that set_fields reads by their own rules, not as optional scalars.
 _REPEATED_OR_STRUCT = frozenset({"config", "environment_variables", "secret_environment_variables", "volumes"})
-
-
-# What validate_create needs besides the fields an update changes: the fields the model requires, and
-# those whose values decide which cross-field rules apply (services/deployments/validation/cross_field.py).
-_ALWAYS_JUDGED = ("geographic_region", "deployment_name", "app_type", "deployment_type")
-# What app_type requires to be set (helm: the chart; any other: the image).
-_REQUIRED_BY_APP_TYPE = {"helm": ("helm_repo_url", "helm_chart_name")}
-_REQUIRED_OTHERWISE = ("docker_image",)
-# The fields a rule pairs with each changed field: the image-update settings need an image and agree
-# with each other; a database needs storage_size_gb or a volume.
-_IMAGE_FIELDS = ("docker_image", *IMAGE_UPDATE_FIELDS)
-_PAIRED: dict[str, tuple[str, ...]] = {
-    **{name: _IMAGE_FIELDS for name in _IMAGE_FIELDS},
-    "storage_size_gb": ("volumes",),
-    "volumes": ("storage_size_gb",),
-}
-
-
-def _judged(data: Mapping[str, Any], changed: Collection[str]) -> list[str]:
-    """The fields of a spec an update of `changed` is validated on (each once, in a stable order)."""
-    app_type = data.get("app_type", "helm")
-    names = [*_ALWAYS_JUDGED, *_REQUIRED_BY_APP_TYPE.get(app_type, _REQUIRED_OTHERWISE)]
-    for name in changed:
-        names.append(name)
-        names.extend(_PAIRED.get(name, ()))
-    return list(dict.fromkeys(names))
 
 
 def _apply_spec(message: pb.Deployment, spec: dict[str, Any]) -> None:

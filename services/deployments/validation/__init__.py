@@ -5,6 +5,7 @@ the rules spanning fields, `grammars` the version and tag-filter grammars, and `
 """
 
 from services.deployments.validation.create import validate_create, validate_create_resolving
+from services.deployments.validation.cross_field import judged_fields
 from services.deployments.validation.model import (
     APP_TYPES,
     DEPLOYMENT_TYPES,
@@ -25,6 +26,7 @@ __all__ = [
     "Violation",
     "Volume",
     "image_registry",
+    "judged_fields",
     "validate_create",
     "validate_create_resolving",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from apphosting import health, imagepolicy, images
@@ -20,10 +20,35 @@ from services.deployments.validation.model import (
 )
 from services.deployments.validation.violations import Loc
 
-__all__ = ["cross_field"]
+__all__ = ["cross_field", "judged_fields"]
 
 # How much of each key a path into `config` repeats.
 _KEY_SHOWN = 32
+# What each app_type requires to be set (helm: the chart; any other: the image).
+_HELM_REQUIRED = ("helm_repo_url", "helm_chart_name")
+_IMAGE_REQUIRED = ("docker_image",)
+# Fields every rule set needs besides those it checks: what the model requires, and those whose values
+# decide which rules below apply.
+_ALWAYS_JUDGED = ("geographic_region", "deployment_name", "app_type", "deployment_type")
+# The fields a rule below pairs with each field: the image-update settings need an image and agree with
+# each other; a database needs storage_size_gb or a volume.
+_IMAGE_FIELDS = (*_IMAGE_REQUIRED, *IMAGE_UPDATE_FIELDS)
+_PAIRED: dict[str, tuple[str, ...]] = {
+    **{name: _IMAGE_FIELDS for name in _IMAGE_FIELDS},
+    "storage_size_gb": ("volumes",),
+    "volumes": ("storage_size_gb",),
+}
+
+
+def judged_fields(data: Mapping[str, Any], changed: Iterable[str]) -> list[str]:
+    """The fields a change of `changed` in an otherwise valid spec is validated on: those, the fields the
+    rules pair them with and the fields every rule needs (each once, in a stable order)."""
+    app_type = data.get("app_type", "helm")
+    names = [*_ALWAYS_JUDGED, *(_HELM_REQUIRED if app_type == "helm" else _IMAGE_REQUIRED)]
+    for name in changed:
+        names.append(name)
+        names.extend(_PAIRED.get(name, ()))
+    return list(dict.fromkeys(names))
 
 
 def cross_field(data: Mapping[str, Any], limits: Limits) -> Iterator[tuple[Loc, str, str]]:
@@ -42,10 +67,10 @@ def cross_field(data: Mapping[str, Any], limits: Limits) -> Iterator[tuple[Loc, 
             )
 
     app_type = data.get("app_type", "helm")
-    image_set = "docker_image" in data
+    image_set = all(field in data for field in _IMAGE_REQUIRED)
 
     if app_type == "helm":
-        for field in ("helm_repo_url", "helm_chart_name"):
+        for field in _HELM_REQUIRED:
             if field not in data:
                 yield (field,), "REQUIRED", "is required when app_type is helm"
     elif isinstance(app_type, str) and app_type in APP_TYPES:
