@@ -6,6 +6,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -46,6 +47,9 @@ class Ledger:
         # a transaction this ledger did not account for (another process's) has moved the clock.
         self._cache: Usage | None = None
         self._cache_tick = -1
+        # Placements waiting for the group transaction after the one being written (group commit).
+        self._asking: list[tuple[_Asking, asyncio.Future[Explained]]] = []
+        self._placing: asyncio.Task[None] | None = None
 
     async def create_tables(self) -> None:
         """Brings the scheduler's tables up to their newest migration."""
@@ -73,23 +77,98 @@ class Ledger:
         A deployment already holding some gets the same place. Reading what is used, choosing and
         writing happen in one transaction that holds the ledger's write lock, so neither another
         coroutine nor another scheduler process can place against the same free capacity in between.
+        Placements asked for while a group is being written wait and are placed together in the next
+        transaction (group commit), each against what the ones before it took.
         """
-        changes: list[_Change] = []
-        async with self._exclusive() as conn:
-            used = await self._current(conn)
-            held = await _held(conn, deployment_id)
-            if held is not None:
-                return self._placed_already(deployment_id, geographic_region, used, *held)
-            explained = self._placer.explain(used, geographic_region, demand, pinned)
-            if isinstance(explained.placement, Placed):
-                location_id = explained.placement.location.id
-                await conn.execute(
-                    insert(Reservation).values(deployment_id=deployment_id, location_id=location_id, **_columns(demand))
-                )
-                tick = await self._count(conn, changes, (location_id, demand, 1))
-        if changes:
-            self._advance(tick, changes)
-        return explained
+        done: asyncio.Future[Explained] = asyncio.get_running_loop().create_future()
+        self._asking.append((_Asking(deployment_id, geographic_region, demand, pinned), done))
+        if self._placing is None or self._placing.done():
+            self._placing = asyncio.create_task(self._place_groups())
+        return await done
+
+    async def _place_groups(self) -> None:
+        """Places the waiting demands, one group per transaction, until none wait."""
+        while self._asking:
+            taken = self._asking[:_GROUP_MOST]
+            del self._asking[:_GROUP_MOST]
+            # A caller that gave up (its handler was cancelled) is not placed.
+            group = [(asking, done) for asking, done in taken if not done.done()]
+            if not group:
+                continue
+            try:
+                answers = await self._place_group([asking for asking, _ in group])
+            except Exception as failure:
+                for _, done in group:
+                    if not done.done():
+                        done.set_exception(failure)
+                continue
+            except BaseException:
+                # The writer itself was cancelled (shutdown): so are the callers it had and the waiting ones.
+                for _, done in [*group, *self._asking]:
+                    done.cancel()
+                self._asking.clear()
+                raise
+            for (_, done), answer in zip(group, answers, strict=True):
+                if not done.done():
+                    done.set_result(answer)
+
+    async def _place_group(self, group: Sequence[_Asking]) -> list[Explained]:
+        """Places a group in order in one transaction, as one placement after another would: each
+        against the totals with the ones before it counted."""
+        answers: list[Explained] = []
+        counted: dict[str, list[int]] = {}
+        tick = -1
+        try:
+            async with self._exclusive() as conn:
+                used = await self._current(conn)
+                held = await _held_all(conn, [asking.deployment_id for asking in group])
+                reservations: list[dict[str, object]] = []
+                for asking in group:
+                    holding = held.get(asking.deployment_id)
+                    if holding is not None:
+                        answers.append(
+                            self._placed_already(asking.deployment_id, asking.geographic_region, used, *holding)
+                        )
+                        continue
+                    explained = self._placer.explain(used, asking.geographic_region, asking.demand, asking.pinned)
+                    answers.append(explained)
+                    if isinstance(explained.placement, Placed):
+                        location_id = explained.placement.location.id
+                        held[asking.deployment_id] = (location_id, asking.demand)
+                        reservations.append(
+                            dict(deployment_id=asking.deployment_id, location_id=location_id, **_columns(asking.demand))
+                        )
+                        # The kept totals take it now, for the next in the group; dropped if this fails.
+                        used.add(location_id, _counted(asking.demand))
+                        total = counted.setdefault(location_id, [0, 0, 0, 0])
+                        for index, amount in enumerate(_amounts(asking.demand)):
+                            total[index] += amount
+                if reservations:
+                    await conn.execute(insert(Reservation), reservations)
+                    tick = await self._count(
+                        conn,
+                        [],
+                        *(
+                            (
+                                location_id,
+                                Demand(cpu=cpu / 1000, memory_mb=memory, storage_gb=storage, vclusters=vcs),
+                                1,
+                            )
+                            for location_id, (cpu, memory, storage, vcs) in counted.items()
+                        ),
+                    )
+        except BaseException:
+            if counted:
+                self._cache = None
+            raise
+        if counted:
+            # The totals kept in memory count the group already; they stay only if nothing else
+            # moved the clock since they were read.
+            if self._cache is not None and tick == self._cache_tick + 1:
+                self._cache_tick = tick
+            else:
+                self._cache = None
+        return answers
 
     def _placed_already(
         self, deployment_id: str, geographic_region: str, used: Mapping[str, Demand], location_id: str, holds: Demand
@@ -263,13 +342,7 @@ class Ledger:
             self._cache = None
             return
         for location_id, demand, sign in changes:
-            counted = Demand(
-                cpu=cpu_millis(demand.cpu) / 1000,
-                memory_mb=demand.memory_mb,
-                storage_gb=demand.storage_gb,
-                vclusters=demand.vclusters,
-            )
-            self._cache.add(location_id, counted, sign)
+            self._cache.add(location_id, _counted(demand), sign)
         self._cache_tick = tick
 
     async def _count(self, conn: AsyncConnection, changes: list[_Change], *counted: _Change) -> int:
@@ -320,6 +393,19 @@ class Ledger:
 # A change to a location's totals: the location, the demand, and 1 to add it or -1 to take it away.
 _Change = tuple[str, Demand, int]
 
+# The most placements one group transaction writes.
+_GROUP_MOST = 256
+
+
+@dataclass(frozen=True)
+class _Asking:
+    """A placement waiting for its group."""
+
+    deployment_id: str
+    geographic_region: str
+    demand: Demand
+    pinned: str | None
+
 
 def cpu_millis(cpu: float) -> int:
     """A reservation's cpu as the totals count it: whole millicores, rounded up, so never less than it holds."""
@@ -328,18 +414,44 @@ def cpu_millis(cpu: float) -> int:
 
 async def _held(conn: AsyncConnection, deployment_id: str, lock: bool = False) -> tuple[str, Demand] | None:
     """The deployment's reservation; `lock` keeps a concurrent release from deleting it until commit."""
+    return (await _held_all(conn, [deployment_id], lock)).get(deployment_id)
+
+
+async def _held_all(
+    conn: AsyncConnection, deployment_ids: Sequence[str], lock: bool = False
+) -> dict[str, tuple[str, Demand]]:
+    """The reservations of those deployments that hold one, in one statement (`lock`: see _held)."""
     query = select(
+        Reservation.deployment_id,
         Reservation.location_id,
         Reservation.cpu,
         Reservation.memory_mb,
         Reservation.storage_gb,
         Reservation.vclusters,
-    ).where(Reservation.deployment_id == deployment_id)
-    row = (await conn.execute(query.with_for_update() if lock else query)).first()
-    if row is None:
-        return None
-    location_id, cpu, memory, storage, vcs = row
-    return location_id, Demand(cpu=float(cpu), memory_mb=int(memory), storage_gb=int(storage), vclusters=int(vcs))
+    ).where(Reservation.deployment_id.in_(deployment_ids))
+    rows = await conn.execute(query.with_for_update() if lock else query)
+    return {
+        deployment_id: (
+            location_id,
+            Demand(cpu=float(cpu), memory_mb=int(memory), storage_gb=int(storage), vclusters=int(vcs)),
+        )
+        for deployment_id, location_id, cpu, memory, storage, vcs in rows
+    }
+
+
+def _counted(demand: Demand) -> Demand:
+    """A reservation's demand as the totals count it (cpu in whole millicores, rounded up)."""
+    return Demand(
+        cpu=cpu_millis(demand.cpu) / 1000,
+        memory_mb=demand.memory_mb,
+        storage_gb=demand.storage_gb,
+        vclusters=demand.vclusters,
+    )
+
+
+def _amounts(demand: Demand) -> tuple[int, int, int, int]:
+    """A reservation's demand as the location totals' columns add it up: exact integers."""
+    return cpu_millis(demand.cpu), demand.memory_mb, demand.storage_gb, demand.vclusters
 
 
 def _without(used: Mapping[str, Demand], location_id: str, holds: Demand) -> Mapping[str, Demand]:

@@ -26,6 +26,8 @@ SOURCE = "scheduler"
 _RELEASING = frozenset({pb.DEPLOYMENT_STATUS_FAILED, pb.DEPLOYMENT_STATUS_ERROR})
 # Operations carried out where the deployment already is.
 _FORWARDED = frozenset({bus_pb2.OPERATION_UPDATE, bus_pb2.OPERATION_STOP, bus_pb2.OPERATION_START})
+# Placement requests handled at once: those waiting for the ledger are placed in one transaction.
+REQUESTS_AT_ONCE = 32
 _IDS = uuid.UUID("6a0d0f55-4a4e-4d8f-a1b4-0c2c61f0e2d1")
 
 
@@ -127,7 +129,13 @@ class Scheduler(bus.Worker):
 
     def subscriptions(self) -> list[bus.Subscription]:
         return [
-            bus.Subscription(bus.REQUESTS_STREAM, bus.SCHEDULER_CONSUMER, bus.PLACEMENT_SUBJECT, self._on_request),
+            bus.Subscription(
+                bus.REQUESTS_STREAM,
+                bus.SCHEDULER_CONSUMER,
+                bus.PLACEMENT_SUBJECT,
+                self._on_request,
+                concurrency=REQUESTS_AT_ONCE,
+            ),
             bus.Subscription(bus.EVENTS_STREAM, bus.SCHEDULER_EVENTS_CONSUMER, bus.EVENTS_SUBJECTS, self._on_event),
         ]
 

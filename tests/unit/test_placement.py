@@ -33,7 +33,7 @@ from scheduler.placement import (
     demand_of,
     place,
 )
-from scheduler.tables import Reservation
+from scheduler.tables import LedgerClock, Reservation
 
 _POSTGRES_ADMIN_URL = os.environ.get("APPHOSTING_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -741,3 +741,51 @@ async def test_the_migration_to_totals_counts_the_reservations_already_held(any_
         assert (
             _placed_id(await ledger.reserve("d-fits", "eu", Demand(cpu=4.7, memory_mb=256, storage_gb=5))) == "eu-only"
         )
+
+
+async def _clock(ledger: Ledger) -> int:
+    async with ledger._engine.connect() as conn:
+        tick = await conn.scalar(select(LedgerClock.tick))
+    assert tick is not None
+    return int(tick)
+
+
+async def test_placements_asked_at_once_are_placed_in_one_transaction_in_their_order(
+    any_engines: EngineFactory,
+) -> None:
+    async with _ledgers(any_engines, 1) as (ledger,):
+        await ledger.reserve("d-first", "eu", ONE_OF_20)
+        before = await _clock(ledger)
+        asked = [f"d-{i:02d}" for i in range(30)]
+        # d-00 twice, as a request redelivered while the first is still being placed.
+        results = await asyncio.gather(*(ledger.reserve(name, "eu", ONE_OF_20) for name in [*asked, "d-00"]))
+        # Room for 19 more: the first 19 asked get it, each counted for the ones after it.
+        assert [name for name, result in zip(asked, results, strict=False) if isinstance(result, Placed)] == asked[:19]
+        assert all("short" in _refusal(result) for result in results[19:30])
+        assert results[30] == results[0]
+        # One transaction for all of them: the clock moved once.
+        assert await _clock(ledger) == before + 1
+        assert await ledger.used() == {"eu-only": Demand(cpu=5.0, memory_mb=5120, storage_gb=100, vclusters=20)}
+        assert ledger._cache is not None
+        assert dict(ledger._cache) == dict(await ledger.used())
+
+
+async def test_a_group_that_fails_is_not_counted(any_engines: EngineFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with _ledgers(any_engines, 1) as (ledger,):
+        await ledger.reserve("d-first", "eu", ONE_OF_20)
+
+        async def broken(*args: object) -> int:
+            raise RuntimeError("the database went away")
+
+        monkeypatch.setattr(ledger, "_count", broken)
+        failed = await asyncio.gather(
+            *(ledger.reserve(f"d-{i}", "eu", ONE_OF_20) for i in range(3)), return_exceptions=True
+        )
+        assert [str(result) for result in failed] == ["the database went away"] * 3
+        monkeypatch.undo()
+        # Nothing of the failed group is held, in the database or in the totals the ledger keeps.
+        assert await ledger.used() == {"eu-only": ONE_OF_20}
+        assert await ledger.holding("d-0") is None
+        for index in range(19):
+            assert isinstance(await ledger.reserve(f"d-{index}", "eu", ONE_OF_20), Placed)
+        assert "short" in _refusal(await ledger.reserve("d-full", "eu", ONE_OF_20))
