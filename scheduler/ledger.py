@@ -80,14 +80,18 @@ class Ledger:
         Placements asked for while a group is being written wait and are placed together in the next
         transaction (group commit), each against what the ones before it took.
         """
+        return await self._ask(_Asking(deployment_id, demand, geographic_region=geographic_region, pinned=pinned))
+
+    async def _ask(self, asking: _Asking) -> Explained:
+        """Queues a placement or a set reservation for the next group transaction and waits for its answer."""
         done: asyncio.Future[Explained] = asyncio.get_running_loop().create_future()
-        self._asking.append((_Asking(deployment_id, geographic_region, demand, pinned), done))
+        self._asking.append((asking, done))
         if self._placing is None or self._placing.done():
             self._placing = asyncio.create_task(self._place_groups())
         return await done
 
     async def _place_groups(self) -> None:
-        """Places the waiting demands, one group per transaction, until none wait."""
+        """Places (or sets) the waiting demands, one group per transaction, until none wait."""
         while self._asking:
             taken = self._asking[:_GROUP_MOST]
             del self._asking[:_GROUP_MOST]
@@ -116,35 +120,56 @@ class Ledger:
         """Places a group in order in one transaction, as one placement after another would: each
         against the totals with the ones before it counted."""
         answers: list[Explained] = []
-        counted: dict[str, list[int]] = {}
+        # Per location and sign (1: adds, -1: takes away), what the group changes in its totals, cpu
+        # in millicores: exact integers, each sum of non-negative amounts.
+        counted: dict[tuple[str, int], list[int]] = {}
         tick = -1
+
+        def count(location_id: str, demand: Demand, sign: int) -> None:
+            # The kept totals take it now, for the next in the group; dropped if the group fails.
+            used.add(location_id, _counted(demand), sign)
+            total = counted.setdefault((location_id, sign), [0, 0, 0, 0])
+            for index, amount in enumerate(_amounts(demand)):
+                total[index] += amount
+
         try:
             async with self._exclusive() as conn:
                 used = await self._current(conn)
-                held = await _held_all(conn, [asking.deployment_id for asking in group])
-                reservations: list[dict[str, object]] = []
+                # A set reservation keeps a concurrent release from deleting the holding it replaces.
+                locking = any(asking.location_id is not None for asking in group)
+                held = await _held_all(conn, [asking.deployment_id for asking in group], lock=locking)
+                inserted: list[dict[str, object]] = []
                 for asking in group:
                     holding = held.get(asking.deployment_id)
-                    if holding is not None:
+                    if asking.location_id is None and holding is not None:
                         answers.append(
                             self._placed_already(asking.deployment_id, asking.geographic_region, used, *holding)
                         )
                         continue
-                    explained = self._placer.explain(used, asking.geographic_region, asking.demand, asking.pinned)
+                    if asking.location_id is None:
+                        explained = self._placer.explain(used, asking.geographic_region, asking.demand, asking.pinned)
+                    else:
+                        explained = self._check(used, holding, asking.location_id, asking.demand)
                     answers.append(explained)
-                    if isinstance(explained.placement, Placed):
-                        location_id = explained.placement.location.id
-                        held[asking.deployment_id] = (location_id, asking.demand)
-                        reservations.append(
+                    if not isinstance(explained.placement, Placed):
+                        continue
+                    location_id = explained.placement.location.id
+                    held[asking.deployment_id] = (location_id, asking.demand)
+                    if holding is None:
+                        inserted.append(
                             dict(deployment_id=asking.deployment_id, location_id=location_id, **_columns(asking.demand))
                         )
-                        # The kept totals take it now, for the next in the group; dropped if this fails.
-                        used.add(location_id, _counted(asking.demand))
-                        total = counted.setdefault(location_id, [0, 0, 0, 0])
-                        for index, amount in enumerate(_amounts(asking.demand)):
-                            total[index] += amount
-                if reservations:
-                    await conn.execute(insert(Reservation), reservations)
+                    else:
+                        await conn.execute(
+                            update(Reservation)
+                            .where(Reservation.deployment_id == asking.deployment_id)
+                            .values(location_id=location_id, **_columns(asking.demand))
+                        )
+                        count(*holding, -1)
+                    count(location_id, asking.demand, 1)
+                if inserted:
+                    await conn.execute(insert(Reservation), inserted)
+                if counted:
                     tick = await self._count(
                         conn,
                         [],
@@ -152,9 +177,9 @@ class Ledger:
                             (
                                 location_id,
                                 Demand(cpu=cpu / 1000, memory_mb=memory, storage_gb=storage, vclusters=vcs),
-                                1,
+                                sign,
                             )
-                            for location_id, (cpu, memory, storage, vcs) in counted.items()
+                            for (location_id, sign), (cpu, memory, storage, vcs) in counted.items()
                         ),
                     )
         except BaseException:
@@ -203,31 +228,11 @@ class Ledger:
     async def set_reservation(self, deployment_id: str, location_id: str, demand: Demand) -> Explained:
         """check(), and when it fits, makes the deployment hold exactly the demand on the location.
 
-        Set, not add: asking twice holds it once. Under the ledger's write lock, so that concurrent
-        requests never together take more than the location has.
+        Set, not add: asking twice holds it once. Under the ledger's write lock, in the group
+        transaction placements share, so that concurrent requests never together take more than
+        the location has.
         """
-        changes: list[_Change] = []
-        async with self._exclusive() as conn:
-            held = await _held(conn, deployment_id, lock=True)
-            explained = self._check(await self._current(conn), held, location_id, demand)
-            if isinstance(explained.placement, Placed):
-                if held is None:
-                    await conn.execute(
-                        insert(Reservation).values(
-                            deployment_id=deployment_id, location_id=location_id, **_columns(demand)
-                        )
-                    )
-                    tick = await self._count(conn, changes, (location_id, demand, 1))
-                else:
-                    await conn.execute(
-                        update(Reservation)
-                        .where(Reservation.deployment_id == deployment_id)
-                        .values(location_id=location_id, **_columns(demand))
-                    )
-                    tick = await self._count(conn, changes, (held[0], held[1], -1), (location_id, demand, 1))
-        if changes:
-            self._advance(tick, changes)
-        return explained
+        return await self._ask(_Asking(deployment_id, demand, location_id=location_id))
 
     def _check(
         self, used: Mapping[str, Demand], held: tuple[str, Demand] | None, location_id: str, demand: Demand
@@ -399,12 +404,14 @@ _GROUP_MOST = 256
 
 @dataclass(frozen=True)
 class _Asking:
-    """A placement waiting for its group."""
+    """A placement (in a region, or only on `pinned`) or, with `location_id`, a set reservation,
+    waiting for its group."""
 
     deployment_id: str
-    geographic_region: str
     demand: Demand
-    pinned: str | None
+    geographic_region: str = ""
+    pinned: str | None = None
+    location_id: str | None = None
 
 
 def cpu_millis(cpu: float) -> int:

@@ -789,3 +789,23 @@ async def test_a_group_that_fails_is_not_counted(any_engines: EngineFactory, mon
         for index in range(19):
             assert isinstance(await ledger.reserve(f"d-{index}", "eu", ONE_OF_20), Placed)
         assert "short" in _refusal(await ledger.reserve("d-full", "eu", ONE_OF_20))
+
+
+async def test_a_set_reservation_asked_with_placements_counts_for_the_ones_after_it(any_engines: EngineFactory) -> None:
+    async with _ledgers(any_engines, 1) as (ledger,):
+        await ledger.reserve("d-grows", "eu", ONE_OF_20)
+        before = await _clock(ledger)
+        ten = Demand(cpu=2.5, memory_mb=10 * 256, storage_gb=10 * 5)
+        asked = [f"d-{i:02d}" for i in range(15)]
+        # Asked in this order, all before the ledger's writer runs.
+        growing = asyncio.create_task(ledger.set_reservation("d-grows", "eu-only", ten))
+        placing = [asyncio.create_task(ledger.reserve(name, "eu", ONE_OF_20)) for name in asked]
+        grown, results = await growing, await asyncio.gather(*placing)
+        # It grew from one share to ten first: ten are left for the placements after it.
+        assert isinstance(grown.placement, Placed)
+        assert [name for name, result in zip(asked, results, strict=True) if isinstance(result, Placed)] == asked[:10]
+        assert await ledger.holding("d-grows") == ("eu-only", ten)
+        assert await _clock(ledger) == before + 1
+        assert await ledger.used() == {"eu-only": Demand(cpu=5.0, memory_mb=5120, storage_gb=100, vclusters=11)}
+        assert ledger._cache is not None
+        assert dict(ledger._cache) == dict(await ledger.used())
