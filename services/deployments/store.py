@@ -13,16 +13,19 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from functools import lru_cache
+from typing import Any, TypeVar, cast
 
 import asyncpg
 from sqlalchemy import (
+    BigInteger,
     Dialect,
     Integer,
     Table,
     and_,
     bindparam,
     case,
+    column,
     delete,
     func,
     insert,
@@ -31,6 +34,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -412,11 +416,81 @@ async def _insert_all(session: AsyncSession, records: Sequence[Base]) -> None:
 # The tables, for the Core statements of changes (no unit of work, no identity map).
 _RECORDS = cast(Table, DeploymentRow.__table__)
 _RECORD_TABLE_COLUMNS = tuple(column.key for column in _RECORDS.columns)
+_RELEASES = cast(Table, ReleaseRow.__table__)
+# What a record's write is matched on besides its id (the revision read) and what it adds to its byte
+# counts (relative, as trim_events changes history_bytes too).
+_GIVEN = ("read_revision", "record_grew", "history_grew")
+
+
+_Row = TypeVar("_Row", bound=Base)
+
+
+def _plain(kind: type[_Row], values: Mapping[Any, Any]) -> _Row:
+    """A row of these column values that no session knows, made as the ORM makes the rows it loads: the
+    mapped constructor sets each attribute through its change tracking, some twenty times the cost,
+    and an applied change makes two (its record and its event) and reads one."""
+    row: _Row = kind.__mapper__.class_manager.new_instance()
+    row.__dict__.update(values)
+    return row
+
+
+@lru_cache(maxsize=256)
+def _record_update(dialect: str, columns: tuple[str, ...]) -> Any:
+    """The statement that writes the changes of many records that set the same columns, each only if
+    it is still at the revision read (the parameters v_<name>: ids, revisions, byte growths, values).
+
+    On PostgreSQL one statement whose parameters are arrays, one element a record, returning the ids
+    it wrote (its driver reports no row count for an executemany); on SQLite an UPDATE executed for
+    many, whose row count is the sum of theirs.
+    """
+    names = ("id", *_GIVEN, *columns)
+    types = {name: _RECORDS.c[name].type for name in ("id", *columns)} | {name: BigInteger() for name in _GIVEN}
+    if dialect == "postgresql":
+        given: Any = (
+            func.unnest(*(bindparam(f"v_{name}", type_=ARRAY(types[name])) for name in names))
+            .table_valued(*(column(name, types[name]) for name in names))
+            .render_derived(name="v")
+            .c
+        )
+    else:
+        given = {name: bindparam(f"v_{name}", type_=types[name]) for name in names}
+    statement = (
+        update(_RECORDS)
+        .where(_RECORDS.c.id == given["id"], _RECORDS.c.revision == given["read_revision"])
+        .values(
+            {name: given[name] for name in columns}
+            | {
+                "record_bytes": _RECORDS.c.record_bytes + given["record_grew"],
+                "history_bytes": _RECORDS.c.history_bytes + given["history_grew"],
+            }
+        )
+    )
+    return statement.returning(_RECORDS.c.id) if dialect == "postgresql" else statement
+
+
+# Marks a release healthy, for many at once (executemany).
+_RELEASE_HEALTHY = (
+    update(_RELEASES)
+    .where(_RELEASES.c.deployment_id == bindparam("v_deployment_id"), _RELEASES.c.number == bindparam("v_number"))
+    .values(healthy=True)
+)
+
+
+@dataclass
+class _Written:
+    """A record's changes in a batch, merged into its one write: the revision it was read at, the
+    columns the changes set (the last change's value of each) and what they added to its byte counts."""
+
+    revision: int
+    values: dict[str, Any]
+    record_grew: int
+    history_grew: int
 
 
 class _Batch:
     """What one transaction of changes knows: the records as its writes left them, which event ids
-    are stored, and the events still to insert (all at once, when the changes are written)."""
+    are stored, and the writes still to make: the records' updates, the releases that ran healthy
+    and the events, each kind in one statement when the batch is flushed."""
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -426,6 +500,10 @@ class _Batch:
         self.checked: set[str] = set()
         self.seen: set[str] = set()
         self.events: list[EventRow] = []
+        # By record id, in the order of their first change.
+        self.written: dict[str, _Written] = {}
+        # (deployment id, number) of each release that ran healthy.
+        self.healthy: list[tuple[str, int]] = []
 
     async def load(self, ids: Sequence[str]) -> None:
         """Reads the records not read yet, in one statement: plain rows, not in the session, so that a
@@ -435,7 +513,7 @@ class _Batch:
             return
         found = await self.session.execute(select(_RECORDS).where(DeploymentRow.id.in_(wanted)))
         for values in found.mappings():
-            self.rows[values["id"]] = DeploymentRow(**values)
+            self.rows[values["id"]] = _plain(DeploymentRow, values)
         for deployment_id in wanted:
             self.rows.setdefault(deployment_id, None)
 
@@ -447,15 +525,65 @@ class _Batch:
         self.seen.update(await self.session.scalars(select(EventRow.event_id).where(EventRow.event_id.in_(wanted))))
         self.checked.update(wanted)
 
-    def add(self, row: DeploymentRow, event: EventRow) -> None:
+    def add(
+        self, read: DeploymentRow, row: DeploymentRow, values: dict[str, Any], grew: tuple[int, int], event: EventRow
+    ) -> None:
+        """Records a change of `read` (the record as the batch had it): the record after it is `row`,
+        made by setting `values` and adding `grew` to its byte counts, and it logs `event`."""
         self.rows[row.id] = row
         self.checked.add(event.event_id)
         self.seen.add(event.event_id)
         self.events.append(event)
+        written = self.written.get(row.id)
+        if written is None:
+            self.written[row.id] = _Written(read.revision, dict(values), *grew)
+        else:
+            written.values.update(values)
+            written.record_grew += grew[0]
+            written.history_grew += grew[1]
 
     async def flush(self) -> None:
-        """Inserts the events written, in one statement; a stored event id fails it (IntegrityError)."""
+        """Writes what the changes made: each record only if it is still at the revision the batch
+        read (else _Raced: another writer changed it since), then the releases that ran healthy and
+        the events; a stored event id fails the events' insert (IntegrityError)."""
+        written, self.written = self.written, {}
+        healthy, self.healthy = self.healthy, []
         events, self.events = self.events, []
+        dialect = self.session.get_bind().dialect.name
+        # The records that set the same columns are written by one statement.
+        shapes: dict[tuple[str, ...], list[str]] = {}
+        for deployment_id, write in written.items():
+            shapes.setdefault(tuple(sorted(write.values)), []).append(deployment_id)
+        for columns, ids in shapes.items():
+            writes = [written[deployment_id] for deployment_id in ids]
+            statement = _record_update(dialect, columns)
+            if dialect == "postgresql":
+                arrays: dict[str, list[Any]] = {
+                    "v_id": ids,
+                    "v_read_revision": [write.revision for write in writes],
+                    "v_record_grew": [write.record_grew for write in writes],
+                    "v_history_grew": [write.history_grew for write in writes],
+                }
+                arrays.update({f"v_{name}": [write.values[name] for write in writes] for name in columns})
+                count = len((await self.session.execute(statement, arrays)).all())
+            else:
+                rows = [
+                    {
+                        "v_id": deployment_id,
+                        "v_read_revision": write.revision,
+                        "v_record_grew": write.record_grew,
+                        "v_history_grew": write.history_grew,
+                    }
+                    | {f"v_{name}": write.values[name] for name in columns}
+                    for deployment_id, write in zip(ids, writes, strict=True)
+                ]
+                count = (await self.session.execute(statement, rows)).rowcount  # type: ignore[attr-defined]
+            if count != len(ids):
+                raise _Raced
+        if healthy:
+            await self.session.execute(
+                _RELEASE_HEALTHY, [{"v_deployment_id": key, "v_number": number} for key, number in healthy]
+            )
         await _insert_all(self.session, events)
 
 
@@ -1162,8 +1290,8 @@ class DeploymentStore:
     async def _write(
         self, batch: _Batch, row: DeploymentRow, change: EventInput, outbox: OutboxFn | None, *, late: bool
     ) -> Change:
-        """Writes the change with one `UPDATE` of the record (lost to a concurrent writer: _Raced); its
-        event is inserted by the batch's flush. The record after it is `row` with the values written."""
+        """Writes the change: the record's update and its event are made by the batch's flush (the
+        update lost to a concurrent writer: _Raced). The record after it is `row` with the values written."""
         session = batch.session
         moment = now()
         before = observed_of(row)
@@ -1178,7 +1306,7 @@ class DeploymentStore:
                 values.update(error_message=None, cluster_error=None)
             if change.final:
                 values.update(deleted_at=moment, live_name=None, operation=None)
-            verdict, release = await self._verdict(session, row, change, moment)
+            verdict, release = await self._verdict(batch, row, change, moment)
             values.update(verdict)
             values.update(change.record)
             if change.new_release is not None:
@@ -1202,21 +1330,24 @@ class DeploymentStore:
             **before,
             **{name: v.isoformat() if isinstance(v, datetime) else v for name, v in values.items() if name in OBSERVED},
         }
-        event = EventRow(
-            event_id=change.event_id,
-            deployment_id=row.id,
-            revision=row.revision + 1,
-            status=change.status,
-            phase=change.phase,
-            message=message,
-            source=change.source,
-            simulated=change.simulated,
-            final=change.final and not late,
-            time=change.time or moment,
-            actor=change.actor,
-            operation=operation,
-            release=change.release or values.get("release") or None,
-            changes=changed(before, after),
+        event = _plain(
+            EventRow,
+            dict(
+                event_id=change.event_id,
+                deployment_id=row.id,
+                revision=row.revision + 1,
+                status=change.status,
+                phase=change.phase,
+                message=message,
+                source=change.source,
+                simulated=change.simulated,
+                final=change.final and not late,
+                time=change.time or moment,
+                actor=change.actor,
+                operation=operation,
+                release=change.release or values.get("release") or None,
+                changes=changed(before, after),
+            ),
         )
         spec_bytes = 0
         replaced = 0
@@ -1234,27 +1365,16 @@ class DeploymentStore:
         history_grew = _event_bytes(event) + replaced
         if release is not None and release.seq is None:
             history_grew += _release_bytes(release)
-        result = await session.execute(
-            update(_RECORDS)
-            .where(DeploymentRow.id == row.id, DeploymentRow.revision == row.revision)
-            # Relative, as trim_events changes history_bytes too.
-            .values(
-                **values,
-                record_bytes=DeploymentRow.record_bytes + record_grew,
-                history_bytes=DeploymentRow.history_bytes + history_grew,
-            )
-        )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            raise _Raced
-        updated = DeploymentRow(
-            **{
+        updated = _plain(
+            DeploymentRow,
+            {
                 **{name: getattr(row, name) for name in _RECORD_TABLE_COLUMNS},
                 **values,
                 "record_bytes": row.record_bytes + record_grew,
                 "history_bytes": row.history_bytes + history_grew,
-            }
+            },
         )
-        batch.add(updated, event)
+        batch.add(row, updated, values, (record_grew, history_grew), event)
         if release is not None and release.seq is None:
             session.add(release)
         if outbox is not None:
@@ -1264,10 +1384,12 @@ class DeploymentStore:
         return Change(updated, event, row_to_proto(updated))
 
     async def _verdict(
-        self, session: AsyncSession, row: DeploymentRow, change: EventInput, moment: datetime
+        self, batch: _Batch, row: DeploymentRow, change: EventInput, moment: datetime
     ) -> tuple[dict[str, Any], ReleaseRow | None]:
         """What a worker's report means for the desired state: an operation that ended, a release that
-        ran healthy, or a failed rollout rolled back to the last healthy release (a new release)."""
+        ran healthy (marked so by the batch's flush), or a failed rollout rolled back to the last
+        healthy release (a new release)."""
+        session = batch.session
         values: dict[str, Any] = {}
         if change.status in TERMINAL or (change.status == "stopped" and row.operation == "stop"):
             values["operation"] = None
@@ -1275,11 +1397,7 @@ class DeploymentStore:
             return values, None
         if change.release_healthy:
             values.update(healthy_release=row.release, operation=None)
-            await session.execute(
-                update(ReleaseRow)
-                .where(ReleaseRow.deployment_id == row.id, ReleaseRow.number == row.release)
-                .values(healthy=True)
-            )
+            batch.healthy.append((row.id, row.release))
             return values, None
         if not change.release_failed or row.operation not in ROLLOUTS:
             return values, None
