@@ -267,25 +267,23 @@ class ApiMetrics:
                 self.delete_to_gone.observe(_seconds(asked, at))
 
     async def _first_vcluster_ready(self, deployment_id: str, revision: int) -> datetime | None:
-        """The deployment's placement time, unless an event before `revision` carried its vCluster's readiness."""
+        """The deployment's placement time, unless an event before `revision` carried its vCluster's readiness.
+
+        One statement: this runs for every event that reports the vCluster ready, beside the applier."""
+        earlier = (
+            select(EventRow.seq)
+            .where(
+                EventRow.deployment_id == deployment_id,
+                EventRow.revision < revision,
+                EventRow.phase.in_(phases.CREATE_FROM_VCLUSTER_READY),
+            )
+            .exists()
+        )
         async with self._engine.connect() as conn:
-            earlier = (
-                await conn.execute(
-                    select(EventRow.seq)
-                    .where(
-                        EventRow.deployment_id == deployment_id,
-                        EventRow.revision < revision,
-                        EventRow.phase.in_(phases.CREATE_FROM_VCLUSTER_READY),
-                    )
-                    .limit(1)
-                )
-            ).first()
-            if earlier is not None:
-                return None
             placed: datetime | None = (
                 await conn.execute(
                     select(func.max(EventRow.time)).where(
-                        EventRow.deployment_id == deployment_id, EventRow.phase == phases.PLACEMENT
+                        EventRow.deployment_id == deployment_id, EventRow.phase == phases.PLACEMENT, ~earlier
                     )
                 )
             ).scalar()
