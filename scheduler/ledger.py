@@ -172,13 +172,8 @@ class Ledger:
                 if counted:
                     tick = await self._count(
                         conn,
-                        [],
                         *(
-                            (
-                                location_id,
-                                Demand(cpu=cpu / 1000, memory_mb=memory, storage_gb=storage, vclusters=vcs),
-                                sign,
-                            )
+                            (location_id, (cpu, memory, storage, vcs), sign)
                             for (location_id, sign), (cpu, memory, storage, vcs) in counted.items()
                         ),
                     )
@@ -249,7 +244,6 @@ class Ledger:
         False when it holds nothing. Idempotent. Under the ledger's write lock, since the location's
         totals lose what the reservation held before, which must not change in between.
         """
-        changes: list[_Change] = []
         async with self._exclusive() as conn:
             held = await _held(conn, deployment_id, lock=True)
             if held is None:
@@ -258,9 +252,9 @@ class Ledger:
             await conn.execute(
                 update(Reservation).where(Reservation.deployment_id == deployment_id).values(cpu=0.0, memory_mb=0)
             )
-            freed = Demand(cpu=holds.cpu, memory_mb=holds.memory_mb, storage_gb=0, vclusters=0)
-            tick = await self._count(conn, changes, (location_id, freed, -1))
-        self._advance(tick, changes)
+            freed: _Change = (location_id, (cpu_millis(holds.cpu), holds.memory_mb, 0, 0), -1)
+            tick = await self._count(conn, freed)
+        self._advance(tick, [freed])
         return True
 
     async def holding(self, deployment_id: str) -> tuple[str, Demand] | None:
@@ -291,9 +285,9 @@ class Ledger:
                 return False
             location_id, cpu, memory, storage, vcs = freed
             holds = Demand(cpu=float(cpu), memory_mb=int(memory), storage_gb=int(storage), vclusters=int(vcs))
-            changes: list[_Change] = []
-            tick = await self._count(conn, changes, (location_id, holds, -1))
-        self._advance(tick, changes)
+            change: _Change = (location_id, _amounts(holds), -1)
+            tick = await self._count(conn, change)
+        self._advance(tick, [change])
         return True
 
     async def used(self) -> Usage:
@@ -320,10 +314,7 @@ class Ledger:
             )
         )
         return self._placer.usage(
-            (
-                location_id,
-                Demand(cpu=cpu / 1000, memory_mb=int(memory), storage_gb=int(storage), vclusters=int(vcs)),
-            )
+            (location_id, _as_demand((int(cpu), int(memory), int(storage), int(vcs))))
             for location_id, cpu, memory, storage, vcs in rows
         )
 
@@ -346,20 +337,20 @@ class Ledger:
         if self._cache is None or tick != self._cache_tick + 1:
             self._cache = None
             return
-        for location_id, demand, sign in changes:
-            self._cache.add(location_id, _counted(demand), sign)
+        for location_id, amounts, sign in changes:
+            self._cache.add(location_id, _as_demand(amounts), sign)
         self._cache_tick = tick
 
-    async def _count(self, conn: AsyncConnection, changes: list[_Change], *counted: _Change) -> int:
-        """Adds reservations' demands to their locations' totals (sign -1: takes them away) in `conn`'s
-        transaction, notes them in `changes` and advances the ledger clock; returns the new tick."""
+    async def _count(self, conn: AsyncConnection, *counted: _Change) -> int:
+        """Adds amounts to their locations' totals (sign -1: takes them away) in `conn`'s transaction
+        and advances the ledger clock; returns the new tick."""
         table = LocationUsage.__table__
-        for location_id, demand, sign in counted:
+        for location_id, (cpu, memory, storage, vcs), sign in counted:
             values = {
-                "cpu_millis": sign * cpu_millis(demand.cpu),
-                "memory_mb": sign * demand.memory_mb,
-                "storage_gb": sign * demand.storage_gb,
-                "vclusters": sign * demand.vclusters,
+                "cpu_millis": sign * cpu,
+                "memory_mb": sign * memory,
+                "storage_gb": sign * storage,
+                "vclusters": sign * vcs,
             }
             statement = (sqlite.insert if self._sqlite else postgresql.insert)(LocationUsage).values(
                 location_id=location_id, **values
@@ -371,7 +362,6 @@ class Ledger:
                     set_={name: table.c[name] + statement.excluded[name] for name in values},
                 )
             )
-            changes.append((location_id, demand, sign))
         tick = await conn.scalar(
             update(LedgerClock).where(LedgerClock.id == 1).values(tick=LedgerClock.tick + 1).returning(LedgerClock.tick)
         )
@@ -395,8 +385,11 @@ class Ledger:
             yield conn
 
 
-# A change to a location's totals: the location, the demand, and 1 to add it or -1 to take it away.
-_Change = tuple[str, Demand, int]
+# Amounts as the location totals' columns hold them: cpu in millicores, memory, storage, vClusters.
+_Amounts = tuple[int, int, int, int]
+
+# A change to a location's totals: the location, the amounts, and 1 to add them or -1 to take them away.
+_Change = tuple[str, _Amounts, int]
 
 # The most placements one group transaction writes.
 _GROUP_MOST = 256
@@ -448,17 +441,18 @@ async def _held_all(
 
 def _counted(demand: Demand) -> Demand:
     """A reservation's demand as the totals count it (cpu in whole millicores, rounded up)."""
-    return Demand(
-        cpu=cpu_millis(demand.cpu) / 1000,
-        memory_mb=demand.memory_mb,
-        storage_gb=demand.storage_gb,
-        vclusters=demand.vclusters,
-    )
+    return _as_demand(_amounts(demand))
 
 
-def _amounts(demand: Demand) -> tuple[int, int, int, int]:
+def _amounts(demand: Demand) -> _Amounts:
     """A reservation's demand as the location totals' columns add it up: exact integers."""
     return cpu_millis(demand.cpu), demand.memory_mb, demand.storage_gb, demand.vclusters
+
+
+def _as_demand(amounts: _Amounts) -> Demand:
+    """Amounts of the location totals' columns as a Demand (cpu back in cores)."""
+    cpu, memory, storage, vcs = amounts
+    return Demand(cpu=cpu / 1000, memory_mb=memory, storage_gb=storage, vclusters=vcs)
 
 
 def _without(used: Mapping[str, Demand], location_id: str, holds: Demand) -> Mapping[str, Demand]:
