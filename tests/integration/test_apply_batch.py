@@ -15,29 +15,20 @@ from services.deployments.store import (
     Change,
     DeploymentStore,
     EventInput,
-    NewDeployment,
     RecordMissing,
     TransitionRejected,
     now,
 )
 from services.deployments.tables import DeploymentRow, EventRow, ReleaseRow
 from tests.support.counting_store import Counting
+from tests.support.records import new_deployment
 
 ALICE = str(uuid.uuid4())
 PLACEMENT = {"chosen_location_id": "sim-1", "candidates": [{"location_id": "sim-1", "score": 0.5, "chosen": True}]}
 
 
 async def created(store: DeploymentStore, name: str) -> str:
-    new = NewDeployment(
-        user_id=ALICE,
-        name=name,
-        app_type="web_app",
-        geographic_region="eu",
-        spec={"deployment_name": name, "docker_image": "nginx:1"},
-        request_id=None,
-        request_hash="h",
-    )
-    row, _ = await store.create(new, lambda row: [])
+    row, _ = await store.create(new_deployment(name, ALICE), lambda row: [])
     return row.id
 
 

@@ -24,22 +24,14 @@ from services.deployments.store import (
 )
 from services.deployments.tables import DeploymentRow, EventRow, OutboxRow, ReleaseRow
 from tests.support.counting_store import Counting
+from tests.support.records import new_deployment
 
 ALICE = str(uuid.uuid4())
 BOB = str(uuid.uuid4())
 
 
 def new(name: str, user_id: str = ALICE, request_id: str | None = None, request_hash: str = "h") -> NewDeployment:
-    return NewDeployment(
-        user_id=user_id,
-        name=name,
-        app_type="web_app",
-        geographic_region="eu",
-        spec={"deployment_name": name, "image": "nginx:1"},
-        request_id=request_id,
-        request_hash=request_hash,
-        demand=Usage(deployments=1, cpu_millis=250, memory_mb=256),
-    )
+    return new_deployment(name, user_id, request_id, request_hash)
 
 
 def outbox(row: DeploymentRow) -> list[Outgoing]:

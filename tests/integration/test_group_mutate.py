@@ -16,7 +16,6 @@ from services.deployments.store import (
     Change,
     DeploymentStore,
     EventInput,
-    NewDeployment,
     Outgoing,
     Plan,
     RecordMissing,
@@ -24,6 +23,7 @@ from services.deployments.store import (
 )
 from services.deployments.tables import DeploymentRow, EventRow, OutboxRow, ReleaseRow
 from tests.support.counting_store import Counting
+from tests.support.records import new_deployment
 
 ALICE = str(uuid.uuid4())
 BOB = str(uuid.uuid4())
@@ -35,18 +35,7 @@ def outbox(row: DeploymentRow) -> list[Outgoing]:
 
 async def running(store: DeploymentStore, name: str, user_id: str = ALICE) -> DeploymentRow:
     """A deployment of 250 millicores that its worker reported running."""
-    spec = {"deployment_name": name, "docker_image": "nginx:1", "cpu_request": 0.25, "memory_request_mb": 256}
-    new = NewDeployment(
-        user_id=user_id,
-        name=name,
-        app_type="web_app",
-        geographic_region="eu",
-        spec=spec,
-        request_id=None,
-        request_hash="h",
-        demand=demand_of_spec(spec),
-    )
-    row, _ = await store.create(new, outbox)
+    row, _ = await store.create(new_deployment(name, user_id), outbox)
     for status in ("provisioning", "running"):
         await store.apply(row.id, EventInput(f"{row.id}:{status}", status, status, status, "worker"))
     current = await store.get(None, row.id)
