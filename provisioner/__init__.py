@@ -19,6 +19,7 @@ from provisioner.reconcile import (
     DELETE_STEPS,
     DELETED_PHASE,
     START_STEPS,
+    STEP_NAMES,
     STOP_STEPS,
     STOPPED_PHASE,
     UPDATE_STEPS,
@@ -27,6 +28,7 @@ from provisioner.reconcile import (
     Reconciler,
     RetryPolicy,
     Sleep,
+    StepObserver,
     event_id,
 )
 from provisioner.simulated import FAIL_PERMANENT_MARK, FAIL_TEMPORARY_MARK, NEVER_HEALTHY_MARK, SimulatedDriver
@@ -42,6 +44,7 @@ __all__ = [
     "FAIL_TEMPORARY_MARK",
     "NEVER_HEALTHY_MARK",
     "START_STEPS",
+    "STEP_NAMES",
     "STOPPED_PHASE",
     "STOP_STEPS",
     "UPDATE_STEPS",
@@ -53,6 +56,7 @@ __all__ = [
     "RetryPolicy",
     "SimulatedDriver",
     "Sleep",
+    "StepObserver",
     "StepOutcome",
     "StepResult",
     "TemporaryError",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -19,6 +20,9 @@ from provisioner.driver import Driver, PermanentError, StepOutcome, StepResult, 
 Emit = Callable[[bus_pb2.StatusEvent], Awaitable[None]]
 Sleep = Callable[[float], Awaitable[None]]
 Heartbeat = Callable[[], Awaitable[None]]
+# Told of each step that ended: its name, its outcome (done, failed, error or timeout) and the seconds
+# it took, polls and retries included, whether it reported an event of its own or not.
+StepObserver = Callable[[str, str, float], None]
 
 _log = logging.getLogger(__name__)
 
@@ -151,6 +155,12 @@ ADOPT_STEPS: tuple[str, ...] = _reported(_ADOPT)
 DELETE_STEPS: tuple[str, ...] = _reported(_DELETE)
 DELETE_ADOPTED_STEPS: tuple[str, ...] = _reported(_DELETE_ADOPTED)
 DELETE_ADOPTED_FORCE_STEPS: tuple[str, ...] = _reported(_DELETE_ADOPTED_FORCE)
+# Every step of every plan, reported or quiet: the names a step's duration is counted under.
+STEP_NAMES: frozenset[str] = frozenset(
+    step.name
+    for plan in (_CREATE, _UPDATE, _STOP, _START, _ADOPT, _DELETE, _DELETE_ADOPTED, _DELETE_ADOPTED_FORCE)
+    for step in plan
+)
 # Phase of the final event of a teardown.
 DELETED_PHASE = "deleted"
 # Phase of the last event of a stop, the one with status STOPPED.
@@ -248,9 +258,10 @@ class _SupersededError(Exception):
 class _StepFailedError(Exception):
     """Ends the job: the event to publish for it is ready."""
 
-    def __init__(self, event: bus_pb2.StatusEvent) -> None:
+    def __init__(self, event: bus_pb2.StatusEvent, outcome: str) -> None:
         super().__init__(event.error_message)
         self.event = event
+        self.outcome = outcome
 
 
 class Reconciler:
@@ -270,6 +281,7 @@ class Reconciler:
         sleep: Sleep = asyncio.sleep,
         heartbeat: Heartbeat = _no_heartbeat,
         report_window: float = 0.0,
+        observe: StepObserver | None = None,
     ) -> None:
         if report_window < 0:
             raise ValueError("report_window must not be negative")
@@ -282,6 +294,7 @@ class Reconciler:
         # Real seconds a done step's event waits for the next step to be done too, so that steps done
         # in quick succession cost one event; 0: every step reports on its own.
         self._window = report_window
+        self._observe = observe
 
     async def run(self, job: bus_pb2.ProvisionJob, *, rerun: bool = False) -> bus_pb2.StatusEvent:
         """Run the job to its end and return the last event it published (its goal, or a failure).
@@ -349,6 +362,7 @@ class Reconciler:
                     "apphosting.release": job.release,
                 }
                 with tracing.span(f"reconcile {step.name}", attributes) as span:
+                    started = time.perf_counter()
                     try:
                         result = await self._reconcile_step(job, step, context, plan, span)
                     except _SupersededError as superseded:
@@ -362,6 +376,7 @@ class Reconciler:
                             last, held = held.event, None
                         return last, False
                     except _StepFailedError as failed:
+                        self._observed(step, failed.outcome, started)
                         tracing.failed(span, failed.event.error_message)
                         event = _carrying(failed.event, carried)
                         if held is not None:
@@ -369,6 +384,7 @@ class Reconciler:
                             held = None
                         await self._emit(event)
                         return failed.event, False
+                    self._observed(step, "done", started)
                     context.update(result.fields)
                     done = self._done_event(job, step, plan, result)
                     if step.quiet:
@@ -390,6 +406,10 @@ class Reconciler:
             if held is not None:
                 held.drop()
         return last, True
+
+    def _observed(self, step: _Step, outcome: str, started: float) -> None:
+        if self._observe is not None:
+            self._observe(step.name, outcome, time.perf_counter() - started)
 
     @staticmethod
     async def _carry_held(event: bus_pb2.StatusEvent, held: _Held) -> None:
@@ -415,16 +435,12 @@ class Reconciler:
             if result.outcome is StepOutcome.DONE:
                 return result
             if result.outcome is StepOutcome.FAIL and result.permanent:
-                raise _StepFailedError(
-                    self._failure(job, step, plan, "failed", _Status.DEPLOYMENT_STATUS_FAILED, result.message)
-                )
+                raise self._failure(job, step, plan, "failed", _Status.DEPLOYMENT_STATUS_FAILED, result.message)
             if result.outcome is StepOutcome.FAIL:
                 failures += 1
                 if failures >= policy.max_attempts:
                     message = f"step {step.name} failed after {failures} attempts: {result.message}"
-                    raise _StepFailedError(
-                        self._failure(job, step, plan, "error", _Status.DEPLOYMENT_STATUS_ERROR, message)
-                    )
+                    raise self._failure(job, step, plan, "error", _Status.DEPLOYMENT_STATUS_ERROR, message)
                 delay = policy.backoff(failures)
                 span.add_event(
                     "retry", {"attempt": failures, "delay_seconds": delay, "error": logs.redact(result.message)}
@@ -435,9 +451,7 @@ class Reconciler:
             # Not yet: the deadline counts the waits asked for, so it also holds with an injected sleep.
             if waited >= timeout:
                 message = f"step {step.name} timed out after {timeout:g} s: {result.message}"
-                raise _StepFailedError(
-                    self._failure(job, step, plan, "timeout", _Status.DEPLOYMENT_STATUS_ERROR, message)
-                )
+                raise self._failure(job, step, plan, "timeout", _Status.DEPLOYMENT_STATUS_ERROR, message)
             delay = min(max(result.after_seconds, policy.min_poll), timeout - waited)
             waited += delay
             await self._wait(delay)
@@ -531,7 +545,8 @@ class Reconciler:
         outcome: str,
         status: _Status.ValueType,
         message: str,
-    ) -> bus_pb2.StatusEvent:
+    ) -> _StepFailedError:
+        """The step's failure, with the event that reports it."""
         if plan.release_failure:
             # The previous release keeps serving; the service rolls back to the last healthy one.
             status = _Status.DEPLOYMENT_STATUS_RUNNING
@@ -543,7 +558,7 @@ class Reconciler:
         if step.cluster:
             event.cluster_status = "error"
             event.cluster_error = event.message
-        return event
+        return _StepFailedError(event, outcome)
 
     @staticmethod
     def _condition(event: bus_pb2.StatusEvent, type_: str, status: str, reason: str) -> bus_pb2.Condition:

@@ -6,8 +6,7 @@ import asyncio
 import logging
 import os
 import socket
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
@@ -19,21 +18,7 @@ from apphosting.settings import DEFAULT_REPORT_WINDOW
 from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner.driver import Driver
 from provisioner.kubernetes import KubernetesDriver
-from provisioner.reconcile import (
-    ADOPT_STEPS,
-    CREATE_STEPS,
-    DELETE_ADOPTED_FORCE_STEPS,
-    DELETE_ADOPTED_STEPS,
-    DELETE_STEPS,
-    DELETED_PHASE,
-    START_STEPS,
-    STOP_STEPS,
-    STOPPED_PHASE,
-    UPDATE_STEPS,
-    Reconciler,
-    RetryPolicy,
-    event_id,
-)
+from provisioner.reconcile import STEP_NAMES, Reconciler, RetryPolicy, StepObserver, event_id
 from provisioner.simulated import SimulatedDriver, SimulatedState
 
 log = logging.getLogger(__name__)
@@ -66,25 +51,7 @@ class ProvisionerOptions:
     secret_key_file: str | None = None
 
 
-# Every phase a provisioner's event can name: the step label never takes another value.
-_PHASES = frozenset(
-    (
-        *CREATE_STEPS,
-        *UPDATE_STEPS,
-        *STOP_STEPS,
-        *START_STEPS,
-        *ADOPT_STEPS,
-        *DELETE_STEPS,
-        *DELETE_ADOPTED_STEPS,
-        *DELETE_ADOPTED_FORCE_STEPS,
-        DELETED_PHASE,
-        STOPPED_PHASE,
-        "job",
-    )
-)
 _OPERATIONS = frozenset(name.removeprefix("OPERATION_").lower() for name in bus_pb2.Operation.keys())  # noqa: SIM118 (an enum wrapper, not a dict)
-# A failed step's condition reason → the outcome label.
-_FAILURE_OUTCOMES = {"PermanentFailure": "failed", "RetriesExhausted": "error", "Timeout": "timeout"}
 
 
 def _operation(number: bus_pb2.Operation.ValueType) -> str:
@@ -93,12 +60,12 @@ def _operation(number: bus_pb2.Operation.ValueType) -> str:
 
 
 class _StepMetrics:
-    """Reconcile step durations and outcomes by step and driver, measured between the events a job emits."""
+    """Reconcile step durations and outcomes by step and driver, each step timed from its start to its end."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.duration = Histogram(
             "apphosting_reconcile_step_duration_seconds",
-            "Time a reconcile step took, from the previous step's event (or the job's start) to its own",
+            "Time a reconcile step took, polls and retries included",
             ("step", "driver", "outcome"),
             buckets=metrics.LIFECYCLE_BUCKETS,
             registry=registry,
@@ -119,23 +86,14 @@ class _StepMetrics:
             "apphosting_provisioner_jobs_running", "Jobs this worker is running now", registry=registry
         )
 
-    def emitter(
-        self, driver: str, emit: Callable[[bus_pb2.StatusEvent], Awaitable[None]]
-    ) -> Callable[[bus_pb2.StatusEvent], Awaitable[None]]:
-        """`emit`, observing each event's step on the way."""
-        last = time.perf_counter()
+    def observer(self, driver: str) -> StepObserver:
+        """Counts each step a job's reconciler ends, with its driver."""
 
-        async def observed(event: bus_pb2.StatusEvent) -> None:
-            nonlocal last
-            now = time.perf_counter()
-            step = metrics.bounded(event.phase, _PHASES)
-            reason = event.conditions[-1].reason if event.conditions else ""
-            outcome = _FAILURE_OUTCOMES.get(reason, "failed" if event.error_message else "done")
-            self.duration.labels(step, driver, outcome).observe(now - last)
+        def observed(name: str, outcome: str, seconds: float) -> None:
+            step = metrics.bounded(name, STEP_NAMES)
+            self.duration.labels(step, driver, outcome).observe(seconds)
             if outcome != "done":
                 self.failures.labels(step, driver, outcome).inc()
-            last = now
-            await emit(event)
 
         return observed
 
@@ -234,14 +192,13 @@ class Provisioner(bus.Worker):
         # One deployment's jobs (its create, then its delete) run one after the other.
         async with self._locks.hold(job.deployment.id):
             # The consumer reports the job in progress while it runs, so no heartbeat is wired in here.
-            # Timed from here, so a job waiting for its deployment's previous one is not counted in its first step.
-            emit = self._steps.emitter(kind, self._emit)
             reconciler = Reconciler(
                 driver,
-                emit,
+                self._emit,
                 worker_id=self.options.worker_id,
                 policy=self.options.policy,
                 report_window=self.options.report_window,
+                observe=self._steps.observer(kind),
             )
             self._steps.jobs_running.inc()
             try:

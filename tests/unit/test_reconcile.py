@@ -150,6 +150,37 @@ async def test_permanent_failure_fails_at_once() -> None:
     assert driver.apps == {}
 
 
+async def test_every_step_is_observed_once_with_its_outcome_whatever_the_events() -> None:
+    observed: list[tuple[str, str]] = []
+
+    def observe(step: str, outcome: str, seconds: float) -> None:
+        assert seconds >= 0
+        observed.append((step, outcome))
+
+    def reconciler(driver: SimulatedDriver, bus: _Bus, policy: RetryPolicy | None = None) -> Reconciler:
+        # A window longer than the run: done steps share events, yet each is observed on its own.
+        return Reconciler(driver, bus.emit, worker_id="w1", policy=policy, report_window=3600.0, observe=observe)
+
+    bus = _Bus()
+    await reconciler(SimulatedDriver(), bus).run(_job())
+    assert len(bus.events) < len(CREATE_STEPS)
+    steps = ["host_namespace", "vcluster", "vcluster_ready", "kubeconfig", "app", "rollout", "endpoint"]
+    assert observed == [(step, "done") for step in steps]
+
+    observed.clear()
+    await reconciler(SimulatedDriver(), _Bus()).run(_job(image="ghcr.io/acme/fail-permanent:1"))
+    assert observed == [(step, "done") for step in steps[:4]] + [("app", "failed")]
+
+    observed.clear()
+    policy = RetryPolicy(backoff_base=0.0, backoff_cap=0.0, max_attempts=2)
+    await reconciler(SimulatedDriver(), _Bus(), policy).run(_job(chart="fail-temporary-chart", image=None))
+    assert observed[-1] == ("app", "error")
+
+    observed.clear()
+    await reconciler(_StuckDriver(), _Bus(), RetryPolicy(step_timeout=0.0)).run(_job())
+    assert observed[-1] == ("vcluster_ready", "timeout")
+
+
 async def test_temporary_failure_backs_off_then_errors_naming_the_step() -> None:
     driver, bus, clock = SimulatedDriver(), _Bus(), _Clock()
     policy = RetryPolicy(backoff_base=1.0, backoff_cap=4.0, max_attempts=5)
