@@ -13,6 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from apphosting import db
+from apphosting.batching import Batcher
 from apphosting.locations import LocationConfig
 from apphosting.v1 import deployments_pb2
 from scheduler.placement import Demand, Explained, Placed, Placement, Placer, Refused, Usage
@@ -48,8 +49,7 @@ class Ledger:
         self._cache: Usage | None = None
         self._cache_tick = -1
         # Placements waiting for the group transaction after the one being written (group commit).
-        self._asking: list[tuple[_Asking, asyncio.Future[Explained]]] = []
-        self._placing: asyncio.Task[None] | None = None
+        self._groups: Batcher[_Asking, Explained] = Batcher(self._place_group, most=_GROUP_MOST)
 
     async def create_tables(self) -> None:
         """Brings the scheduler's tables up to their newest migration."""
@@ -80,41 +80,9 @@ class Ledger:
         Placements asked for while a group is being written wait and are placed together in the next
         transaction (group commit), each against what the ones before it took.
         """
-        return await self._ask(_Asking(deployment_id, demand, geographic_region=geographic_region, pinned=pinned))
-
-    async def _ask(self, asking: _Asking) -> Explained:
-        """Queues a placement or a set reservation for the next group transaction and waits for its answer."""
-        done: asyncio.Future[Explained] = asyncio.get_running_loop().create_future()
-        self._asking.append((asking, done))
-        if self._placing is None or self._placing.done():
-            self._placing = asyncio.create_task(self._place_groups())
-        return await done
-
-    async def _place_groups(self) -> None:
-        """Places (or sets) the waiting demands, one group per transaction, until none wait."""
-        while self._asking:
-            taken = self._asking[:_GROUP_MOST]
-            del self._asking[:_GROUP_MOST]
-            # A caller that gave up (its handler was cancelled) is not placed.
-            group = [(asking, done) for asking, done in taken if not done.done()]
-            if not group:
-                continue
-            try:
-                answers = await self._place_group([asking for asking, _ in group])
-            except Exception as failure:
-                for _, done in group:
-                    if not done.done():
-                        done.set_exception(failure)
-                continue
-            except BaseException:
-                # The writer itself was cancelled (shutdown): so are the callers it had and the waiting ones.
-                for _, done in [*group, *self._asking]:
-                    done.cancel()
-                self._asking.clear()
-                raise
-            for (_, done), answer in zip(group, answers, strict=True):
-                if not done.done():
-                    done.set_result(answer)
+        return await self._groups.ask(
+            _Asking(deployment_id, demand, geographic_region=geographic_region, pinned=pinned)
+        )
 
     async def _place_group(self, group: Sequence[_Asking]) -> list[Explained]:
         """Places a group in order in one transaction, as one placement after another would: each
@@ -227,7 +195,7 @@ class Ledger:
         transaction placements share, so that concurrent requests never together take more than
         the location has.
         """
-        return await self._ask(_Asking(deployment_id, demand, location_id=location_id))
+        return await self._groups.ask(_Asking(deployment_id, demand, location_id=location_id))
 
     def _check(
         self, used: Mapping[str, Demand], held: tuple[str, Demand] | None, location_id: str, demand: Demand
