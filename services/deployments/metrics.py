@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from apphosting import metrics, phases
+from apphosting.batching import Batcher
 from apphosting.v1 import bus_pb2
 from apphosting.v1 import deployments_pb2 as pb
 from services.deployments.convert import STATUS_NAMES
@@ -219,6 +220,8 @@ class ApiMetrics:
             registry=registry,
         )
         self._regions: frozenset[str] = frozenset()
+        # The vCluster look-ups asked at one moment share one statement on one pooled connection.
+        self._vcluster_ready: Batcher[tuple[str, int], datetime | None] = Batcher(self._first_vcluster_ready)
 
     def known_regions(self, regions: frozenset[str]) -> None:
         self._regions = regions
@@ -256,7 +259,7 @@ class ApiMetrics:
         if event.phase == phases.PLACEMENT and change.event.status == _PROVISIONING and row.release == 1:
             self.create_to_placed.observe(_seconds(row.created_at, at))
         elif row.release == 1 and (ready := _vcluster_ready_at(event, at)) is not None:
-            placed = await self._first_vcluster_ready(row.id, change.event.revision)
+            placed = await self._vcluster_ready.ask((row.id, change.event.revision))
             if placed is not None:
                 self.placed_to_vcluster_ready.observe(_seconds(placed, ready))
         if event.release_healthy and change.event.status == _RUNNING and event.release == 1:
@@ -266,28 +269,31 @@ class ApiMetrics:
             if asked is not None:
                 self.delete_to_gone.observe(_seconds(asked, at))
 
-    async def _first_vcluster_ready(self, deployment_id: str, revision: int) -> datetime | None:
-        """The deployment's placement time, unless an event before `revision` carried its vCluster's readiness.
+    async def _first_vcluster_ready(self, asked: Sequence[tuple[str, int]]) -> list[datetime | None]:
+        """For each (deployment, revision): its placement time, unless an event before that revision carried
+        its vCluster's readiness.
 
-        One statement: this runs for every event that reports the vCluster ready, beside the applier."""
-        earlier = (
-            select(EventRow.seq)
-            .where(
-                EventRow.deployment_id == deployment_id,
-                EventRow.revision < revision,
-                EventRow.phase.in_(phases.CREATE_FROM_VCLUSTER_READY),
-            )
-            .exists()
-        )
+        This runs for every event that reports the vCluster ready, beside the applier: one statement reads
+        the placement and vCluster-ready events of all the deployments asked at once, a few rows each."""
+        placed: dict[str, datetime] = {}
+        ready_at: dict[str, int] = {}
         async with self._engine.connect() as conn:
-            placed: datetime | None = (
-                await conn.execute(
-                    select(func.max(EventRow.time)).where(
-                        EventRow.deployment_id == deployment_id, EventRow.phase == phases.PLACEMENT, ~earlier
-                    )
+            rows = await conn.execute(
+                select(EventRow.deployment_id, EventRow.phase, EventRow.revision, EventRow.time).where(
+                    EventRow.deployment_id.in_({deployment_id for deployment_id, _ in asked}),
+                    EventRow.phase.in_((phases.PLACEMENT, *phases.CREATE_FROM_VCLUSTER_READY)),
                 )
-            ).scalar()
-        return placed
+            )
+            for deployment_id, phase, revision, at in rows:
+                if phase == phases.PLACEMENT:
+                    if deployment_id not in placed or at > placed[deployment_id]:
+                        placed[deployment_id] = at
+                elif revision < ready_at.get(deployment_id, revision + 1):
+                    ready_at[deployment_id] = revision
+        return [
+            None if ready_at.get(deployment_id, revision) < revision else placed.get(deployment_id)
+            for deployment_id, revision in asked
+        ]
 
     async def _time_of(self, deployment_id: str, condition: Any) -> datetime | None:
         """The time of the deployment's latest logged event that meets `condition`."""
