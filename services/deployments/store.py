@@ -474,6 +474,12 @@ _RELEASE_HEALTHY = (
     .where(_RELEASES.c.deployment_id == bindparam("v_deployment_id"), _RELEASES.c.number == bindparam("v_number"))
     .values(healthy=True)
 )
+# Gives replaced releases the spec they keep from then on, for many at once (executemany).
+_RELEASE_KEEPS = (
+    update(_RELEASES)
+    .where(_RELEASES.c.deployment_id == bindparam("v_deployment_id"), _RELEASES.c.number == bindparam("v_number"))
+    .values(spec=bindparam("v_spec", type_=_RELEASES.c.spec.type))
+)
 
 
 @dataclass
@@ -489,8 +495,9 @@ class _Written:
 
 class _Batch:
     """What one transaction of changes knows: the records as its writes left them, which event ids
-    are stored, and the writes still to make: the records' updates, the releases that ran healthy
-    and the events, each kind in one statement when the batch is flushed."""
+    are stored, and the writes still to make: the records' updates, the new releases, the specs the
+    replaced ones keep, the outbox rows, the releases that ran healthy and the events, each kind in
+    one statement when the batch is flushed."""
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -504,6 +511,12 @@ class _Batch:
         self.written: dict[str, _Written] = {}
         # (deployment id, number) of each release that ran healthy.
         self.healthy: list[tuple[str, int]] = []
+        # The releases the changes made, by (deployment id, number), in the order made.
+        self.releases: dict[tuple[str, int], ReleaseRow] = {}
+        # The spec each release that a newer one replaced keeps from now on, by (deployment id, number).
+        self.kept: dict[tuple[str, int], dict[str, Any]] = {}
+        # The bus messages the changes made, in the order made (the relay sends them in it).
+        self.outbox: list[OutboxRow] = []
 
     async def load(self, ids: Sequence[str]) -> None:
         """Reads the records not read yet, in one statement: plain rows, not in the session, so that a
@@ -541,6 +554,32 @@ class _Batch:
             written.values.update(values)
             written.record_grew += grew[0]
             written.history_grew += grew[1]
+
+    def release(self, release: ReleaseRow) -> None:
+        """A new release, inserted with the batch's."""
+        self.releases[(release.deployment_id, release.number)] = release
+
+    def keep(self, deployment_id: str, number: int, spec: dict[str, Any]) -> None:
+        """The spec a release that a newer one replaces keeps (the record holds the newer one's)."""
+        made = self.releases.get((deployment_id, number))
+        if made is not None:
+            made.spec = spec
+        else:
+            self.kept[(deployment_id, number)] = spec
+
+    async def write_releases(self) -> None:
+        """Writes the new releases, the specs the replaced ones keep and the outbox rows, each kind in
+        one statement, so that what reads releases next in the transaction sees them."""
+        releases, self.releases = self.releases, {}
+        kept, self.kept = self.kept, {}
+        outbox, self.outbox = self.outbox, []
+        await _insert_all(self.session, list(releases.values()))
+        if kept:
+            await self.session.execute(
+                _RELEASE_KEEPS,
+                [{"v_deployment_id": key, "v_number": number, "v_spec": spec} for (key, number), spec in kept.items()],
+            )
+        await _insert_all(self.session, outbox)
 
     async def flush(self) -> None:
         """Writes what the changes made: each record only if it is still at the revision the batch
@@ -580,6 +619,8 @@ class _Batch:
                 count = (await self.session.execute(statement, rows)).rowcount  # type: ignore[attr-defined]
             if count != len(ids):
                 raise _Raced
+        # Before the healthy marks: a release this batch made may be one of them.
+        await self.write_releases()
         if healthy:
             await self.session.execute(
                 _RELEASE_HEALTHY, [{"v_deployment_id": key, "v_number": number} for key, number in healthy]
@@ -881,10 +922,6 @@ class DeploymentStore:
             )
             return found
 
-    @staticmethod
-    def _add_outbox(session: AsyncSession, messages: Sequence[Outgoing], moment: datetime, deployment_id: str) -> None:
-        session.add_all(_outbox_rows(messages, moment, deployment_id))
-
     async def get(self, user_id: str | None, deployment_id: str) -> DeploymentRow | None:
         """The deployment if `user_id` owns it; user_id None (an admin) reads any."""
         query = select(DeploymentRow).where(DeploymentRow.id == deployment_id)
@@ -1085,27 +1122,27 @@ class DeploymentStore:
             used = await self._usages(session, users)
         answers: list[Change | Exception] = []
         for member in group:
+            row = batch.rows[member.deployment_id]
             try:
-                # In the caller's context: the outbox rows it writes keep the caller's trace.
-                applied = await asyncio.create_task(self._mutate_member(batch, member, used), context=member.context)
+                if row is not None and row.user_id in used:
+                    member.check(used[row.user_id], row)
+                # In the caller's context: the outbox rows it writes keep the caller's trace. Run at
+                # once, without a task of its own: a task would wait a turn of the event loop each.
+                asked = (batch, member.deployment_id, member.user_id, member.plan, member.outbox)
+                try:
+                    applied = member.context.run(self._change_now, *asked)
+                except _Reads:
+                    applied = await asyncio.create_task(self._change_in(*asked), context=member.context)
             except (TransitionRejected, RecordMissing, ServiceError) as refused:
                 # Refused before it wrote anything: the others in the group go on.
                 answers.append(refused)
                 continue
+            if row is not None and row.user_id in used:
+                # What the operations after it in the group see, as they would after its commit.
+                used[row.user_id] = used[row.user_id] - quota_rules.held(row) + quota_rules.held(applied.row)
             answers.append(applied)
         await batch.flush()
         return answers
-
-    async def _mutate_member(self, batch: _Batch, member: _Mutating, used: dict[str, quota_rules.Usage]) -> Change:
-        """One operation of a group: refused (raising) before it writes anything, or written."""
-        row = batch.rows[member.deployment_id]
-        if row is not None and row.user_id in used:
-            member.check(used[row.user_id], row)
-        applied = await self._change_in(batch, member.deployment_id, member.user_id, member.plan, member.outbox)
-        if row is not None and row.user_id in used:
-            # What the operations after it in the group see, as they would after its commit.
-            used[row.user_id] = used[row.user_id] - quota_rules.held(row) + quota_rules.held(applied.row)
-        return applied
 
     async def _mutate_in(
         self, session: AsyncSession, deployment_id: str, user_id: str | None, plan: Plan, outbox: OutboxFn | None
@@ -1120,13 +1157,32 @@ class DeploymentStore:
     ) -> Change:
         """Plans and writes an owner's operation on the record as `batch` has it; a refusal writes nothing."""
         await batch.load([deployment_id])
+        row, change = self._planned(batch, deployment_id, user_id, plan)
+        return await self._write(batch, row, change, outbox, late=False)
+
+    def _change_now(
+        self, batch: _Batch, deployment_id: str, user_id: str | None, plan: Plan, outbox: OutboxFn | None
+    ) -> Change:
+        """_change_in on a record the batch has read, without waiting; raises _Reads, having written
+        nothing, when the change is a failed rollout (its rollback reads the releases)."""
+        row, change = self._planned(batch, deployment_id, user_id, plan)
+        verdict, failed = self._verdict(batch, row, change)
+        if failed:
+            raise _Reads
+        return self._written(batch, row, change, outbox, late=False, moment=now(), verdict=verdict, release=None)
+
+    @staticmethod
+    def _planned(
+        batch: _Batch, deployment_id: str, user_id: str | None, plan: Plan
+    ) -> tuple[DeploymentRow, EventInput]:
+        """The record as `batch` has it and the change `plan` makes of it, if the lifecycle allows it."""
         row = batch.rows[deployment_id]
         if row is None or row.deleted_at is not None or (user_id is not None and row.user_id != user_id):
             raise RecordMissing(deployment_id)
         change = plan(row)
         if not allowed(row.status, change.status, change.record.get("operation", row.operation)):
             raise TransitionRejected(row.status, change.status)
-        return await self._write(batch, row, change, outbox, late=False)
+        return row, change
 
     async def release(self, deployment_id: str, number: int) -> ReleaseRow | None:
         found = await self._releases(
@@ -1292,11 +1348,31 @@ class DeploymentStore:
     ) -> Change:
         """Writes the change: the record's update and its event are made by the batch's flush (the
         update lost to a concurrent writer: _Raced). The record after it is `row` with the values written."""
-        session = batch.session
         moment = now()
+        verdict: dict[str, Any] = {}
+        release: ReleaseRow | None = None
+        if not late:
+            verdict, failed = self._verdict(batch, row, change)
+            if failed:
+                release = await self._rollback(batch, row, change, moment, verdict)
+        return self._written(batch, row, change, outbox, late=late, moment=moment, verdict=verdict, release=release)
+
+    def _written(
+        self,
+        batch: _Batch,
+        row: DeploymentRow,
+        change: EventInput,
+        outbox: OutboxFn | None,
+        *,
+        late: bool,
+        moment: datetime,
+        verdict: dict[str, Any],
+        release: ReleaseRow | None,
+    ) -> Change:
+        """_write once the verdict on the change is known (and the release a rollback makes): what is
+        left touches only the batch, so it runs without waiting."""
         before = observed_of(row)
         values: dict[str, Any] = {"revision": row.revision + 1, "updated_at": moment}
-        release: ReleaseRow | None = None
         operation = change.operation if change.operation is not None else row.operation
         if not late:
             values.update(status=change.status, phase=change.phase)
@@ -1306,7 +1382,6 @@ class DeploymentStore:
                 values.update(error_message=None, cluster_error=None)
             if change.final:
                 values.update(deleted_at=moment, live_name=None, operation=None)
-            verdict, release = await self._verdict(batch, row, change, moment)
             values.update(verdict)
             values.update(change.record)
             if change.new_release is not None:
@@ -1354,11 +1429,7 @@ class DeploymentStore:
         if "spec" in values:
             spec_bytes = _json_bytes(values["spec"]) - _json_bytes(row.spec)
             # The release being replaced keeps its spec from now on (the record holds the new one).
-            await session.execute(
-                update(ReleaseRow)
-                .where(ReleaseRow.deployment_id == row.id, ReleaseRow.number == row.release)
-                .values(spec=row.spec)
-            )
+            batch.keep(row.id, row.release, row.spec)
             replaced = _json_bytes(row.spec)
         record_grew = _text_bytes(after) - _text_bytes(before) + spec_bytes
         # Releases are kept, and count with the history.
@@ -1376,33 +1447,39 @@ class DeploymentStore:
         )
         batch.add(row, updated, values, (record_grew, history_grew), event)
         if release is not None and release.seq is None:
-            session.add(release)
+            batch.release(release)
         if outbox is not None:
-            self._add_outbox(session, outbox(updated), moment, updated.id)
+            batch.outbox += _outbox_rows(outbox(updated), moment, updated.id)
         elif values.get("operation") == "rollback" and change.release_failed:
-            self._add_outbox(session, self.update_outbox(updated), moment, updated.id)
+            batch.outbox += _outbox_rows(self.update_outbox(updated), moment, updated.id)
         return Change(updated, event, row_to_proto(updated))
 
-    async def _verdict(
-        self, batch: _Batch, row: DeploymentRow, change: EventInput, moment: datetime
-    ) -> tuple[dict[str, Any], ReleaseRow | None]:
-        """What a worker's report means for the desired state: an operation that ended, a release that
-        ran healthy (marked so by the batch's flush), or a failed rollout rolled back to the last
-        healthy release (a new release)."""
-        session = batch.session
+    @staticmethod
+    def _verdict(batch: _Batch, row: DeploymentRow, change: EventInput) -> tuple[dict[str, Any], bool]:
+        """What a worker's report means for the desired state: an operation that ended, or a release
+        that ran healthy (marked so by the batch's flush); and whether it is a failed rollout, which
+        `_rollback` rolls back."""
         values: dict[str, Any] = {}
         if change.status in TERMINAL or (change.status == "stopped" and row.operation == "stop"):
             values["operation"] = None
         if change.release == 0 or change.release != row.release:
-            return values, None
+            return values, False
         if change.release_healthy:
             values.update(healthy_release=row.release, operation=None)
             batch.healthy.append((row.id, row.release))
-            return values, None
-        if not change.release_failed or row.operation not in ROLLOUTS:
-            return values, None
+            return values, False
+        return values, change.release_failed and row.operation in ROLLOUTS
+
+    async def _rollback(
+        self, batch: _Batch, row: DeploymentRow, change: EventInput, moment: datetime, values: dict[str, Any]
+    ) -> ReleaseRow | None:
+        """A failed rollout, rolled back to the last healthy release: sets in `values` what that means for
+        the record, and returns the new release it makes (None when there is nothing to go back to)."""
+        session = batch.session
         why = change.fields.get("error_message") or change.message
         good = row.healthy_release
+        # The releases this batch made or replaced are read below as written.
+        await batch.write_releases()
         made_by = await session.scalar(
             select(ReleaseRow.operation).where(ReleaseRow.deployment_id == row.id, ReleaseRow.number == row.release)
         )
@@ -1413,7 +1490,7 @@ class DeploymentStore:
                 operation=None,
                 error_message=f"the automatic rollback to release {good} (release {row.release}) failed too: {why}",
             )
-            return values, None
+            return None
         spec = (
             await session.scalar(
                 select(ReleaseRow.spec).where(ReleaseRow.deployment_id == row.id, ReleaseRow.number == good)
@@ -1423,7 +1500,7 @@ class DeploymentStore:
         )
         if spec is None:
             values.update(operation=None, error_message=f"release {row.release} did not become healthy: {why}")
-            return values, None
+            return None
         number = row.release + 1
         message = (
             f"release {row.release} did not become healthy ({why}); rolled back to release {good} as release {number}"
@@ -1440,7 +1517,7 @@ class DeploymentStore:
             memory_mb=demand.memory_mb,
             storage_gb=demand.storage_gb,
         )
-        release = ReleaseRow(
+        return ReleaseRow(
             deployment_id=row.id,
             number=number,
             spec=None,
@@ -1451,7 +1528,6 @@ class DeploymentStore:
             healthy=False,
             rollback_of=good,
         )
-        return values, release
 
     async def events_after(self, deployment_id: str, revision: int, limit: int = 1000) -> list[EventRow]:
         async with self._sessions() as session:
@@ -1590,6 +1666,10 @@ class DeploymentStore:
             return
         async with self.transaction() as session:
             await session.execute(delete(OutboxRow).where(OutboxRow.id.in_([row.id for row in rows])))
+
+
+class _Reads(Exception):
+    """The change needs reads of its own in the transaction: it is made by the path that waits for them."""
 
 
 class _Raced(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from typing import Any
 
@@ -195,3 +196,98 @@ async def test_a_group_that_meets_a_conflict_is_written_one_by_one(store: Counti
     assert results[2].deployment.docker_image == "nginx:clash"
     assert await count(store, ReleaseRow, ReleaseRow.number == 2) == 5
     assert await count(store, OutboxRow) == 5 + 5
+
+
+def chained(image: str) -> Plan:
+    """An image update planned on the record as it is when written (not refused when it moved)."""
+
+    def plan(current: DeploymentRow) -> EventInput:
+        spec = {**current.spec, "docker_image": image}
+        return operations.release_change(current, operation="update", spec=spec, actor=ALICE, reason="")
+
+    return plan
+
+
+async def test_updates_of_one_record_in_one_group_keep_each_releases_spec(store: Counting) -> None:
+    row, other = [await running(store, f"app-{index}") for index in range(2)]
+    calls = [(row, chained("nginx:2")), (other, chained("nginx:5")), (row, chained("nginx:3"))]
+    store.commits = 0
+    results = await mutate_all(store, calls)
+    assert store.commits == 1
+    assert [result.deployment.release for result in results] == [2, 2, 3]
+    stored = await store.get(None, row.id)
+    assert stored is not None
+    assert (stored.release, stored.spec["docker_image"]) == (3, "nginx:3")
+    # Release 2 was made and replaced in the same transaction: it keeps its own spec.
+    specs = {number: (await store.release(row.id, number)) for number in (1, 2, 3)}
+    assert {number: release.spec["docker_image"] for number, release in specs.items() if release and release.spec} == {
+        1: "nginx:1",
+        2: "nginx:2",
+        3: "nginx:3",
+    }
+    async with store.session() as session:
+        kept = (await session.scalars(select(ReleaseRow.spec).where(ReleaseRow.deployment_id == row.id))).all()
+    # The current release's spec is the record's, stored once.
+    assert sorted(spec["docker_image"] if spec else "" for spec in kept) == ["", "nginx:1", "nginx:2"]
+    sent = [message.payload.decode() for message in await store.unsent()]
+    assert sent[-3:] == [f"{row.id}:2", f"{other.id}:2", f"{row.id}:3"]
+
+
+def failed(deployment_id: str, release: int) -> EventInput:
+    return EventInput(
+        f"{deployment_id}:failed:{release}",
+        "running",
+        "rollout_failed",
+        "the rollout did not become ready",
+        "provisioner/0",
+        release=release,
+        release_failed=True,
+    )
+
+
+async def test_a_rollback_that_fails_in_the_same_batch_as_it_was_made_is_not_rolled_back_again(
+    store: Counting,
+) -> None:
+    row = await running(store, "app")
+    healthy = EventInput(f"{row.id}:healthy", "running", "running", "running", "provisioner/0", release=1)
+    await store.apply(row.id, dataclasses.replace(healthy, release_healthy=True))
+    await store.mutate(row.id, ALICE, chained("nginx:2"), outbox)
+    # Release 2 fails: rolled back as release 3, which fails in the same batch.
+    results = await store.apply_batch([(row.id, failed(row.id, 2)), (row.id, failed(row.id, 3))])
+    assert [isinstance(result, Change) for result in results] == [True, True]
+    stored = await store.get(None, row.id)
+    assert stored is not None
+    assert (stored.status, stored.release, stored.operation) == ("error", 3, None)
+    assert stored.spec["docker_image"] == "nginx:1"
+    automatic = await store.release(row.id, 3)
+    assert automatic is not None
+    assert (automatic.operation, automatic.rollback_of) == ("rollback-automatic", 1)
+    replaced = await store.release(row.id, 2)
+    assert replaced is not None
+    assert replaced.spec is not None
+    assert replaced.spec["docker_image"] == "nginx:2"
+
+
+async def test_a_failed_rollout_reported_through_mutate_is_rolled_back(store: Counting) -> None:
+    row = await running(store, "app")
+    healthy = EventInput(f"{row.id}:healthy", "running", "running", "running", "provisioner/0", release=1)
+    await store.apply(row.id, dataclasses.replace(healthy, release_healthy=True))
+    await store.mutate(row.id, ALICE, chained("nginx:2"), outbox)
+    store.update_outbox = outbox
+    store.commits = 0
+    results = await mutate_all(
+        store,
+        [(row, lambda current: failed(current.id, 2)), (row, chained("nginx:4"))],
+    )
+    assert store.commits == 1
+    assert [result.deployment.release for result in results] == [3, 4]
+    stored = await store.get(None, row.id)
+    assert stored is not None
+    assert (stored.release, stored.spec["docker_image"]) == (4, "nginx:4")
+    rollback = await store.release(row.id, 3)
+    assert rollback is not None
+    assert rollback.operation == "rollback-automatic"
+    assert rollback.spec is not None
+    assert rollback.spec["docker_image"] == "nginx:1"
+    sent = [message.payload.decode() for message in await store.unsent()]
+    assert sent[-2:] == [f"{row.id}:3", f"{row.id}:4"]
