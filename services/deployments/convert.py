@@ -240,68 +240,54 @@ def row_to_proto(
     else:
         record = row
     if observed is None:
-        observed = {name: record[name] for name in OBSERVED}
+        # The record holds its observed fields under their own names.
+        state: Mapping[Any, Any] = record
         revision = record["revision"]
     else:
-        observed = {
+        state = {
             name: datetime.fromisoformat(value) if name in _MOMENTS and value is not None else value
             for name, value in observed.items()
         }
     if spec is None:
         spec = record["spec"]
-    operation = observed.get("operation")
-    # Every field is given to one constructor call: setting them one by one costs a call each.
+    operation = state.get("operation")
+    deleted_at = state["deleted_at"]
+    volumes = spec.get("volumes")
+    # Every field is given to one constructor call: setting them one by one costs a call each. A field
+    # given None is left unset, so the optional ones are passed as they are, without a test each.
     fields: dict[str, Any] = {
         "id": record["id"],
         "user_id": record["user_id"],
         "cluster_id": record["cluster_id"],
         "name": record["name"],
         "app_type": APP_TYPES[record["app_type"]],
-        "status": STATUSES[observed["status"]],
-        "is_adopted": observed["is_adopted"],
+        "status": STATUSES[state["status"]],
+        "is_adopted": state["is_adopted"],
         "created_at": _timestamp_fields(record["created_at"]),
-        "updated_at": _timestamp_fields(observed["updated_at"]),
+        "updated_at": _timestamp_fields(state["updated_at"]),
+        "deleted_at": None if deleted_at is None else _timestamp_fields(deleted_at),
         "geographic_region": record["geographic_region"],
         "revision": revision,
-        "phase": observed["phase"],
+        "phase": state["phase"],
         "etag": etag(revision),
-        "release": observed.get("release") or 1,
-        "healthy_release": observed.get("healthy_release") or 0,
+        "release": state.get("release") or 1,
+        "healthy_release": state.get("healthy_release") or 0,
         "reconciling": bool(operation),
         "operation": operation or "",
-        "image_updates_paused": bool(observed.get("image_updates_paused")),
+        "image_updates_paused": bool(state.get("image_updates_paused")),
+        "promoted_from": record["promoted_from"],
+        "target_location": record["target_location"],
+        "promoted_to": state.get("promoted_to"),
+        "environment_variables": spec.get("environment_variables") or None,
+        "secret_environment_variables": secret_entries(spec) if spec.get("secret_environment_variables") else None,
+        "volumes": [_volume_fields(volume) for volume in volumes] if volumes else None,
+        # A Struct given a mapping is filled as Struct.update fills it; set even when empty, as the stored spec has it.
+        "config": spec.get("config"),
+        "placement": placement_to_proto(state.get("placement")),
     }
-    for name in _FIXED_OPTIONALS:
-        value = record[name]
-        if value is not None:
-            fields[name] = value
-    if observed.get("promoted_to") is not None:
-        fields["promoted_to"] = observed["promoted_to"]
-    for name in _SPEC_SCALARS:
-        value = spec.get(name)
-        if value is not None:
-            fields[name] = value
-    for name in _ROW_OPTIONALS:
-        value = observed.get(name)
-        if value is not None:
-            fields[name] = value
-    if spec.get("environment_variables"):
-        fields["environment_variables"] = spec["environment_variables"]
-    if spec.get("secret_environment_variables"):
-        fields["secret_environment_variables"] = secret_entries(spec)
-    if spec.get("volumes"):
-        fields["volumes"] = [_volume_fields(volume) for volume in spec["volumes"]]
-    if observed["deleted_at"] is not None:
-        fields["deleted_at"] = _timestamp_fields(observed["deleted_at"])
-    message = pb.Deployment(**fields) if add_to is None else add_to.add(**fields)
-    placement = placement_to_proto(observed.get("placement"))
-    if placement is not None:
-        message.placement.CopyFrom(placement)
-    if spec.get("config") is not None:
-        # Set even when empty, as the stored spec has it.
-        message.config.SetInParent()
-        message.config.update(spec["config"])
-    return message
+    fields.update(zip(_SPEC_SCALARS, map(spec.get, _SPEC_SCALARS), strict=True))
+    fields.update(zip(_ROW_OPTIONALS, map(state.get, _ROW_OPTIONALS), strict=True))
+    return pb.Deployment(**fields) if add_to is None else add_to.add(**fields)
 
 
 def _volume_fields(volume: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,11 +17,14 @@ from functools import lru_cache
 from typing import Any, TypeVar, cast
 
 import asyncpg
+import pydantic_core
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Dialect,
     Integer,
     Table,
+    Text,
     and_,
     bindparam,
     case,
@@ -39,6 +42,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from apphosting import secrets, tracing
+from apphosting.db import UTCDateTime
 from apphosting.v1 import deployments_pb2 as pb
 from services.deployments import quotas as quota_rules
 from services.deployments import secret_env
@@ -65,6 +69,32 @@ _PAGE_NAMES = tuple(column.name for column in _PAGE_COLUMNS)
 _DRIVER_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
+def _json_text(text: str) -> Any:
+    """A JSON column's text as the standard library reads it, through pydantic's parser (about twice as fast)."""
+    try:
+        return pydantic_core.from_json(text)
+    except ValueError:
+        # What only the standard library reads: a lone surrogate escape.
+        return json.loads(text)
+
+
+def _sqlite_moment(text: str) -> datetime:
+    """A UTCDateTime as SQLite stores it ('2026-03-01 12:30:15.123456', UTC), read in C instead of by a regex.
+
+    The offset is parsed with it: `replace(tzinfo=UTC)` on the parsed moment costs five times the parse.
+    """
+    return datetime.fromisoformat(text + "+00:00")
+
+
+def _page_decoder(column: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
+    if isinstance(column.type, JSON):
+        # Selected as text on either database (asyncpg would decode json with json.loads).
+        return _json_text
+    if isinstance(column.type, UTCDateTime) and dialect.name == "sqlite":
+        return _sqlite_moment
+    return cast(Callable[[Any], Any] | None, column.type.dialect_impl(dialect).result_processor(dialect, None))
+
+
 @dataclass(frozen=True)
 class _PageStatement:
     """A page's SQL for one combination of filters, the order of its parameters and its columns' decoders."""
@@ -73,13 +103,19 @@ class _PageStatement:
     binds: tuple[str, ...]
     # Parameters the dialect added with their values (SQLite's OFFSET 0 after a LIMIT).
     constants: dict[str, Any]
-    decoders: tuple[Callable[[Any], Any] | None, ...]
+    # The columns that need one, by name: the others are what the driver gives.
+    decoders: tuple[tuple[str, Callable[[Any], Any]], ...]
 
     @classmethod
     def compile(
         cls, dialect: Dialect, user: bool, statuses: int, region: bool, show_deleted: bool, before: bool
     ) -> _PageStatement:
-        query = select(*_PAGE_COLUMNS)
+        query = select(
+            *(
+                column.cast(Text).label(column.name) if isinstance(column.type, JSON) else column
+                for column in _PAGE_COLUMNS
+            )
+        )
         if not show_deleted:
             query = query.where(DeploymentRow.deleted_at.is_(None))
         if user:
@@ -92,14 +128,18 @@ class _PageStatement:
             query = query.where(DeploymentRow.seq < bindparam("before"))
         query = query.order_by(DeploymentRow.seq.desc()).limit(bindparam("limit", type_=Integer))
         compiled = query.compile(dialect=dialect)
-        decoders = tuple(column.type.dialect_impl(dialect).result_processor(dialect, None) for column in _PAGE_COLUMNS)
+        decoders = tuple(
+            (column.name, decode) for column in _PAGE_COLUMNS if (decode := _page_decoder(column, dialect)) is not None
+        )
         return cls(compiled.string, tuple(compiled.positiontup or ()), compiled.params, decoders)
 
     def record(self, row: Sequence[Any]) -> dict[str, Any]:
-        return {
-            name: value if decode is None or value is None else decode(value)
-            for name, decode, value in zip(_PAGE_NAMES, self.decoders, row, strict=True)
-        }
+        values = dict(zip(_PAGE_NAMES, row, strict=True))
+        for name, decode in self.decoders:
+            value = values[name]
+            if value is not None:
+                values[name] = decode(value)
+        return values
 
 
 def now() -> datetime:

@@ -212,3 +212,26 @@ def test_a_placement_with_fields_this_version_does_not_know_is_read_as_json_read
     expected = json_format.ParseDict(stored, pb.PlacementExplanation(), ignore_unknown_fields=True)
     assert placement_to_proto(stored) == expected
     assert placement_to_proto(_placement()) == json_format.ParseDict(_placement(), pb.PlacementExplanation())
+
+
+async def test_a_listed_spec_and_moments_read_as_the_orm_reads_them(store: DeploymentStore) -> None:
+    """A page decodes JSON and moments itself (pydantic's parser, SQLite's text read in C): the same values."""
+    record = _full_record(datetime(2026, 3, 1, 12, 30, 15, tzinfo=UTC))
+    record.spec = {
+        **record.spec,
+        "config": {"note": 'naïve ☃ \u2028 "quoted"', "big": 2**53 + 1, "tiny": 1e-300, "third": 0.1, "empty": {}},
+    }
+    async with store.transaction() as session:
+        session.add(record)
+
+    (listed,) = await store.page(record.user_id, show_deleted=True, limit=1)
+
+    assert listed["spec"] == record.spec
+    assert listed["placement"] == record.placement
+    assert [listed[name] for name in ("created_at", "updated_at", "deleted_at")] == [
+        record.created_at,
+        record.updated_at,
+        record.deleted_at,
+    ]
+    assert listed["created_at"].tzinfo is not None
+    assert row_to_proto(listed) == row_to_proto(await store.get(None, record.id) or pytest.fail("record not read"))
