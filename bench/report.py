@@ -122,7 +122,17 @@ FINDINGS: dict[str, str] = {
         "-> 82.2/75.0/s, PostgreSQL 39.6/66.3/70.0 -> 56.9/51.0/87.0/s (p99 at 100/s offered 9.7/4.0/3.5 -> "
         "6.7/3.5/1.2 s). Still open: the lifecycle metrics of each `endpoint` event "
         "(`ApiMetrics._first_vcluster_ready`, two queries on a pooled connection) took an eighth of the API's "
-        "samples, more than the batches themselves."
+        "samples, more than the batches themselves. It became one statement; profiled again with py-spy "
+        "(PostgreSQL, 4 provisioners, 1,000 deployments) it was still 13 % of the API's samples, 30 % of them in "
+        "asyncpg's `connect`: each event's look-up checked out a connection of its own beside the applier's, "
+        "the pool (10, overflow 20) overflowed, and every overflow connection was opened anew and closed "
+        "again. The look-ups asked at one moment now share one statement on one connection "
+        "(`apphosting.batching.Batcher`, the group commit the ledger uses too): the placement and "
+        "vCluster-ready events of all their deployments, a few rows each, judged in Python. The stage at 600 "
+        "deployments, alternating on the loaded machine (load 4-8): PostgreSQL 28.9/36.2 -> 37.6/44.8/s "
+        "(p99 at 100/s offered 9.9/7.9 -> 6.1/4.3 s), SQLite 52.1/48.8 -> 58.9/82.9/s (5.4/4.6 -> 4.6/2.0 "
+        "s). The relay's read of unsent rows (an ORM session: pool checkout, BEGIN, SELECT, ROLLBACK) is "
+        "the next largest database cost outside the batches, 6-8 % of the samples."
     ),
     "update": (
         "The API was the limit, as for the pipeline; the scheduler only forwards the job and the provisioners "
