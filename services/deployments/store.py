@@ -23,6 +23,7 @@ from sqlalchemy import (
     BigInteger,
     Dialect,
     Integer,
+    Select,
     Table,
     Text,
     and_,
@@ -64,7 +65,6 @@ _RECORD_OVERHEAD = 512
 _EVENT_OVERHEAD = 128
 # What a listed page reads: the keyset and the columns its Deployments are made of.
 _PAGE_COLUMNS = tuple(cast(Table, DeploymentRow.__table__).c[name] for name in ("seq", *RECORD_COLUMNS))
-_PAGE_NAMES = tuple(column.name for column in _PAGE_COLUMNS)
 # What the two drivers raise for a failed statement (OSError, a lost socket, passes as it is).
 _DRIVER_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -96,26 +96,61 @@ def _page_decoder(column: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
 
 
 @dataclass(frozen=True)
-class _PageStatement:
-    """A page's SQL for one combination of filters, the order of its parameters and its columns' decoders."""
+class _DriverStatement:
+    """A Core query compiled once, to run on the driver's own connection: its SQL, the order of its
+    parameters and its columns' decoders."""
 
     sql: str
     binds: tuple[str, ...]
     # Parameters the dialect added with their values (SQLite's OFFSET 0 after a LIMIT).
     constants: dict[str, Any]
+    names: tuple[str, ...]
     # The columns that need one, by name: the others are what the driver gives.
     decoders: tuple[tuple[str, Callable[[Any], Any]], ...]
 
     @classmethod
     def compile(
-        cls, dialect: Dialect, user: bool, statuses: int, region: bool, show_deleted: bool, before: bool
-    ) -> _PageStatement:
-        query = select(
-            *(
-                column.cast(Text).label(column.name) if isinstance(column.type, JSON) else column
-                for column in _PAGE_COLUMNS
+        cls, dialect: Dialect, columns: Sequence[Any], shape: Callable[[Select[Any]], Select[Any]]
+    ) -> _DriverStatement:
+        """`columns` selected (JSON ones as text), the query then shaped by `shape` (filters, order, limit)."""
+        query = shape(
+            select(
+                *(
+                    column.cast(Text).label(column.name) if isinstance(column.type, JSON) else column
+                    for column in columns
+                )
             )
         )
+        compiled = query.compile(dialect=dialect)
+        decoders = tuple(
+            (column.name, decode) for column in columns if (decode := _page_decoder(column, dialect)) is not None
+        )
+        return cls(
+            compiled.string,
+            tuple(compiled.positiontup or ()),
+            compiled.params,
+            tuple(column.name for column in columns),
+            decoders,
+        )
+
+    def args(self, values: Mapping[str, Any]) -> list[Any]:
+        return [values[name] if name in values else self.constants[name] for name in self.binds]
+
+    def record(self, row: Sequence[Any]) -> dict[str, Any]:
+        values = dict(zip(self.names, row, strict=True))
+        for name, decode in self.decoders:
+            value = values[name]
+            if value is not None:
+                values[name] = decode(value)
+        return values
+
+
+def _page_statement(
+    dialect: Dialect, user: bool, statuses: int, region: bool, show_deleted: bool, before: bool
+) -> _DriverStatement:
+    """A page's statement for one combination of filters."""
+
+    def shape(query: Select[Any]) -> Select[Any]:
         if not show_deleted:
             query = query.where(DeploymentRow.deleted_at.is_(None))
         if user:
@@ -126,20 +161,22 @@ class _PageStatement:
             query = query.where(DeploymentRow.geographic_region == bindparam("region"))
         if before:
             query = query.where(DeploymentRow.seq < bindparam("before"))
-        query = query.order_by(DeploymentRow.seq.desc()).limit(bindparam("limit", type_=Integer))
-        compiled = query.compile(dialect=dialect)
-        decoders = tuple(
-            (column.name, decode) for column in _PAGE_COLUMNS if (decode := _page_decoder(column, dialect)) is not None
-        )
-        return cls(compiled.string, tuple(compiled.positiontup or ()), compiled.params, decoders)
+        return query.order_by(DeploymentRow.seq.desc()).limit(bindparam("limit", type_=Integer))
 
-    def record(self, row: Sequence[Any]) -> dict[str, Any]:
-        values = dict(zip(_PAGE_NAMES, row, strict=True))
-        for name, decode in self.decoders:
-            value = values[name]
-            if value is not None:
-                values[name] = decode(value)
-        return values
+    return _DriverStatement.compile(dialect, _PAGE_COLUMNS, shape)
+
+
+_OUTBOX = cast(Table, OutboxRow.__table__)
+
+
+@dataclass(frozen=True)
+class Unsent:
+    """An outbox row as the relay sends it."""
+
+    id: str
+    subject: str
+    payload: bytes
+    headers: dict[str, str] | None
 
 
 def now() -> datetime:
@@ -691,7 +728,12 @@ class DeploymentStore:
         self._mutations: list[_Mutating] = []
         self._mutating: asyncio.Task[None] | None = None
         # The compiled statement of each combination of a page's filters (page).
-        self._pages: dict[tuple[bool, int, bool, bool, bool], _PageStatement] = {}
+        self._pages: dict[tuple[bool, int, bool, bool, bool], _DriverStatement] = {}
+        self._unsent = _DriverStatement.compile(
+            self.engine.dialect,
+            (_OUTBOX.c.id, _OUTBOX.c.subject, _OUTBOX.c.payload, _OUTBOX.c.headers),
+            lambda query: query.order_by(_OUTBOX.c.seq).limit(bindparam("limit", type_=Integer)),
+        )
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -992,11 +1034,15 @@ class DeploymentStore:
         shape = (user_id is not None, len(statuses), bool(geographic_region), show_deleted, before_seq is not None)
         statement = self._pages.get(shape)
         if statement is None:
-            statement = self._pages[shape] = _PageStatement.compile(self.engine.dialect, *shape)
+            statement = self._pages[shape] = _page_statement(self.engine.dialect, *shape)
         values: dict[str, Any] = {"user_id": user_id, "region": geographic_region, "before": before_seq}
         values.update({f"status_{index}": status for index, status in enumerate(statuses)})
         values["limit"] = limit
-        args = [values[name] if name in values else statement.constants[name] for name in statement.binds]
+        return await self._fetch(statement, values)
+
+    async def _fetch(self, statement: _DriverStatement, values: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The statement's rows, read on the driver's own connection in one call, decoded."""
+        args = statement.args(values)
         async with self.engine.connect() as connection:
             driver: Any = (await connection.get_raw_connection()).driver_connection
             try:
@@ -1690,12 +1736,11 @@ class DeploymentStore:
             .values(history_bytes=DeploymentRow.history_bytes - sum(sizes[:dropped]) + grown)
         )
 
-    async def unsent(self, limit: int = 256) -> list[OutboxRow]:
-        async with self._sessions() as session:
-            query = select(OutboxRow).order_by(OutboxRow.seq).limit(limit)
-            return list((await session.scalars(query)).all())
+    async def unsent(self, limit: int = 256) -> list[Unsent]:
+        """The oldest outbox rows, in the order written: one driver call, no transaction."""
+        return [Unsent(**row) for row in await self._fetch(self._unsent, {"limit": limit})]
 
-    async def mark_sent(self, rows: Sequence[OutboxRow]) -> None:
+    async def mark_sent(self, rows: Sequence[Unsent]) -> None:
         """Forgets the rows JetStream stored: the stream holds them now, and keeps no second copy here.
 
         Matched by message id, never by seq: SQLite gives a new row the seq of a deleted last row, so
