@@ -166,6 +166,16 @@ def _page_statement(
     return _DriverStatement.compile(dialect, _PAGE_COLUMNS, shape)
 
 
+def _record_statement(dialect: Dialect, owned: bool) -> _DriverStatement:
+    """A record by id, and by owner too when `owned`."""
+
+    def shape(query: Select[Any]) -> Select[Any]:
+        query = query.where(DeploymentRow.id == bindparam("id"))
+        return query.where(DeploymentRow.user_id == bindparam("user_id")) if owned else query
+
+    return _DriverStatement.compile(dialect, tuple(_RECORDS.columns), shape)
+
+
 _OUTBOX = cast(Table, OutboxRow.__table__)
 
 
@@ -729,6 +739,7 @@ class DeploymentStore:
         self._mutating: asyncio.Task[None] | None = None
         # The compiled statement of each combination of a page's filters (page).
         self._pages: dict[tuple[bool, int, bool, bool, bool], _DriverStatement] = {}
+        self._records = {owned: _record_statement(self.engine.dialect, owned) for owned in (False, True)}
         self._unsent = _DriverStatement.compile(
             self.engine.dialect,
             (_OUTBOX.c.id, _OUTBOX.c.subject, _OUTBOX.c.payload, _OUTBOX.c.headers),
@@ -1113,13 +1124,11 @@ class DeploymentStore:
         return await done
 
     async def record(self, user_id: str | None, deployment_id: str) -> DeploymentRow | None:
-        """get, read as a plain row with one Core statement (no session): what an operation is checked on."""
-        query = select(_RECORDS).where(DeploymentRow.id == deployment_id)
-        if user_id is not None:
-            query = query.where(DeploymentRow.user_id == user_id)
-        async with self.engine.connect() as connection:
-            found = (await connection.execute(query)).mappings().first()
-        return None if found is None else DeploymentRow(**found)
+        """get, read as a plain row in one driver call (no session, no transaction): what an operation is
+        checked on."""
+        statement = self._records[user_id is not None]
+        found = await self._fetch(statement, {"id": deployment_id, "user_id": user_id})
+        return DeploymentRow(**found[0]) if found else None
 
     async def _mutate_alone(self, member: _Mutating) -> Change:
         """One operation in its own transaction (after its group met a conflict), retried when raced."""
