@@ -131,8 +131,13 @@ FINDINGS: dict[str, str] = {
         "vCluster-ready events of all their deployments, a few rows each, judged in Python. The stage at 600 "
         "deployments, alternating on the loaded machine (load 4-8): PostgreSQL 28.9/36.2 -> 37.6/44.8/s "
         "(p99 at 100/s offered 9.9/7.9 -> 6.1/4.3 s), SQLite 52.1/48.8 -> 58.9/82.9/s (5.4/4.6 -> 4.6/2.0 "
-        "s). The relay's read of unsent rows (an ORM session: pool checkout, BEGIN, SELECT, ROLLBACK) is "
-        "the next largest database cost outside the batches, 6-8 % of the samples."
+        "s). The relay's read of unsent rows (an ORM session: pool checkout, BEGIN, SELECT, ROLLBACK) was "
+        "the next largest database cost outside the batches, 6-8 % of the samples; it is now one driver call "
+        "on the pooled connection, as a page is read (`DeploymentStore._fetch`), and so is an operation's "
+        "read of its record (`DeploymentStore.record`). The stage at 600 deployments, alternating, while "
+        "tests ran beside the first pair (load 3-5): PostgreSQL 36.1/60.5 -> 42.7/58.5/s, SQLite 40.2/77.6 -> "
+        "82.6/78.4/s (p99 at 100/s offered 11.2/3.7 -> 8.8/2.8 s and 6.5/3.4 -> 4.1/4.0 s): within the noise "
+        "but for the loaded first pair."
     ),
     "update": (
         "The API was the limit, as for the pipeline; the scheduler only forwards the job and the provisioners "
