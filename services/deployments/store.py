@@ -86,7 +86,8 @@ def _sqlite_moment(text: str) -> datetime:
     return datetime.fromisoformat(text + "+00:00")
 
 
-def _page_decoder(column: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
+def _column_decoder(column: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
+    """How a driver statement's column is read from what the driver gives; None: as given."""
     if isinstance(column.type, JSON):
         # Selected as text on either database (asyncpg would decode json with json.loads).
         return _json_text
@@ -123,7 +124,7 @@ class _DriverStatement:
         )
         compiled = query.compile(dialect=dialect)
         decoders = tuple(
-            (column.name, decode) for column in columns if (decode := _page_decoder(column, dialect)) is not None
+            (column.name, decode) for column in columns if (decode := _column_decoder(column, dialect)) is not None
         )
         return cls(
             compiled.string,
