@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from apphosting import CannotStart, logs, tracing
 from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN, DEFAULT_REPORT_WINDOW
+from services.deployments import defaults
 
 # Each command imports only the process it runs (a provisioner never loads the API's code), so the
 # imports of the processes are inside the functions below.
@@ -165,9 +166,6 @@ def _limit(kind: Callable[[str], float]) -> Callable[[str], float | None]:
 
 def _add_api_security(parser: argparse.ArgumentParser, *, dev: bool = False) -> None:
     """Authentication, TLS, quotas, resync and input allow-lists of the API (see the README's Security section)."""
-    from services.deployments.app import ApiOptions
-    from services.deployments.quotas import Quotas
-
     auth = parser.add_argument_group("authentication (Bearer JWT on every call but health and reflection)")
     keys = auth.add_mutually_exclusive_group(required=False)
     keys.add_argument("--jwt-secret-file", default=None, help="HS256 secret (at least 32 bytes)")
@@ -212,16 +210,15 @@ def _add_api_security(parser: argparse.ArgumentParser, *, dev: bool = False) -> 
     tls.add_argument("--tls-cert", default=None, help="server certificate chain (PEM); without it, plaintext")
     tls.add_argument("--tls-key", default=None, help="key (PEM) of --tls-cert")
     tls.add_argument("--tls-client-ca", default=None, help="CA (PEM) for client certificates: mutual TLS")
-    defaults = Quotas()
     quotas = parser.add_argument_group("per-user quotas over live deployments ('unlimited' lifts one)")
-    quotas.add_argument("--quota-deployments", type=_limit(int), default=defaults.deployments)
-    quotas.add_argument("--quota-cpu", type=_limit(float), default=defaults.cpu, help="cores")
-    quotas.add_argument("--quota-memory-mb", type=_limit(int), default=defaults.memory_mb)
-    quotas.add_argument("--quota-storage-gb", type=_limit(int), default=defaults.storage_gb)
+    quotas.add_argument("--quota-deployments", type=_limit(int), default=defaults.QUOTA_DEPLOYMENTS)
+    quotas.add_argument("--quota-cpu", type=_limit(float), default=defaults.QUOTA_CPU, help="cores")
+    quotas.add_argument("--quota-memory-mb", type=_limit(int), default=defaults.QUOTA_MEMORY_MB)
+    quotas.add_argument("--quota-storage-gb", type=_limit(int), default=defaults.QUOTA_STORAGE_GB)
     quotas.add_argument(
         "--quota-stored-mb",
         type=_limit(int),
-        default=defaults.stored_mb,
+        default=defaults.QUOTA_STORED_MB,
         help="MiB of records and kept history in the database",
     )
     quotas.add_argument("--no-quotas", action="store_true", help="no quota at all")
@@ -229,35 +226,35 @@ def _add_api_security(parser: argparse.ArgumentParser, *, dev: bool = False) -> 
     resync.add_argument(
         "--stuck-after",
         type=_positive_seconds,
-        default=ApiOptions.stuck_after,
+        default=defaults.STUCK_AFTER,
         help=f"seconds without progress after which a pending, provisioning or deleting deployment is driven "
-        f"again (default {ApiOptions.stuck_after:g})",
+        f"again (default {defaults.STUCK_AFTER:g})",
     )
     resync.add_argument(
         "--resync-interval",
         type=_positive_seconds,
-        default=ApiOptions.resync_interval,
-        help=f"seconds between two looks for stuck deployments (default {ApiOptions.resync_interval:g})",
+        default=defaults.RESYNC_INTERVAL,
+        help=f"seconds between two looks for stuck deployments (default {defaults.RESYNC_INTERVAL:g})",
     )
     resync.add_argument(
         "--max-redrives",
         type=_count,
-        default=ApiOptions.max_redrives,
-        help=f"times a stuck deployment is driven again before it ends in error (default {ApiOptions.max_redrives})",
+        default=defaults.MAX_REDRIVES,
+        help=f"times a stuck deployment is driven again before it ends in error (default {defaults.MAX_REDRIVES})",
     )
     parser.add_argument(
         "--rollout-timeout",
         type=_positive_seconds,
-        default=ApiOptions.rollout_timeout,
+        default=defaults.ROLLOUT_TIMEOUT,
         help="seconds a new release may take to become healthy before it is rolled back to the last healthy "
-        f"one (default {ApiOptions.rollout_timeout:g})",
+        f"one (default {defaults.ROLLOUT_TIMEOUT:g})",
     )
     parser.add_argument(
         "--deleted-retention",
         type=_seconds,
-        default=ApiOptions.deleted_retention,
+        default=defaults.DELETED_RETENTION,
         help="seconds a deleted deployment's record and history are kept, counted in --quota-stored-mb, "
-        f"before they are purged (default {ApiOptions.deleted_retention:g}: 7 days)",
+        f"before they are purged (default {defaults.DELETED_RETENTION:g}: 7 days)",
     )
     hardening = parser.add_argument_group("input")
     hardening.add_argument(

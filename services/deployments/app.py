@@ -26,6 +26,7 @@ from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN, Limits
 from apphosting.supervise import Backoff, Supervisor
 from apphosting.v1 import api_keys_pb2, api_keys_pb2_grpc, bus_pb2, deployments_pb2_grpc
 from apphosting.v1 import deployments_pb2 as pb
+from services.deployments import defaults
 from services.deployments.api_keys import ApiKeyServicer, ApiKeyStore, ApiKeyVerifier
 from services.deployments.auth import (
     NOT_CONFIGURED,
@@ -94,19 +95,19 @@ class ApiOptions:
     # owner's last create, retry or delete; then it is moved to error. Looked for at start and every
     # resync_interval seconds. stuck_after is above the longest silence of a healthy job: a step's
     # 600 s timeout plus a 120 s driver call (provisioner RetryPolicy), plus a redelivery's 300 s wait.
-    stuck_after: float = 1200.0
-    resync_interval: float = 60.0
-    max_redrives: int = 3
+    stuck_after: float = defaults.STUCK_AFTER
+    resync_interval: float = defaults.RESYNC_INTERVAL
+    max_redrives: int = defaults.MAX_REDRIVES
     # How a failed long-lived task (relay, consumer, applier, housekeeping, resync) is restarted.
     restart_backoff: Backoff = field(default_factory=Backoff)
     # A deleted deployment's record and history are kept this many seconds after its teardown ended
     # (Get shows it, a request_id replay finds it, its bytes count in the owner's stored_mb quota),
     # then purged; so deleting and creating again cannot grow the database without bound.
-    deleted_retention: float = 7 * 24 * 3600.0
+    deleted_retention: float = defaults.DELETED_RETENTION
     # Seconds between two rounds of housekeeping (history trimming, purging deleted records).
     housekeeping_interval: float = 60.0
     # Seconds a new release may take to become healthy before it is rolled back by itself.
-    rollout_timeout: float = 600.0
+    rollout_timeout: float = defaults.ROLLOUT_TIMEOUT
     # host:port serving Prometheus metrics at /metrics (port 0: any free one); None: no metrics server.
     metrics_listen: str | None = None
     # How PreviewImageUpdate reaches registries (the flags the updater takes too).

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from apphosting import resources
-from services.deployments import errors
+from services.deployments import defaults, errors
 from services.deployments.tables import DeploymentRow
 from services.deployments.validation import DeploymentSpec
 
@@ -19,12 +19,12 @@ class Quotas(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    deployments: int | None = Field(100, ge=0)
-    cpu: float | None = Field(64.0, ge=0)
-    memory_mb: int | None = Field(262_144, ge=0)
-    storage_gb: int | None = Field(4_096, ge=0)
+    deployments: int | None = Field(defaults.QUOTA_DEPLOYMENTS, ge=0)
+    cpu: float | None = Field(defaults.QUOTA_CPU, ge=0)
+    memory_mb: int | None = Field(defaults.QUOTA_MEMORY_MB, ge=0)
+    storage_gb: int | None = Field(defaults.QUOTA_STORAGE_GB, ge=0)
     # Bytes the deployments' records and their kept history take in the database, in MiB (2^20).
-    stored_mb: int | None = Field(256, ge=0)
+    stored_mb: int | None = Field(defaults.QUOTA_STORED_MB, ge=0)
 
     @property
     def enforced(self) -> bool:

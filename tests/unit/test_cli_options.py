@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from apphosting_cli.main import _api_options, build_parser
 from services.deployments.app import ApiOptions
+from services.deployments.quotas import Quotas
 
 
 def _options(*flags: str) -> ApiOptions:
@@ -21,8 +24,25 @@ def test_defaults_are_the_options_defaults() -> None:
         ApiOptions.resync_interval,
         ApiOptions.max_redrives,
     )
-    assert options.quotas.stored_mb == 256
-    assert options.deleted_retention == ApiOptions.deleted_retention
+    assert options.quotas == Quotas()
+    assert (options.deleted_retention, options.rollout_timeout) == (
+        ApiOptions.deleted_retention,
+        ApiOptions.rollout_timeout,
+    )
+
+
+def test_the_worker_processes_parse_their_command_line_without_the_apis_code() -> None:
+    """The provisioner and the scheduler share the API's parser; the defaults it shows come from a module
+    that imports nothing, so their start-up loads none of the API (its ORM models, Alembic, gRPC server)."""
+    script = (
+        "import sys\n"
+        "from apphosting_cli.main import build_parser\n"
+        "for argv in (['provisioner', '--location', 'x'], ['scheduler']):\n"
+        "    build_parser().parse_args(argv)\n"
+        "print(' '.join(sorted(name for name in sys.modules if name.startswith(('services.', 'alembic')))))\n"
+    )
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    assert found.stdout.split() == ["services.deployments", "services.deployments.defaults"]
 
 
 def test_resync_and_stored_quota_flags_reach_the_options() -> None:
