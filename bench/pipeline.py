@@ -21,7 +21,7 @@ from apphosting.v1 import deployments_pb2 as pb
 from apphosting.v1 import deployments_pb2_grpc
 from bench.load import closed_loop
 from bench.plan import Plan
-from bench.procs import Stack, python
+from bench.procs import Stack, cpu_ms_each, python
 from bench.requests import create_request
 from bench.stats import summary
 
@@ -160,6 +160,7 @@ async def run_one(stack: Stack, plan: Plan, provisioners: int, database: str, lo
             deployment = await stub.CreateAppHostingDeployment(create_request(index), timeout=10)
             arrivals.created[deployment.id] = t0
 
+        cpu_before = stack.cpu_seconds()
         began = time.perf_counter()
         load = await closed_loop(
             call,
@@ -169,6 +170,7 @@ async def run_one(stack: Stack, plan: Plan, provisioners: int, database: str, lo
         )
         arrivals.all_created()
         await arrivals.wait(plan.pipeline_seconds - (time.perf_counter() - began))
+        cpu = cpu_ms_each(cpu_before, stack.cpu_seconds(), len(arrivals.running))
         peaks = stack.peaks()
     reached = arrivals.reached()
     last = max((arrivals.running[i] for i in arrivals.created if i in arrivals.running), default=began)
@@ -184,6 +186,9 @@ async def run_one(stack: Stack, plan: Plan, provisioners: int, database: str, lo
         "ratio_to_goal": round(per_second / GOAL_PER_SECOND, 3),
         "seconds": round(last - began, 2),
         "create_to_running": summary(reached),
+        # What the stage cost each process per deployment brought to running (the database server not
+        # counted): the machine's cores divided by the total is the rate it allows at full use.
+        "cpu_ms_per_deployment": cpu,
         "peak_rss_mb": peaks,
     }
     if arrivals.failed:
@@ -191,7 +196,8 @@ async def run_one(stack: Stack, plan: Plan, provisioners: int, database: str, lo
     log(
         f"pipeline on {database} with {provisioners} provisioner(s): {len(reached)}/{len(arrivals.created)} "
         f"running, {per_second:.1f}/s, create→running p50 {result['create_to_running']['p50_ms']} ms "
-        f"p99 {result['create_to_running']['p99_ms']} ms"
+        f"p99 {result['create_to_running']['p99_ms']} ms; CPU ms per deployment "
+        + ", ".join(f"{kind} {ms}" for kind, ms in cpu.items())
     )
     return result
 

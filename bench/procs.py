@@ -35,6 +35,37 @@ def proc_status_kb(pid: int, key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time a process has used so far (/proc/<pid>/stat); None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # After the command's closing parenthesis: state, then utime and stime are the 12th and 13th fields.
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def self_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_ms_each(before: dict[str, float], after: dict[str, float], count: int) -> dict[str, float]:
+    """CPU milliseconds per item of work between two `Stack.cpu_seconds()` readings, by process; numbered
+    processes of one kind (provisioner-0, provisioner-1, ...) summed as one, and the sum of all as `total`."""
+    spent: dict[str, float] = {}
+    for name, seconds in after.items():
+        if name in before:
+            kind = re.sub(r"-\d+$", "s", name)
+            spent[kind] = spent.get(kind, 0.0) + seconds - before[name]
+    spent["total"] = sum(spent.values())
+    return {kind: round(seconds * 1000 / count, 2) for kind, seconds in spent.items()} if count else {}
+
+
 def self_peak_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
@@ -193,6 +224,17 @@ class Stack:
         if self.nats.process is not None:
             kb = proc_status_kb(self.nats.process.pid, "VmHWM")
             found["nats-server"] = None if kb is None else round(kb / 1024.0, 1)
+        return found
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time used so far by every running process of the stack, nats-server and this client included."""
+        found = {"bench client": self_cpu_seconds()}
+        pids = [(proc.name, proc.pid) for proc in self.procs]
+        if self.nats.process is not None:
+            pids.append(("nats-server", self.nats.process.pid))
+        for name, pid in pids:
+            if (seconds := proc_cpu_seconds(pid)) is not None:
+                found[name] = seconds
         return found
 
     def stop(self) -> dict[str, float | None]:

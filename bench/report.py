@@ -698,6 +698,33 @@ def _chart(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _pipeline_cpu(by_database: dict[str, Any], cpus: int) -> list[str]:
+    """The pipeline's CPU per deployment by process, and the rate the machine's cores allow at that cost."""
+    runs = [
+        (kind, count, entry["cpu_ms_per_deployment"])
+        for kind, by_kind in by_database.items()
+        for count, entry in (by_kind.get("by_provisioners") or {}).items()
+        if entry.get("cpu_ms_per_deployment")
+    ]
+    if not runs:
+        return []
+    kinds = [kind for kind in runs[0][2] if kind != "total"]
+    lines = [
+        "",
+        "CPU time per deployment brought to `running`, in ms, by process (user and system time from /proc over "
+        "the stage; the database server's own is not counted). At full use of all "
+        f"{cpus} cores, the total allows at most {cpus} * 1000 / total deployments/s.",
+        "",
+        _row("database", "provisioners", *kinds, "total", "at most /s"),
+        _row(*["---"] * (len(kinds) + 4)),
+    ]
+    for kind, count, cpu in runs:
+        total = cpu.get("total") or 0
+        ceiling = round(cpus * 1000 / total, 1) if total else None
+        lines.append(_row(kind, count, *(cpu.get(name) for name in kinds), total, ceiling))
+    return lines
+
+
 def _row(*cells: Any) -> str:
     return "| " + " | ".join("—" if cell is None else str(cell) for cell in cells) + " |"
 
@@ -854,6 +881,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
                         entry["create_to_running"]["p99_ms"],
                     )
                 )
+        lines += _pipeline_cpu(pipeline_by_database, results["machine"]["cpus"])
         offered_runs = {
             kind: by_kind["offered"] for kind, by_kind in pipeline_by_database.items() if "offered" in by_kind
         }

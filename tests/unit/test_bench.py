@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.procs import cpu_ms_each
 from bench.report import evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +47,10 @@ def test_quick_benchmark_writes_json_and_report(tmp_path: Path) -> None:
         assert entry["per_second"] > 0, (kind, entry)
         assert entry["ratio_to_goal"] > 0, (kind, entry)
         assert entry["create_to_running_p99_ms"] > 0, (kind, entry)
+        for provisioners, run in entry["by_provisioners"].items():
+            cpu = run["cpu_ms_per_deployment"]
+            assert cpu["api"] > 0, (kind, provisioners, cpu)
+            assert cpu["total"] >= cpu["api"] + cpu["provisioners"], (kind, provisioners, cpu)
         offered = entry["offered"]
         assert offered["offered"] > 0, (kind, offered)
         assert offered["running"] > 0, (kind, offered)
@@ -88,6 +93,7 @@ def test_quick_benchmark_writes_json_and_report(tmp_path: Path) -> None:
     assert "## What holds each one back" in text
     assert "## Image updates" in text
     assert "## Telemetry overhead (issue 14)" in text
+    assert "CPU time per deployment brought to `running`" in text
     assert report.with_suffix(".png").stat().st_size > 0
 
 
@@ -136,3 +142,16 @@ def test_the_offered_pipeline_is_judged_by_its_p99() -> None:
     assert missed["held_back"] == [
         "p99 create→running at 100/s offered on sqlite: 80000 ms is 80.0x the goal of 1000 ms"
     ]
+
+
+def test_cpu_per_item_sums_numbered_processes_and_skips_late_ones() -> None:
+    before = {"api": 1.0, "provisioner-0": 0.5, "provisioner-1": 0.25, "bench client": 2.0}
+    after = {"api": 1.5, "provisioner-0": 0.75, "provisioner-1": 0.5, "bench client": 2.25, "updater": 9.0}
+
+    assert cpu_ms_each(before, after, 100) == {
+        "api": 5.0,
+        "provisioners": 5.0,
+        "bench client": 2.5,
+        "total": 12.5,
+    }
+    assert cpu_ms_each(before, after, 0) == {}
