@@ -311,25 +311,29 @@ class Ledger:
 
     async def _count(self, conn: AsyncConnection, *counted: _Change) -> int:
         """Adds amounts to their locations' totals (sign -1: takes them away) in `conn`'s transaction
-        and advances the ledger clock; returns the new tick."""
+        and advances the ledger clock; returns the new tick.
+
+        All the locations' totals change in one statement (the changes of each location netted), then
+        the clock: every writer locks the totals' rows before the clock's, in the order of location ids.
+        """
+        net: dict[str, list[int]] = {}
+        for location_id, amounts, sign in counted:
+            total = net.setdefault(location_id, [0, 0, 0, 0])
+            for index, amount in enumerate(amounts):
+                total[index] += sign * amount
+        rows = [
+            dict(zip(("location_id", *_TOTALS), (location_id, *net[location_id]), strict=True))
+            for location_id in sorted(net)
+        ]
         table = LocationUsage.__table__
-        for location_id, (cpu, memory, storage, vcs), sign in counted:
-            values = {
-                "cpu_millis": sign * cpu,
-                "memory_mb": sign * memory,
-                "storage_gb": sign * storage,
-                "vclusters": sign * vcs,
-            }
-            statement = (sqlite.insert if self._sqlite else postgresql.insert)(LocationUsage).values(
-                location_id=location_id, **values
+        statement = (sqlite.insert if self._sqlite else postgresql.insert)(LocationUsage).values(rows)
+        # One atomic statement: concurrent releases (outside the ledger's lock) add up, never overwrite.
+        await conn.execute(
+            statement.on_conflict_do_update(
+                index_elements=[table.c.location_id],
+                set_={name: table.c[name] + statement.excluded[name] for name in _TOTALS},
             )
-            # One atomic statement: concurrent releases (outside the ledger's lock) add up, never overwrite.
-            await conn.execute(
-                statement.on_conflict_do_update(
-                    index_elements=[table.c.location_id],
-                    set_={name: table.c[name] + statement.excluded[name] for name in values},
-                )
-            )
+        )
         tick = await conn.scalar(
             update(LedgerClock).where(LedgerClock.id == 1).values(tick=LedgerClock.tick + 1).returning(LedgerClock.tick)
         )
@@ -355,6 +359,7 @@ class Ledger:
 
 # Amounts as the location totals' columns hold them: cpu in millicores, memory, storage, vClusters.
 _Amounts = tuple[int, int, int, int]
+_TOTALS = ("cpu_millis", "memory_mb", "storage_gb", "vclusters")
 
 # A change to a location's totals: the location, the amounts, and 1 to add them or -1 to take them away.
 _Change = tuple[str, _Amounts, int]
