@@ -14,6 +14,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool, PoolProxiedConnection
 
+from apphosting import sqlite_driver
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """A timezone-aware UTC timestamp on every engine (SQLite keeps no zone, so it is put back on read)."""
@@ -93,6 +95,8 @@ def make_engine(url: str, *, ping_idle_after: float = PING_IDLE_AFTER, **kwargs:
     """An async engine for the URL, with SQLite set up for WAL and waiting writers."""
     url = normalise_url(url)
     if make_url(url).get_backend_name() == "sqlite":
+        if make_url(url).get_driver_name() == "aiosqlite":
+            kwargs.setdefault("module", sqlite_driver.dbapi())
         engine = create_async_engine(url, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
