@@ -45,7 +45,7 @@ def _run(
 
 
 class _OneTripCursor(AsyncAdapt_aiosqlite_cursor):
-    __slots__ = ("_description", "_lastrowid", "_rowcount")
+    __slots__ = ("_arraysize", "_description", "_lastrowid", "_rowcount")
 
     def __init__(self, adapt_connection: AsyncAdapt_dbapi_connection) -> None:
         # No aiosqlite cursor: the statement makes and closes its own in the thread.
@@ -56,6 +56,8 @@ class _OneTripCursor(AsyncAdapt_aiosqlite_cursor):
         self._description: Any = None
         self._rowcount = -1
         self._lastrowid: int | None = None
+        # What fetchmany() without a size takes (sqlite3's default).
+        self._arraysize = 1
 
     @property
     def description(self) -> Any:
@@ -68,6 +70,14 @@ class _OneTripCursor(AsyncAdapt_aiosqlite_cursor):
     @property
     def lastrowid(self) -> Any:
         return self._lastrowid
+
+    @property
+    def arraysize(self) -> int:
+        return self._arraysize
+
+    @arraysize.setter
+    def arraysize(self, value: int) -> None:
+        self._arraysize = value
 
     async def _async_soft_close(self) -> None:
         return None

@@ -70,6 +70,11 @@ async def test_rows_counts_and_ids_read_as_with_the_stock_driver(engine: AsyncEn
         rows = (await connection.execute(select(_ITEMS.c.id, _ITEMS.c.name).order_by(_ITEMS.c.id))).all()
         assert [tuple(row) for row in rows] == [(1, "a"), (2, "b"), (3, "c!"), (4, "d!")]
         assert list((await connection.execute(select(_ITEMS).where(_ITEMS.c.id > 9))).all()) == []
+        some = await connection.execute(select(_ITEMS.c.id).order_by(_ITEMS.c.id))
+        assert [tuple(row) for row in some.fetchmany()] == [(1,)]
+        assert [tuple(row) for row in some.fetchmany(2)] == [(2,), (3,)]
+        streamed = await connection.stream(select(_ITEMS.c.id).order_by(_ITEMS.c.id))
+        assert [row.id async for row in streamed] == [1, 2, 3, 4]
     # Committed: another connection reads it.
     async with engine.connect() as connection:
         assert await connection.scalar(select(_ITEMS.c.name).where(_ITEMS.c.id == 4)) == "d!"
