@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from apphosting import CannotStart, logs, tracing
 from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN, DEFAULT_REPORT_WINDOW
+from apphosting_cli.exits import EXIT_CODES
 from services.deployments import defaults
 
 # Each command imports only the process it runs (a provisioner never loads the API's code), so the
@@ -503,9 +504,11 @@ _USER_EPILOG = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from apphosting_cli.user import EXIT_CODES
+# The first words build_parser's subcommands take: a server process starts without the user commands' app.
+SERVER_COMMANDS = frozenset({"api", "scheduler", "provisioner", "dev", "updater", "rest", "secrets", "migrate"})
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apphosting", description=__doc__, epilog=_USER_EPILOG + EXIT_CODES)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -707,6 +710,8 @@ def _secrets_command(args: argparse.Namespace) -> int:
 def _user_command(argv: Sequence[str]) -> bool:
     """Whether the user CLI (Typer) takes this command line: a user command, or a shell asking it for
     completions (Typer's completion calls the program with _APPHOSTING_COMPLETE set)."""
+    if argv and argv[0] in SERVER_COMMANDS and "_APPHOSTING_COMPLETE" not in os.environ:
+        return False
     from apphosting_cli.user import COMMANDS
 
     return bool(argv and argv[0] in COMMANDS) or "_APPHOSTING_COMPLETE" in os.environ

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from apphosting.v1 import deployments_pb2 as pb
+from apphosting_cli.exits import EXIT_CODES
 from apphosting_cli.user import output
 from apphosting_cli.user.errors import exit_code, read_error
 from apphosting_cli.user.progress import (
@@ -32,12 +33,6 @@ from apphosting_cli.user.progress import (
     wait,
 )
 from apphosting_client import AsyncClient, ClientConfig
-
-EXIT_CODES = (
-    "Exit codes: 0 the operation ended as asked (running; stopped for stop; gone for delete); "
-    "1 it failed (failed or error, rolled back) or the API refused it; 2 invalid input (the violated fields "
-    "are listed); 3 --timeout passed before it ended."
-)
 
 app = typer.Typer(
     name="apphosting",

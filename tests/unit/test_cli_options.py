@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from apphosting_cli.main import _api_options, build_parser
+from apphosting_cli.main import SERVER_COMMANDS, _api_options, build_parser
 from services.deployments.app import ApiOptions
 from services.deployments.quotas import Quotas
 
@@ -33,16 +34,28 @@ def test_defaults_are_the_options_defaults() -> None:
 
 def test_the_worker_processes_parse_their_command_line_without_the_apis_code() -> None:
     """The provisioner and the scheduler share the API's parser; the defaults it shows come from a module
-    that imports nothing, so their start-up loads none of the API (its ORM models, Alembic, gRPC server)."""
+    that imports nothing, so their start-up loads none of the API (its ORM models, Alembic, gRPC server),
+    nor the user commands' Typer app."""
     script = (
         "import sys\n"
-        "from apphosting_cli.main import build_parser\n"
+        "from apphosting_cli.main import _user_command, build_parser\n"
         "for argv in (['provisioner', '--location', 'x'], ['scheduler']):\n"
+        "    assert not _user_command(argv)\n"
         "    build_parser().parse_args(argv)\n"
-        "print(' '.join(sorted(name for name in sys.modules if name.startswith(('services.', 'alembic')))))\n"
+        "watched = ('services.', 'alembic', 'apphosting_cli.user')\n"
+        "print(' '.join(sorted(name for name in sys.modules if name.startswith(watched))))\n"
+        "print('typer' in sys.modules)\n"
     )
     found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
-    assert found.stdout.split() == ["services.deployments", "services.deployments.defaults"]
+    loaded, typer_loaded = found.stdout.splitlines()
+    assert loaded.split() == ["services.deployments", "services.deployments.defaults"]
+    assert typer_loaded == "False"
+
+
+def test_the_server_commands_are_the_parsers_subcommands() -> None:
+    parser = build_parser()
+    (commands,) = (action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    assert set(commands.choices) == SERVER_COMMANDS
 
 
 def test_resync_and_stored_quota_flags_reach_the_options() -> None:
