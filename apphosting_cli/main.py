@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from services.deployments.app import ApiOptions
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-# ProvisionerOptions' default, written out so that building the parser imports no provisioner code.
 
 
 def _add_metrics(parser: argparse.ArgumentParser, default: str | None = None) -> None:
