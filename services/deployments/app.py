@@ -117,6 +117,10 @@ class ApiOptions:
     secret_key_file: str | None = None
 
 
+# A status event handed to the applier, and where its outcome goes.
+_Applying = tuple[bus_pb2.StatusEvent, "asyncio.Future[Change | Exception | None]"]
+
+
 class ApplierStopped(Exception):
     """The applier ended before it applied an event; the event's message is redelivered."""
 
@@ -173,9 +177,9 @@ class ApiServer:
         self._tasks: list[asyncio.Task[Any]] = []
         self._outbox_ready = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._applying: asyncio.Queue[tuple[bus_pb2.StatusEvent, asyncio.Future[Change | Exception | None]]] = (
-            asyncio.Queue()
-        )
+        # Events for the applier; None once nothing will hand it more (stop), after what waits.
+        self._applying: asyncio.Queue[_Applying | None] = asyncio.Queue()
+        self._applier_task: asyncio.Task[None] | None = None
         self.store.outbox_written = self._outbox_ready.set
         # Every long-lived task; while one is down, health says NOT_SERVING.
         self.supervisor = Supervisor(self._stopping, backoff=options.restart_backoff, on_change=self._health_changed)
@@ -308,9 +312,16 @@ class ApiServer:
         if self._server is not None:
             await self._server.stop(self.options.grace)
         # The consumer and the relay finish what they hold; only then is anything cancelled.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.grace
         tasks = [*self.supervisor.tasks, *self._tasks]
-        if tasks:
-            await asyncio.wait(tasks, timeout=self.options.grace)
+        feeding = [task for task in tasks if task is not self._applier_task]
+        if feeding:
+            await asyncio.wait(feeding, timeout=self.options.grace)
+        if self._applier_task in tasks:
+            # Nothing hands the applier events any more: it applies what waits, then ends.
+            self._applying.put_nowait(None)
+            await asyncio.wait([self._applier_task], timeout=max(0.0, deadline - loop.time()))
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -355,7 +366,7 @@ class ApiServer:
             concurrency=APPLY_BATCH,
             stopping=self._stopping,
         )
-        self.supervisor.start("status-event applier", self._applier)
+        self._applier_task = self.supervisor.start("status-event applier", self._applier)
         self.supervisor.start("status-event consumer", consumer.run)
         self.supervisor.start("outbox relay", lambda: self._relay(js))
 
@@ -449,12 +460,20 @@ class ApiServer:
         One task: this replica applies its events in the order it received them, and a burst of
         events costs one transaction instead of one per event.
         """
-        batch: list[tuple[bus_pb2.StatusEvent, asyncio.Future[Change | Exception | None]]] = []
+        batch: list[_Applying] = []
+        ending = False
         try:
-            while True:
-                batch = [await self._applying.get()]
+            while not ending:
+                first = await self._applying.get()
+                if first is None:
+                    return
+                batch = [first]
                 while not self._applying.empty() and len(batch) < APPLY_BATCH:
-                    batch.append(self._applying.get_nowait())
+                    waiting = self._applying.get_nowait()
+                    if waiting is None:
+                        ending = True
+                        break
+                    batch.append(waiting)
                 changes = [(event.deployment_id, event_input(event)) for event, _ in batch]
                 try:
                     results: list[Change | Exception | None] = list(await self.store.apply_batch(changes))
@@ -469,7 +488,8 @@ class ApiServer:
             # Nobody applies what this applier held or what waits for it: fail each, so its message is
             # nak'ed and comes again, instead of waiting for ever while heartbeats keep it from redelivery.
             while not self._applying.empty():
-                batch.append(self._applying.get_nowait())
+                if (waiting := self._applying.get_nowait()) is not None:
+                    batch.append(waiting)
             gone = ApplierStopped("the status-event applier stopped")
             for _, done in batch:
                 if not done.done():

@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
+from apphosting.nats_server import NatsServer
 from apphosting.v1 import deployments_pb2 as pb
+from services.deployments.app import ApiOptions, ApiServer
+from services.deployments.quotas import UNLIMITED
 from tests.e2e.test_pipeline import SETTLED, request, watch
 from tests.support.grpc_errors import details_of
 from tests.support.stack import Stack, eventually
@@ -73,3 +76,24 @@ async def test_an_idle_all_deployments_watch_ends_on_shutdown(stack: Stack) -> N
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await asyncio.wait_for(reader, timeout=30)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_every_task_of_a_stopping_api_ends_by_itself(database_url: str, nats_server: NatsServer) -> None:
+    """The applier, which waits for events, ends once the consumer that hands them over has: stop does not
+    wait out its grace period to cancel it (each stop of an idle API took the whole 5 s)."""
+    server = ApiServer(
+        ApiOptions(
+            listen="127.0.0.1:0", database_url=database_url, nats_url=nats_server.url, auth=None, quotas=UNLIMITED
+        )
+    )
+    await server.start()
+
+    async def bus_tasks_running() -> bool:
+        names = {task.get_name() for task in server.supervisor.tasks}
+        return {"status-event applier", "status-event consumer", "outbox relay"} <= names
+
+    await eventually(bus_tasks_running)
+    tasks = list(server.supervisor.tasks)
+    await server.stop()
+    assert all(task.done() for task in tasks)
+    assert [task.get_name() for task in tasks if task.cancelled()] == []
