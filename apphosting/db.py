@@ -94,8 +94,9 @@ def _ping_when_idle(engine: AsyncEngine, idle_after: float) -> None:
 def make_engine(url: str, *, ping_idle_after: float = PING_IDLE_AFTER, **kwargs: Any) -> AsyncEngine:
     """An async engine for the URL, with SQLite set up for WAL and waiting writers."""
     url = normalise_url(url)
-    if make_url(url).get_backend_name() == "sqlite":
-        if make_url(url).get_driver_name() == "aiosqlite":
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.get_driver_name() == "aiosqlite":
             kwargs.setdefault("module", sqlite_driver.dbapi())
         engine = create_async_engine(url, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
