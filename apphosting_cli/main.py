@@ -709,11 +709,13 @@ def _secrets_command(args: argparse.Namespace) -> int:
 def _user_command(argv: Sequence[str]) -> bool:
     """Whether the user CLI (Typer) takes this command line: a user command, or a shell asking it for
     completions (Typer's completion calls the program with _APPHOSTING_COMPLETE set)."""
-    if argv and argv[0] in SERVER_COMMANDS and "_APPHOSTING_COMPLETE" not in os.environ:
+    if "_APPHOSTING_COMPLETE" in os.environ:
+        return True
+    if not argv or argv[0] in SERVER_COMMANDS:
         return False
     from apphosting_cli.user import COMMANDS
 
-    return bool(argv and argv[0] in COMMANDS) or "_APPHOSTING_COMPLETE" in os.environ
+    return argv[0] in COMMANDS
 
 
 def _run_user_command(argv: Sequence[str]) -> int:
