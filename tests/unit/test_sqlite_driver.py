@@ -8,7 +8,7 @@ from typing import Any
 
 import aiosqlite
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, text, update
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -56,6 +56,26 @@ async def test_each_statement_is_one_trip_to_the_thread(engine: AsyncEngine, tri
         await connection.execute(update(_ITEMS).values(name=_ITEMS.c.name + "!"))
     # Four statements, then the rollback at the end of the block.
     assert len(trips) == 5
+
+
+async def test_a_rollback_with_no_transaction_open_is_not_sent(engine: AsyncEngine, trips: list[Any]) -> None:
+    async with engine.connect() as connection:
+        await connection.execute(select(_ITEMS))
+        await connection.execute(select(_ITEMS))
+    # Reads open no transaction: the block's rollback and the pool's reset went nowhere.
+    assert len(trips) == 2
+    trips.clear()
+    async with engine.begin() as connection:
+        await connection.execute(insert(_ITEMS).values(name="a"))
+    # The INSERT and the commit; the pool's reset after the commit went nowhere.
+    assert len(trips) == 2
+    trips.clear()
+    async with engine.connect() as connection:
+        await connection.execute(insert(_ITEMS).values(name="b"))
+        await connection.rollback()
+        # A write opened one: its rollback is sent, and undoes it.
+        assert len(trips) == 2
+        assert await connection.scalar(select(func.count()).select_from(_ITEMS)) == 1
 
 
 async def test_rows_counts_and_ids_read_as_with_the_stock_driver(engine: AsyncEngine) -> None:
