@@ -43,7 +43,8 @@ class Limits(BaseModel):
     # custom_values_yaml: nesting, `*alias` uses, and nodes once every alias is expanded. The last
     # bounds what a consumer (Helm, a JSON encoder) would build: a billion-laughs document is small
     # but expands to ~10^9 nodes. 200 000 is above what an alias-free document of the byte limit holds.
-    custom_values_yaml_max_depth: int = Field(64, ge=1)
+    # libyaml, which composes the document, nests no deeper than 1,000 levels.
+    custom_values_yaml_max_depth: int = Field(64, ge=1, le=1000)
     custom_values_yaml_max_aliases: int = Field(64, ge=0)
     custom_values_yaml_max_nodes: int = Field(200_000, ge=1)
     # All environment variables together (NAME=value, UTF-8), so a request stays well under the API's
