@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -298,3 +299,23 @@ async def test_a_lone_server_gets_one_replica(nats_server: NatsServer) -> None:
             assert (await js.stream_info(stream)).config.num_replicas == 1
     finally:
         await nc.close()
+
+
+def test_a_port_taken_before_the_first_start_costs_an_attempt_not_the_cluster(tmp_path: Path) -> None:
+    cluster = NatsCluster(tmp_path / "nats-cluster")
+    second = cluster.nodes[1].cluster
+    assert second is not None
+    # Another process's listener on a node's route port, bound after the ports were chosen.
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", second.port))
+        squatter.listen()
+        try:
+            cluster.start(timeout=15)
+            routes = {node.cluster.port for node in cluster.nodes if node.cluster is not None}
+            assert second.port not in routes
+            assert cluster.meta_leader() is not None
+            names = {cluster.name_of(node) for node in cluster.nodes}
+            for node in cluster.nodes:
+                assert cluster.peers(node) == names - {cluster.name_of(node)}
+        finally:
+            cluster.stop()

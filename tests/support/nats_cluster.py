@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
+import socket
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from apphosting.nats_server import ClusterRoutes, NatsServer, free_port
+from apphosting.nats_server import ClusterRoutes, NatsServer
 
 CLUSTER_NAME = "apphosting-test"
 
@@ -23,8 +26,18 @@ class NatsCluster:
     """
 
     def __init__(self, workdir: Path, size: int = 3) -> None:
-        route_ports = [free_port() for _ in range(size)]
-        self.nodes: list[NatsServer] = []
+        self.workdir = workdir
+        self.size = size
+        self.nodes = self._nodes()
+        self.frozen: set[str] = set()
+        # Once started, its nodes keep their ports and stores (a test's clients know them).
+        self._started = False
+
+    def _nodes(self) -> list[NatsServer]:
+        """The nodes on fresh ports: client, route and monitoring ports, all different."""
+        ports = _distinct_ports(3 * self.size)
+        route_ports = ports[: self.size]
+        nodes = []
         for n, port in enumerate(route_ports):
             routes = ClusterRoutes(
                 server_name=f"n{n + 1}",
@@ -32,8 +45,9 @@ class NatsCluster:
                 port=port,
                 peers=tuple(p for p in route_ports if p != port),
             )
-            self.nodes.append(NatsServer(workdir / f"n{n + 1}", monitor_port=free_port(), cluster=routes))
-        self.frozen: set[str] = set()
+            client, monitor = ports[self.size + 2 * n : self.size + 2 * n + 2]
+            nodes.append(NatsServer(self.workdir / f"n{n + 1}", port=client, monitor_port=monitor, cluster=routes))
+        return nodes
 
     @property
     def url(self) -> str:
@@ -57,10 +71,52 @@ class NatsCluster:
             if n.process is not None and n.process.poll() is None and self.name_of(n) not in self.frozen
         ]
 
-    def start(self, timeout: float = 60) -> None:
-        for node in self.nodes:
-            node.start()
-        self.wait_for_meta_leader(timeout)
+    def start(self, timeout: float = 60, attempts: int = 3) -> None:
+        """Starts every node and waits until each has its routes to all the others and they agree on a
+        meta leader.
+
+        A port is chosen free but taken only when its node starts: another process (a parallel test's
+        server) may bind it in between, and then a node cannot listen where the others look for it, so the
+        cluster never places a replicated stream. Such an attempt is stopped and the cluster started again
+        on fresh ports with empty stores (a first start only).
+        """
+        if self._started:
+            attempts = 1
+        self._started = True
+        for attempt in range(1, attempts + 1):
+            try:
+                for node in self.nodes:
+                    node.start()
+                self._wait_formed(timeout)
+                return
+            except TimeoutError:
+                if attempt == attempts:
+                    raise
+            self.stop()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.nodes = self._nodes()
+
+    def _wait_formed(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            names = {self.name_of(node) for node in self.nodes}
+            if all(node.process is not None and node.process.poll() is None for node in self.nodes) and all(
+                self.peers(node) == names - {self.name_of(node)} for node in self.nodes
+            ):
+                break
+            time.sleep(0.1)
+        else:
+            raise TimeoutError(f"the {self.size} nodes did not all route to each other within {timeout} s")
+        self.wait_for_meta_leader(max(1.0, deadline - time.monotonic()))
+
+    def peers(self, node: NatsServer) -> set[str]:
+        """The nodes this one has routes to (its /routez; a server keeps several routes to each peer)."""
+        assert node.monitor_url is not None
+        try:
+            with urllib.request.urlopen(f"{node.monitor_url}/routez", timeout=5) as answer:
+                return {str(route.get("remote_name")) for route in json.load(answer).get("routes") or ()}
+        except (OSError, ValueError):
+            return set()
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -162,3 +218,14 @@ class NatsCluster:
                 return leader
             time.sleep(0.1)
         raise TimeoutError(f"no meta leader among {[self.name_of(n) for n in self.alive()]} after {timeout} s")
+
+
+def _distinct_ports(count: int) -> list[int]:
+    """Free loopback ports, all different: each stays bound until the last is chosen."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
