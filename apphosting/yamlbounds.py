@@ -20,8 +20,8 @@ class TooBig(yaml.YAMLError):
         self.message = message
 
 
-# libyaml's composer, about nine times as fast as PyYAML's own (a values file of 200 keys: 36 -> 4 ms of the
-# event loop); PyYAML built without libyaml keeps its own.
+# libyaml's composer, about nine times as fast as PyYAML's own (with the checks below, a values file of 200
+# keys takes 7 ms of the event loop instead of 39); PyYAML built without libyaml keeps its own.
 _LOADER: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # What libyaml says of a document nested past its own bound (1,000 levels), before any node is made.
 _LIBYAML_TOO_DEEP = "exceeded maximum nesting depth"
