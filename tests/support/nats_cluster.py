@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from apphosting.nats_server import ClusterRoutes, NatsServer
+from apphosting.nats_server import ClusterRoutes, NatsServer, free_ports
 
 CLUSTER_NAME = "apphosting-test"
 
@@ -35,7 +33,7 @@ class NatsCluster:
 
     def _nodes(self) -> list[NatsServer]:
         """The nodes on fresh ports: client, route and monitoring ports, all different."""
-        ports = _distinct_ports(3 * self.size)
+        ports = free_ports(3 * self.size)
         route_ports = ports[: self.size]
         nodes = []
         for n, port in enumerate(route_ports):
@@ -98,8 +96,8 @@ class NatsCluster:
 
     def _wait_formed(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        names = {self.name_of(node) for node in self.nodes}
         while time.monotonic() < deadline:
-            names = {self.name_of(node) for node in self.nodes}
             if all(node.process is not None and node.process.poll() is None for node in self.nodes) and all(
                 self.peers(node) == names - {self.name_of(node)} for node in self.nodes
             ):
@@ -218,14 +216,3 @@ class NatsCluster:
                 return leader
             time.sleep(0.1)
         raise TimeoutError(f"no meta leader among {[self.name_of(n) for n in self.alive()]} after {timeout} s")
-
-
-def _distinct_ports(count: int) -> list[int]:
-    """Free loopback ports, all different: each stays bound until the last is chosen."""
-    with contextlib.ExitStack() as held:
-        ports = []
-        for _ in range(count):
-            sock = held.enter_context(socket.socket())
-            sock.bind(("127.0.0.1", 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
