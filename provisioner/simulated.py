@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import sqlite3
+import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,10 @@ class SimulatedState:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        with self._connect() as db:
+        # One connection per thread, kept: opening the file (and setting WAL) for every call cost more
+        # than the call's statements.
+        self._local = threading.local()
+        with self._db() as db:
             db.execute("CREATE TABLE IF NOT EXISTS objects (kind TEXT, name TEXT, PRIMARY KEY (kind, name))")
             db.execute("CREATE TABLE IF NOT EXISTS creations (kind TEXT, name TEXT)")
             # What an object is like now (an app's release and spec, a vCluster asleep), as JSON.
@@ -79,15 +84,25 @@ class SimulatedState:
             # Objects that were there before any provisioner (namespaces to adopt), put in once.
             db.execute("CREATE TABLE IF NOT EXISTS seeded (kind TEXT, name TEXT, PRIMARY KEY (kind, name))")
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        return db
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection (autocommit); a transaction a failure left open is rolled back."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            self._local.db = db
+        try:
+            yield db
+        except BaseException:
+            if db.in_transaction:
+                db.rollback()
+            raise
 
     def claim(self, kind: str, name: str, data: dict[str, Any] | None = None) -> bool:
         """Creates the object, with what it is like when `data` is given (in the same transaction, so a
         worker killed in between leaves no object without it); False when it already exists."""
-        with self._connect() as db:
+        with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             created = db.execute("INSERT OR IGNORE INTO objects VALUES (?, ?)", (kind, name)).rowcount == 1
             if created:
@@ -98,13 +113,13 @@ class SimulatedState:
             return created
 
     def exists(self, kind: str, name: str) -> bool:
-        with self._connect() as db:
+        with self._db() as db:
             return db.execute("SELECT 1 FROM objects WHERE kind = ? AND name = ?", (kind, name)).fetchone() is not None
 
     def seed(self, kind: str, name: str) -> None:
         """Puts a pre-existing object in the first time it is named, without counting a creation;
         once removed, it stays removed."""
-        with self._connect() as db:
+        with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             if db.execute("INSERT OR IGNORE INTO seeded VALUES (?, ?)", (kind, name)).rowcount == 1:
                 db.execute("INSERT OR IGNORE INTO objects VALUES (?, ?)", (kind, name))
@@ -112,21 +127,21 @@ class SimulatedState:
 
     def attributes(self, kind: str, name: str) -> dict[str, Any] | None:
         """What the object is like, as last set; None when nothing was set."""
-        with self._connect() as db:
+        with self._db() as db:
             row = db.execute("SELECT data FROM attributes WHERE kind = ? AND name = ?", (kind, name)).fetchone()
         return None if row is None else dict(json.loads(row[0]))
 
     def set_attributes(self, kind: str, name: str, data: dict[str, Any]) -> None:
-        with self._connect() as db:
+        with self._db() as db:
             db.execute("INSERT OR REPLACE INTO attributes VALUES (?, ?, ?)", (kind, name, json.dumps(data)))
 
     def remove(self, kind: str, name: str) -> bool:
-        with self._connect() as db:
+        with self._db() as db:
             db.execute("DELETE FROM attributes WHERE kind = ? AND name = ?", (kind, name))
             return db.execute("DELETE FROM objects WHERE kind = ? AND name = ?", (kind, name)).rowcount == 1
 
     def remove_under(self, kind: str, prefix: str) -> None:
-        with self._connect() as db:
+        with self._db() as db:
             for table in ("objects", "attributes"):
                 db.execute(
                     f"DELETE FROM {table} WHERE kind = ? AND substr(name, 1, ?) = ?",
@@ -135,12 +150,12 @@ class SimulatedState:
 
     def creations(self) -> Counter[str]:
         """How often each `kind/name` was really created."""
-        with self._connect() as db:
+        with self._db() as db:
             rows = db.execute("SELECT kind, name, count(*) FROM creations GROUP BY kind, name").fetchall()
         return Counter({f"{kind}/{name}": count for kind, name, count in rows})
 
     def live(self) -> set[str]:
-        with self._connect() as db:
+        with self._db() as db:
             return {f"{kind}/{name}" for kind, name in db.execute("SELECT kind, name FROM objects")}
 
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from apphosting.v1 import bus_pb2, deployments_pb2
 from provisioner.reconcile import Reconciler, RetryPolicy
@@ -48,3 +53,37 @@ async def test_teardown_by_another_worker_removes_everything(tmp_path: Path) -> 
     final = await run(SimulatedDriver(state=state), job(bus_pb2.OPERATION_DELETE, "job-2"))
     assert final.final
     assert state.live() == set()
+
+
+def test_a_thread_keeps_one_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[str] = []
+    connect = sqlite3.connect
+
+    def counting(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        opened.append(threading.current_thread().name)
+        made: sqlite3.Connection = connect(*args, **kwargs)
+        return made
+
+    monkeypatch.setattr(sqlite3, "connect", counting)
+    state = SimulatedState(tmp_path / "cluster.db")
+    for index in range(20):
+        assert state.claim("app", f"a{index}", {"release": index})
+        assert state.attributes("app", f"a{index}") == {"release": index}
+    assert len(opened) == 1
+    # Another thread has a connection of its own, and sees what the first one wrote.
+    other = threading.Thread(target=lambda: state.exists("app", "a0"), name="other")
+    other.start()
+    other.join()
+    assert opened == [opened[0], "other"]
+
+
+def test_a_failed_claim_writes_nothing_and_leaves_the_file_usable(tmp_path: Path) -> None:
+    state = SimulatedState(tmp_path / "cluster.db")
+    with pytest.raises(TypeError):
+        # Refused after its transaction began: the data cannot be written as JSON.
+        state.claim("app", "broken", {"spec": object()})
+    assert not state.exists("app", "broken")
+    # The same connection starts a new transaction, and another connection can still write.
+    assert state.claim("app", "next", {"release": 1})
+    assert SimulatedState(tmp_path / "cluster.db").claim("app", "third")
+    assert state.creations() == {"app/next": 1, "app/third": 1}
