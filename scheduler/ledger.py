@@ -50,6 +50,7 @@ class Ledger:
         self._cache_tick = -1
         # Placements waiting for the group transaction after the one being written (group commit).
         self._groups: Batcher[_Asking, Explained] = Batcher(self._place_group, most=_GROUP_MOST)
+        self._lookups: Batcher[str, tuple[str, Demand] | None] = Batcher(self._holdings, most=_GROUP_MOST)
 
     async def create_tables(self) -> None:
         """Brings the scheduler's tables up to their newest migration."""
@@ -57,11 +58,8 @@ class Ledger:
 
     async def location_of(self, deployment_id: str) -> str | None:
         """Where the deployment holds capacity, if it does."""
-        async with self._engine.connect() as conn:
-            found: str | None = await conn.scalar(
-                select(Reservation.location_id).where(Reservation.deployment_id == deployment_id)
-            )
-            return found
+        held = await self.holding(deployment_id)
+        return held[0] if held is not None else None
 
     async def reserve(
         self, deployment_id: str, geographic_region: str, demand: Demand, pinned: str | None = None
@@ -226,9 +224,16 @@ class Ledger:
         return True
 
     async def holding(self, deployment_id: str) -> tuple[str, Demand] | None:
-        """The location and the capacity the deployment holds, if it does."""
+        """The location and the capacity the deployment holds, if it does.
+
+        The lookups asked at one moment are read together, in one statement.
+        """
+        return await self._lookups.ask(deployment_id)
+
+    async def _holdings(self, deployment_ids: Sequence[str]) -> list[tuple[str, Demand] | None]:
         async with self._engine.connect() as conn:
-            return await _held(conn, deployment_id)
+            held = await _held_all(conn, deployment_ids)
+        return [held.get(deployment_id) for deployment_id in deployment_ids]
 
     async def release(self, deployment_id: str) -> bool:
         """Frees the deployment's capacity; False when it held none (already released)."""

@@ -17,7 +17,7 @@ from apphosting.settings import DEFAULT_DATABASE_URL
 from apphosting.v1 import bus_pb2
 from apphosting.v1 import deployments_pb2 as pb
 from scheduler.ledger import Ledger
-from scheduler.placement import Placed, demand_of
+from scheduler.placement import Demand, Placed, demand_of
 
 log = logging.getLogger(__name__)
 
@@ -219,13 +219,16 @@ class Scheduler(bus.Worker):
             )
         )
 
-    async def _location_of(self, deployment: pb.Deployment) -> LocationConfig | None:
-        location_id = await self.ledger.location_of(deployment.id) or deployment.location_id
-        return self._by_id.get(location_id) if location_id else None
+    async def _location_of(self, deployment: pb.Deployment) -> tuple[LocationConfig | None, Demand | None]:
+        """The location the deployment is on, and what it holds there (None: nothing held)."""
+        held = await self.ledger.holding(deployment.id)
+        location_id = held[0] if held is not None else deployment.location_id
+        location = self._by_id.get(location_id) if location_id else None
+        return location, held[1] if held is not None and location is not None else None
 
     async def _tear_down(self, request: bus_pb2.PlacementRequest) -> None:
         deployment = request.deployment
-        location = await self._location_of(deployment)
+        location, _ = await self._location_of(deployment)
         if location is None:
             # Nothing was built anywhere: the deletion is complete as it stands.
             await self._emit(
@@ -245,12 +248,14 @@ class Scheduler(bus.Worker):
     async def _forward(self, request: bus_pb2.PlacementRequest) -> None:
         """An update, stop or start goes to the provisioners of the location the deployment is on."""
         deployment = request.deployment
-        location = await self._location_of(deployment)
+        location, holds = await self._location_of(deployment)
         if location is not None:
-            if request.operation == bus_pb2.OPERATION_UPDATE:
+            demand = demand_of(deployment)
+            if request.operation == bus_pb2.OPERATION_UPDATE and holds != demand:
                 # The API held a user's new release before it was written; an automatic rollback was not
                 # asked through it, so the release's demand is held here, when it fits (never overbook).
-                held = await self.ledger.set_reservation(deployment.id, location.id, demand_of(deployment))
+                # A release needing what is held already (a new image) changes nothing in the ledger.
+                held = await self.ledger.set_reservation(deployment.id, location.id, demand)
                 if not isinstance(held.placement, Placed):
                     log.warning(
                         "release %d of %s does not fit its location %s: %s",

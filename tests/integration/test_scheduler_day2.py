@@ -15,12 +15,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from sqlalchemy import select
 
 from apphosting import bus
 from apphosting.v1 import bus_pb2
 from apphosting.v1 import deployments_pb2 as pb
 from scheduler.placement import Demand
 from scheduler.service import Scheduler
+from scheduler.tables import LedgerClock
 from tests.support.stack import Stack, eventually, publish
 
 
@@ -242,6 +244,39 @@ async def test_update_stop_and_start_go_to_the_deployments_location(stack: Stack
         subject, delete = await wire.job(deployment.id, bus_pb2.OPERATION_DELETE)
         assert (subject, delete.release, delete.force) == (bus.job_subject("eu-b"), 3, True)
         assert len({job.job_id for _, job in wire.jobs}) == len(wire.jobs)
+
+
+async def _tick(scheduler: Scheduler) -> int:
+    """The ledger clock: it moves with every transaction that changes what locations hold."""
+    async with scheduler.engine.connect() as conn:
+        tick = await conn.scalar(select(LedgerClock.tick))
+    assert tick is not None
+    return int(tick)
+
+
+@pytest.mark.locations(LOCATIONS)
+async def test_an_update_holds_a_new_demand_and_writes_nothing_when_the_demand_is_unchanged(stack: Stack) -> None:
+    scheduler = stack.add_scheduler()
+    async with _bus(stack) as wire:
+        deployment = _deployment(target_location="eu-b", docker_image="shop:1")
+        await _placed(wire, scheduler, deployment)
+        placed = await _tick(scheduler)
+        deployment.docker_image = "shop:2"
+        await wire.request(bus_pb2.OPERATION_UPDATE, deployment, release=2)
+        _, update = await wire.job(deployment.id, bus_pb2.OPERATION_UPDATE)
+        assert (update.release, update.deployment.docker_image) == (2, "shop:2")
+        assert await _tick(scheduler) == placed
+        deployment.cpu_request = 2.0
+        await wire.request(bus_pb2.OPERATION_UPDATE, deployment, release=3)
+
+        async def forwarded() -> bool:
+            return any(job.release == 3 for _, job in wire.jobs)
+
+        # The job goes out after the reservation's commit.
+        await eventually(forwarded, within=60)
+        grown = Demand(cpu=2.0, memory_mb=512, storage_gb=10, vclusters=1)
+        assert await scheduler.ledger.holding(deployment.id) == ("eu-b", grown)
+        assert await _tick(scheduler) == placed + 1
 
 
 @pytest.mark.locations(LOCATIONS)

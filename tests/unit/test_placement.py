@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import make_url, select
+from sqlalchemy import event, make_url, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from apphosting import resources
@@ -809,3 +809,22 @@ async def test_a_set_reservation_asked_with_placements_counts_for_the_ones_after
         assert await ledger.used() == {"eu-only": Demand(cpu=5.0, memory_mb=5120, storage_gb=100, vclusters=11)}
         assert ledger._cache is not None
         assert dict(ledger._cache) == dict(await ledger.used())
+
+
+async def test_lookups_asked_at_once_are_read_in_one_statement(any_engines: EngineFactory) -> None:
+    async with _ledgers(any_engines, 1) as (ledger,):
+        names = [f"d-{i:02d}" for i in range(12)]
+        for name in names[:10]:
+            await ledger.reserve(name, "eu", ONE_OF_20)
+        statements: list[str] = []
+
+        def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+            statements.append(statement)
+
+        event.listen(ledger._engine.sync_engine, "before_cursor_execute", seen)
+        try:
+            found = await asyncio.gather(*(ledger.holding(name) for name in names), ledger.location_of("d-03"))
+        finally:
+            event.remove(ledger._engine.sync_engine, "before_cursor_execute", seen)
+        assert found == [*[("eu-only", ONE_OF_20)] * 10, None, None, "eu-only"]
+        assert len([s for s in statements if "FROM scheduler_reservations" in s]) == 1
