@@ -91,6 +91,9 @@ class SimulatedState:
         if db is None:
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
+            # Written through at each commit is enough: what a killed process committed is kept; the
+            # simulated clusters need not outlive the machine.
+            db.execute("PRAGMA synchronous=NORMAL")
             self._local.db = db
         try:
             yield db
