@@ -733,10 +733,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         request: pb.UpdateDeploymentRequest,
         context: grpc.aio.ServicerContext[pb.UpdateDeploymentRequest, pb.Deployment],
     ) -> pb.Deployment:
-        deployment_id = _parse_id(request.deployment.id)
-        row = await self._store.record(_owner(self._caller(context)), deployment_id)
-        if row is None:
-            raise errors.not_found(deployment_id)
+        row = await self._get(_owner(self._caller(context)), request.deployment.id)
         operations.precheck(row, "update", request.etag or request.deployment.etag)
         data = operations.updated_spec(row.spec, request.deployment, request.update_mask)
         if secret_env.FIELD in request.update_mask.paths:

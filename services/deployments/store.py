@@ -43,6 +43,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from apphosting import secrets, tracing
+from apphosting.batching import Batcher
 from apphosting.db import UTCDateTime
 from apphosting.v1 import deployments_pb2 as pb
 from services.deployments import quotas as quota_rules
@@ -167,12 +168,11 @@ def _page_statement(
     return _DriverStatement.compile(dialect, _PAGE_COLUMNS, shape)
 
 
-def _record_statement(dialect: Dialect, owned: bool) -> _DriverStatement:
-    """A record by id, and by owner too when `owned`."""
+def _records_statement(dialect: Dialect, count: int) -> _DriverStatement:
+    """`count` records by id (binds id_0 ... id_<count-1>)."""
 
     def shape(query: Select[Any]) -> Select[Any]:
-        query = query.where(DeploymentRow.id == bindparam("id"))
-        return query.where(DeploymentRow.user_id == bindparam("user_id")) if owned else query
+        return query.where(DeploymentRow.id.in_([bindparam(f"id_{index}") for index in range(count)]))
 
     return _DriverStatement.compile(dialect, tuple(_RECORDS.columns), shape)
 
@@ -336,6 +336,8 @@ SETTABLE = (
 
 # The most creates one group transaction writes; the rest wait for the next.
 _GROUP_MOST = 128
+# The most records one read (get) asks for.
+_READ_MOST = 64
 
 
 @dataclass(frozen=True)
@@ -740,7 +742,10 @@ class DeploymentStore:
         self._mutating: asyncio.Task[None] | None = None
         # The compiled statement of each combination of a page's filters (page).
         self._pages: dict[tuple[bool, int, bool, bool, bool], _DriverStatement] = {}
-        self._records = {owned: _record_statement(self.engine.dialect, owned) for owned in (False, True)}
+        # The statement reading 2**k records at once, by k (get).
+        self._records: dict[int, _DriverStatement] = {}
+        # Records asked for at one moment, read together in one statement.
+        self._reads: Batcher[str, dict[str, Any] | None] = Batcher(self._read_records, most=_READ_MOST)
         self._unsent = _DriverStatement.compile(
             self.engine.dialect,
             (_OUTBOX.c.id, _OUTBOX.c.subject, _OUTBOX.c.payload, _OUTBOX.c.headers),
@@ -1017,12 +1022,29 @@ class DeploymentStore:
             return found
 
     async def get(self, user_id: str | None, deployment_id: str) -> DeploymentRow | None:
-        """The deployment if `user_id` owns it; user_id None (an admin) reads any."""
-        query = select(DeploymentRow).where(DeploymentRow.id == deployment_id)
-        if user_id is not None:
-            query = query.where(DeploymentRow.user_id == user_id)
-        async with self._sessions() as session:
-            return await session.scalar(query)
+        """The deployment if `user_id` owns it; user_id None (an admin) reads any.
+
+        Read as a plain row on the driver's own connection (no session, no transaction); the records
+        asked for at one moment are read in one statement.
+        """
+        found = await self._reads.ask(deployment_id)
+        if found is None or (user_id is not None and found["user_id"] != user_id):
+            return None
+        return DeploymentRow(**found)
+
+    async def _read_records(self, ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        # The ids padded to a power of two (with the first), so that a few statements serve every count.
+        size = 1 << (len(ids) - 1).bit_length()
+        statement = self._records.get(size)
+        if statement is None:
+            statement = self._records[size] = _records_statement(self.engine.dialect, size)
+        padded = [*ids, *[ids[0]] * (size - len(ids))]
+        at = statement.names.index("id")
+        rows = {
+            row[at]: row for row in await self._fetch_raw(statement, {f"id_{i}": id_ for i, id_ in enumerate(padded)})
+        }
+        # Each asker decodes its own: no two rows share a spec's dict.
+        return [statement.record(rows[deployment_id]) if deployment_id in rows else None for deployment_id in ids]
 
     async def page(
         self,
@@ -1054,6 +1076,10 @@ class DeploymentStore:
 
     async def _fetch(self, statement: _DriverStatement, values: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The statement's rows, read on the driver's own connection in one call, decoded."""
+        return [statement.record(row) for row in await self._fetch_raw(statement, values)]
+
+    async def _fetch_raw(self, statement: _DriverStatement, values: Mapping[str, Any]) -> Sequence[Sequence[Any]]:
+        """The statement's rows as the driver gives them, read on its own connection in one call."""
         args = statement.args(values)
         async with self.engine.connect() as connection:
             driver: Any = (await connection.get_raw_connection()).driver_connection
@@ -1066,7 +1092,7 @@ class DeploymentStore:
                 # As SQLAlchemy would: the connection is not reused, and the caller sees a DBAPIError.
                 await connection.invalidate()
                 raise OperationalError(statement.sql, args, failure) from failure
-        return [statement.record(row) for row in found]
+        return found
 
     async def apply(
         self,
@@ -1123,13 +1149,6 @@ class DeploymentStore:
         if self._mutating is None or self._mutating.done():
             self._mutating = asyncio.create_task(self._mutate_groups())
         return await done
-
-    async def record(self, user_id: str | None, deployment_id: str) -> DeploymentRow | None:
-        """get, read as a plain row in one driver call (no session, no transaction): what an operation is
-        checked on."""
-        statement = self._records[user_id is not None]
-        found = await self._fetch(statement, {"id": deployment_id, "user_id": user_id})
-        return DeploymentRow(**found[0]) if found else None
 
     async def _mutate_alone(self, member: _Mutating) -> Change:
         """One operation in its own transaction (after its group met a conflict), retried when raced."""
