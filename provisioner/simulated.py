@@ -128,6 +128,15 @@ class SimulatedState:
                 db.execute("INSERT OR IGNORE INTO objects VALUES (?, ?)", (kind, name))
             db.execute("COMMIT")
 
+    def look(self, kind: str, name: str) -> tuple[bool, dict[str, Any] | None]:
+        """Whether the object exists, and what it is like (attributes()), read together."""
+        with self._db() as db:
+            exists = db.execute("SELECT 1 FROM objects WHERE kind = ? AND name = ?", (kind, name)).fetchone()
+            if exists is None:
+                return False, None
+            row = db.execute("SELECT data FROM attributes WHERE kind = ? AND name = ?", (kind, name)).fetchone()
+        return True, None if row is None else dict(json.loads(row[0]))
+
     def attributes(self, kind: str, name: str) -> dict[str, Any] | None:
         """What the object is like, as last set; None when nothing was set."""
         with self._db() as db:
@@ -502,12 +511,11 @@ class SimulatedDriver:
         key = self._namespace_key(job, name)
         if name in self.existing_namespaces:
             await asyncio.to_thread(self._state.seed, "namespace", key)
-        present = await asyncio.to_thread(self._state.exists, "namespace", key)
+        present, data = await asyncio.to_thread(self._state.look, "namespace", key)
         if not present:
             self.namespaces.pop(name, None)
         else:
-            data = await asyncio.to_thread(self._state.attributes, "namespace", key) or {}
-            self.namespaces[name] = str(data.get("managed_by", ""))
+            self.namespaces[name] = str((data or {}).get("managed_by", ""))
         return present
 
     async def _app(self, job: bus_pb2.ProvisionJob) -> _App | None:
@@ -516,10 +524,10 @@ class SimulatedDriver:
         app = self.apps.get(key)
         if self._state is None:
             return app
-        if not await asyncio.to_thread(self._state.exists, "app", key):
+        present, data = await asyncio.to_thread(self._state.look, "app", key)
+        if not present:
             self.apps.pop(key, None)
             return None
-        data = await asyncio.to_thread(self._state.attributes, "app", key)
         # An app from a file without attributes runs what the job asks for.
         spec = _AppSpec(**data) if data is not None else _app_spec(job)
         if app is None:
@@ -530,16 +538,19 @@ class SimulatedDriver:
     async def _vcluster(self, job: bus_pb2.ProvisionJob) -> _VCluster:
         name = vcluster_name(job.deployment)
         vcluster = self.vclusters.get(name)
-        if vcluster is None and await self._exists("vcluster", name, False):
+        if self._state is None:
+            if vcluster is None:
+                raise TemporaryError(f"{_PREFIX}vCluster {name} does not exist")
+            return vcluster
+        present, data = await asyncio.to_thread(self._state.look, "vcluster", name)
+        if vcluster is None and present:
             # Installed by an earlier run of this job (another worker, or this one before a crash).
             namespace = host_namespace_name(job.deployment)
             vcluster = self.vclusters.setdefault(name, _VCluster(namespace, _kubeconfig(name, namespace), 0))
         if vcluster is None:
             raise TemporaryError(f"{_PREFIX}vCluster {name} does not exist")
-        if self._state is not None:
-            # Another worker may have put it to sleep or woken it.
-            data = await asyncio.to_thread(self._state.attributes, "vcluster", name)
-            vcluster.asleep = bool(data and data.get("asleep"))
+        # Another worker may have put it to sleep or woken it.
+        vcluster.asleep = bool(data and data.get("asleep"))
         return vcluster
 
     async def _awake_vcluster(self, job: bus_pb2.ProvisionJob) -> _VCluster:

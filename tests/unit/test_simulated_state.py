@@ -87,3 +87,14 @@ def test_a_failed_claim_writes_nothing_and_leaves_the_file_usable(tmp_path: Path
     assert state.claim("app", "next", {"release": 1})
     assert SimulatedState(tmp_path / "cluster.db").claim("app", "third")
     assert state.creations() == {"app/next": 1, "app/third": 1}
+
+
+def test_look_says_whether_an_object_exists_and_what_it_is_like(tmp_path: Path) -> None:
+    state = SimulatedState(tmp_path / "cluster.db")
+    assert state.look("app", "shop") == (False, None)
+    assert state.claim("namespace", "plain")
+    assert state.look("namespace", "plain") == (True, None)
+    assert state.claim("app", "shop", {"release": 2})
+    assert state.look("app", "shop") == (True, {"release": 2})
+    assert state.remove("app", "shop")
+    assert state.look("app", "shop") == (False, None)
