@@ -730,6 +730,7 @@ class DeploymentStore:
         # handler, which sleeps in growing steps (up to 100 ms) while the file is locked; queued
         # here instead, this process's writers take turns in the event loop as soon as one commits.
         self._writer = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         # The requests a worker's report can lead to, built by the service (servicer.placement_outbox):
         # the rollout of an automatic rollback, and the delete that ends a migration.
         self.update_outbox: OutboxFn = lambda row: []
@@ -1778,8 +1779,14 @@ class DeploymentStore:
         """
         if not rows:
             return
+        forget = delete(OutboxRow).where(OutboxRow.id.in_([row.id for row in rows]))
+        if self._writer is None:
+            # One statement is a transaction of its own: one round trip instead of BEGIN, DELETE, COMMIT.
+            async with self._autocommit.connect() as connection:
+                await connection.execute(forget)
+            return
         async with self.transaction() as session:
-            await session.execute(delete(OutboxRow).where(OutboxRow.id.in_([row.id for row in rows])))
+            await session.execute(forget)
 
 
 class _Reads(Exception):

@@ -5,6 +5,10 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
+import asyncpg
+import pytest
+from sqlalchemy import event
+
 from services.deployments.store import DeploymentStore
 from services.deployments.tables import OutboxRow
 
@@ -28,3 +32,34 @@ async def test_a_row_sent_by_two_relays_does_not_take_a_newer_row_with_it(store:
     await _write(store, "second")
     await store.mark_sent(seen_by_one)
     assert [row.subject for row in await store.unsent()] == ["test.second"]
+
+
+async def test_forgetting_sent_rows_on_a_server_database_is_one_statement(
+    store: DeploymentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL the delete runs on its own (autocommit): no BEGIN or COMMIT trips around it."""
+    for name in ("a", "b", "c"):
+        await _write(store, name)
+    sent = await store.unsent()
+    statements: list[str] = []
+    begun: list[object] = []
+    start = asyncpg.transaction.Transaction.start
+
+    async def counted(self: asyncpg.transaction.Transaction) -> None:
+        begun.append(self)
+        await start(self)
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement.split(None, 1)[0].upper())
+
+    monkeypatch.setattr(asyncpg.transaction.Transaction, "start", counted)
+    engine = store.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        await store.mark_sent(sent)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert statements == ["DELETE"]
+    assert await store.unsent() == []
+    # PostgreSQL: no transaction was begun (SQLite's writers take turns in one, behind the process's lock).
+    assert begun == []
