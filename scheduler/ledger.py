@@ -50,6 +50,7 @@ class Ledger:
         self._cache_tick = -1
         # Placements waiting for the group transaction after the one being written (group commit).
         self._groups: Batcher[_Asking, Explained] = Batcher(self._place_group, most=_GROUP_MOST)
+        # Holdings asked for at one moment, read together in one statement.
         self._lookups: Batcher[str, tuple[str, Demand] | None] = Batcher(self._holdings, most=_GROUP_MOST)
 
     async def create_tables(self) -> None:

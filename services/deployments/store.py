@@ -743,7 +743,7 @@ class DeploymentStore:
         self._mutating: asyncio.Task[None] | None = None
         # The compiled statement of each combination of a page's filters (page).
         self._pages: dict[tuple[bool, int, bool, bool, bool], _DriverStatement] = {}
-        # The statement reading 2**k records at once, by k (get).
+        # The statements of get's reads, by how many records each reads (a power of two).
         self._records: dict[int, _DriverStatement] = {}
         # Records asked for at one moment, read together in one statement.
         self._reads: Batcher[str, dict[str, Any] | None] = Batcher(self._read_records, most=_READ_MOST)
