@@ -129,13 +129,10 @@ class SimulatedState:
             db.execute("COMMIT")
 
     def look(self, kind: str, name: str) -> tuple[bool, dict[str, Any] | None]:
-        """Whether the object exists, and what it is like (attributes()), read together."""
-        with self._db() as db:
-            exists = db.execute("SELECT 1 FROM objects WHERE kind = ? AND name = ?", (kind, name)).fetchone()
-            if exists is None:
-                return False, None
-            row = db.execute("SELECT data FROM attributes WHERE kind = ? AND name = ?", (kind, name)).fetchone()
-        return True, None if row is None else dict(json.loads(row[0]))
+        """exists() and, when it does, attributes(): one call, for a caller that hops to a thread for each."""
+        if not self.exists(kind, name):
+            return False, None
+        return True, self.attributes(kind, name)
 
     def attributes(self, kind: str, name: str) -> dict[str, Any] | None:
         """What the object is like, as last set; None when nothing was set."""
@@ -538,19 +535,17 @@ class SimulatedDriver:
     async def _vcluster(self, job: bus_pb2.ProvisionJob) -> _VCluster:
         name = vcluster_name(job.deployment)
         vcluster = self.vclusters.get(name)
-        if self._state is None:
-            if vcluster is None:
-                raise TemporaryError(f"{_PREFIX}vCluster {name} does not exist")
-            return vcluster
-        present, data = await asyncio.to_thread(self._state.look, "vcluster", name)
-        if vcluster is None and present:
-            # Installed by an earlier run of this job (another worker, or this one before a crash).
-            namespace = host_namespace_name(job.deployment)
-            vcluster = self.vclusters.setdefault(name, _VCluster(namespace, _kubeconfig(name, namespace), 0))
+        if self._state is not None:
+            present, data = await asyncio.to_thread(self._state.look, "vcluster", name)
+            if vcluster is None and present:
+                # Installed by an earlier run of this job (another worker, or this one before a crash).
+                namespace = host_namespace_name(job.deployment)
+                vcluster = self.vclusters.setdefault(name, _VCluster(namespace, _kubeconfig(name, namespace), 0))
+            if vcluster is not None:
+                # Another worker may have put it to sleep or woken it.
+                vcluster.asleep = bool(data and data.get("asleep"))
         if vcluster is None:
             raise TemporaryError(f"{_PREFIX}vCluster {name} does not exist")
-        # Another worker may have put it to sleep or woken it.
-        vcluster.asleep = bool(data and data.get("asleep"))
         return vcluster
 
     async def _awake_vcluster(self, job: bus_pb2.ProvisionJob) -> _VCluster:
