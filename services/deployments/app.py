@@ -44,6 +44,7 @@ from services.deployments.resync import Resync
 from services.deployments.servicer import DeploymentServicer, change_of
 from services.deployments.store import (
     SETTABLE,
+    UNSENT_MOST,
     Change,
     DeploymentStore,
     EventInput,
@@ -61,6 +62,9 @@ VERSION_TABLE = "alembic_version_deployments"
 EARLY_EVENT_DELAY = 3.0
 # Most status events applied in one transaction.
 APPLY_BATCH = 128
+# How long the outbox relay waits without a wake-up before it reads again (rows another replica wrote
+# wake only that replica's relay).
+RELAY_POLL_SECONDS = 1.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DeploymentService"].full_name
 API_KEY_SERVICE_NAME = api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name
 
@@ -393,23 +397,27 @@ class ApiServer:
     async def _relay(self, js: JetStreamContext) -> None:
         """Sends outbox rows; each is marked sent only after JetStream stored it."""
         while not self._stopping.is_set():
+            # Cleared before the read, so a row committed while the read is in flight wakes the next one;
+            # a cycle that read fewer rows than it could has left nothing of its own behind.
+            self._outbox_ready.clear()
             rows = await self.store.unsent()
-            if not rows:
-                self._outbox_ready.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._outbox_ready.wait(), timeout=1.0)
-                continue
-            # All in flight at once, sent on one connection in row order; each is marked sent only
-            # once JetStream acknowledged it, and a resend of any other is dropped by its Nats-Msg-Id.
-            results = await asyncio.gather(
-                *(bus.publish(js, row.subject, row.payload, row.id, row.headers) for row in rows),
-                return_exceptions=True,
-            )
-            await self.store.mark_sent([row for row, result in zip(rows, results, strict=True) if result is None])
-            failures = [result for result in results if isinstance(result, BaseException)]
-            if failures:
-                log.warning("outbox relay paused: %s", failures[0])
-                await asyncio.sleep(0.5)
+            if rows:
+                # All in flight at once, sent on one connection in row order; each is marked sent only
+                # once JetStream acknowledged it, and a resend of any other is dropped by its Nats-Msg-Id.
+                results = await asyncio.gather(
+                    *(bus.publish(js, row.subject, row.payload, row.id, row.headers) for row in rows),
+                    return_exceptions=True,
+                )
+                await self.store.mark_sent([row for row, result in zip(rows, results, strict=True) if result is None])
+                failures = [result for result in results if isinstance(result, BaseException)]
+                if failures:
+                    log.warning("outbox relay paused: %s", failures[0])
+                    await asyncio.sleep(0.5)
+                    continue
+                if len(rows) == UNSENT_MOST:
+                    continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._outbox_ready.wait(), timeout=RELAY_POLL_SECONDS)
 
     async def _refresh_consumers(self) -> None:
         if self._js is not None:

@@ -338,6 +338,8 @@ SETTABLE = (
 _GROUP_MOST = 128
 # The most records one read (get) asks for.
 _READ_MOST = 64
+# The most outbox rows one read of the relay's (unsent) returns.
+UNSENT_MOST = 256
 
 
 @dataclass(frozen=True)
@@ -1766,7 +1768,7 @@ class DeploymentStore:
             .values(history_bytes=DeploymentRow.history_bytes - sum(sizes[:dropped]) + grown)
         )
 
-    async def unsent(self, limit: int = 256) -> list[Unsent]:
+    async def unsent(self, limit: int = UNSENT_MOST) -> list[Unsent]:
         """The oldest outbox rows, in the order written: one driver call, no transaction."""
         return [Unsent(**row) for row in await self._fetch(self._unsent, {"limit": limit})]
 
@@ -1779,7 +1781,8 @@ class DeploymentStore:
         """
         if not rows:
             return
-        forget = delete(OutboxRow).where(OutboxRow.id.in_([row.id for row in rows]))
+        # The table's, not the mapped class's: no ORM bulk delete and its session synchronisation.
+        forget = delete(_OUTBOX).where(_OUTBOX.c.id.in_([row.id for row in rows]))
         if self._writer is None:
             # One statement is a transaction of its own: one round trip instead of BEGIN, DELETE, COMMIT.
             async with self._autocommit.connect() as connection:

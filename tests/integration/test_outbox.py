@@ -1,16 +1,25 @@
-"""The outbox shared by API replicas: a row one relay sent is forgotten without touching a newer one."""
+"""The outbox: a row one relay sent is forgotten without touching a newer one, and no wake-up is lost."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import asyncpg
 import pytest
 from sqlalchemy import event
 
-from services.deployments.store import DeploymentStore
+from apphosting import bus
+from services.deployments import app
+from services.deployments.app import ApiServer
+from services.deployments.store import UNSENT_MOST, DeploymentStore, Unsent
 from services.deployments.tables import OutboxRow
+from tests.e2e.test_pipeline import request
+
+if TYPE_CHECKING:
+    from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub
 
 
 async def _write(store: DeploymentStore, name: str) -> None:
@@ -63,3 +72,35 @@ async def test_forgetting_sent_rows_on_a_server_database_is_one_statement(
     assert await store.unsent() == []
     # PostgreSQL: no transaction was begun (SQLite's writers take turns in one, behind the process's lock).
     assert begun == []
+
+
+async def test_a_create_committed_while_the_relay_reads_is_sent_without_waiting_for_its_next_poll(
+    api: ApiServer, stub: DeploymentServiceAsyncStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay's read can begin before a create commits and end after the create woke the relay.
+    That wake-up must not be lost: the create's placement request would wait for the next poll."""
+    held, release = asyncio.Event(), asyncio.Event()
+    armed = [True]
+    read = DeploymentStore.unsent
+
+    async def unsent(self: DeploymentStore, limit: int = UNSENT_MOST) -> list[Unsent]:
+        rows = await read(self, limit)
+        if armed:
+            # This read's answer is kept until the create below has committed and woken the relay.
+            armed.clear()
+            held.set()
+            await release.wait()
+        return rows
+
+    monkeypatch.setattr(DeploymentStore, "unsent", unsent)
+    # The relay's next read: its poll of an empty outbox.
+    await asyncio.wait_for(held.wait(), timeout=30)
+    # From now on the next poll would come too late for the deadline below: only the wake-up sends.
+    monkeypatch.setattr(app, "RELAY_POLL_SECONDS", 3600.0)
+    await stub.CreateAppHostingDeployment(request("raced"))
+    assert [row.subject for row in await api.store.unsent()] == [bus.PLACEMENT_SUBJECT]
+    release.set()
+    deadline = asyncio.get_running_loop().time() + 30
+    while await api.store.unsent():
+        assert asyncio.get_running_loop().time() < deadline, "the create's request was not sent"
+        await asyncio.sleep(0.05)
