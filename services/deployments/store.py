@@ -33,7 +33,6 @@ from sqlalchemy import (
     delete,
     func,
     insert,
-    inspect,
     or_,
     select,
     update,
@@ -41,6 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from apphosting import secrets, tracing
 from apphosting.batching import Batcher
@@ -490,19 +490,62 @@ def _keyed(column: Any, keys: Mapping[str, set[str]]) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class _Insert:
+    """An INSERT of some of a table's columns, compiled once and run as the driver's executemany: its
+    SQL and, per parameter in order, the column it fills, the value it takes when a record left it
+    unset (the column's Python default where one is written, else NULL) and how it is encoded."""
+
+    sql: str
+    binds: tuple[tuple[str, bool, Any, Callable[[Any], Any] | None], ...]
+
+    @classmethod
+    def compile(cls, dialect: Dialect, table: Table, keys: tuple[str, ...]) -> _Insert:
+        # For an executemany: no RETURNING of the generated keys, which nothing reads.
+        compiled = insert(table).compile(dialect=dialect, column_keys=list(keys), for_executemany=True)
+        prefetched = {column.key for column in compiled.insert_prefetch}
+        binds = []
+        for name in compiled.positiontup or ():
+            column = table.c[name]
+            default = None
+            if name in prefetched:
+                if not isinstance(column.default, ScalarElementColumnDefault):
+                    raise TypeError(f"{table.name}.{name}: only a constant default can be written by _Insert")
+                default = column.default.arg
+            binds.append((name, name in keys, default, column.type.dialect_impl(dialect).bind_processor(dialect)))
+        return cls(compiled.string, tuple(binds))
+
+    def parameters(self, given: Mapping[str, Any]) -> tuple[Any, ...]:
+        values = []
+        for name, named, default, encode in self.binds:
+            value = given.get(name) if named else default
+            # Encoded even when None: a JSON column stores None as JSON null, as SQLAlchemy's own insert did.
+            values.append(value if encode is None else encode(value))
+        return tuple(values)
+
+
+@lru_cache(maxsize=64)
+def _insert_statement(dialect: Dialect, table: Table, keys: tuple[str, ...]) -> _Insert:
+    return _Insert.compile(dialect, table, keys)
+
+
 async def _insert_all(session: AsyncSession, records: Sequence[Base]) -> None:
-    """Inserts records of one table with one Core executemany, in their order, without the ORM's flush.
+    """Inserts records of one table with one executemany, in their order, without the ORM's flush.
 
     The statement names the columns any of the records was given (one executemany needs the same
     columns in every row): a record that left one of them unset writes NULL there; columns no record
-    set stay out and take their defaults, as in a flush.
+    set stay out and take their defaults, as in a flush. It is compiled once per set of columns and
+    its parameters encoded here, so SQLAlchemy neither compiles nor processes it again per call.
     """
     if not records:
         return
     table = Base.metadata.tables[records[0].__tablename__]
-    given = [inspect(record).dict for record in records]
-    keys = [column.key for column in table.columns if any(column.key in values for values in given)]
-    await session.execute(insert(table), [{key: values.get(key) for key in keys} for values in given])
+    # What the ORM holds of each record: the values it was given.
+    given = [record.__dict__ for record in records]
+    keys = tuple(column.key for column in table.columns if any(column.key in values for values in given))
+    connection = await session.connection()
+    statement = _insert_statement(connection.dialect, table, keys)
+    await connection.exec_driver_sql(statement.sql, [statement.parameters(values) for values in given])
 
 
 # The tables, for the Core statements of changes (no unit of work, no identity map).
