@@ -421,40 +421,46 @@ def new_record(new: NewDeployment, moment: datetime, **given: Any) -> Deployment
         "created_at": moment,
         "updated_at": moment,
     }
-    return DeploymentRow(**(columns | given))
+    return _plain(DeploymentRow, columns | given)
 
 
 def _creating(new: NewDeployment, outbox: OutboxFn, quotas: quota_rules.Quotas | None) -> _Creating:
     """The records a create writes: the pending deployment, its first event, release 1 and its outbox rows."""
     moment = now()
     row = new_record(new, moment)
-    event = EventRow(
-        event_id=f"api:{row.id}:1",
-        deployment_id=row.id,
-        revision=1,
-        status="pending",
-        phase="accepted",
-        message="deployment accepted",
-        source="api",
-        simulated=False,
-        final=False,
-        time=moment,
-        actor=new.user_id,
-        operation=new.made_by,
-        release=1,
-        # The first event is the base every later change is folded onto.
-        changes=observed_of(row),
+    event = _plain(
+        EventRow,
+        {
+            "event_id": f"api:{row.id}:1",
+            "deployment_id": row.id,
+            "revision": 1,
+            "status": "pending",
+            "phase": "accepted",
+            "message": "deployment accepted",
+            "source": "api",
+            "simulated": False,
+            "final": False,
+            "time": moment,
+            "actor": new.user_id,
+            "operation": new.made_by,
+            "release": 1,
+            # The first event is the base every later change is folded onto.
+            "changes": observed_of(row),
+        },
     )
-    release = ReleaseRow(
-        deployment_id=row.id,
-        number=1,
-        # The current release's spec is the record's.
-        spec=None,
-        operation=new.made_by,
-        actor=new.user_id,
-        reason=new.reason,
-        created_at=moment,
-        healthy=False,
+    release = _plain(
+        ReleaseRow,
+        {
+            "deployment_id": row.id,
+            "number": 1,
+            # The current release's spec is the record's.
+            "spec": None,
+            "operation": new.made_by,
+            "actor": new.user_id,
+            "reason": new.reason,
+            "created_at": moment,
+            "healthy": False,
+        },
     )
     row.record_bytes = _record_bytes(row)
     row.history_bytes = _event_bytes(event) + _release_bytes(release)
@@ -465,7 +471,16 @@ def _outbox_rows(messages: Sequence[Outgoing], moment: datetime, deployment_id: 
     # The relay sends the rows later, from another task: each keeps the trace it was made in.
     headers = tracing.outbox_headers(deployment_id)
     return [
-        OutboxRow(id=message.id, subject=message.subject, payload=message.payload, headers=headers, created_at=moment)
+        _plain(
+            OutboxRow,
+            {
+                "id": message.id,
+                "subject": message.subject,
+                "payload": message.payload,
+                "headers": headers,
+                "created_at": moment,
+            },
+        )
         for message in messages
     ]
 
