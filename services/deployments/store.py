@@ -35,6 +35,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -51,15 +52,20 @@ from services.deployments import secret_env
 from services.deployments.convert import OBSERVED, RECORD_COLUMNS, changed, fold, observed_of, row_to_proto
 from services.deployments.errors import ServiceError
 from services.deployments.lifecycle import TERMINAL, allowed, early
-from services.deployments.tables import Base, DeploymentRow, EventRow, OutboxRow, ReleaseRow
+from services.deployments.tables import (
+    HEAVY_HISTORY,
+    HISTORY_BYTES,
+    Base,
+    DeploymentRow,
+    EventRow,
+    OutboxRow,
+    ReleaseRow,
+)
 
 # First key of the PostgreSQL advisory locks that serialise one user's quota-checked creates
 # (arbitrary; the scheduler's ledger uses a single 64-bit key, which cannot collide with a pair).
 _QUOTA_LOCK_SPACE = 0x71756F74  # "quot"
 
-# What a deployment's kept history may hold besides the newest `keep` events (trim_events): the
-# oldest are forgotten past either bound. A few hundred events of a failing deployment's retries.
-HISTORY_BYTES = 256 * 1024
 # What a row costs besides its variable-length fields (keys, ids, times, indexes): a round figure,
 # so that many small rows count too.
 _RECORD_OVERHEAD = 512
@@ -776,6 +782,14 @@ class _Batch:
                 _RELEASE_HEALTHY, [{"v_deployment_id": key, "v_number": number} for key, number in healthy]
             )
         await _insert_all(self.session, events)
+
+
+def heavy_histories(keep_bytes: int) -> Select[str]:
+    """The ids of the records whose history holds more than `keep_bytes`; at HISTORY_BYTES, read from the
+    partial index of exactly those records (the condition written as the index states it)."""
+    if keep_bytes == HISTORY_BYTES:
+        return select(DeploymentRow.id).where(text(HEAVY_HISTORY))
+    return select(DeploymentRow.id).where(DeploymentRow.history_bytes > keep_bytes)
 
 
 class DeploymentStore:
@@ -1787,7 +1801,7 @@ class DeploymentStore:
         """
         async with self._sessions() as session:
             by_count = select(EventRow.deployment_id).group_by(EventRow.deployment_id).having(func.count() > keep)
-            by_bytes = select(DeploymentRow.id).where(DeploymentRow.history_bytes > keep_bytes)
+            by_bytes = heavy_histories(keep_bytes)
             heavy = {*(await session.scalars(by_count)).all(), *(await session.scalars(by_bytes)).all()}
         for deployment_id in heavy:
             async with self.transaction() as session:

@@ -16,10 +16,18 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, configure_mappers, mapped_column
 
 from apphosting.db import UTCDateTime
+
+# What a deployment's kept history may hold besides the newest `keep` events (store.trim_events): the
+# oldest are forgotten past either bound. A few hundred events of a failing deployment's retries.
+HISTORY_BYTES = 256 * 1024
+# The records over that bound, as housekeeping looks for them (the partial index below): written as a
+# constant, because each database uses a partial index only for a query that states its condition.
+HEAVY_HISTORY = f"history_bytes > {HISTORY_BYTES}"
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL wants 64 bits.
 _SEQ = BigInteger().with_variant(Integer(), "sqlite")
@@ -44,6 +52,14 @@ class DeploymentRow(Base):
         Index("ix_deployments_status_updated", "status", "updated_at"),
         # Housekeeping's look for deleted records past their retention.
         Index("ix_deployments_deleted_at", "deleted_at"),
+        # Housekeeping's look for histories over HISTORY_BYTES: it holds only those few records, so the
+        # look does not read the whole table, and a write that stays under the bound leaves it alone.
+        Index(
+            "ix_deployments_heavy_history",
+            "id",
+            sqlite_where=text(HEAVY_HISTORY),
+            postgresql_where=text(HEAVY_HISTORY),
+        ),
     )
 
     # Insertion order: the keyset that List pages by, newest first.
