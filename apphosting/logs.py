@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import IO, Any, Literal
 
@@ -18,7 +17,7 @@ from opentelemetry import trace
 Format = Literal["json", "console"]
 FORMATS: tuple[Format, ...] = ("json", "console")
 
-# What the line is about; set by the gRPC interceptor and by the bus consumer from the message's headers.
+# What the line is about; set by the gRPC call's interceptor and by the bus consumer from the message's headers.
 _deployment_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("apphosting_deployment_id", default=None)
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("apphosting_request_id", default=None)
 
@@ -51,22 +50,35 @@ def bind(*, deployment_id: str | None = None, request_id: str | None = None) -> 
         _request_id.set(request_id)
 
 
-@contextlib.contextmanager
-def bound(*, deployment_id: str | None = None, request_id: str | None = None) -> Iterator[None]:
-    """Says what the lines logged inside are about; the previous values come back on exit."""
-    tokens = (
-        _deployment_id.set(deployment_id) if deployment_id else None,
-        _request_id.set(request_id) if request_id else None,
-    )
-    try:
-        yield
-    finally:
+class _Bound:
+    """What `bound` returns: a plain object rather than a generator, since a call's stream holds it for its life."""
+
+    __slots__ = ("_deployment_id", "_request_id", "_tokens")
+
+    def __init__(self, deployment_id: str | None, request_id: str | None) -> None:
+        self._deployment_id = deployment_id
+        self._request_id = request_id
+        self._tokens: tuple[contextvars.Token[str | None] | None, contextvars.Token[str | None] | None] = (None, None)
+
+    def __enter__(self) -> None:
+        self._tokens = (
+            _deployment_id.set(self._deployment_id) if self._deployment_id else None,
+            _request_id.set(self._request_id) if self._request_id else None,
+        )
+
+    def __exit__(self, *_: object) -> None:
+        deployment_token, request_token = self._tokens
         # A token made in another context (a generator resumed elsewhere) cannot be reset; keep going.
         with contextlib.suppress(ValueError):
-            if tokens[1] is not None:
-                _request_id.reset(tokens[1])
-            if tokens[0] is not None:
-                _deployment_id.reset(tokens[0])
+            if request_token is not None:
+                _request_id.reset(request_token)
+            if deployment_token is not None:
+                _deployment_id.reset(deployment_token)
+
+
+def bound(*, deployment_id: str | None = None, request_id: str | None = None) -> _Bound:
+    """Says what the lines logged inside are about; the previous values come back on exit."""
+    return _Bound(deployment_id, request_id)
 
 
 _REDACTED = "[REDACTED]"

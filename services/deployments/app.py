@@ -30,15 +30,15 @@ from services.deployments import defaults
 from services.deployments.api_keys import ApiKeyServicer, ApiKeyStore, ApiKeyVerifier
 from services.deployments.auth import (
     NOT_CONFIGURED,
-    AuthInterceptor,
     JwtVerifier,
     Unset,
     VerifierChain,
     tls_server_credentials,
 )
+from services.deployments.calls import CallInterceptor
 from services.deployments.capacity import Capacity
 from services.deployments.convert import STATUS_NAMES, has, placement_to_json
-from services.deployments.metrics import ApiMetrics, MetricsInterceptor
+from services.deployments.metrics import ApiMetrics
 from services.deployments.quotas import Quotas
 from services.deployments.resync import Resync
 from services.deployments.servicer import DeploymentServicer, change_of
@@ -51,7 +51,6 @@ from services.deployments.store import (
     RecordMissing,
     TransitionRejected,
 )
-from services.deployments.telemetry import TelemetryInterceptor
 from services.deployments.watch import WatchHub
 
 log = logging.getLogger(__name__)
@@ -232,12 +231,7 @@ class ApiServer:
             # `Bearer ahk_...` is checked against the api_keys table; any other token as before.
             auth = VerifierChain([ApiKeyVerifier(api_keys, self._background), auth])
         server = grpc.aio.server(
-            # The server span first, so it covers the metrics and the auth refusals too.
-            interceptors=[
-                TelemetryInterceptor(),
-                MetricsInterceptor(self.metrics.grpc),
-                AuthInterceptor(auth),
-            ],
+            interceptors=[CallInterceptor(auth, self.metrics.grpc)],
             options=[
                 ("grpc.max_receive_message_length", self.options.max_request_bytes),
                 # gRPC's default SO_REUSEPORT would let a second server share a port already served.

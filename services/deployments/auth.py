@@ -10,11 +10,11 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 from urllib.parse import urlsplit
 
 import grpc
@@ -602,44 +602,24 @@ def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]
     return deserialize
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates each call (None verifier: single-user local mode) and decodes its body safely.
+def is_public(method: str) -> bool:
+    return method.startswith(PUBLIC_METHOD_PREFIXES)
 
-    A call without a valid token is answered UNAUTHENTICATED before the servicer runs; otherwise the
-    servicer reads the caller with `current_caller()`. Health and reflection are public. Whatever fails
-    unexpectedly, here or in the servicer, is answered INTERNAL with a correlation id, never UNKNOWN.
+
+class Gate:
+    """Authenticates each call (None verifier: single-user local mode) before its servicer runs.
+
+    A call without a valid token is answered UNAUTHENTICATED; otherwise the servicer reads the caller
+    with `current_caller()`. Whatever fails unexpectedly in the servicer is answered INTERNAL with a
+    correlation id, never UNKNOWN. Health and reflection are public: they do not pass here.
     """
 
     def __init__(self, verifier: JwtVerifier | None) -> None:
         self._verifier = verifier
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(PUBLIC_METHOD_PREFIXES):
-            return handler
-        who: Caller | ServiceError = LOCAL_CALLER
-        if self._verifier is not None:
-            try:
-                who = await self._verifier.authenticate_async(handler_call_details.invocation_metadata)
-            except ServiceError as refused:
-                log.info("refused %s: %s", method, refused)
-                who = refused
-            except Exception as failure:
-                who = errors.internal(method, failure)
-        if isinstance(who, Caller) and who.read_only and method not in READING_METHODS:
-            who = errors.read_only_key(who.api_key or "", method.rsplit("/", 1)[-1])
-        return _wrap(method, handler, who)
-
-
-def _wrap(
-    method: str, handler: grpc.RpcMethodHandler[Any, Any], who: Caller | ServiceError
-) -> grpc.RpcMethodHandler[Any, Any]:
-    async def admit(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def admit(self, method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Sets the call's caller, or answers the call with why it is refused (AbortError)."""
+        who = await self._caller(method, context.invocation_metadata())
         if isinstance(who, ServiceError):
             await context.abort_with_status(who.to_status())
         if isinstance(request, _Undecodable):
@@ -653,40 +633,31 @@ def _wrap(
             await context.abort_with_status(denied.to_status())
         _caller.set(who)
 
-    async def fail(failure: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _caller(self, method: str, metadata: Any) -> Caller | ServiceError:
+        who: Caller | ServiceError = LOCAL_CALLER
+        if self._verifier is not None:
+            try:
+                who = await self._verifier.authenticate_async(metadata)
+            except ServiceError as refused:
+                log.info("refused %s: %s", method, refused)
+                who = refused
+            except Exception as failure:
+                who = errors.internal(method, failure)
+        if isinstance(who, Caller) and who.read_only and method not in READING_METHODS:
+            who = errors.read_only_key(who.api_key or "", method.rsplit("/", 1)[-1])
+        return who
+
+    @staticmethod
+    async def fail(method: str, failure: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+        """Answers a call whose servicer raised: its ServiceError, or INTERNAL with a correlation id."""
         error = failure if isinstance(failure, ServiceError) else errors.internal(method, failure)
         await context.abort_with_status(error.to_status())
 
-    deserializer = _safe(handler.request_deserializer)
-    if handler.unary_unary is not None:
-        unary: Any = handler.unary_unary
-
-        async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await admit(request, context)
-            try:
-                return await unary(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as failure:
-                await fail(failure, context)
-
-        return grpc.unary_unary_rpc_method_handler(unary_behavior, deserializer, handler.response_serializer)
-    if handler.unary_stream is not None:
-        streaming: Any = handler.unary_stream
-
-        async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            await admit(request, context)
-            try:
-                async for item in streaming(request, context):
-                    yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as failure:
-                await fail(failure, context)
-
-        return grpc.unary_stream_rpc_method_handler(stream_behavior, deserializer, handler.response_serializer)
-    # The API has no client-streaming methods; refuse rather than serve one unauthenticated.
-    raise NotImplementedError("client-streaming methods are not supported by the auth interceptor")
+    @staticmethod
+    def deserializer(handler: grpc.RpcMethodHandler[Any, Any]) -> Callable[[bytes], Any] | None:
+        """The method's request decoder, made safe: a body that is not a valid message is the caller's
+        error (INVALID_ARGUMENT), where gRPC would answer INTERNAL."""
+        return _safe(handler.request_deserializer)
 
 
 def tls_server_credentials(cert_file: str, key_file: str, client_ca_file: str | None = None) -> grpc.ServerCredentials:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,9 +20,7 @@ from apphosting.v1 import deployments_pb2 as pb
 from services.deployments.convert import STATUS_NAMES
 from services.deployments.store import Change
 from services.deployments.tables import DeploymentRow, EventRow, OutboxRow
-from services.deployments.telemetry import is_stream
 
-_CODES = {code.value[0]: code.name for code in grpc.StatusCode}
 # Methods of the services this server registers: anything else (an unknown method) is one label value.
 _KNOWN_METHODS: frozenset[str] = frozenset(
     f"/{service.full_name}/{method.name}"
@@ -98,77 +96,38 @@ def _reason(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return ""
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts and times every call; first among the interceptors, so it also sees what auth refuses."""
+class MethodCounts:
+    """One method's series, their label values resolved once rather than on every call."""
 
-    def __init__(self, grpc_metrics: GrpcMetrics) -> None:
-        self._m = grpc_metrics
+    __slots__ = ("_handled", "_handled_by_code", "_handling", "_method", "_quota_refusals", "_sent", "_started")
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        service, method = _split(handler_call_details.method)
-        m = self._m
+    def __init__(self, grpc_metrics: GrpcMetrics, kind: str, method: str) -> None:
+        service, name = _split(method)
+        self._started = grpc_metrics.started.labels(kind, service, name)
+        self._handling = grpc_metrics.handling.labels(kind, service, name)
+        self._sent = grpc_metrics.msg_sent.labels(kind, service, name)
+        self._handled = grpc_metrics.handled
+        self._handled_by_code: dict[grpc.StatusCode, Any] = {}
+        self._quota_refusals = grpc_metrics.quota_refusals
+        self._method = (kind, service, name)
 
-        def finish(kind: str, context: grpc.aio.ServicerContext[Any, Any], start: float, failed: bool) -> None:
-            code = context.code()
-            if code is None:
-                name = "UNKNOWN" if failed else "OK"
-            elif isinstance(code, grpc.StatusCode):
-                name = code.name
-            else:
-                name = _CODES.get(int(code), "UNKNOWN")
-            m.handled.labels(kind, service, method, name).inc()
-            m.handling.labels(kind, service, method).observe(time.perf_counter() - start)
-            if name == "RESOURCE_EXHAUSTED" and _reason(context) == _QUOTA_REASON:
-                m.quota_refusals.labels(method).inc()
+    def started(self) -> float:
+        """Counts a call in; the time to hand to `finished`."""
+        self._started.inc()
+        return time.perf_counter()
 
-        if handler.unary_unary is not None:
-            unary: Any = handler.unary_unary
+    def sent(self) -> None:
+        self._sent.inc()
 
-            async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                m.started.labels("unary", service, method).inc()
-                start = time.perf_counter()
-                failed = True
-                try:
-                    response = await unary(request, context)
-                    failed = False
-                    return response
-                finally:
-                    finish("unary", context, start, failed)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_behavior, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream is not None:
-            streaming: Any = handler.unary_stream
-
-            async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                m.started.labels("server_stream", service, method).inc()
-                start = time.perf_counter()
-                sent = m.msg_sent.labels("server_stream", service, method)
-                failed = True
-                try:
-                    result = streaming(request, context)
-                    if is_stream(result):
-                        async for item in result:
-                            sent.inc()
-                            yield item
-                    else:
-                        await result
-                    failed = False
-                finally:
-                    finish("server_stream", context, start, failed)
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream_behavior, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
+    def finished(self, code: grpc.StatusCode, context: grpc.aio.ServicerContext[Any, Any], start: float) -> None:
+        """Counts the call out by the code it ended with, and times it."""
+        handled = self._handled_by_code.get(code)
+        if handled is None:
+            handled = self._handled_by_code[code] = self._handled.labels(*self._method, code.name)
+        handled.inc()
+        self._handling.observe(time.perf_counter() - start)
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and _reason(context) == _QUOTA_REASON:
+            self._quota_refusals.labels(self._method[2]).inc()
 
 
 class ApiMetrics:

@@ -286,7 +286,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         return preview
 
     def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
-        # Set by the AuthInterceptor for this call; none set is UNAUTHENTICATED.
+        # Set by the call's gate (services.deployments.calls) for this call; none set is UNAUTHENTICATED.
         return current_caller()
 
     @_unary

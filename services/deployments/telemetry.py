@@ -1,11 +1,11 @@
-"""gRPC server interceptor: each call's server span, and its deployment and request ids in the log context."""
+"""Each gRPC call's server span, and its deployment and request ids in the log context."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
@@ -44,123 +44,105 @@ def _deployment_of(message: Any) -> str | None:
 
 def is_stream(result: Any) -> bool:
     """Whether a server-streaming handler's result yields its messages (an async generator) or is a coroutine
-    that writes them itself through context.write and returns None (grpc's Health.Watch).
-
-    Each interceptor iterates the result in its own generator rather than through a helper generator: every
-    async generator costs an open stream a frame and an entry in the event loop's set of generators."""
+    that writes them itself through context.write and returns None (grpc's Health.Watch)."""
     return hasattr(result, "__aiter__")
 
 
-def _server_span(name: str, attributes: dict[str, Any], parent: Any) -> contextlib.AbstractContextManager[tracing.Span]:
-    """The call's span; with tracing off, the invalid span without the span helper's generator, which a
-    stream would hold for its whole life."""
-    if not tracing.enabled():
-        return contextlib.nullcontext(INVALID_SPAN)
-    return tracing.span(name, attributes, kind=tracing.SpanKind.SERVER, parent=parent)
+class CallTrace:
+    """A method's server spans and log context; what is the same for each of its calls is made once."""
 
+    __slots__ = ("attributes", "method", "name", "traced")
 
-class TelemetryInterceptor(grpc.aio.ServerInterceptor):
-    """Runs each call inside a SERVER span (continuing a caller's W3C traceparent) and binds its
-    deployment id and request id to the log context, so the outbox rows it writes carry both."""
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.traced = not method.startswith(_UNTRACED_PREFIXES)
+        self.name = method.lstrip("/")
+        service, _, name = self.name.partition("/")
+        self.attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(_UNTRACED_PREFIXES):
-            return handler
-        metadata = {
-            key: value for key, value in handler_call_details.invocation_metadata or () if isinstance(value, str)
-        }
-        return _wrap(method, handler, metadata)
-
-
-def _wrap(
-    method: str, handler: grpc.RpcMethodHandler[Any, Any], metadata: dict[str, str]
-) -> grpc.RpcMethodHandler[Any, Any]:
-    service, _, name = method.lstrip("/").partition("/")
-    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
-
-    def about(request: Any) -> tuple[str | None, str]:
+    def call(self, request: Any, metadata: Iterable[tuple[str, Any]]) -> TracedCall | UntracedCall:
+        """One call's trace, to be entered around the call (continuing a caller's W3C traceparent)."""
+        if not self.traced:
+            return _UNTRACED
+        headers = {key: value for key, value in metadata if isinstance(value, str)}
         request_id = getattr(request, "request_id", None)
         if not (isinstance(request_id, str) and request_id):
-            request_id = metadata.get(REQUEST_ID_METADATA) or uuid.uuid4().hex
-        return _deployment_of(request), request_id
+            request_id = headers.get(REQUEST_ID_METADATA) or uuid.uuid4().hex
+        return TracedCall(self, _deployment_of(request), request_id, headers)
 
-    def finish(span: tracing.Span, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        code = context.code() or grpc.StatusCode.OK
-        if isinstance(code, int):
-            code = next((known for known in grpc.StatusCode if known.value[0] == code), grpc.StatusCode.UNKNOWN)
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
-        log.debug("%s answered %s", method, code.name)
+
+class TracedCall:
+    """One call's server span and log context: its deployment id and request id bound to the lines it logs,
+    so the outbox rows it writes carry both. A plain object, since a stream holds it for its whole life."""
+
+    __slots__ = ("_bound", "_deployment_id", "_headers", "_request_id", "_scope", "_trace", "span")
+
+    def __init__(self, trace: CallTrace, deployment_id: str | None, request_id: str, headers: dict[str, str]) -> None:
+        self._trace = trace
+        self._deployment_id = deployment_id
+        self._request_id = request_id
+        self._headers = headers
+        self._bound = logs.bound(deployment_id=deployment_id, request_id=request_id)
+        self._scope: contextlib.AbstractContextManager[tracing.Span] | None = None
+        self.span: tracing.Span = INVALID_SPAN
+
+    def __enter__(self) -> TracedCall:
+        self._bound.__enter__()
+        if tracing.enabled():
+            trace = self._trace
+            self._scope = tracing.span(
+                trace.name,
+                {
+                    **trace.attributes,
+                    tracing.DEPLOYMENT_ATTRIBUTE: self._deployment_id,
+                    tracing.REQUEST_ATTRIBUTE: self._request_id,
+                },
+                kind=tracing.SpanKind.SERVER,
+                parent=tracing.extract(self._headers),
+            )
+            self.span = self._scope.__enter__()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, failure: BaseException | None, tb: Any) -> None:
+        try:
+            if self._scope is not None:
+                self._scope.__exit__(kind, failure, tb)
+        finally:
+            self._bound.__exit__()
+
+    def answered(self, response: Any, code: grpc.StatusCode, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """The call ended with `response`: a create learns its deployment's id only from its answer."""
+        made = _deployment_of(response) if self._deployment_id is None else None
+        if made is not None:
+            self.span.set_attribute(tracing.DEPLOYMENT_ATTRIBUTE, made)
+        with logs.bound(deployment_id=made):
+            self.ended(code, context)
+
+    def ended(self, code: grpc.StatusCode, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """The call ended with `code`: its status on the span, and a failure of the server's own marks the
+        span failed."""
+        self.span.set_attribute("rpc.grpc.status_code", code.value[0])
+        log.debug("%s answered %s", self._trace.method, code.name)
         if code in _SERVER_ERRORS:
-            tracing.failed(span, f"{code.name}: {context.details() or ''}")
+            tracing.failed(self.span, f"{code.name}: {context.details() or ''}")
 
-    if handler.unary_unary is not None:
-        unary: Any = handler.unary_unary
 
-        async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            deployment_id, request_id = about(request)
-            with (
-                logs.bound(deployment_id=deployment_id, request_id=request_id),
-                _server_span(
-                    method.lstrip("/"),
-                    {
-                        **attributes,
-                        tracing.DEPLOYMENT_ATTRIBUTE: deployment_id,
-                        tracing.REQUEST_ATTRIBUTE: request_id,
-                    },
-                    tracing.extract(metadata),
-                ) as span,
-            ):
-                try:
-                    response = await unary(request, context)
-                except BaseException:
-                    finish(span, context)
-                    raise
-                made = _deployment_of(response) if deployment_id is None else None
-                if made is not None:
-                    # A create learns its deployment's id only from its answer.
-                    span.set_attribute(tracing.DEPLOYMENT_ATTRIBUTE, made)
-                with logs.bound(deployment_id=made):
-                    finish(span, context)
-                return response
+class UntracedCall:
+    """A call of a method that is not an operation (health, reflection): no span, no log context."""
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_behavior, handler.request_deserializer, handler.response_serializer
-        )
-    if handler.unary_stream is not None:
-        streaming: Any = handler.unary_stream
+    __slots__ = ()
 
-        async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            deployment_id, request_id = about(request)
-            with (
-                logs.bound(deployment_id=deployment_id, request_id=request_id),
-                _server_span(
-                    method.lstrip("/"),
-                    {
-                        **attributes,
-                        tracing.DEPLOYMENT_ATTRIBUTE: deployment_id,
-                        tracing.REQUEST_ATTRIBUTE: request_id,
-                    },
-                    tracing.extract(metadata),
-                ) as span,
-            ):
-                try:
-                    result = streaming(request, context)
-                    if is_stream(result):
-                        async for item in result:
-                            yield item
-                    else:
-                        await result
-                finally:
-                    finish(span, context)
+    def __enter__(self) -> UntracedCall:
+        return self
 
-        return grpc.unary_stream_rpc_method_handler(
-            stream_behavior, handler.request_deserializer, handler.response_serializer
-        )
-    # Client-streaming calls (the API has none) pass through untraced.
-    return handler
+    def __exit__(self, *_: object) -> None:
+        pass
+
+    def answered(self, response: Any, code: grpc.StatusCode, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        pass
+
+    def ended(self, code: grpc.StatusCode, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        pass
+
+
+_UNTRACED = UntracedCall()
