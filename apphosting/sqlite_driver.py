@@ -132,3 +132,23 @@ class OneTripDbapi(AsyncAdapt_aiosqlite_dbapi):
 
 def dbapi() -> OneTripDbapi:
     return OneTripDbapi(aiosqlite, sqlite3)
+
+
+def _run_committed(connection: aiosqlite.Connection, operation: str, parameters: Any) -> int:
+    """In aiosqlite's thread: one write statement and its commit (or its rollback, when it fails)."""
+    raw = connection._conn
+    cursor = raw.cursor()
+    try:
+        cursor.execute(operation, parameters)
+        raw.commit()
+        return cursor.rowcount
+    except BaseException:
+        raw.rollback()
+        raise
+    finally:
+        cursor.close()
+
+
+async def execute_committed(connection: aiosqlite.Connection, operation: str, parameters: Any) -> int:
+    """One write statement committed by itself, in one trip to aiosqlite's thread; its row count."""
+    return await connection._execute(_run_committed, connection, operation, parameters)  # type: ignore[no-any-return,no-untyped-call]

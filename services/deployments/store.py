@@ -43,7 +43,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
-from apphosting import secrets, tracing
+from apphosting import secrets, sqlite_driver, tracing
 from apphosting.batching import Batcher
 from apphosting.db import UTCDateTime
 from apphosting.v1 import deployments_pb2 as pb
@@ -184,6 +184,12 @@ def _records_statement(dialect: Dialect, count: int) -> _DriverStatement:
 
 
 _OUTBOX = cast(Table, OutboxRow.__table__)
+
+
+def _forget_statement(dialect: Dialect, count: int) -> str:
+    """The SQL that deletes `count` outbox rows by id, its parameters in order."""
+    ids: list[Any] = [bindparam(f"id_{index}") for index in range(count)]
+    return delete(_OUTBOX).where(_OUTBOX.c.id.in_(ids)).compile(dialect=dialect).string
 
 
 @dataclass(frozen=True)
@@ -819,6 +825,7 @@ class DeploymentStore:
         self._pages: dict[tuple[bool, int, bool, bool, bool], _DriverStatement] = {}
         # The statements of get's reads, by how many records each reads (a power of two).
         self._records: dict[int, _DriverStatement] = {}
+        self._forgets: dict[int, str] = {}
         # Records asked for at one moment, read together in one statement.
         self._reads: Batcher[str, dict[str, Any] | None] = Batcher(self._read_records, most=_READ_MOST)
         self._unsent = _DriverStatement.compile(
@@ -1155,19 +1162,33 @@ class DeploymentStore:
 
     async def _fetch_raw(self, statement: _DriverStatement, values: Mapping[str, Any]) -> Sequence[Sequence[Any]]:
         """The statement's rows as the driver gives them, read on its own connection in one call."""
-        args = statement.args(values)
-        async with self.engine.connect() as connection:
+        return await self._on_driver(statement.sql, statement.args(values), write=False)
+
+    async def _on_driver(self, sql: str, args: list[Any], *, write: bool) -> Sequence[Sequence[Any]]:
+        """One statement on the driver's own connection, in one call: a read's rows, or a write committed
+        by itself (no rows)."""
+        async with contextlib.AsyncExitStack() as held:
+            if write and self._writer is not None:
+                await held.enter_async_context(self._writer)
+            connection = await held.enter_async_context(self.engine.connect())
             driver: Any = (await connection.get_raw_connection()).driver_connection
             try:
                 if self.engine.dialect.name == "sqlite":
-                    found: Sequence[Sequence[Any]] = list(await driver.execute_fetchall(statement.sql, args))
-                else:
-                    found = await driver.fetch(statement.sql, *args)
+                    if write:
+                        await sqlite_driver.execute_committed(driver, sql, args)
+                        return []
+                    return list(await driver.execute_fetchall(sql, args))
+                if write:
+                    # Outside a transaction: the statement is one of its own.
+                    await driver.execute(sql, *args)
+                    return []
+                found: Sequence[Sequence[Any]] = await driver.fetch(sql, *args)
+                return found
             except _DRIVER_ERRORS as failure:
                 # As SQLAlchemy would: the connection is not reused, and the caller sees a DBAPIError.
                 await connection.invalidate()
-                raise OperationalError(statement.sql, args, failure) from failure
-        return found
+                raise OperationalError(sql, args, failure) from failure
+        raise AssertionError("unreachable")  # the exit stack does not swallow exceptions
 
     async def apply(
         self,
@@ -1853,15 +1874,13 @@ class DeploymentStore:
         """
         if not rows:
             return
-        # The table's, not the mapped class's: no ORM bulk delete and its session synchronisation.
-        forget = delete(_OUTBOX).where(_OUTBOX.c.id.in_([row.id for row in rows]))
-        if self._writer is None:
-            # One statement is a transaction of its own: one round trip instead of BEGIN, DELETE, COMMIT.
-            async with self._autocommit.connect() as connection:
-                await connection.execute(forget)
-            return
-        async with self.transaction() as session:
-            await session.execute(forget)
+        ids = [row.id for row in rows]
+        # The ids padded to a power of two (with the first), so that a few statements serve every count.
+        size = 1 << (len(ids) - 1).bit_length()
+        sql = self._forgets.get(size)
+        if sql is None:
+            sql = self._forgets[size] = _forget_statement(self.engine.dialect, size)
+        await self._on_driver(sql, [*ids, *[ids[0]] * (size - len(ids))], write=True)
 
 
 class _Reads(Exception):

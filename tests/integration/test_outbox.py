@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import aiosqlite
 import asyncpg
 import pytest
-from sqlalchemy import event
 
 from apphosting import bus
 from services.deployments import app
@@ -43,35 +43,42 @@ async def test_a_row_sent_by_two_relays_does_not_take_a_newer_row_with_it(store:
     assert [row.subject for row in await store.unsent()] == ["test.second"]
 
 
-async def test_forgetting_sent_rows_on_a_server_database_is_one_statement(
+async def test_forgetting_sent_rows_is_one_call_to_the_driver(
     store: DeploymentStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On PostgreSQL the delete runs on its own (autocommit): no BEGIN or COMMIT trips around it."""
+    """The delete is one statement committed by itself: on PostgreSQL one asyncpg call outside any
+    transaction (no BEGIN or COMMIT trips), on SQLite one trip to aiosqlite's thread, which runs and
+    commits it."""
     for name in ("a", "b", "c"):
         await _write(store, name)
     sent = await store.unsent()
-    statements: list[str] = []
-    begun: list[object] = []
-    start = asyncpg.transaction.Transaction.start
+    await _write(store, "later")
+    calls: list[str] = []
+    if store.engine.dialect.name == "sqlite":
+        trip = aiosqlite.Connection._execute
 
-    async def counted(self: asyncpg.transaction.Transaction) -> None:
-        begun.append(self)
-        await start(self)
+        async def counted_trip(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append(fn.__name__)
+            return await trip(self, fn, *args, **kwargs)  # type: ignore[no-untyped-call]
 
-    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
-        statements.append(statement.split(None, 1)[0].upper())
+        monkeypatch.setattr(aiosqlite.Connection, "_execute", counted_trip)
+    else:
+        execute, start = asyncpg.connection.Connection.execute, asyncpg.transaction.Transaction.start
 
-    monkeypatch.setattr(asyncpg.transaction.Transaction, "start", counted)
-    engine = store.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", seen)
-    try:
-        await store.mark_sent(sent)
-    finally:
-        event.remove(engine, "before_cursor_execute", seen)
-    assert statements == ["DELETE"]
-    assert await store.unsent() == []
-    # PostgreSQL: no transaction was begun (SQLite's writers take turns in one, behind the process's lock).
-    assert begun == []
+        async def counted_execute(self: asyncpg.connection.Connection, query: str, *args: Any, **kwargs: Any) -> Any:
+            calls.append(query.split(None, 1)[0].upper())
+            return await execute(self, query, *args, **kwargs)
+
+        async def counted_start(self: asyncpg.transaction.Transaction) -> None:
+            calls.append("BEGIN")
+            await start(self)
+
+        monkeypatch.setattr(asyncpg.connection.Connection, "execute", counted_execute)
+        monkeypatch.setattr(asyncpg.transaction.Transaction, "start", counted_start)
+    await store.mark_sent(sent)
+    monkeypatch.undo()
+    assert calls == (["_run_committed"] if store.engine.dialect.name == "sqlite" else ["DELETE"])
+    assert [row.subject for row in await store.unsent()] == ["test.later"]
 
 
 async def test_a_create_committed_while_the_relay_reads_is_sent_without_waiting_for_its_next_poll(
