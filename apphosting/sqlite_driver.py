@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import aiosqlite
@@ -134,14 +135,15 @@ def dbapi() -> OneTripDbapi:
     return OneTripDbapi(aiosqlite, sqlite3)
 
 
-def _run_committed(connection: aiosqlite.Connection, operation: str, parameters: Any) -> int:
-    """In aiosqlite's thread: one write statement and its commit (or its rollback, when it fails)."""
+def _run_committed(connection: aiosqlite.Connection, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    """In aiosqlite's thread: each statement run for each of its rows, then the commit (or the rollback,
+    when one fails)."""
     raw = connection._conn
     cursor = raw.cursor()
     try:
-        cursor.execute(operation, parameters)
+        for operation, rows in statements:
+            cursor.executemany(operation, rows)
         raw.commit()
-        return cursor.rowcount
     except BaseException:
         raw.rollback()
         raise
@@ -149,6 +151,7 @@ def _run_committed(connection: aiosqlite.Connection, operation: str, parameters:
         cursor.close()
 
 
-async def execute_committed(connection: aiosqlite.Connection, operation: str, parameters: Any) -> int:
-    """One write statement committed by itself, in one trip to aiosqlite's thread; its row count."""
-    return await connection._execute(_run_committed, connection, operation, parameters)  # type: ignore[no-any-return,no-untyped-call]
+async def execute_committed(connection: aiosqlite.Connection, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    """Write statements, each with its rows of parameters, in one transaction committed in one trip to
+    aiosqlite's thread."""
+    await connection._execute(_run_committed, connection, statements)  # type: ignore[no-untyped-call]

@@ -39,7 +39,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
@@ -74,6 +74,14 @@ _EVENT_OVERHEAD = 128
 _PAGE_COLUMNS = tuple(cast(Table, DeploymentRow.__table__).c[name] for name in ("seq", *RECORD_COLUMNS))
 # What the two drivers raise for a failed statement (OSError, a lost socket, passes as it is).
 _DRIVER_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def _driver_error(sql: str, args: Any, failure: Exception) -> DBAPIError:
+    """What SQLAlchemy would have raised for a driver's failure: IntegrityError for a broken constraint
+    (a taken name), OperationalError otherwise. The connection it came from is not reused."""
+    if isinstance(failure, sqlite3.IntegrityError | asyncpg.IntegrityConstraintViolationError):
+        return IntegrityError(sql, args, failure)
+    return OperationalError(sql, args, failure)
 
 
 def _json_text(text: str) -> Any:
@@ -379,6 +387,18 @@ class _Creating:
 _Answer = _Creating | tuple[DeploymentRow, Change | None] | Exception
 
 
+def _group_rows(dialect: Dialect, written: Sequence[_Creating]) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """The executemany of each table a group of creates writes, in the group's order (the outbox's seq,
+    so the relay sends them in it)."""
+    tables: list[Sequence[Base]] = [
+        [c.row for c in written],
+        [c.event for c in written],
+        [c.release for c in written],
+        [message for c in written for message in c.outbox],
+    ]
+    return [_insert_rows(dialect, records) for records in tables if records]
+
+
 @dataclass(frozen=True)
 class _Mutating:
     """An owner's operation waiting for a group transaction, with the context of the call that asked."""
@@ -556,23 +576,30 @@ def _insert_statement(dialect: Dialect, table: Table, keys: tuple[str, ...]) -> 
     return _Insert.compile(dialect, table, keys)
 
 
-async def _insert_all(session: AsyncSession, records: Sequence[Base]) -> None:
-    """Inserts records of one table with one executemany, in their order, without the ORM's flush.
+def _insert_rows(dialect: Dialect, records: Sequence[Base]) -> tuple[str, list[tuple[Any, ...]]]:
+    """One executemany that inserts records of one table, in their order, without the ORM's flush: its
+    SQL and its rows of parameters.
 
     The statement names the columns any of the records was given (one executemany needs the same
     columns in every row): a record that left one of them unset writes NULL there; columns no record
     set stay out and take their defaults, as in a flush. It is compiled once per set of columns and
     its parameters encoded here, so SQLAlchemy neither compiles nor processes it again per call.
     """
-    if not records:
-        return
     table = Base.metadata.tables[records[0].__tablename__]
     # What the ORM holds of each record: the values it was given.
     given = [record.__dict__ for record in records]
     keys = tuple(column.key for column in table.columns if any(column.key in values for values in given))
+    statement = _insert_statement(dialect, table, keys)
+    return statement.sql, [statement.parameters(values) for values in given]
+
+
+async def _insert_all(session: AsyncSession, records: Sequence[Base]) -> None:
+    """Inserts records of one table with one executemany in the session's transaction (`_insert_rows`)."""
+    if not records:
+        return
     connection = await session.connection()
-    statement = _insert_statement(connection.dialect, table, keys)
-    await connection.exec_driver_sql(statement.sql, [statement.parameters(values) for values in given])
+    sql, rows = _insert_rows(connection.dialect, records)
+    await connection.exec_driver_sql(sql, rows)
 
 
 # The tables, for the Core statements of changes (no unit of work, no identity map).
@@ -987,8 +1014,16 @@ class DeploymentStore:
         wrote = False
         try:
             try:
-                async with self.transaction() as session:
-                    answers = await self._group_in(session, [creating for creating, _ in group])
+                creates = [creating for creating, _ in group]
+                if len(creates) == 1 and creates[0].new.request_id is None and not creates[0].checked:
+                    # One create with nothing to look up, in one call to the driver: its insert meets the
+                    # unique name index itself, and a taken name fails it (IntegrityError), after which
+                    # _create_alone names the holder.
+                    await self._write_on_driver(_group_rows(self.engine.dialect, creates))
+                    answers = list(creates)
+                else:
+                    async with self.transaction() as session:
+                        answers = await self._group_in(session, creates)
             except IntegrityError:
                 answers = []
                 for creating, _ in group:
@@ -1024,11 +1059,6 @@ class DeploymentStore:
     async def _group_in(self, session: AsyncSession, group: Sequence[_Creating]) -> list[_Answer]:
         """Checks and writes a group in order, as one create after another would be: each one's
         answer is the written create, a replayed record, or why it was refused."""
-        if len(group) == 1 and group[0].new.request_id is None and not group[0].checked:
-            # One create with nothing to look up: its insert meets the unique name index itself, and a
-            # taken name fails the transaction (IntegrityError), after which _create_alone names the holder.
-            await self._insert_group(session, group)
-            return list(group)
         checked = sorted({creating.new.user_id for creating in group if creating.checked})
         # On SQLite also without quotas: the looks below must still hold when the group writes.
         await self._lock_users(session, checked)
@@ -1080,10 +1110,9 @@ class DeploymentStore:
         """Core executemany: one statement per table for the whole group, in the group's order (the
         outbox's seq, so the relay sends them in it)."""
         if written:
-            await _insert_all(session, [c.row for c in written])
-            await _insert_all(session, [c.event for c in written])
-            await _insert_all(session, [c.release for c in written])
-            await _insert_all(session, [message for c in written for message in c.outbox])
+            connection = await session.connection()
+            for sql, rows in _group_rows(connection.dialect, written):
+                await connection.exec_driver_sql(sql, rows)
 
     async def _replay(self, new: NewDeployment) -> DeploymentRow | None:
         async with self._sessions() as session:
@@ -1162,33 +1191,46 @@ class DeploymentStore:
 
     async def _fetch_raw(self, statement: _DriverStatement, values: Mapping[str, Any]) -> Sequence[Sequence[Any]]:
         """The statement's rows as the driver gives them, read on its own connection in one call."""
-        return await self._on_driver(statement.sql, statement.args(values), write=False)
+        return await self._on_driver(statement.sql, statement.args(values))
 
-    async def _on_driver(self, sql: str, args: list[Any], *, write: bool) -> Sequence[Sequence[Any]]:
-        """One statement on the driver's own connection, in one call: a read's rows, or a write committed
-        by itself (no rows)."""
+    async def _on_driver(self, sql: str, args: list[Any]) -> Sequence[Sequence[Any]]:
+        """A read on the driver's own connection, in one call: its rows."""
+        async with self.engine.connect() as connection:
+            driver: Any = (await connection.get_raw_connection()).driver_connection
+            try:
+                if self.engine.dialect.name == "sqlite":
+                    return list(await driver.execute_fetchall(sql, args))
+                found: Sequence[Sequence[Any]] = await driver.fetch(sql, *args)
+                return found
+            except _DRIVER_ERRORS as failure:
+                await connection.invalidate()
+                raise _driver_error(sql, args, failure) from failure
+
+    async def _write_on_driver(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+        """Write statements, each run for each of its rows of parameters, in one transaction on the driver's
+        own connection: on SQLite one trip to aiosqlite's thread (behind the process's writer lock), on
+        PostgreSQL a lone statement of one row with no BEGIN or COMMIT around it."""
         async with contextlib.AsyncExitStack() as held:
-            if write and self._writer is not None:
+            if self._writer is not None:
                 await held.enter_async_context(self._writer)
             connection = await held.enter_async_context(self.engine.connect())
             driver: Any = (await connection.get_raw_connection()).driver_connection
             try:
                 if self.engine.dialect.name == "sqlite":
-                    if write:
-                        await sqlite_driver.execute_committed(driver, sql, args)
-                        return []
-                    return list(await driver.execute_fetchall(sql, args))
-                if write:
-                    # Outside a transaction: the statement is one of its own.
+                    await sqlite_driver.execute_committed(driver, statements)
+                elif len(statements) == 1 and len(statements[0][1]) == 1:
+                    sql, (args,) = statements[0]
                     await driver.execute(sql, *args)
-                    return []
-                found: Sequence[Sequence[Any]] = await driver.fetch(sql, *args)
-                return found
+                else:
+                    async with driver.transaction():
+                        for sql, rows in statements:
+                            await driver.executemany(sql, rows)
             except _DRIVER_ERRORS as failure:
-                # As SQLAlchemy would: the connection is not reused, and the caller sees a DBAPIError.
-                await connection.invalidate()
-                raise OperationalError(sql, args, failure) from failure
-        raise AssertionError("unreachable")  # the exit stack does not swallow exceptions
+                error = _driver_error(statements[0][0], statements[0][1], failure)
+                if not isinstance(error, IntegrityError):
+                    # Only a statement's refusal leaves the connection as it was (rolled back).
+                    await connection.invalidate()
+                raise error from failure
 
     async def apply(
         self,
@@ -1880,7 +1922,7 @@ class DeploymentStore:
         sql = self._forgets.get(size)
         if sql is None:
             sql = self._forgets[size] = _forget_statement(self.engine.dialect, size)
-        await self._on_driver(sql, [*ids, *[ids[0]] * (size - len(ids))], write=True)
+        await self._write_on_driver([(sql, [[*ids, *[ids[0]] * (size - len(ids))]])])
 
 
 class _Reads(Exception):

@@ -24,6 +24,7 @@ from services.deployments.store import (
 )
 from services.deployments.tables import DeploymentRow, EventRow, OutboxRow, ReleaseRow
 from tests.support.counting_store import Counting
+from tests.support.driver_calls import driver_calls
 from tests.support.records import new_deployment
 
 ALICE = str(uuid.uuid4())
@@ -223,4 +224,21 @@ async def test_a_lone_create_of_a_taken_name_is_answered_with_its_holder(store: 
     assert await count(store, EventRow) == 2
     assert await count(store, ReleaseRow) == 2
     assert await count(store, OutboxRow) == 2
+    assert store.commits == 2
+
+
+async def test_a_lone_create_is_one_call_to_the_driver(store: Counting, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A create with nothing to look up goes past SQLAlchemy: on SQLite its four inserts and the commit
+    are one trip to aiosqlite's thread, on PostgreSQL one transaction of four executemany."""
+    await store.create(new("warm"), outbox)
+    calls = driver_calls(monkeypatch, store.engine.dialect.name)
+    row, change = await store.create(new("alone"), outbox)
+    monkeypatch.undo()
+    assert calls == (
+        ["_run_committed"] if store.engine.dialect.name == "sqlite" else ["BEGIN", *["INSERT"] * 4, "COMMIT"]
+    )
+    assert change is not None
+    assert await count(store, EventRow, EventRow.deployment_id == row.id) == 1
+    assert await count(store, ReleaseRow, ReleaseRow.deployment_id == row.id) == 1
+    assert await count(store, OutboxRow, OutboxRow.payload == row.id.encode()) == 1
     assert store.commits == 2

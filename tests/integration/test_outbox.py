@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import aiosqlite
-import asyncpg
 import pytest
 
 from apphosting import bus
@@ -17,6 +15,7 @@ from services.deployments.app import ApiServer
 from services.deployments.store import UNSENT_MOST, DeploymentStore, Unsent
 from services.deployments.tables import OutboxRow
 from tests.e2e.test_pipeline import request
+from tests.support.driver_calls import driver_calls
 
 if TYPE_CHECKING:
     from apphosting.v1.deployments_pb2_grpc import DeploymentServiceAsyncStub
@@ -53,28 +52,7 @@ async def test_forgetting_sent_rows_is_one_call_to_the_driver(
         await _write(store, name)
     sent = await store.unsent()
     await _write(store, "later")
-    calls: list[str] = []
-    if store.engine.dialect.name == "sqlite":
-        trip = aiosqlite.Connection._execute
-
-        async def counted_trip(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
-            calls.append(fn.__name__)
-            return await trip(self, fn, *args, **kwargs)  # type: ignore[no-untyped-call]
-
-        monkeypatch.setattr(aiosqlite.Connection, "_execute", counted_trip)
-    else:
-        execute, start = asyncpg.connection.Connection.execute, asyncpg.transaction.Transaction.start
-
-        async def counted_execute(self: asyncpg.connection.Connection, query: str, *args: Any, **kwargs: Any) -> Any:
-            calls.append(query.split(None, 1)[0].upper())
-            return await execute(self, query, *args, **kwargs)
-
-        async def counted_start(self: asyncpg.transaction.Transaction) -> None:
-            calls.append("BEGIN")
-            await start(self)
-
-        monkeypatch.setattr(asyncpg.connection.Connection, "execute", counted_execute)
-        monkeypatch.setattr(asyncpg.transaction.Transaction, "start", counted_start)
+    calls = driver_calls(monkeypatch, store.engine.dialect.name)
     await store.mark_sent(sent)
     monkeypatch.undo()
     assert calls == (["_run_committed"] if store.engine.dialect.name == "sqlite" else ["DELETE"])
