@@ -51,6 +51,7 @@ from services.deployments.store import (
     RecordMissing,
     TransitionRejected,
 )
+from services.deployments.tables import EVENT_HISTORY
 from services.deployments.watch import WatchHub
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class ApiOptions:
     # Seconds in-flight RPCs get to finish on shutdown.
     grace: float = 5.0
     # Events kept per deployment for resuming watches.
-    event_history: int = 1000
+    event_history: int = EVENT_HISTORY
     # Who may call: a JwtVerifier, or None for single-user local mode (every call is one local user,
     # no token). Left unset, the server refuses to start: no authentication only when asked for.
     auth: JwtVerifier | Unset | None = NOT_CONFIGURED

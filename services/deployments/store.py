@@ -53,8 +53,10 @@ from services.deployments.convert import OBSERVED, RECORD_COLUMNS, changed, fold
 from services.deployments.errors import ServiceError
 from services.deployments.lifecycle import TERMINAL, allowed, early
 from services.deployments.tables import (
+    EVENT_HISTORY,
     HEAVY_HISTORY,
     HISTORY_BYTES,
+    LONG_HISTORY,
     Base,
     DeploymentRow,
     EventRow,
@@ -823,6 +825,14 @@ def heavy_histories(keep_bytes: int) -> Select[str]:
     if keep_bytes == HISTORY_BYTES:
         return select(DeploymentRow.id).where(text(HEAVY_HISTORY))
     return select(DeploymentRow.id).where(DeploymentRow.history_bytes > keep_bytes)
+
+
+def long_histories(keep: int) -> Select[str]:
+    """The ids of the records that keep more than `keep` events; at EVENT_HISTORY, read from the partial
+    index of exactly those records. Every revision is one event, so they are counted without reading one."""
+    if keep == EVENT_HISTORY:
+        return select(DeploymentRow.id).where(text(LONG_HISTORY))
+    return select(DeploymentRow.id).where(DeploymentRow.revision - DeploymentRow.events_from >= keep)
 
 
 class DeploymentStore:
@@ -1863,8 +1873,7 @@ class DeploymentStore:
         changes before it are folded into it.
         """
         async with self._sessions() as session:
-            by_count = select(EventRow.deployment_id).group_by(EventRow.deployment_id).having(func.count() > keep)
-            by_bytes = heavy_histories(keep_bytes)
+            by_count, by_bytes = long_histories(keep), heavy_histories(keep_bytes)
             heavy = {*(await session.scalars(by_count)).all(), *(await session.scalars(by_bytes)).all()}
         for deployment_id in heavy:
             async with self.transaction() as session:
@@ -1887,6 +1896,13 @@ class DeploymentStore:
             kept_bytes -= sizes[dropped]
             dropped += 1
         if dropped == 0:
+            if events:
+                # Nothing to forget: the record leaves the look's index if a count brought it there.
+                await session.execute(
+                    update(DeploymentRow)
+                    .where(DeploymentRow.id == deployment_id, DeploymentRow.events_from != events[0].revision)
+                    .values(events_from=events[0].revision)
+                )
             return
         base = events[dropped]
         state: dict[str, Any] = {}
@@ -1900,7 +1916,10 @@ class DeploymentStore:
         await session.execute(
             update(DeploymentRow)
             .where(DeploymentRow.id == deployment_id)
-            .values(history_bytes=DeploymentRow.history_bytes - sum(sizes[:dropped]) + grown)
+            .values(
+                history_bytes=DeploymentRow.history_bytes - sum(sizes[:dropped]) + grown,
+                events_from=base.revision,
+            )
         )
 
     async def unsent(self, limit: int = UNSENT_MOST) -> list[Unsent]:

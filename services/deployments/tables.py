@@ -28,6 +28,11 @@ HISTORY_BYTES = 256 * 1024
 # The records over that bound, as housekeeping looks for them (the partial index below): written as a
 # constant, because each database uses a partial index only for a query that states its condition.
 HEAVY_HISTORY = f"history_bytes > {HISTORY_BYTES}"
+# How many events of each deployment are kept (the newest; ApiOptions.event_history), and the records that
+# hold more, as housekeeping looks for them: every revision is one event, so a record keeps
+# revision - events_from + 1 of them.
+EVENT_HISTORY = 1000
+LONG_HISTORY = f"revision - events_from >= {EVENT_HISTORY}"
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL wants 64 bits.
 _SEQ = BigInteger().with_variant(Integer(), "sqlite")
@@ -59,6 +64,14 @@ class DeploymentRow(Base):
             "id",
             sqlite_where=text(HEAVY_HISTORY),
             postgresql_where=text(HEAVY_HISTORY),
+        ),
+        # Its look for histories of more than EVENT_HISTORY events, likewise, instead of counting every
+        # deployment's events.
+        Index(
+            "ix_deployments_long_history",
+            "id",
+            sqlite_where=text(LONG_HISTORY),
+            postgresql_where=text(LONG_HISTORY),
         ),
     )
 
@@ -110,6 +123,8 @@ class DeploymentRow(Base):
     # Bytes it stores (counted in its owner's `stored_mb` quota): the record, and its kept history.
     record_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     history_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The revision of its oldest kept event: the events before it were folded into that one (trim_events).
+    events_from: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -1,13 +1,16 @@
-"""Housekeeping's look for histories over HISTORY_BYTES reads a partial index of those records, not the table."""
+"""Housekeeping's looks for histories over HISTORY_BYTES or EVENT_HISTORY read partial indexes of those records,
+not the tables."""
 
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.deployments.store import heavy_histories
-from services.deployments.tables import HISTORY_BYTES, DeploymentRow
+from services.deployments.store import heavy_histories, long_histories
+from services.deployments.tables import EVENT_HISTORY, HISTORY_BYTES, DeploymentRow
 from tests.support.counting_store import Counting
 from tests.support.records import new_deployment
 
@@ -30,11 +33,40 @@ async def test_heavy_histories_are_read_from_their_partial_index(store: Counting
         smaller = (await connection.execute(heavy_histories(2000))).scalars().all()
         assert sorted(smaller) == sorted([ids["at-bound"], ids["heavy"]])
 
-        sql = str(heavy_histories(HISTORY_BYTES).compile(dialect=connection.dialect))
-        if connection.dialect.name == "sqlite":
-            plan = " ".join(str(step) for step in (await connection.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)).all())
-        else:
-            # A table this small is read whole when the planner may: ask whether the index can serve it.
-            await connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
-            plan = " ".join(str(step) for step in (await connection.exec_driver_sql("EXPLAIN " + sql)).all())
-        assert "ix_deployments_heavy_history" in plan, plan
+        assert "ix_deployments_heavy_history" in await _plan(connection, heavy_histories(HISTORY_BYTES))
+
+
+async def _plan(connection: AsyncConnection, query: Any) -> str:
+    sql = str(query.compile(dialect=connection.dialect))
+    if connection.dialect.name == "sqlite":
+        return " ".join(str(step) for step in (await connection.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)).all())
+    # A table this small is read whole when the planner may: ask whether the index can serve it.
+    await connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
+    return " ".join(str(step) for step in (await connection.exec_driver_sql("EXPLAIN " + sql)).all())
+
+
+async def test_long_histories_are_counted_from_revisions_and_read_from_their_partial_index(store: Counting) -> None:
+    """The look counted every deployment's events (GROUP BY over the whole events table) in every round.
+    Every revision is one event, so a record keeps revision - events_from + 1 of them."""
+    ids = {}
+    # (name, revision, events_from): EVENT_HISTORY kept; one more; EVENT_HISTORY kept after a trim.
+    for name, revision, events_from in (
+        ("at-bound", EVENT_HISTORY, 1),
+        ("long", EVENT_HISTORY + 1, 1),
+        ("trimmed", 5 * EVENT_HISTORY, 4 * EVENT_HISTORY + 1),
+    ):
+        row, _ = await store.create(new_deployment(name, OWNER), lambda row: [])
+        ids[name] = row.id
+        async with store.transaction() as session:
+            await session.execute(
+                update(DeploymentRow)
+                .where(DeploymentRow.id == row.id)
+                .values(revision=revision, events_from=events_from)
+            )
+
+    async with store.engine.begin() as connection:
+        found = (await connection.execute(long_histories(EVENT_HISTORY))).scalars().all()
+        assert found == [ids["long"]]
+        smaller = (await connection.execute(long_histories(EVENT_HISTORY - 1))).scalars().all()
+        assert sorted(smaller) == sorted(ids.values())
+        assert "ix_deployments_long_history" in await _plan(connection, long_histories(EVENT_HISTORY))

@@ -12,7 +12,7 @@ import pytest
 from alembic import command
 from alembic.config import Config
 from google.protobuf import json_format
-from sqlalchemy import Connection, column, table, text
+from sqlalchemy import Connection, column, select, table, text
 
 from apphosting import db
 from apphosting.settings import Limits
@@ -21,8 +21,8 @@ from services.deployments.app import MIGRATIONS, VERSION_TABLE
 from services.deployments.auth import LOCAL_USER_ID
 from services.deployments.convert import STATUSES, timestamp
 from services.deployments.quotas import Quotas
-from services.deployments.store import DeploymentStore
-from services.deployments.tables import Base
+from services.deployments.store import DeploymentStore, long_histories
+from services.deployments.tables import Base, DeploymentRow
 from tests.e2e.test_pipeline import SETTLED, watch
 from tests.integration.test_api import expect_error
 from tests.support.stack import Stack, eventually
@@ -188,6 +188,10 @@ async def test_resumed_watches_rebuild_each_revision_exactly_after_trimming(stac
     # By count: the newest three stay, the oldest of them now a complete base.
     await store.trim_events(3)
     assert await replay(pipeline, created.id, top - 3, top) == [by_revision[r] for r in range(top - 2, top + 1)]
+    # The record knows its oldest kept event, so the next round's look passes it by.
+    async with store.session() as session:
+        assert await session.scalar(select(DeploymentRow.events_from).where(DeploymentRow.id == created.id)) == top - 2
+        assert created.id not in (await session.scalars(long_histories(3))).all()
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await replay(pipeline, created.id, top - 4, top)
     assert raised.value.code() == grpc.StatusCode.OUT_OF_RANGE
