@@ -12,6 +12,7 @@ without the final dot), so another spelling of an internal name is the same inte
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import socket
@@ -90,6 +91,10 @@ def address_problem(address: str | IPAddress) -> str | None:
     return None if kind is None else f"{address} is {kind}"
 
 
+# Both are pure functions of the text, and each check of a URL asks them several times about one host (the
+# text's problem, then the name to resolve): remembered, a host is parsed once, not five times, each parse
+# of a name going through two failed address parsers.
+@functools.lru_cache(maxsize=1024)
 def _literal_ip(host: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(host.strip("[]"))
@@ -114,6 +119,7 @@ def host_allowed(host: str, allowed: Collection[str]) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=1024)
 def canonical_host(host: str) -> str | None:
     """The host as a resolver sees it, or None when that is neither an IP address nor a DNS name.
 
