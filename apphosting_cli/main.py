@@ -11,8 +11,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from apphosting import CannotStart, logs, tracing
 from apphosting.settings import DEFAULT_DATABASE_URL, DEFAULT_LISTEN, DEFAULT_REPORT_WINDOW
@@ -649,6 +649,16 @@ def _fail(command: str, message: str, code: int = 1) -> int:
     return code
 
 
+def _run_loop(main: Coroutine[Any, Any, str | None]) -> str | None:
+    """Runs a server process's main coroutine on uvloop where it is installed (Linux and macOS), else on
+    asyncio's own loop: the same coroutine, with the loop's own work (callbacks, sockets, timers) in C."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def _run(
     command: str,
     main: Callable[[asyncio.Event], Awaitable[None]],
@@ -674,7 +684,7 @@ def _run(
             return str(refused)
         return None
 
-    problem = asyncio.run(runner())
+    problem = _run_loop(runner())
     return 0 if problem is None else _fail(command, problem)
 
 
