@@ -80,7 +80,7 @@ _DRIVER_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, asyncpg.PostgresEr
 
 def _driver_error(sql: str, args: Any, failure: Exception) -> DBAPIError:
     """What SQLAlchemy would have raised for a driver's failure: IntegrityError for a broken constraint
-    (a taken name), OperationalError otherwise. The connection it came from is not reused."""
+    (a taken name), OperationalError otherwise."""
     if isinstance(failure, sqlite3.IntegrityError | asyncpg.IntegrityConstraintViolationError):
         return IntegrityError(sql, args, failure)
     return OperationalError(sql, args, failure)
@@ -847,7 +847,6 @@ class DeploymentStore:
         # handler, which sleeps in growing steps (up to 100 ms) while the file is locked; queued
         # here instead, this process's writers take turns in the event loop as soon as one commits.
         self._writer = asyncio.Lock() if engine.dialect.name == "sqlite" else None
-        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         # The requests a worker's report can lead to, built by the service (servicer.placement_outbox):
         # the rollout of an automatic rollback, and the delete that ends a migration.
         self.update_outbox: OutboxFn = lambda row: []

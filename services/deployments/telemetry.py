@@ -68,20 +68,21 @@ class CallTrace:
         request_id = getattr(request, "request_id", None)
         if not (isinstance(request_id, str) and request_id):
             request_id = headers.get(REQUEST_ID_METADATA) or uuid.uuid4().hex
-        return TracedCall(self, _deployment_of(request), request_id, headers)
+        # The caller's trace context is read now: the call keeps it, not the headers, for its whole life.
+        return TracedCall(self, _deployment_of(request), request_id, tracing.extract(headers))
 
 
 class TracedCall:
     """One call's server span and log context: its deployment id and request id bound to the lines it logs,
     so the outbox rows it writes carry both. A plain object, since a stream holds it for its whole life."""
 
-    __slots__ = ("_bound", "_deployment_id", "_headers", "_request_id", "_scope", "_trace", "span")
+    __slots__ = ("_bound", "_deployment_id", "_parent", "_request_id", "_scope", "_trace", "span")
 
-    def __init__(self, trace: CallTrace, deployment_id: str | None, request_id: str, headers: dict[str, str]) -> None:
+    def __init__(self, trace: CallTrace, deployment_id: str | None, request_id: str, parent: Any) -> None:
         self._trace = trace
         self._deployment_id = deployment_id
         self._request_id = request_id
-        self._headers = headers
+        self._parent = parent
         self._bound = logs.bound(deployment_id=deployment_id, request_id=request_id)
         self._scope: contextlib.AbstractContextManager[tracing.Span] | None = None
         self.span: tracing.Span = INVALID_SPAN
@@ -98,7 +99,7 @@ class TracedCall:
                     tracing.REQUEST_ATTRIBUTE: self._request_id,
                 },
                 kind=tracing.SpanKind.SERVER,
-                parent=tracing.extract(self._headers),
+                parent=self._parent,
             )
             self.span = self._scope.__enter__()
         return self
