@@ -184,6 +184,13 @@ async def test_delete_releases_capacity_and_ends_the_watch(pipeline: Stub) -> No
     everything = await pipeline.ListDeployments(pb.ListDeploymentsRequest(show_deleted=True))
     assert [d.HasField("deleted_at") for d in everything.deployments if d.id == first.id] == [True]
 
+    # The scheduler frees the slot once its own consumer has seen the final event, which the watch above
+    # may have seen first: wait until it says the third fits, as a caller can ask (validate_only).
+    async def fits() -> bool:
+        preview = await pipeline.CreateAppHostingDeployment(request("third", validate_only=True))
+        return preview.status != pb.DEPLOYMENT_STATUS_FAILED
+
+    await eventually(fits, within=60)
     third = await pipeline.CreateAppHostingDeployment(request("third"))
     placed = await watch(pipeline, third.id, until=SETTLED)
     assert placed[-1].deployment.status == pb.DEPLOYMENT_STATUS_RUNNING
