@@ -94,7 +94,9 @@ FINDINGS: dict[str, str] = {
         "596/s, 0.136x and 0.139x the echo (0.095x and 0.089x before), and at c=1 a p50 5.2x and 6.1x the "
         "echo's (8.4x before). At c=32 the API still spends 1.6-1.8 ms of CPU per Create, three quarters of it "
         "in the handler (validation an eighth of the process's samples, the create's rows and the group's "
-        "write), the rest gRPC's callbacks and the loop."
+        "write), the rest gRPC's callbacks and the loop. The full run of b7bb775 (the same product code but for "
+        "a dropped attribute), an hour later: 674 and 649/s at c=32, 0.174x and 0.15x the echo, and at c=1 a "
+        "p50 4.6x and 5.6x the echo's."
     ),
     "pipeline": (
         "The API's event consumer is the limit; the scheduler and provisioners are idle in profiles. Done "
@@ -201,7 +203,7 @@ FINDINGS: dict[str, str] = {
         "after it, the stage alone on the commit before uvloop, run four times alternating asyncio's loop and "
         "uvloop, gave 198.5, 172.2, 170.4 and 152.9/s, and the nats-server's own CPU per deployment, which no "
         "change of ours touches, went from 0.57 to 1.22 ms between runs: on this hour the machine, not the "
-        "code, decided the verdict."
+        "code, decided the verdict. The full run of b7bb775 gave 294.8 and 192.5/s."
     ),
     "update": (
         "The API was the limit, as for the pipeline; the scheduler only forwards the job and the provisioners "
@@ -295,7 +297,10 @@ FINDINGS: dict[str, str] = {
         "UpdateDeployment's read before it validates; the updates arrive one by one, so few share a "
         "statement), about 150 operation groups and 150 event batches of some seven trips each (BEGIN, "
         "read, write of records, releases, events, COMMIT), 200 relay cycles (read, delete). On a quiet "
-        "machine the stage ran at 220-250/s on PostgreSQL and 273/s on SQLite."
+        "machine the stage ran at 220-250/s on PostgreSQL and 273/s on SQLite. The full runs of this "
+        "session, on slower hours (the echo at c=32 3,900-4,400/s against 6,500/s), gave 261.3 and 231.0/s, "
+        "then 265.9 and 199.8/s: PostgreSQL on the goal's line, with nothing on the update path changed but "
+        "the relay's delete (one call to the driver now) and the loop (uvloop)."
     ),
     "watch": (
         "Memory, from tracemalloc of the API with 2,000 WatchDeployment streams open: 24 KiB per stream "
@@ -318,7 +323,8 @@ FINDINGS: dict[str, str] = {
         "its log context and span: 34.3 -> 29.7 KiB per stream at 10,000 (SQLite, one run each, side by side). "
         "In the full run of 9607883 SQLite's p99 at 10,000 streams was 425 ms with a p50 of 4.9 ms: a stall "
         "of a few events (see the full collections below). The stage alone, four times right after "
-        "(asyncio's loop and uvloop alternating), gave p99s of 11.4, 14.3, 11.8 and 13.2 ms. "
+        "(asyncio's loop and uvloop alternating), gave p99s of 11.4, 14.3, 11.8 and 13.2 ms; the full run of "
+        "b7bb775 8.2 ms on SQLite and 12.8 ms on PostgreSQL (raw NATS 0.7 ms), 29.2 and 29.0 KiB per stream. "
         "Delivery: a status event reaches "
         "the watches only once the API has applied it to the database (see pipeline), so its p99 follows the "
         "apply batch's, not the fan-out, which visits only that deployment's watchers. The API's event "
@@ -436,7 +442,8 @@ FINDINGS: dict[str, str] = {
         "Housekeeping's other look, for records keeping more than 1,000 events, counted every deployment's events "
         "every minute (95 ms on SQLite and 339 ms on PostgreSQL at 200,000 deployments of 5 events): it reads a "
         "partial index of those records now (`tables.LONG_HISTORY`, from each record's revision and its oldest "
-        "kept one), 0.2 ms on both."
+        "kept one), 0.2 ms on both. The full run of b7bb775 gave worst p99s of 5.5 and 7.4 ms at 1,000,000 rows "
+        "(4.3 and 5.8 ms an hour before, 3.4 and 4.5 ms in the run of 5f72395) on code this path did not change."
     ),
     "telemetry": (
         "Metrics and tracing cost the same per Create as before, about 0.2 ms of the API's time (spans made, "
@@ -456,7 +463,8 @@ FINDINGS: dict[str, str] = {
         "traced API's OTEL_* variables removed, SQLite): tracing is nearly all of it. "
         "Left: an encoder of our own for the spans' few fixed attributes, or exporting from another process. "
         "In the full run of 9607883 the Creates it is measured against were faster again (one interceptor instead "
-        "of three, uvloop; see create) and tracing's share rose with it: 13.7 and 11.1 %."
+        "of three, uvloop; see create) and tracing's share rose with it: 13.7 and 11.1 %, then 13.0 and 13.1 % "
+        "in the run of b7bb775."
     ),
 }
 
