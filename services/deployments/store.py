@@ -196,6 +196,12 @@ def _records_statement(dialect: Dialect, count: int) -> _DriverStatement:
 _OUTBOX = cast(Table, OutboxRow.__table__)
 
 
+def _padded(ids: Sequence[str]) -> list[str]:
+    """The ids padded to a power of two (with the first), so that a few statements serve every count."""
+    size = 1 << (len(ids) - 1).bit_length()
+    return [*ids, *[ids[0]] * (size - len(ids))]
+
+
 def _forget_statement(dialect: Dialect, count: int) -> str:
     """The SQL that deletes `count` outbox rows by id, its parameters in order."""
     ids: list[Any] = [bindparam(f"id_{index}") for index in range(count)]
@@ -1153,12 +1159,10 @@ class DeploymentStore:
         return DeploymentRow(**found)
 
     async def _read_records(self, ids: Sequence[str]) -> list[dict[str, Any] | None]:
-        # The ids padded to a power of two (with the first), so that a few statements serve every count.
-        size = 1 << (len(ids) - 1).bit_length()
-        statement = self._records.get(size)
+        padded = _padded(ids)
+        statement = self._records.get(len(padded))
         if statement is None:
-            statement = self._records[size] = _records_statement(self.engine.dialect, size)
-        padded = [*ids, *[ids[0]] * (size - len(ids))]
+            statement = self._records[len(padded)] = _records_statement(self.engine.dialect, len(padded))
         at = statement.names.index("id")
         rows = {
             row[at]: row for row in await self._fetch_raw(statement, {f"id_{i}": id_ for i, id_ in enumerate(padded)})
@@ -1200,10 +1204,7 @@ class DeploymentStore:
 
     async def _fetch_raw(self, statement: _DriverStatement, values: Mapping[str, Any]) -> Sequence[Sequence[Any]]:
         """The statement's rows as the driver gives them, read on its own connection in one call."""
-        return await self._on_driver(statement.sql, statement.args(values))
-
-    async def _on_driver(self, sql: str, args: list[Any]) -> Sequence[Sequence[Any]]:
-        """A read on the driver's own connection, in one call: its rows."""
+        sql, args = statement.sql, statement.args(values)
         async with self.engine.connect() as connection:
             driver: Any = (await connection.get_raw_connection()).driver_connection
             try:
@@ -1934,13 +1935,11 @@ class DeploymentStore:
         """
         if not rows:
             return
-        ids = [row.id for row in rows]
-        # The ids padded to a power of two (with the first), so that a few statements serve every count.
-        size = 1 << (len(ids) - 1).bit_length()
-        sql = self._forgets.get(size)
+        padded = _padded([row.id for row in rows])
+        sql = self._forgets.get(len(padded))
         if sql is None:
-            sql = self._forgets[size] = _forget_statement(self.engine.dialect, size)
-        await self._write_on_driver([(sql, [[*ids, *[ids[0]] * (size - len(ids))]])])
+            sql = self._forgets[len(padded)] = _forget_statement(self.engine.dialect, len(padded))
+        await self._write_on_driver([(sql, [padded])])
 
 
 class _Reads(Exception):
