@@ -105,7 +105,8 @@ class MethodCounts:
         service, name = _split(method)
         self._started = grpc_metrics.started.labels(kind, service, name)
         self._handling = grpc_metrics.handling.labels(kind, service, name)
-        self._sent = grpc_metrics.msg_sent.labels(kind, service, name)
+        # Only a stream counts the messages it sends (a unary call has no series there, as before).
+        self._sent = grpc_metrics.msg_sent.labels(kind, service, name) if kind != "unary" else None
         self._handled = grpc_metrics.handled
         self._handled_by_code: dict[grpc.StatusCode, Any] = {}
         self._quota_refusals = grpc_metrics.quota_refusals
@@ -117,7 +118,8 @@ class MethodCounts:
         return time.perf_counter()
 
     def sent(self) -> None:
-        self._sent.inc()
+        if self._sent is not None:
+            self._sent.inc()
 
     def finished(self, code: grpc.StatusCode, context: grpc.aio.ServicerContext[Any, Any], start: float) -> None:
         """Counts the call out by the code it ended with, and times it."""

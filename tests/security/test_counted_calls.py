@@ -59,6 +59,10 @@ async def test_every_call_is_counted_once_by_the_code_it_ended_with(secure_api_f
     assert value(found, "grpc_server_handling_seconds_count", **create) == 2
     assert value(found, "grpc_server_started_total", grpc_type="server_stream", **watched) == 1
     assert value(found, "grpc_server_msg_sent_total", grpc_type="server_stream", **watched) == 1
+    # Only streams count the messages they send: no unary method has a series there, not even at 0.
+    assert not [
+        labels for name, labels in found if name == "grpc_server_msg_sent_total" and ("grpc_type", "unary") in labels
+    ]
     # Ended by its caller: CANCELLED, not UNKNOWN (which would read as the server's failure).
     assert value(found, "grpc_server_handled_total", grpc_code="CANCELLED", **watched) == 1
     probe = {"grpc_service": "grpc.health.v1.Health", "grpc_method": "Check"}
