@@ -1260,12 +1260,14 @@ def write_report(results: dict[str, Any], path: Path) -> None:
                 "overhead",
                 "off p99 ms",
                 "on p99 ms",
+                "off API CPU ms/Create",
+                "on API CPU ms/Create",
                 "spans exported",
                 "scrapes",
                 "rounds off",
                 "rounds on",
             ),
-            _row(*["---"] * 11),
+            _row(*["---"] * 13),
         ]
         for kind, entry in telemetry_by_database.items():
             overhead = entry.get("overhead")
@@ -1278,6 +1280,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
                     None if overhead is None else f"{overhead:.1%}",
                     entry["off"]["p99_ms"],
                     entry["on"]["p99_ms"],
+                    entry["off"].get("api_cpu_ms_per_create"),
+                    entry["on"].get("api_cpu_ms_per_create"),
                     entry["spans_exported"],
                     entry["scrapes"],
                     ", ".join(str(x) for x in entry["off"]["rounds_rps"]),
