@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -17,12 +17,16 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from apphosting import logs
 
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
 __all__ = [
     "DEPLOYMENT_ATTRIBUTE",
     "DEPLOYMENT_HEADER",
     "REQUEST_ATTRIBUTE",
     "REQUEST_HEADER",
     "STEP_ATTRIBUTE",
+    "Current",
     "Span",
     "SpanKind",
     "configure",
@@ -35,6 +39,8 @@ __all__ = [
     "outbox_headers",
     "record",
     "span",
+    "span_exporters",
+    "tracer",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,35 +95,42 @@ def configure(process: str | None = None) -> bool:
 def _sdk_tracer(process: str, exporters: list[str]) -> trace.Tracer | None:
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     attributes: dict[str, Any] = {"process.pid": os.getpid(), "apphosting.process": process}
     if not os.environ.get("OTEL_SERVICE_NAME"):
         attributes[SERVICE_NAME] = f"apphosting-{process}"
     # Resource.create adds OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME (which wins over our default).
     provider = TracerProvider(resource=Resource.create(attributes))
-    for name in exporters:
-        exporter: SpanExporter
+    for exporter in span_exporters(exporters):
+        # Batched off the event loop's thread, bounded by the OTEL_BSP_* variables; flushed at exit.
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    log.info("traces exported with %s", ", ".join(exporters))
+    return provider.get_tracer(_INSTRUMENTATION)
+
+
+def span_exporters(names: list[str]) -> list[SpanExporter]:
+    """The exporters of `names` (otlp, console); others are logged and left out."""
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+    made: list[SpanExporter] = []
+    for name in names:
         if name == "otlp":
             protocol = os.environ.get(
                 "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
             )
             if protocol.strip().lower() != "grpc":
                 log.warning("OTLP protocol %s is not supported; spans are sent with OTLP/gRPC", protocol)
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            from apphosting import otlp
 
             # The exporter reads its endpoint, headers, TLS and timeout from the OTEL_EXPORTER_OTLP_* variables.
-            exporter = OTLPSpanExporter()
+            made.append(otlp.SpanExporter())
         elif name == "console":
-            exporter = ConsoleSpanExporter()
+            made.append(ConsoleSpanExporter())
         else:
             log.warning("traces exporter %s is not supported (otlp, console, none); ignored", name)
-            continue
-        # Batched off the event loop's thread, bounded by the OTEL_BSP_* variables; flushed at exit.
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
-    log.info("traces exported with %s", ", ".join(exporters))
-    return provider.get_tracer(_INSTRUMENTATION)
+    return made
 
 
 def enabled() -> bool:
@@ -181,6 +194,38 @@ def extract(headers: Mapping[str, str] | None) -> otel_context.Context | None:
     return _propagator.extract(headers, getter=_getter)
 
 
+class Current:
+    """A span started and made current until `end`: what `span` does, without its generators, for a caller
+    that enters and leaves it itself (each gRPC call's server span)."""
+
+    __slots__ = ("_token", "span")
+
+    def __init__(
+        self,
+        tracer: trace.Tracer,
+        name: str,
+        attributes: Mapping[str, Any],
+        kind: SpanKind,
+        parent: otel_context.Context | None,
+    ) -> None:
+        self.span = tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
+        self._token = otel_context.attach(trace.set_span_in_context(self.span))
+
+    def end(self, failure: BaseException | None = None) -> None:
+        """Leaves the span; an exception (not a GeneratorExit or a cancellation) is recorded and marks it
+        failed, as OpenTelemetry's own `use_span` does."""
+        otel_context.detach(self._token)
+        if isinstance(failure, Exception) and self.span.is_recording():
+            self.span.record_exception(failure)
+            self.span.set_status(Status(StatusCode.ERROR, f"{type(failure).__name__}: {failure}"))
+        self.span.end()
+
+
+def tracer() -> trace.Tracer | None:
+    """This process's tracer, or None when spans are not exported."""
+    return _active()
+
+
 @contextlib.contextmanager
 def span(
     name: str,
@@ -193,13 +238,18 @@ def span(
 
     With tracing off it is the invalid span, whose methods do nothing, and no context is touched.
     """
-    tracer = _active()
-    if tracer is None:
+    active = _active()
+    if active is None:
         yield INVALID_SPAN
         return
     clean = {key: value for key, value in (attributes or {}).items() if value not in (None, "")}
-    with tracer.start_as_current_span(name, context=parent, kind=kind, attributes=clean) as current:
-        yield current
+    current = Current(active, name, clean, kind, parent)
+    try:
+        yield current.span
+    except BaseException as failure:
+        current.end(failure)
+        raise
+    current.end()
 
 
 @contextlib.contextmanager

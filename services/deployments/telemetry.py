@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import uuid
 from collections.abc import Iterable
@@ -17,6 +16,8 @@ log = logging.getLogger(__name__)
 
 # Health checks and reflection are not operations: no span, no log context.
 _UNTRACED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+# The span attribute of the code a call ended with (OpenTelemetry's gRPC conventions).
+_STATUS_ATTRIBUTE = "rpc.grpc.status_code"
 # Metadata a caller (the REST gateway, a proxy) may send to name its request.
 REQUEST_ID_METADATA = "x-request-id"
 # Codes that mean the server failed, not the caller (OpenTelemetry's gRPC conventions).
@@ -76,7 +77,7 @@ class TracedCall:
     """One call's server span and log context: its deployment id and request id bound to the lines it logs,
     so the outbox rows it writes carry both. A plain object, since a stream holds it for its whole life."""
 
-    __slots__ = ("_bound", "_deployment_id", "_parent", "_request_id", "_scope", "_trace", "span")
+    __slots__ = ("_bound", "_current", "_deployment_id", "_parent", "_request_id", "_trace", "span")
 
     def __init__(self, trace: CallTrace, deployment_id: str | None, request_id: str, parent: Any) -> None:
         self._trace = trace
@@ -84,45 +85,45 @@ class TracedCall:
         self._request_id = request_id
         self._parent = parent
         self._bound = logs.bound(deployment_id=deployment_id, request_id=request_id)
-        self._scope: contextlib.AbstractContextManager[tracing.Span] | None = None
+        self._current: tracing.Current | None = None
         self.span: tracing.Span = INVALID_SPAN
 
     def __enter__(self) -> TracedCall:
         self._bound.__enter__()
-        if tracing.enabled():
+        tracer = tracing.tracer()
+        if tracer is not None:
             trace = self._trace
-            self._scope = tracing.span(
-                trace.name,
-                {
-                    **trace.attributes,
-                    tracing.DEPLOYMENT_ATTRIBUTE: self._deployment_id,
-                    tracing.REQUEST_ATTRIBUTE: self._request_id,
-                },
-                kind=tracing.SpanKind.SERVER,
-                parent=self._parent,
-            )
-            self.span = self._scope.__enter__()
+            attributes = {**trace.attributes, tracing.REQUEST_ATTRIBUTE: self._request_id}
+            if self._deployment_id:
+                attributes[tracing.DEPLOYMENT_ATTRIBUTE] = self._deployment_id
+            self._current = tracing.Current(tracer, trace.name, attributes, tracing.SpanKind.SERVER, self._parent)
+            self.span = self._current.span
         return self
 
     def __exit__(self, kind: type[BaseException] | None, failure: BaseException | None, tb: Any) -> None:
         try:
-            if self._scope is not None:
-                self._scope.__exit__(kind, failure, tb)
+            if self._current is not None:
+                self._current.end(failure)
         finally:
             self._bound.__exit__()
 
     def answered(self, response: Any, code: grpc.StatusCode, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """The call ended with `response`: a create learns its deployment's id only from its answer."""
         made = _deployment_of(response) if self._deployment_id is None else None
-        if made is not None:
-            self.span.set_attribute(tracing.DEPLOYMENT_ATTRIBUTE, made)
-        with logs.bound(deployment_id=made):
+        if made is None:
             self.ended(code, context)
+            return
+        self.span.set_attributes({tracing.DEPLOYMENT_ATTRIBUTE: made, _STATUS_ATTRIBUTE: code.value[0]})
+        with logs.bound(deployment_id=made):
+            self._ended(code, context)
 
     def ended(self, code: grpc.StatusCode, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """The call ended with `code`: its status on the span, and a failure of the server's own marks the
         span failed."""
-        self.span.set_attribute("rpc.grpc.status_code", code.value[0])
+        self.span.set_attribute(_STATUS_ATTRIBUTE, code.value[0])
+        self._ended(code, context)
+
+    def _ended(self, code: grpc.StatusCode, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         log.debug("%s answered %s", self._trace.method, code.name)
         if code in _SERVER_ERRORS:
             tracing.failed(self.span, f"{code.name}: {context.details() or ''}")
