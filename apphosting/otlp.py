@@ -94,7 +94,7 @@ def _span(made: SpanMessage, span: ReadableSpan) -> None:
     made.trace_id = context.trace_id.to_bytes(16, "big")
     made.span_id = context.span_id.to_bytes(8, "big")
     if context.trace_state:
-        made.trace_state = ",".join(f"{key}={value}" for key, value in context.trace_state.items())
+        made.trace_state = context.trace_state.to_header()
     parent = span.parent
     if parent:
         made.parent_span_id = parent.span_id.to_bytes(8, "big")
