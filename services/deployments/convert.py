@@ -12,7 +12,7 @@ from google.protobuf.message import Message
 from sqlalchemy import Row
 
 from apphosting.v1 import deployments_pb2 as pb
-from services.deployments.tables import DeploymentRow, EventRow, ReleaseRow
+from services.deployments.tables import Base, DeploymentRow, EventRow, ReleaseRow
 
 # Optional scalar fields of the create request, carried over only when the caller set them.
 _OPTIONAL_REQUEST_FIELDS = (
@@ -179,12 +179,20 @@ def _timestamp_fields(moment: datetime) -> dict[str, int]:
     return {"seconds": (moment - _EPOCH) // _SECOND, "nanos": moment.microsecond * 1000}
 
 
+def columns_of(row: Base, names: Iterable[str]) -> dict[str, Any]:
+    """The named columns of an ORM row. A value the row holds is read from its `__dict__`, as its attribute
+    reads a loaded one, for a fraction of the attribute's cost; only what it does not hold (a column a new
+    row was not given, one not loaded yet) goes through the attribute."""
+    held = row.__dict__
+    return {name: held[name] if name in held else getattr(row, name) for name in names}
+
+
 def observed_of(row: DeploymentRow) -> dict[str, Any]:
     """The record's observed fields as an event stores them (JSON: moments as ISO 8601)."""
-    values: dict[str, Any] = {}
-    for name in OBSERVED:
-        value = getattr(row, name)
-        values[name] = value.isoformat() if isinstance(value, datetime) else value
+    values = columns_of(row, OBSERVED)
+    for name, value in values.items():
+        if isinstance(value, datetime):
+            values[name] = value.isoformat()
     return values
 
 
@@ -234,7 +242,7 @@ def row_to_proto(
     # A Core row's mapping reads a column for a fraction of what an attribute costs on either kind.
     record: Mapping[Any, Any]
     if isinstance(row, DeploymentRow):
-        record = {name: getattr(row, name) for name in (RECORD_COLUMNS if observed is None else _RECORD_FIXED)}
+        record = columns_of(row, RECORD_COLUMNS if observed is None else _RECORD_FIXED)
     elif isinstance(row, Row):
         record = row._mapping
     else:

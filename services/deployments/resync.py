@@ -178,7 +178,7 @@ class Resync:
         )
         log.warning("deployment %s: %s", row.id, message)
         # Also on the bus, as workers' reports are: the scheduler frees what the deployment held.
-        return await self._apply(row, change, lambda _: [_status_event(row.id, change)])
+        return await self._apply(row, change, lambda _row, _deployment: [_status_event(row.id, change)])
 
     async def _apply(self, row: DeploymentRow, change: EventInput, outbox: OutboxFn) -> bool:
         try:

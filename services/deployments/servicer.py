@@ -166,10 +166,10 @@ _NO_APP_DEPLOYED = frozenset({bus_pb2.OPERATION_STOP, bus_pb2.OPERATION_DELETE})
 
 def placement_outbox(
     operation: bus_pb2.Operation.ValueType, rollout_timeout: float = 0.0
-) -> Callable[[DeploymentRow], list[Outgoing]]:
+) -> Callable[[DeploymentRow, pb.Deployment], list[Outgoing]]:
     """The scheduler request that carries out an operation, built from the committed record."""
 
-    def build(row: DeploymentRow) -> list[Outgoing]:
+    def build(row: DeploymentRow, deployment: pb.Deployment) -> list[Outgoing]:
         message_id = str(uuid.uuid4())
         kind = operation
         if kind == bus_pb2.OPERATION_CREATE and row.is_adopted:
@@ -177,7 +177,7 @@ def placement_outbox(
         request = bus_pb2.PlacementRequest(
             request_id=message_id,
             operation=kind,
-            deployment=row_to_proto(row),
+            deployment=deployment,
             release=row.release,
             rollout_timeout_seconds=rollout_timeout if kind == bus_pb2.OPERATION_UPDATE else 0.0,
             force=row.operation == "force-delete",

@@ -49,7 +49,15 @@ from apphosting.db import UTCDateTime
 from apphosting.v1 import deployments_pb2 as pb
 from services.deployments import quotas as quota_rules
 from services.deployments import secret_env
-from services.deployments.convert import OBSERVED, RECORD_COLUMNS, changed, fold, observed_of, row_to_proto
+from services.deployments.convert import (
+    OBSERVED,
+    RECORD_COLUMNS,
+    changed,
+    columns_of,
+    fold,
+    observed_of,
+    row_to_proto,
+)
 from services.deployments.errors import ServiceError
 from services.deployments.lifecycle import TERMINAL, allowed, early
 from services.deployments.tables import (
@@ -231,8 +239,9 @@ class Outgoing:
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
-# Builds the bus messages that announce a change, from the record as it will be committed.
-OutboxFn = Callable[[DeploymentRow], Sequence[Outgoing]]
+# Builds the bus messages that announce a change, from the record as it will be committed and its
+# Deployment (the one the change answers with, built once for both).
+OutboxFn = Callable[[DeploymentRow, pb.Deployment], Sequence[Outgoing]]
 
 
 @dataclass(frozen=True)
@@ -287,10 +296,13 @@ def _text_bytes(observed: Mapping[str, Any]) -> int:
     return sum(len(value.encode()) for value in observed.values() if isinstance(value, str))
 
 
-def _record_bytes(row: DeploymentRow) -> int:
-    """What a record stores: its spec, its observed fields and its names; counted in the quota."""
+def _record_bytes(row: DeploymentRow, observed: Mapping[str, Any] | None = None) -> int:
+    """What a record stores: its spec, its observed fields (`observed`, when the caller has them) and its
+    names; counted in the quota."""
     names = (row.name, row.geographic_region, row.request_hash, row.request_id or "")
-    return _RECORD_OVERHEAD + _json_bytes(row.spec) + _text_bytes(observed_of(row)) + sum(map(len, names))
+    if observed is None:
+        observed = observed_of(row)
+    return _RECORD_OVERHEAD + _json_bytes(row.spec) + _text_bytes(observed) + sum(map(len, names))
 
 
 def _release_bytes(release: ReleaseRow) -> int:
@@ -380,6 +392,8 @@ class _Creating:
     event: EventRow
     release: ReleaseRow
     outbox: list[OutboxRow]
+    # The record's Deployment, as its change answers with it.
+    deployment: pb.Deployment
 
     @property
     def checked(self) -> bool:
@@ -468,6 +482,7 @@ def _creating(new: NewDeployment, outbox: OutboxFn, quotas: quota_rules.Quotas |
     """The records a create writes: the pending deployment, its first event, release 1 and its outbox rows."""
     moment = now()
     row = new_record(new, moment)
+    observed = observed_of(row)
     event = _plain(
         EventRow,
         {
@@ -485,7 +500,7 @@ def _creating(new: NewDeployment, outbox: OutboxFn, quotas: quota_rules.Quotas |
             "operation": new.made_by,
             "release": 1,
             # The first event is the base every later change is folded onto.
-            "changes": observed_of(row),
+            "changes": observed,
         },
     )
     release = _plain(
@@ -502,9 +517,12 @@ def _creating(new: NewDeployment, outbox: OutboxFn, quotas: quota_rules.Quotas |
             "healthy": False,
         },
     )
-    row.record_bytes = _record_bytes(row)
+    row.record_bytes = _record_bytes(row, observed)
     row.history_bytes = _event_bytes(event) + _release_bytes(release)
-    return _Creating(new, quotas, row, event, release, _outbox_rows(outbox(row), moment, row.id))
+    deployment = row_to_proto(row)
+    return _Creating(
+        new, quotas, row, event, release, _outbox_rows(outbox(row, deployment), moment, row.id), deployment
+    )
 
 
 def _outbox_rows(messages: Sequence[Outgoing], moment: datetime, deployment_id: str) -> list[OutboxRow]:
@@ -855,8 +873,8 @@ class DeploymentStore:
         self._writer = asyncio.Lock() if engine.dialect.name == "sqlite" else None
         # The requests a worker's report can lead to, built by the service (servicer.placement_outbox):
         # the rollout of an automatic rollback, and the delete that ends a migration.
-        self.update_outbox: OutboxFn = lambda row: []
-        self.delete_outbox: OutboxFn = lambda row: []
+        self.update_outbox: OutboxFn = lambda row, deployment: []
+        self.delete_outbox: OutboxFn = lambda row, deployment: []
         # Creates waiting for the group transaction after the one being written (group commit).
         self._waiting: list[tuple[_Creating, asyncio.Future[tuple[DeploymentRow, Change | None]]]] = []
         self._grouping: asyncio.Task[None] | None = None
@@ -1008,7 +1026,7 @@ class DeploymentStore:
                     return replay, None
             raise NameTaken(await self._live_id(new.user_id, new.name)) from None
         self.outbox_written()
-        return row, Change(row, creating.event, row_to_proto(row), also=others)
+        return row, Change(row, creating.event, creating.deployment, also=others)
 
     async def _write_groups(self) -> None:
         """Writes the waiting creates, one group per transaction, until none wait."""
@@ -1062,7 +1080,7 @@ class DeploymentStore:
                 elif isinstance(answer, _Creating):
                     row = answer.row
                     try:
-                        done.set_result((row, Change(row, answer.event, row_to_proto(row))))
+                        done.set_result((row, Change(row, answer.event, answer.deployment)))
                     except Exception as failure:
                         done.set_exception(failure)
                 else:
@@ -1702,7 +1720,7 @@ class DeploymentStore:
         updated = _plain(
             DeploymentRow,
             {
-                **{name: getattr(row, name) for name in _RECORD_TABLE_COLUMNS},
+                **columns_of(row, _RECORD_TABLE_COLUMNS),
                 **values,
                 "record_bytes": row.record_bytes + record_grew,
                 "history_bytes": row.history_bytes + history_grew,
@@ -1711,11 +1729,12 @@ class DeploymentStore:
         batch.add(row, updated, values, (record_grew, history_grew), event)
         if release is not None and release.seq is None:
             batch.release(release)
+        deployment = row_to_proto(updated)
         if outbox is not None:
-            batch.outbox += _outbox_rows(outbox(updated), moment, updated.id)
+            batch.outbox += _outbox_rows(outbox(updated, deployment), moment, updated.id)
         elif values.get("operation") == "rollback" and change.release_failed:
-            batch.outbox += _outbox_rows(self.update_outbox(updated), moment, updated.id)
-        return Change(updated, event, row_to_proto(updated))
+            batch.outbox += _outbox_rows(self.update_outbox(updated, deployment), moment, updated.id)
+        return Change(updated, event, deployment)
 
     @staticmethod
     def _verdict(batch: _Batch, row: DeploymentRow, change: EventInput) -> tuple[dict[str, Any], bool]:

@@ -28,7 +28,7 @@ PLACEMENT = {"chosen_location_id": "sim-1", "candidates": [{"location_id": "sim-
 
 
 async def created(store: DeploymentStore, name: str) -> str:
-    row, _ = await store.create(new_deployment(name, ALICE), lambda row: [])
+    row, _ = await store.create(new_deployment(name, ALICE), lambda row, deployment: [])
     return row.id
 
 

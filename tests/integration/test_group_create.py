@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from apphosting import db
+from apphosting.v1 import deployments_pb2 as pb
 from services.deployments.errors import ServiceError
 from services.deployments.quotas import Quotas, Usage
 from services.deployments.store import (
@@ -35,7 +36,7 @@ def new(name: str, user_id: str = ALICE, request_id: str | None = None, request_
     return new_deployment(name, user_id, request_id, request_hash)
 
 
-def outbox(row: DeploymentRow) -> list[Outgoing]:
+def outbox(row: DeploymentRow, deployment: pb.Deployment) -> list[Outgoing]:
     return [Outgoing("test.placement", row.id.encode())]
 
 

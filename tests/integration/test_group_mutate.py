@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 from sqlalchemy import func, select
 
+from apphosting.v1 import deployments_pb2 as pb
 from services.deployments import operations
 from services.deployments.errors import ServiceError
 from services.deployments.quotas import Quotas, demand_of_spec
@@ -30,7 +31,7 @@ ALICE = str(uuid.uuid4())
 BOB = str(uuid.uuid4())
 
 
-def outbox(row: DeploymentRow) -> list[Outgoing]:
+def outbox(row: DeploymentRow, deployment: pb.Deployment) -> list[Outgoing]:
     return [Outgoing("test.placement", f"{row.id}:{row.release}".encode())]
 
 

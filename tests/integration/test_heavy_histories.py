@@ -21,7 +21,7 @@ async def test_heavy_histories_are_read_from_their_partial_index(store: Counting
     """At a million records the look read the whole table (0.4 s on SQLite) in every housekeeping round."""
     ids = {}
     for name, stored in (("light", 1000), ("at-bound", HISTORY_BYTES), ("heavy", HISTORY_BYTES + 1)):
-        row, _ = await store.create(new_deployment(name, OWNER), lambda row: [])
+        row, _ = await store.create(new_deployment(name, OWNER), lambda row, deployment: [])
         ids[name] = row.id
         async with store.transaction() as session:
             await session.execute(update(DeploymentRow).where(DeploymentRow.id == row.id).values(history_bytes=stored))
@@ -55,7 +55,7 @@ async def test_long_histories_are_counted_from_revisions_and_read_from_their_par
         ("long", EVENT_HISTORY + 1, 1),
         ("trimmed", 5 * EVENT_HISTORY, 4 * EVENT_HISTORY + 1),
     ):
-        row, _ = await store.create(new_deployment(name, OWNER), lambda row: [])
+        row, _ = await store.create(new_deployment(name, OWNER), lambda row, deployment: [])
         ids[name] = row.id
         async with store.transaction() as session:
             await session.execute(

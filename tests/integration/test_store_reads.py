@@ -22,7 +22,7 @@ async def test_reads_asked_at_once_are_one_statement_each_answered_as_alone(
 ) -> None:
     ids = {}
     for name, owner in [("a", ALICE), ("b", ALICE), ("c", BOB)]:
-        row, _ = await store.create(new_deployment(name, owner), lambda row: [])
+        row, _ = await store.create(new_deployment(name, owner), lambda row, deployment: [])
         ids[name] = row.id
     statements: list[str] = []
     fetch = DeploymentStore._fetch_raw

@@ -14,6 +14,7 @@ from apphosting.v1 import bus_pb2
 from apphosting.v1 import deployments_pb2 as pb
 from provisioner.simulated import SimulatedDriver
 from scheduler.tables import Reservation
+from services.deployments.convert import row_to_proto
 from services.deployments.servicer import placement_outbox
 from services.deployments.tables import EventRow
 from tests.e2e.test_pipeline import SETTLED, request, watch
@@ -119,7 +120,7 @@ async def test_placement_requests_and_jobs_delivered_ten_times_build_once(stack:
     # The request the API sent for the create, built again from the record as the API builds it.
     row = await stack.apis[0].store.get(None, created.id)
     assert row is not None
-    placement = placement_outbox(bus_pb2.OPERATION_CREATE)(row)[0].payload
+    placement = placement_outbox(bus_pb2.OPERATION_CREATE)(row, row_to_proto(row))[0].payload
     request_message = bus_pb2.PlacementRequest.FromString(placement)
     job = bus_pb2.ProvisionJob(
         job_id="job-replayed",
