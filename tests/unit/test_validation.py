@@ -746,3 +746,18 @@ def test_userinfo_cannot_hide_a_cluster_internal_host(url: str) -> None:
 )
 def test_public_chart_hosts_still_pass(url: str) -> None:
     assert _validate(_with(HELM, helm_repo_url=url)).helm_repo_url == url
+
+
+@pytest.mark.parametrize("inside", [" ", "\t", "\u00a0", "\u2003", "\u3000", "\x00", "\x1b", "\x7f"])
+def test_whitespace_or_a_control_character_inside_a_chart_url_is_refused(inside: str) -> None:
+    (violation,) = _violations(_with(HELM, helm_repo_url=f"https://charts.example/a{inside}b"))
+    assert (violation.field, violation.reason) == ("helm_repo_url", "INVALID_FORMAT")
+    assert "whitespace or control characters" in violation.description
+
+
+@pytest.mark.parametrize("control", ["\x00", "\x1f", "\x7f"])
+def test_a_control_character_in_a_volumes_purpose_is_refused(control: str) -> None:
+    volumes = [{"path": "/data", "sizeGb": 10, "purpose": f"up{control}loads"}]
+    (violation,) = _violations(_with(HELM, volumes=volumes))
+    assert (violation.field, violation.reason) == ("volumes[0].purpose", "INVALID_FORMAT")
+    assert "control characters" in violation.description

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -11,7 +12,9 @@ from apphosting.settings import Limits
 from services.deployments.validation.violations import fail
 
 __all__ = [
+    "SPACE_OR_CONTROL",
     "context",
+    "control_char",
     "limits_of",
     "max_chars",
     "no_control_chars",
@@ -46,8 +49,19 @@ def shown(value: str) -> str:
     return f"{value[:SHOWN_CHARS]!r}... ({len(value)} characters)"
 
 
+# The control characters (C0 and DEL); one search of a value instead of a test per character.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# Those and whitespace (`\s` is str.isspace's set).
+SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def control_char(value: str, allowed: str = "") -> str | None:
+    """The first control character of a value that `allowed` does not hold, or None."""
+    return next((found.group() for found in _CONTROL_CHARS.finditer(value) if found.group() not in allowed), None)
+
+
 def no_control_chars(value: str, allowed: str = "") -> str:
-    if any((ord(c) < 32 or c == "\x7f") and c not in allowed for c in value):
+    if control_char(value, allowed) is not None:
         raise fail("INVALID_FORMAT", "must not contain control characters")
     return value
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from apphosting import health, imagepolicy, images
 from apphosting.settings import Limits
-from services.deployments.validation.checks import shown
+from services.deployments.validation.checks import control_char, shown
 from services.deployments.validation.model import (
     APP_TYPES,
     ENV_NAME,
@@ -166,7 +166,7 @@ def cross_field(data: Mapping[str, Any], limits: Limits) -> Iterator[tuple[Loc, 
             else:
                 first_seen[name] = index
             value = entry.partition("=")[2]
-            bad = next((c for c in value if (ord(c) < 32 or c == "\x7f") and c not in ENV_VALUE_CONTROLS_ALLOWED), None)
+            bad = control_char(value, ENV_VALUE_CONTROLS_ALLOWED)
             if bad is not None and len(name) <= ENV_NAME_MAX and ENV_NAME.fullmatch(name):
                 yield (
                     ("environment_variables", name),

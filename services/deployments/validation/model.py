@@ -24,6 +24,7 @@ from pydantic import (
 from apphosting import imagepolicy, images, netguard, versions, yamlbounds
 from apphosting.resources import DEFAULT_VOLUME_SIZE_GB
 from services.deployments.validation.checks import (
+    SPACE_OR_CONTROL,
     context,
     limits_of,
     max_chars,
@@ -375,7 +376,7 @@ class DeploymentSpec(BaseModel):
         not_empty(value)
         no_outer_whitespace(value)
         allowed = "an absolute https:// or oci:// URL with a host"
-        if any(c.isspace() or ord(c) < 32 or c == "\x7f" for c in value):
+        if SPACE_OR_CONTROL.search(value):
             raise fail("INVALID_FORMAT", f"must be {allowed}; it contains whitespace or control characters")
         try:
             parts = urlsplit(value)
