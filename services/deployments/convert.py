@@ -10,6 +10,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.message import Message
 from sqlalchemy import Row
+from sqlalchemy.orm.attributes import instance_state
 
 from apphosting.v1 import deployments_pb2 as pb
 from services.deployments.tables import Base, DeploymentRow, EventRow, ReleaseRow
@@ -181,9 +182,13 @@ def _timestamp_fields(moment: datetime) -> dict[str, int]:
 
 def columns_of(row: Base, names: Iterable[str]) -> dict[str, Any]:
     """The named columns of an ORM row. A value the row holds is read from its `__dict__`, as its attribute
-    reads a loaded one, for a fraction of the attribute's cost; only what it does not hold (a column a new
-    row was not given, one not loaded yet) goes through the attribute."""
+    reads a loaded one, for a fraction of the attribute's cost; only what a stored row does not hold (a
+    column not loaded yet) goes through the attribute."""
     held = row.__dict__
+    if instance_state(row).key is None:
+        # A row no session has stored or loaded (a create's, an applied change's): a column it was not
+        # given reads as None, as through its attribute, which would load nothing.
+        return {name: held.get(name) for name in names}
     return {name: held[name] if name in held else getattr(row, name) for name in names}
 
 
