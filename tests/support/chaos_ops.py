@@ -138,6 +138,10 @@ def _request(kind: str, current: pb.Deployment, op: Op, rng: random.Random) -> t
     )
 
 
+# How long an operation waits for a deployment at rest before it is sent to one that is not.
+_PATIENCE = 60.0
+
+
 class Operator:
     """Issues random day-2 operations on the tracked deployments and records what each came to."""
 
@@ -164,21 +168,28 @@ class Operator:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
     async def one(self, number: int) -> None:
-        # A few looks for a deployment at rest, so most operations meet one they may change; the
-        # refusals come from the rest, from the races and from the kills.
-        for look in range(8):
+        # Looks for a deployment at rest, so most operations meet one they may change; the refusals come
+        # from the races and the kills, and from an operation that found none at rest for a long while.
+        # Waited for, not looked for a few times: on a loaded machine every deployment can still be
+        # provisioning for the whole of the operations' span.
+        patience = min(self.deadline, time.monotonic() + _PATIENCE)
+        target: Tracked | None = None
+        current: pb.Deployment | None = None
+        look = 0
+        while look < 3 or time.monotonic() < patience:
             if look >= 3:
                 await asyncio.sleep(0.5)
+            look += 1
             pool = [t for t in self.tracked if not t.lock.locked()]
             if not pool:
-                return
+                continue
             target = self.rng.choice(pool)
             async with target.lock:
                 current = await _get(self.client, target.id, min(self.deadline, time.monotonic() + 30))
                 if current is not None and at_rest(current):
                     await self._issue(number, target, current)
                     return
-        if current is not None and not target.lock.locked():
+        if target is not None and current is not None and not target.lock.locked():
             async with target.lock:
                 await self._issue(number, target, current)
 
