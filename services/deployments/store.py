@@ -296,12 +296,10 @@ def _text_bytes(observed: Mapping[str, Any]) -> int:
     return sum(len(value.encode()) for value in observed.values() if isinstance(value, str))
 
 
-def _record_bytes(row: DeploymentRow, observed: Mapping[str, Any] | None = None) -> int:
-    """What a record stores: its spec, its observed fields (`observed`, when the caller has them) and its
-    names; counted in the quota."""
+def _record_bytes(row: DeploymentRow, observed: Mapping[str, Any]) -> int:
+    """What a record stores: its spec, its observed fields (as `observed_of` reads them) and its names;
+    counted in the quota."""
     names = (row.name, row.geographic_region, row.request_hash, row.request_id or "")
-    if observed is None:
-        observed = observed_of(row)
     return _RECORD_OVERHEAD + _json_bytes(row.spec) + _text_bytes(observed) + sum(map(len, names))
 
 
