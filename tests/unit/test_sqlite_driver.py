@@ -8,7 +8,7 @@ from typing import Any
 
 import aiosqlite
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, text, update
+from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -33,15 +33,22 @@ async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.fixture
-def trips(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Every call queued to an aiosqlite thread, by the function it runs."""
+def trips(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every call queued to the thread of a connection this test's engine handed out, by the function
+    it runs. Connections other tests left open on the same event loop are not counted."""
+    own: set[int] = set()
     made: list[Any] = []
     queue: Any = aiosqlite.Connection._execute
 
+    def checked_out(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        own.add(id(dbapi_connection.driver_connection))
+
     async def counted(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        made.append(fn)
+        if id(self) in own:
+            made.append(fn)
         return await queue(self, fn, *args, **kwargs)
 
+    event.listen(engine.sync_engine, "checkout", checked_out)
     monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
     return made
 
