@@ -27,9 +27,16 @@ _CV_NOGROUP = re.sub(r"\((?!\?)", "(?:", _CV)
 # Order matters: alternatives are tried left to right, as in the Go regexp.
 _OPS = r"=||!=|>|<|>=|=>|<=|=<|~|~>|\^"
 _CONSTRAINT = re.compile(rf"{_S}*({_OPS}){_S}*({_CV}){_S}*")
-_RANGE = re.compile(rf"{_S}*({_CV_NOGROUP}){_S}+-{_S}+({_CV_NOGROUP}){_S}*")
 _FIND = re.compile(rf"(?:{_OPS}){_S}*{_CV_NOGROUP}")
-_VALID = re.compile(rf"({_S}*(?:{_OPS}){_S}*{_CV_NOGROUP}{_S}*)((?:{_S}+|,{_S}*)(?:{_OPS}){_S}*{_CV_NOGROUP}{_S}*)*")
+# The library's range and validity patterns, written so that Python's backtracking cannot take more than
+# linear time per start (Go's engine never backtracks). A version can neither start nor end with
+# whitespace or ',' and its greedy reading is the only one a space, ',' or the end may follow, so it is
+# matched atomically and the whitespace around it possessively; the runs of whitespace between terms,
+# which the library's pattern may split in many ways, are read in one.
+_CV_ATOM = rf"(?>{_CV_NOGROUP})"
+_RANGE = re.compile(rf"{_S}*+({_CV_ATOM}){_S}++-{_S}++({_CV_ATOM}){_S}*+")
+_TERM = rf"(?:{_OPS}){_S}*+{_CV_ATOM}"
+_VALID = re.compile(rf"{_S}*+{_TERM}(?:(?:{_S}++(?:,{_S}*+)?|,{_S}*+){_TERM})*+{_S}*+")
 _ALNUM_HYPHEN = re.compile(r"[0-9A-Za-z-]*")
 
 

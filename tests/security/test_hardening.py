@@ -73,6 +73,13 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ("volume under /proc", {"volumes": [{"path": "/proc/self"}]}, "volumes[0].path", "NOT_ALLOWED"),
     ("volume not normal", {"volumes": [{"path": "/data/../etc"}]}, "volumes[0].path", "INVALID_FORMAT"),
     ("root uid", {"run_as_uid": 0}, "run_as_uid", "NOT_ALLOWED"),
+    # Every way to split the spaces between terms, tried by a backtracking engine, would take years.
+    (
+        "constraint made to backtrack",
+        {"image_update_strategy": "semver", "image_update_constraint": "1  " * 40 + "!"},
+        "image_update_constraint",
+        "INVALID_FORMAT",
+    ),
     ("env bad name", {"environment_variables": ["1BAD=x"]}, "environment_variables[0]", "INVALID_FORMAT"),
     ("env value too big", {"environment_variables": ["A=" + "x" * 40_000]}, "environment_variables[0]", "TOO_LONG"),
     (

@@ -323,3 +323,26 @@ def test_improper_constraints_are_refused(constraint: str) -> None:
 )
 def test_proper_constraints_parse(constraint: str) -> None:
     assert Constraint.parse(constraint).text == constraint
+
+
+@pytest.mark.parametrize(
+    ("constraint", "proper"),
+    [
+        # Given the library's own patterns, a backtracking engine tries every way to split the runs
+        # of spaces between terms (for years on the first), and reads a run of version characters or
+        # spaces again from each of its positions (time quadratic in the length) on the others.
+        ("1  " * 40 + "!", False),
+        ("1  " * 340, True),
+        (">= 1 ,  " * 120 + "<", False),
+        ("x" * 1_000 + " y - 1", False),
+        (" " * 1_000 + "!", False),
+        ("1-1" * 300 + " - !", False),
+        ("1 - 2 " * 150, True),
+    ],
+)
+def test_constraints_are_read_without_backtracking(constraint: str, proper: bool) -> None:
+    if proper:
+        Constraint.parse(constraint)
+    else:
+        with pytest.raises(ConstraintError):
+            Constraint.parse(constraint)
