@@ -15,10 +15,10 @@ from apphosting.imagepolicy.tags import (
     AllowTags,
     IgnoreTags,
     PolicyError,
+    compile_re2,
     glob_to_regex,
     parse_allow_tags,
     parse_ignore_tags,
-    re2_to_python,
 )
 
 __all__ = [
@@ -34,11 +34,11 @@ __all__ = [
     "Strategy",
     "Verdict",
     "Version",
+    "compile_re2",
     "glob_to_regex",
     "parse_allow_tags",
     "parse_ignore_tags",
     "parse_strategy",
     "parse_version",
-    "re2_to_python",
     "select_tag",
 ]

@@ -346,3 +346,21 @@ async def test_registry_failures_are_clear_statuses(
         answer = await api.preview(created.id)
         assert answer.winner == "1.0.1"
         assert answer.would_update
+
+
+async def test_patterns_made_to_backtrack_are_matched_at_once(open_registry: RunningRegistry, tmp_path: Path) -> None:
+    # A backtracking engine would try every way to split the long tag among the repeats (2**120
+    # for the allow pattern), on the API's event loop.
+    repo = "acme/long"
+    long_tag = "a" * 120 + "-1"
+    await push_tags(open_registry, repo, ["1.0.0", long_tag])
+    async with api_for(tmp_path, RegistryAccess(plain_http=(open_registry.host,))) as api:
+        web = await api.create(
+            "web",
+            f"{open_registry.host}/{repo}:1.0.0",
+            image_update_strategy="alphabetical",
+            image_allow_tags="regexp:^(a|a)*c|^1\\.",
+            image_ignore_tags="*a*a*a*a*a*a*a*a*c",
+        )
+        answer = await api.preview(web.id)
+        assert verdicts(answer) == {"1.0.0": "kept", long_tag: "not-allowed"}

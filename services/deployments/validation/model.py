@@ -483,7 +483,7 @@ class DeploymentSpec(BaseModel):
             raise fail("INVALID_FORMAT", f"{allowed} with a non-empty pattern")
         try:
             # The updater's own reading of the pattern, as Go's RE2 reads it (apphosting.imagepolicy).
-            imagepolicy.re2_to_python(pattern)
+            imagepolicy.compile_re2(pattern)
         except imagepolicy.PolicyError as exc:
             why = _short(exc)
             try:
