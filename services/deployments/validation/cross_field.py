@@ -115,7 +115,7 @@ def cross_field(data: Mapping[str, Any], limits: Limits) -> Iterator[tuple[Loc, 
             "is required when image_update_strategy is digest: the tag whose digest to follow",
         )
     elif isinstance(constraint, str) and constraint.strip() == constraint != "":
-        # A value over its bound is refused as TOO_LONG alone; its parse takes time quadratic in its length.
+        # A value over its bound is refused as TOO_LONG alone: it is not parsed for a verdict then dropped.
         if strategy == "semver" and len(constraint) <= IMAGE_UPDATE_FIELD_MAX and not _constraint_ok(constraint):
             yield (
                 ("image_update_constraint",),
