@@ -278,7 +278,8 @@ async def test_a_stream_with_another_replica_count_is_reported_and_kept(
 ) -> None:
     nc = await bus.connect(nats_cluster.url, "replicas-test")
     try:
-        js = nc.jetstream()
+        # A generous deadline for each JetStream API answer: a loaded machine slows the cluster's replies.
+        js = nc.jetstream(timeout=30)
         await bus.ensure_streams(js, replicas=1)
         with caplog.at_level(logging.WARNING, logger=bus.__name__):
             # A later process on the cluster asks for the cluster default, 3.

@@ -106,6 +106,9 @@ class NatsCluster:
         else:
             raise TimeoutError(f"the {self.size} nodes did not all route to each other within {timeout} s")
         self.wait_for_meta_leader(max(1.0, deadline - time.monotonic()))
+        # A meta leader is not yet a JetStream API that answers: each node's health says its meta group
+        # is current, and a stream can be declared through it.
+        self.wait_until_healthy(max(1.0, deadline - time.monotonic()))
 
     def peers(self, node: NatsServer) -> set[str]:
         """The nodes this one has routes to (its /routez; a server keeps several routes to each peer)."""
