@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+import re
+
 import pytest
 
-from apphosting.imagepolicy import Constraint, ConstraintError, parse_version
+from apphosting.imagepolicy import Constraint, ConstraintError, parse_version, semver
 
 
 @pytest.mark.parametrize(
@@ -346,3 +350,29 @@ def test_constraints_are_read_without_backtracking(constraint: str, proper: bool
     else:
         with pytest.raises(ConstraintError):
             Constraint.parse(constraint)
+
+
+# The library's own range and validity patterns, as Go reads them: the oracle for the patterns the
+# module uses, which must find the same ranges and accept the same constraints without backtracking.
+_S, _OPS, _CV = semver._S, semver._OPS, semver._CV_NOGROUP
+LIBRARY_RANGE = re.compile(rf"{_S}*({_CV}){_S}+-{_S}+({_CV}){_S}*")
+LIBRARY_VALID = re.compile(rf"({_S}*(?:{_OPS}){_S}*{_CV}{_S}*)((?:{_S}+|,{_S}*)(?:{_OPS}){_S}*{_CV}{_S}*)*")
+TOKENS = ["1", "2", "1.2", "1.2.3", "x", "X", "*", "v", "v1", "-", ",", "||", ">=", ">", "<", "<=", "=", "!="]
+TOKENS += ["~", "^", "~>", "=>", "=<", "-alpha", "-1", ".1", "+b", "+meta.1", "a", "|"]
+TOKENS += [" ", "  ", "\t", " - ", ", ", " || "]
+
+
+def _same_reading(text: str) -> None:
+    assert (semver._VALID.fullmatch(text) is None) == (LIBRARY_VALID.fullmatch(text) is None), text
+    found = [(m.span(), m.groups()) for m in semver._RANGE.finditer(text)]
+    assert found == [(m.span(), m.groups()) for m in LIBRARY_RANGE.finditer(text)], text
+
+
+def test_the_linear_patterns_read_as_the_librarys_own() -> None:
+    # Every string of up to four of the grammar's characters, then strings of its tokens.
+    for size in range(5):
+        for chars in itertools.product(" \t,1x-.+v>=<~^|*a", repeat=size):
+            _same_reading("".join(chars))
+    rng = random.Random(12)
+    for _ in range(20_000):
+        _same_reading("".join(rng.choice(TOKENS) for _ in range(rng.randint(1, 9))))
