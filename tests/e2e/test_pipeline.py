@@ -56,6 +56,10 @@ async def watch(
                     break
                 if item.event.final or (until and item.deployment.status in until and item.HasField("event")):
                     break
+                # Watched from now, a deployment that settled before the watch opened answers with its
+                # state alone, and nothing more comes.
+                if until and since == 0 and len(seen) == 1 and item.deployment.status in until:
+                    break
     finally:
         stream.cancel()
     return seen
@@ -69,12 +73,16 @@ async def test_create_watch_running_with_endpoint_and_location(pipeline: Stub) -
     created = await pipeline.CreateAppHostingDeployment(request("web"))
     assert created.status == pb.DEPLOYMENT_STATUS_PENDING
     items = await watch(pipeline, created.id, until={pb.DEPLOYMENT_STATUS_RUNNING})
+    # From now: the deployment as it is, then each change in order (none if it was running already).
     first, *changes = items
     assert not first.HasField("event")
     assert first.deployment.revision >= 1
     assert revisions(items) == list(range(first.deployment.revision, first.deployment.revision + len(items)))
     assert [c.event.revision for c in changes] == revisions(changes)
-    running = items[-1].deployment
+    assert items[-1].deployment.status == pb.DEPLOYMENT_STATUS_RUNNING
+    # Every change since the create, however late the watch opens.
+    history = await watch(pipeline, created.id, since=created.revision, until={pb.DEPLOYMENT_STATUS_RUNNING})
+    running = history[-1].deployment
     assert running.status == pb.DEPLOYMENT_STATUS_RUNNING
     assert running.endpoint_url.startswith("https://web-")
     assert running.location_id.startswith("eu-")
@@ -82,14 +90,14 @@ async def test_create_watch_running_with_endpoint_and_location(pipeline: Stub) -
     assert running.region
     assert running.cluster_status == "ready"
     assert running.cluster_id == created.cluster_id
-    phases = [c.event.phase for c in changes]
+    phases = [c.event.phase for c in history]
     assert phases[-1] == "endpoint"
     # Steps done within the provisioner's report window share one event (the last step's is always
     # reported), so which steps have an event of their own varies; each is the scheduler's or a create step's.
     assert set(phases) <= {"placement", *CREATE_STEPS}
     assert all(
         c.event.simulated and c.event.message.startswith("[simulated]")
-        for c in changes
+        for c in history
         if c.event.source != "scheduler"
     )
     fetched = await pipeline.GetDeployment(pb.GetDeploymentRequest(id=created.id))
@@ -100,7 +108,7 @@ async def test_injected_failure_fails_with_its_message(pipeline: Stub) -> None:
     created = await pipeline.CreateAppHostingDeployment(
         request("broken", docker_image="ghcr.io/acme/fail-permanent:1.0.0")
     )
-    items = await watch(pipeline, created.id, until=SETTLED)
+    items = await watch(pipeline, created.id, since=created.revision, until=SETTLED)
     failed = items[-1].deployment
     assert failed.status == pb.DEPLOYMENT_STATUS_FAILED
     assert "fail-permanent" in failed.error_message

@@ -174,7 +174,7 @@ async def test_resumed_watches_rebuild_each_revision_exactly_after_trimming(stac
     # Each step on its own event: the log must be longer than what the trims below keep.
     stack.add_provisioner(report_window=0.0)
     created = await pipeline.CreateAppHostingDeployment(maximum_request("replayed"))
-    live = await watch(pipeline, created.id, until=SETTLED)
+    live = await watch(pipeline, created.id, since=created.revision, until=SETTLED)
     assert live[-1].deployment.status == pb.DEPLOYMENT_STATUS_RUNNING
     top = live[-1].event.revision
     assert top > 4, f"the trims below need more than 4 revisions, the log has {top}"
