@@ -41,6 +41,12 @@ async def watch_until(stub: Stub, deployment_id: str, until: set[pb.DeploymentSt
             async for item in stream:
                 if item.event.final or (item.HasField("event") and item.deployment.status in until):
                     return item.deployment
+                # The first answer, the deployment as it is: it settled or was torn down before the watch
+                # opened, and nothing more comes.
+                if not item.HasField("event") and (
+                    item.deployment.status in until or item.deployment.HasField("deleted_at")
+                ):
+                    return item.deployment
     finally:
         stream.cancel()
     raise AssertionError("the watch ended early")
