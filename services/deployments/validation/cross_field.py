@@ -115,7 +115,8 @@ def cross_field(data: Mapping[str, Any], limits: Limits) -> Iterator[tuple[Loc, 
             "is required when image_update_strategy is digest: the tag whose digest to follow",
         )
     elif isinstance(constraint, str) and constraint.strip() == constraint != "":
-        # A value over its bound is refused as TOO_LONG alone: it is not parsed for a verdict then dropped.
+        # A value over its bound is refused as TOO_LONG alone, and not parsed: the range search still reads a
+        # run of version characters or spaces once from each of its positions (0.16 s at 20,000 characters).
         if strategy == "semver" and len(constraint) <= IMAGE_UPDATE_FIELD_MAX and not _constraint_ok(constraint):
             yield (
                 ("image_update_constraint",),
