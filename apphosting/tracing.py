@@ -15,7 +15,7 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from apphosting import logs
+from apphosting import logs, spans
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -102,12 +102,13 @@ def _sdk_tracer(process: str, exporters: list[str]) -> trace.Tracer | None:
         attributes[SERVICE_NAME] = f"apphosting-{process}"
     # Resource.create adds OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME (which wins over our default).
     provider = TracerProvider(resource=Resource.create(attributes))
-    for exporter in span_exporters(exporters):
-        # Batched off the event loop's thread, bounded by the OTEL_BSP_* variables; flushed at exit.
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+    # Batched off the event loop's thread, bounded by the OTEL_BSP_* variables; flushed at exit.
+    processors = [BatchSpanProcessor(exporter) for exporter in span_exporters(exporters)]
+    for processor in processors:
+        provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
     log.info("traces exported with %s", ", ".join(exporters))
-    return provider.get_tracer(_INSTRUMENTATION)
+    return spans.Tracer(provider, processors, _INSTRUMENTATION)
 
 
 def span_exporters(names: list[str]) -> list[SpanExporter]:

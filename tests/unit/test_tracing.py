@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from apphosting import spans as spans_module
 from apphosting import tracing
 from apphosting.v1 import deployments_pb2 as pb
 from services.deployments.telemetry import CallTrace, TracedCall
@@ -26,8 +27,10 @@ def spans(monkeypatch: pytest.MonkeyPatch) -> InMemorySpanExporter:
     """Tracing on in this process, its spans kept in memory."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(tracing, "_tracer", provider.get_tracer("apphosting"))
+    processor = SimpleSpanProcessor(exporter)
+    provider.add_span_processor(processor)
+    # The tracer the processes make (tracing._sdk_tracer).
+    monkeypatch.setattr(tracing, "_tracer", spans_module.Tracer(provider, [processor], "apphosting"))
     monkeypatch.setattr(tracing, "_configured", True)
     return exporter
 
