@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 DEV_METRICS_LISTEN = "127.0.0.1:9464"
 # Seconds between two refreshes of the gauges read from a database or from JetStream.
 REFRESH_INTERVAL = 5.0
+# The most of the time refreshes take: one that took longer than this share of its interval waits longer
+# (a count of live deployments grows with the table).
+REFRESH_SHARE = 0.02
 # The label value for anything outside a label's known values: a label never grows with user input.
 OTHER = "other"
 
@@ -147,7 +150,8 @@ class ConsumerGauges:
 
 @dataclass
 class Refresher:
-    """Runs the gauge refreshes of a process every `interval` seconds until stopped; a failing one is logged."""
+    """Runs the gauge refreshes of a process every `interval` seconds, or less often when they take longer
+    than REFRESH_SHARE of that, until stopped; a failing one is logged."""
 
     refreshes: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     interval: float = REFRESH_INTERVAL
@@ -165,9 +169,16 @@ class Refresher:
                 log.warning("metrics refresh failed: %s", exc)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            began = loop.time()
             await self.refresh()
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.pause(loop.time() - began))
+
+    def pause(self, took: float) -> float:
+        """The wait after a refresh that took `took` seconds: `interval`, or as long as keeps refreshes to
+        REFRESH_SHARE of the time."""
+        return max(self.interval, took * (1.0 / REFRESH_SHARE - 1.0))
 
     async def stop(self) -> None:
         if self._task is not None:
