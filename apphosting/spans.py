@@ -112,7 +112,16 @@ class Tracer(trace.Tracer):
         )
         if not recording:
             return trace.NonRecordingSpan(made)
-        span = Span(self, name, made, parent, kind, attributes, links or (), start_time or time.time_ns())
+        span = Span(
+            self,
+            name,
+            made,
+            parent,
+            kind,
+            attributes,
+            links or (),
+            start_time if start_time is not None else time.time_ns(),
+        )
         for processor in self.processors:
             # Typed for the SDK's own span; a processor reads it as a ReadableSpan, which this is.
             processor.on_start(cast(Any, span), parent_context=context)
@@ -265,6 +274,6 @@ class Span(ReadableSpan, trace.Span):
         if self._end_time is not None:
             log.warning("span %s ended twice", self._name)
             return
-        self._end_time = end_time or time.time_ns()
+        self._end_time = end_time if end_time is not None else time.time_ns()
         for processor in self._tracer.processors:
             processor.on_end(self)

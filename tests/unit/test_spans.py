@@ -80,6 +80,7 @@ def _scenario(tracer: trace.Tracer) -> None:
             server.record_exception(failure, {"extra": 1})
     with pytest.raises(KeyError), tracer.start_as_current_span("raises", kind=SpanKind.CONSUMER):
         raise KeyError("missing")
+    tracer.start_span("timed", start_time=10).end(end_time=20)
     plain = tracer.start_span("plain", kind=SpanKind.PRODUCER)
     plain.end()
     plain.set_attribute("after", "the end")
@@ -126,7 +127,9 @@ def _both(scenario: Callable[[trace.Tracer], Any]) -> dict[str, tuple[Any, tuple
 def test_what_is_exported_is_what_the_sdk_exports() -> None:
     made = _both(_scenario)
     (_, sdk), (_, ours) = made["sdk"], made["ours"]
-    assert [span.name for span in ours] == ["child", "ok stays", "server renamed", "raises", "plain"]
+    assert [span.name for span in ours] == ["child", "ok stays", "server renamed", "raises", "timed", "plain"]
+    # Times given are kept as given.
+    assert [(span.start_time, span.end_time) for span in ours if span.name == "timed"] == [(10, 20)]
     assert all(isinstance(span, spans.Span) for span in ours)
     assert _normalized(ours) == _normalized(sdk)
     # What each span says of itself, beyond what OTLP carries.
