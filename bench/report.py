@@ -129,6 +129,13 @@ FINDINGS: dict[str, str] = {
         "before and after (callgrind, 400 Creates, SQLite). Timed in aiosqlite's thread at c=1 (1,500 Creates"
         "), a create's write with its commit takes 0.24 ms and the relay's delete of its outbox row 0.20 ms; "
         "py-spy puts a third of the API's busy samples at c=1 in that thread."
+        " The full run of 0bdd212 came on a slow hour (the echo at c=32 2,275/s on SQLite and 2,600/s on "
+        "PostgreSQL, against 8,483/s and 7,087/s in the run of 5b151b4): 303 and 371/s at c=32, 0.133x and "
+        "0.143x the echo, and at c=1 a p50 of 5.9 and 6.1 ms, 6.1x and 6.0x the echo's. Its product changes "
+        "since 5b151b4 are off this stage's path (tracing, which is off here; the metrics' index, see "
+        "pipeline): the API's instructions per Create untraced at c=8 were 4.54-4.58 M before and 4.61-4.63 "
+        "M after (callgrind, 400 Creates), the aiosqlite thread's share 0.260 and 0.262 M; the rest moves "
+        "with the size of the groups a run happens to write."
     ),
     "pipeline": (
         "The API's event consumer is the limit; the scheduler and provisioners are idle in profiles. Done "
@@ -248,6 +255,14 @@ FINDINGS: dict[str, str] = {
         "Deployment once now)."
         " The full run of 5b151b4, on a fast hour: 405.1 and 261.8/s with 4 provisioners, p99 create->running"
         " at 100/s offered 45 and 89 ms."
+        " The full run of 0bdd212 came on a slow hour (the echo at c=32 2,275/s against 8,483/s in the run "
+        "of 5b151b4): 164.4 and 107.8/s with 4 provisioners (405.1 and 261.8/s then), 208.6 and 102.7/s with "
+        "one; offered 100/s, p99 create->running 407 and 334 ms. Since 5b151b4 the index of deletion times "
+        "also holds status and region (for the metrics' count of live deployments, which read the whole "
+        "table every 5 s), so on SQLite each status change also moves the row's entry in it: an UPDATE of a "
+        "status in sqlite3 alone went from 11-12 to 17-20 us (200,000 rows, in memory), about five of them "
+        "per deployment here. PostgreSQL already writes every index's entry on each update (updated_at is "
+        "indexed, so no update is HOT)."
     ),
     "update": (
         "The API was the limit, as for the pipeline; the scheduler only forwards the job and the provisioners "
@@ -352,6 +367,8 @@ FINDINGS: dict[str, str] = {
         "milliseconds, follows the machine in that run; the ratios to the same run's ceilings and the "
         "instruction counts are what compare. In it 146.6 and 97.8/s reached healthy, under the goal."
         " The full run of 5b151b4, on a fast hour: 385.1 and 270.8/s."
+        " The full run of 0bdd212, on a slow hour (see pipeline): 136.5 and 111.1/s (385.1 and 270.8/s in "
+        "the run of 5b151b4)."
     ),
     "watch": (
         "Memory, from tracemalloc of the API with 2,000 WatchDeployment streams open: 24 KiB per stream "
@@ -430,6 +447,8 @@ FINDINGS: dict[str, str] = {
         "10 KiB."
         " The full run of 5b151b4, on a fast hour: delivery p99 +6.7 and +8.6 ms over raw NATS at 10,000 stre"
         "ams; 29.3 and 29.0 KiB per stream (a bare grpc.aio server 23.2)."
+        " The full run of 0bdd212, on a slow hour (the raw NATS p99 2.1 ms at 10,000 streams where it was "
+        "0.55 ms): delivery p99 +29.3 and +16.3 ms over NATS at 10,000 streams; 29.3 and 29.1 KiB per stream."
     ),
     "placement": (
         "`Placer.place` scores every location of the region at once with numpy, over the arrays of a `Usage` "
@@ -521,6 +540,8 @@ FINDINGS: dict[str, str] = {
         " 17.4 ms on PostgreSQL (p99s of 8.7-16.9 ms at every table size: the machine, not the size)."
         " The full run of 5b151b4: the worst p99 at 1,000,000 rows was 5.7 ms on SQLite, for `status_failed` "
         "alone (its p50 1.8 ms; the other three queries' p99s 2.0-2.4 ms), and 3.1 ms on PostgreSQL."
+        " The full run of 0bdd212, on a slow hour: the worst p99 at 1,000,000 rows 16.7 ms on SQLite and "
+        "13.4 ms on PostgreSQL, with p99s of 7-26 ms at every size: the machine, not the size."
     ),
     "telemetry": (
         "Metrics and tracing cost the same per Create as before, about 0.2 ms of the API's time (spans made, "
@@ -568,6 +589,21 @@ FINDINGS: dict[str, str] = {
         " ms on PostgreSQL. The stage alone twice right after it: 8.9 and 5.1 %, then 8.1 and 5.0 %, the API'"
         "s CPU per Create 0.08-0.10 ms more with telemetry on each time; the full run's PostgreSQL figure was"
         " that run's noise, and these docs keep the full run's figures."
+        " Since then the spans are made by `apphosting/spans.py` instead of the SDK's tracer: a ReadableSpan "
+        "filled in place and handed to the SDK's processors when it ends, with the provider's sampler, ids, "
+        "resource and span limits (the same export, compared in its test). Started and ended with the "
+        "server's attributes: 25.5 -> 7.8 us in process; a traced Create call's span, log context and outbox "
+        "headers 68-95 -> 34-41 us (10-16 us untraced). Counted in instructions (callgrind, SQLite, c=8, 400 "
+        "Creates after a warm-up): 4.58 M per Create untraced; traced 4.945 -> 4.849 M, so tracing's share "
+        "0.365 -> 0.269 M, 0.11 M of it on the event loop and about 0.15 M in the exporter's thread (mostly "
+        "the request's encoding; with the load slowed down by callgrind, its batches are smaller than at "
+        "full speed). An encoder writing the wire format directly in Python was tried: 86 -> 73 thousand "
+        "instructions per span, and not kept for that. Metrics add about 4.5 us per call (two counters and "
+        "a histogram). The stage alone on a slow hour (the API's CPU per Create 2.4-3.1 ms), base and change "
+        "alternating: 6.7, 6.7, 5.9 and 11.1 % before, 9.6, 12.5, 7.4 and -3.5 % after: at this size the "
+        "change is below the stage's noise, which the instruction counts are not."
+        " In the full run of 0bdd212 (a slow hour): -0.2 and -2.5 %, the API's CPU per Create off and on "
+        "2.660 and 2.668 ms on SQLite and 2.728 and 2.717 ms on PostgreSQL."
     ),
 }
 
