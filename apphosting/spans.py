@@ -153,9 +153,14 @@ class Tracer(trace.Tracer):
         """A span's attributes: a plain dict when every value is plain and no limit applies, else the SDK's."""
         if not given:
             return {}
-        if len(given) <= self._plain_up_to and all(type(value) in _PLAIN for value in given.values()):
+        if self.plain(len(given), given):
             return dict(given)
         return self.bounded(given)
+
+    def plain(self, count: int, added: Mapping[str, Any]) -> bool:
+        """Whether a span holding `count` attributes, `added` among them, may keep them in a plain dict: no
+        limit can cut them and every value added is plain."""
+        return count <= self._plain_up_to and all(type(value) in _PLAIN for value in added.values())
 
     def links(self, given: Sequence[Link]) -> Sequence[Link]:
         """A span's links: those that say something (a valid context, attributes or a trace state), up to the
@@ -218,13 +223,10 @@ class Span(ReadableSpan, trace.Span):
             return
         held = self._attributes
         if type(held) is dict:
-            tracer = self._tracer
-            if len(held) + len(attributes) <= tracer._plain_up_to and all(
-                type(value) in _PLAIN for value in attributes.values()
-            ):
+            if self._tracer.plain(len(held) + len(attributes), attributes):
                 held.update(attributes)
                 return
-            held = self._attributes = tracer.bounded(held)
+            held = self._attributes = self._tracer.bounded(held)
         for key, value in attributes.items():
             held[key] = value  # type: ignore[index]
 
