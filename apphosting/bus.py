@@ -271,13 +271,13 @@ async def ensure_streams(
             await js.update_stream(config)
 
 
-async def _until_declared(js: JetStreamContext, stopping: asyncio.Event) -> None:
-    """Declares the streams, again until it works: on a cluster the JetStream API does not answer
-    while the nodes elect a meta leader, which is no reason for a worker to die."""
+async def _until_declared(js: JetStreamContext, stopping: asyncio.Event, *, replicas: int | None = None) -> None:
+    """Declares the streams (as `ensure_streams`), again until it works: on a cluster the JetStream API does
+    not answer while the nodes elect a meta leader, which is no reason for a worker to die."""
     delay = 0.5
     while True:
         try:
-            await ensure_streams(js)
+            await ensure_streams(js, replicas=replicas)
             return
         except Exception as exc:
             if stopping.is_set():

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import nats.errors
 import pytest
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
@@ -277,16 +276,9 @@ async def test_a_message_whose_handler_meets_a_stream_away_keeps_its_deliveries(
 
 
 async def _declared(js: JetStreamContext, replicas: int | None = None) -> None:
-    """Declares the streams as the processes do: asked again while the cluster's JetStream API does not
+    """Declares the streams as the processes do, asking again while the cluster's JetStream API does not
     answer (a request that reaches it while its meta leader changes is dropped), until a generous deadline."""
-    deadline = asyncio.get_running_loop().time() + 120
-    while True:
-        try:
-            await bus.ensure_streams(js, replicas=replicas)
-            return
-        except nats.errors.TimeoutError:
-            if asyncio.get_running_loop().time() > deadline:
-                raise
+    await asyncio.wait_for(bus._until_declared(js, asyncio.Event(), replicas=replicas), 120)
 
 
 async def test_a_stream_with_another_replica_count_is_reported_and_kept(
