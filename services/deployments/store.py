@@ -192,6 +192,7 @@ def _page_statement(
     return _DriverStatement.compile(dialect, _PAGE_COLUMNS, shape)
 
 
+@lru_cache(maxsize=64)
 def _records_statement(dialect: Dialect, count: int) -> _DriverStatement:
     """`count` records by id (binds id_0 ... id_<count-1>)."""
 
@@ -199,6 +200,29 @@ def _records_statement(dialect: Dialect, count: int) -> _DriverStatement:
         return query.where(DeploymentRow.id.in_([bindparam(f"id_{index}") for index in range(count)]))
 
     return _DriverStatement.compile(dialect, tuple(_RECORDS.columns), shape)
+
+
+@lru_cache(maxsize=64)
+def _stored_events_statement(dialect: Dialect, count: int) -> _DriverStatement:
+    """Which of `count` event ids are stored (binds id_0 ... id_<count-1>)."""
+
+    def shape(query: Select[Any]) -> Select[Any]:
+        return query.where(EventRow.event_id.in_([bindparam(f"id_{index}") for index in range(count)]))
+
+    return _DriverStatement.compile(dialect, (cast(Table, EventRow.__table__).c.event_id,), shape)
+
+
+async def _fetch_in(
+    session: AsyncSession, statement: Callable[[Dialect, int], _DriverStatement], keys: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The rows of a by-key statement (`_records_statement`, `_stored_events_statement`) for these keys,
+    read in the session's transaction and decoded: compiled once per padded count of keys, so neither
+    the query nor its IN list is built again per call."""
+    padded = _padded(keys)
+    connection = await session.connection()
+    compiled = statement(connection.dialect, len(padded))
+    args = compiled.args({f"id_{index}": key for index, key in enumerate(padded)})
+    return [compiled.record(row) for row in await connection.exec_driver_sql(compiled.sql, tuple(args))]
 
 
 _OUTBOX = cast(Table, OutboxRow.__table__)
@@ -737,8 +761,7 @@ class _Batch:
         wanted = {deployment_id for deployment_id in ids if deployment_id not in self.rows}
         if not wanted:
             return
-        found = await self.session.execute(select(_RECORDS).where(DeploymentRow.id.in_(wanted)))
-        for values in found.mappings():
+        for values in await _fetch_in(self.session, _records_statement, sorted(wanted)):
             self.rows[values["id"]] = _plain(DeploymentRow, values)
         for deployment_id in wanted:
             self.rows.setdefault(deployment_id, None)
@@ -748,7 +771,9 @@ class _Batch:
         wanted = {event_id for event_id in event_ids if event_id not in self.checked}
         if not wanted:
             return
-        self.seen.update(await self.session.scalars(select(EventRow.event_id).where(EventRow.event_id.in_(wanted))))
+        self.seen.update(
+            found["event_id"] for found in await _fetch_in(self.session, _stored_events_statement, sorted(wanted))
+        )
         self.checked.update(wanted)
 
     def add(
@@ -881,8 +906,6 @@ class DeploymentStore:
         self._mutating: asyncio.Task[None] | None = None
         # The compiled statement of each combination of a page's filters (page).
         self._pages: dict[tuple[bool, int, bool, bool, bool], _DriverStatement] = {}
-        # The statements of get's reads, by how many records each reads (a power of two).
-        self._records: dict[int, _DriverStatement] = {}
         self._forgets: dict[int, str] = {}
         # Records asked for at one moment, read together in one statement.
         self._reads: Batcher[str, dict[str, Any] | None] = Batcher(self._read_records, most=_READ_MOST)
@@ -1176,9 +1199,7 @@ class DeploymentStore:
 
     async def _read_records(self, ids: Sequence[str]) -> list[dict[str, Any] | None]:
         padded = _padded(ids)
-        statement = self._records.get(len(padded))
-        if statement is None:
-            statement = self._records[len(padded)] = _records_statement(self.engine.dialect, len(padded))
+        statement = _records_statement(self.engine.dialect, len(padded))
         at = statement.names.index("id")
         rows = {
             row[at]: row for row in await self._fetch_raw(statement, {f"id_{i}": id_ for i, id_ in enumerate(padded)})
