@@ -136,6 +136,9 @@ FINDINGS: dict[str, str] = {
         "pipeline): the API's instructions per Create untraced at c=8 were 4.54-4.58 M before and 4.61-4.63 "
         "M after (callgrind, 400 Creates), the aiosqlite thread's share 0.260 and 0.262 M; the rest moves "
         "with the size of the groups a run happens to write."
+        " The full run of f457b21 came on a middling hour (the echo at c=32 4,049/s and 3,951/s): 676 and "
+        "583/s at c=32, 0.167x and 0.147x the echo, and at c=1 a p50 of 2.6 and 4.0 ms, 4.0x and 6.1x the "
+        "echo's. Its product change since 0bdd212 (see watch) is off this stage's path."
     ),
     "pipeline": (
         "The API's event consumer is the limit; the scheduler and provisioners are idle in profiles. Done "
@@ -263,6 +266,14 @@ FINDINGS: dict[str, str] = {
         "status in sqlite3 alone went from 11-12 to 17-20 us (200,000 rows, in memory), about five of them "
         "per deployment here. PostgreSQL already writes every index's entry on each update (updated_at is "
         "indexed, so no update is HOT)."
+        " The full run of f457b21, on a middling hour (the echo at c=32 4,049/s): 261.4 and 174.9/s with 4 "
+        "provisioners, 298.3 and 160.0/s with one; offered 100/s, p99 create->running 174 and 213 ms. Its "
+        "change (a batch's records and event ids read by statements compiled once, see watch) takes about 1 ms "
+        "of event loop CPU off a lone apply; here events come in batches, where that cost was shared, and "
+        "two alternating pairs of this stage before and after it (a faster hour, 290-344/s on SQLite) showed "
+        "no difference beyond their noise. The API's CPU per deployment on PostgreSQL (3.3-4.7 ms, against "
+        "2.3-2.9 ms on SQLite) goes mostly to asyncpg's execution of the batch's statements and the "
+        "transaction's BEGIN (py-spy under `_applier`: load 18 %, the flush 35 %, BEGIN 6 %)."
     ),
     "update": (
         "The API was the limit, as for the pipeline; the scheduler only forwards the job and the provisioners "
@@ -369,6 +380,10 @@ FINDINGS: dict[str, str] = {
         " The full run of 5b151b4, on a fast hour: 385.1 and 270.8/s."
         " The full run of 0bdd212, on a slow hour (see pipeline): 136.5 and 111.1/s (385.1 and 270.8/s in "
         "the run of 5b151b4)."
+        " The full run of f457b21, on a middling hour: 258.1 and 189.3/s (PostgreSQL 0.95x the goal). Two "
+        "pairs of this stage alone, before and after it, on a faster hour: SQLite 235.8 and 270.1/s before, "
+        "233.7 and 283.6/s after; PostgreSQL 195.5 and 202.5/s before, 207.8 and 179.6/s after: on the "
+        "goal's line, and within the noise."
     ),
     "watch": (
         "Memory, from tracemalloc of the API with 2,000 WatchDeployment streams open: 24 KiB per stream "
@@ -449,6 +464,20 @@ FINDINGS: dict[str, str] = {
         "ams; 29.3 and 29.0 KiB per stream (a bare grpc.aio server 23.2)."
         " The full run of 0bdd212, on a slow hour (the raw NATS p99 2.1 ms at 10,000 streams where it was "
         "0.55 ms): delivery p99 +29.3 and +16.3 ms over NATS at 10,000 streams; 29.3 and 29.1 KiB per stream."
+        " Timed inside the API (from the message's arrival to its announcement), a lone status event spent "
+        "0.6 ms in delivery from JetStream, 3.5 ms being applied and 0.1 ms being announced, of a delivery p50 "
+        "of 5.5 ms: applying it was most of the path, and it was CPU on the event loop, not the database. "
+        "`_Batch.load` and `_Batch.look_up` built a select with an IN list of the ids per call and ran it "
+        "through the ORM session; they now run statements compiled once per padded count of ids (the records' "
+        "one is get's) as driver SQL in the batch's transaction. Event loop CPU per lone apply (in process, "
+        "alternating): SQLite 2.6-3.0 -> 1.7 ms, PostgreSQL 2.9 -> 1.9 ms; apply time inside the API during "
+        "the stage, PostgreSQL p50 4.4 and 5.5 -> 3.6 and 4.7 ms (two alternating pairs). Delivery p50 in the "
+        "stage, alternating: SQLite 5.3-6.6 -> 3.8-5.6 ms, PostgreSQL 5.8-8.7 -> 5.5-7.5 ms. The full run of "
+        "f457b21 (a middling hour, the echo at c=32 4,049/s): +8.7 ms over NATS on SQLite at 10,000 streams "
+        "(met), but +394.3 ms on PostgreSQL, where its p50 was 7.4 ms: a few applies stalled for 20-250 ms. "
+        "The same stalls came in runs of the commit before it (39 of 900 applies over 20 ms in one, a p99 "
+        "of 250 ms), so they are not this change's; they come with PostgreSQL's commits on this machine's "
+        "shared disk and were not pursued further. 29.3 and 29.1 KiB per stream."
     ),
     "placement": (
         "`Placer.place` scores every location of the region at once with numpy, over the arrays of a `Usage` "
@@ -542,6 +571,8 @@ FINDINGS: dict[str, str] = {
         "alone (its p50 1.8 ms; the other three queries' p99s 2.0-2.4 ms), and 3.1 ms on PostgreSQL."
         " The full run of 0bdd212, on a slow hour: the worst p99 at 1,000,000 rows 16.7 ms on SQLite and "
         "13.4 ms on PostgreSQL, with p99s of 7-26 ms at every size: the machine, not the size."
+        " The full run of f457b21, on a middling hour: the worst p99 at 1,000,000 rows 8.2 ms on SQLite and "
+        "7.2 ms on PostgreSQL (p99s of 4-14 ms at every size); this path did not change."
     ),
     "telemetry": (
         "Metrics and tracing cost the same per Create as before, about 0.2 ms of the API's time (spans made, "
@@ -604,6 +635,8 @@ FINDINGS: dict[str, str] = {
         "change is below the stage's noise, which the instruction counts are not."
         " In the full run of 0bdd212 (a slow hour): -0.2 and -2.5 %, the API's CPU per Create off and on "
         "2.660 and 2.668 ms on SQLite and 2.728 and 2.717 ms on PostgreSQL."
+        " In the full run of f457b21 (a middling hour): -1.4 and -2.6 %, the API's CPU per Create off and on "
+        "1.955 and 1.957 ms on SQLite and 1.682 and 1.624 ms on PostgreSQL."
     ),
 }
 
