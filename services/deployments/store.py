@@ -212,16 +212,24 @@ def _stored_events_statement(dialect: Dialect, count: int) -> _DriverStatement:
     return _DriverStatement.compile(dialect, (cast(Table, EventRow.__table__).c.event_id,), shape)
 
 
-async def _fetch_in(
-    session: AsyncSession, statement: Callable[[Dialect, int], _DriverStatement], keys: Sequence[str]
-) -> list[dict[str, Any]]:
-    """The rows of a by-key statement (`_records_statement`, `_stored_events_statement`) for these keys,
-    read in the session's transaction and decoded: compiled once per padded count of keys, so neither
-    the query nor its IN list is built again per call."""
+_ByKeyStatement = Callable[[Dialect, int], _DriverStatement]
+
+
+def _by_keys(
+    statement: _ByKeyStatement, dialect: Dialect, keys: Sequence[str]
+) -> tuple[_DriverStatement, dict[str, str]]:
+    """A by-key statement (`_records_statement`, `_stored_events_statement`) for these keys, compiled once
+    per padded count of keys, and the values of its binds."""
     padded = _padded(keys)
+    return statement(dialect, len(padded)), {f"id_{index}": key for index, key in enumerate(padded)}
+
+
+async def _fetch_in(session: AsyncSession, statement: _ByKeyStatement, keys: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of a by-key statement for these keys, read in the session's transaction and decoded:
+    neither the query nor its IN list is built again per call."""
     connection = await session.connection()
-    compiled = statement(connection.dialect, len(padded))
-    args = compiled.args({f"id_{index}": key for index, key in enumerate(padded)})
+    compiled, values = _by_keys(statement, connection.dialect, keys)
+    args = compiled.args(values)
     return [compiled.record(row) for row in await connection.exec_driver_sql(compiled.sql, tuple(args))]
 
 
@@ -1198,12 +1206,9 @@ class DeploymentStore:
         return DeploymentRow(**found)
 
     async def _read_records(self, ids: Sequence[str]) -> list[dict[str, Any] | None]:
-        padded = _padded(ids)
-        statement = _records_statement(self.engine.dialect, len(padded))
+        statement, values = _by_keys(_records_statement, self.engine.dialect, ids)
         at = statement.names.index("id")
-        rows = {
-            row[at]: row for row in await self._fetch_raw(statement, {f"id_{i}": id_ for i, id_ in enumerate(padded)})
-        }
+        rows = {row[at]: row for row in await self._fetch_raw(statement, values)}
         # Each asker decodes its own: no two rows share a spec's dict.
         return [statement.record(rows[deployment_id]) if deployment_id in rows else None for deployment_id in ids]
 
