@@ -171,6 +171,7 @@ class _DriverStatement:
         return values
 
 
+@lru_cache(maxsize=512)
 def _page_statement(
     dialect: Dialect, user: bool, statuses: int, region: bool, show_deleted: bool, before: bool
 ) -> _DriverStatement:
@@ -242,6 +243,7 @@ def _padded(ids: Sequence[str]) -> list[str]:
     return [*ids, *[ids[0]] * (size - len(ids))]
 
 
+@lru_cache(maxsize=64)
 def _forget_statement(dialect: Dialect, count: int) -> str:
     """The SQL that deletes `count` outbox rows by id, its parameters in order."""
     ids: list[Any] = [bindparam(f"id_{index}") for index in range(count)]
@@ -912,9 +914,6 @@ class DeploymentStore:
         # Owners' operations (mutate) waiting for the group transaction after the one being written.
         self._mutations: list[_Mutating] = []
         self._mutating: asyncio.Task[None] | None = None
-        # The compiled statement of each combination of a page's filters (page).
-        self._pages: dict[tuple[bool, int, bool, bool, bool], _DriverStatement] = {}
-        self._forgets: dict[int, str] = {}
         # Records asked for at one moment, read together in one statement.
         self._reads: Batcher[str, dict[str, Any] | None] = Batcher(self._read_records, most=_READ_MOST)
         self._unsent = _DriverStatement.compile(
@@ -1232,9 +1231,7 @@ class DeploymentStore:
         prepared fetch, no transaction), its columns decoded by their types' own result processors.
         """
         shape = (user_id is not None, len(statuses), bool(geographic_region), show_deleted, before_seq is not None)
-        statement = self._pages.get(shape)
-        if statement is None:
-            statement = self._pages[shape] = _page_statement(self.engine.dialect, *shape)
+        statement = _page_statement(self.engine.dialect, *shape)
         values: dict[str, Any] = {"user_id": user_id, "region": geographic_region, "before": before_seq}
         values.update({f"status_{index}": status for index, status in enumerate(statuses)})
         values["limit"] = limit
@@ -1979,10 +1976,7 @@ class DeploymentStore:
         if not rows:
             return
         padded = _padded([row.id for row in rows])
-        sql = self._forgets.get(len(padded))
-        if sql is None:
-            sql = self._forgets[len(padded)] = _forget_statement(self.engine.dialect, len(padded))
-        await self._write_on_driver([(sql, [padded])])
+        await self._write_on_driver([(_forget_statement(self.engine.dialect, len(padded)), [padded])])
 
 
 class _Reads(Exception):
