@@ -39,8 +39,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from apphosting import secrets, sqlite_driver, tracing
@@ -225,10 +226,11 @@ def _by_keys(
     return statement(dialect, len(padded)), {f"id_{index}": key for index, key in enumerate(padded)}
 
 
-async def _fetch_in(session: AsyncSession, statement: _ByKeyStatement, keys: Sequence[str]) -> list[dict[str, Any]]:
-    """The rows of a by-key statement for these keys, read in the session's transaction and decoded:
+async def _fetch_in(
+    connection: AsyncConnection, statement: _ByKeyStatement, keys: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The rows of a by-key statement for these keys, read in the connection's transaction and decoded:
     neither the query nor its IN list is built again per call."""
-    connection = await session.connection()
     compiled, values = _by_keys(statement, connection.dialect, keys)
     args = compiled.args(values)
     return [compiled.record(row) for row in await connection.exec_driver_sql(compiled.sql, tuple(args))]
@@ -651,11 +653,10 @@ def _insert_rows(dialect: Dialect, records: Sequence[Base]) -> tuple[str, list[t
     return statement.sql, [statement.parameters(values) for values in given]
 
 
-async def _insert_all(session: AsyncSession, records: Sequence[Base]) -> None:
-    """Inserts records of one table with one executemany in the session's transaction (`_insert_rows`)."""
+async def _insert_all(connection: AsyncConnection, records: Sequence[Base]) -> None:
+    """Inserts records of one table with one executemany in the connection's transaction (`_insert_rows`)."""
     if not records:
         return
-    connection = await session.connection()
     sql, rows = _insert_rows(connection.dialect, records)
     await connection.exec_driver_sql(sql, rows)
 
@@ -681,8 +682,42 @@ def _plain(kind: type[_Row], values: Mapping[Any, Any]) -> _Row:
     return row
 
 
+@dataclass(frozen=True)
+class _Write:
+    """A Core write statement compiled once, to run as driver SQL in a session's transaction: its SQL
+    and, per parameter in order, its name and how its value is encoded (the bind's own processor)."""
+
+    sql: str
+    binds: tuple[tuple[str, Callable[[Any], Any] | None], ...]
+    # Parameters the statement holds with their values (a `.values(healthy=True)`).
+    constants: dict[str, Any]
+
+    @classmethod
+    def compile(cls, dialect: Dialect, statement: Any) -> _Write:
+        compiled = statement.compile(dialect=dialect)
+        return cls(
+            compiled.string,
+            tuple(
+                (name, compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
+                for name in compiled.positiontup or ()
+            ),
+            compiled.params,
+        )
+
+    def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
+        given = [values[name] if name in values else self.constants[name] for name, _ in self.binds]
+        return tuple(
+            value if encode is None else encode(value) for value, (_, encode) in zip(given, self.binds, strict=True)
+        )
+
+    async def run(self, connection: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> CursorResult[Any]:
+        """Runs it once per row of values (one row: a lone execute, its result rows readable)."""
+        encoded = [self.parameters(values) for values in rows]
+        return await connection.exec_driver_sql(self.sql, encoded[0] if len(encoded) == 1 else encoded)
+
+
 @lru_cache(maxsize=256)
-def _record_update(dialect: str, columns: tuple[str, ...]) -> Any:
+def _record_update(dialect: Dialect, columns: tuple[str, ...]) -> _Write:
     """The statement that writes the changes of many records that set the same columns, each only if
     it is still at the revision read (the parameters v_<name>: ids, revisions, byte growths, values).
 
@@ -692,7 +727,7 @@ def _record_update(dialect: str, columns: tuple[str, ...]) -> Any:
     """
     names = ("id", *_GIVEN, *columns)
     types = {name: _RECORDS.c[name].type for name in ("id", *columns)} | {name: BigInteger() for name in _GIVEN}
-    if dialect == "postgresql":
+    if dialect.name == "postgresql":
         given: Any = (
             func.unnest(*(bindparam(f"v_{name}", type_=ARRAY(types[name])) for name in names))
             .table_valued(*(column(name, types[name]) for name in names))
@@ -712,21 +747,29 @@ def _record_update(dialect: str, columns: tuple[str, ...]) -> Any:
             }
         )
     )
-    return statement.returning(_RECORDS.c.id) if dialect == "postgresql" else statement
+    return _Write.compile(dialect, statement.returning(_RECORDS.c.id) if dialect.name == "postgresql" else statement)
 
 
-# Marks a release healthy, for many at once (executemany).
-_RELEASE_HEALTHY = (
-    update(_RELEASES)
-    .where(_RELEASES.c.deployment_id == bindparam("v_deployment_id"), _RELEASES.c.number == bindparam("v_number"))
-    .values(healthy=True)
-)
-# Gives replaced releases the spec they keep from then on, for many at once (executemany).
-_RELEASE_KEEPS = (
-    update(_RELEASES)
-    .where(_RELEASES.c.deployment_id == bindparam("v_deployment_id"), _RELEASES.c.number == bindparam("v_number"))
-    .values(spec=bindparam("v_spec", type_=_RELEASES.c.spec.type))
-)
+@lru_cache(maxsize=8)
+def _release_healthy(dialect: Dialect) -> _Write:
+    """Marks a release healthy, for many at once (executemany)."""
+    return _Write.compile(
+        dialect,
+        update(_RELEASES)
+        .where(_RELEASES.c.deployment_id == bindparam("v_deployment_id"), _RELEASES.c.number == bindparam("v_number"))
+        .values(healthy=True),
+    )
+
+
+@lru_cache(maxsize=8)
+def _release_keeps(dialect: Dialect) -> _Write:
+    """Gives replaced releases the spec they keep from then on, for many at once (executemany)."""
+    return _Write.compile(
+        dialect,
+        update(_RELEASES)
+        .where(_RELEASES.c.deployment_id == bindparam("v_deployment_id"), _RELEASES.c.number == bindparam("v_number"))
+        .values(spec=bindparam("v_spec", type_=_RELEASES.c.spec.type)),
+    )
 
 
 @dataclass
@@ -748,6 +791,7 @@ class _Batch:
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        self._connection: AsyncConnection | None = None
         # By id; None for a record that does not exist.
         self.rows: dict[str, DeploymentRow | None] = {}
         # The event ids looked up, and those of them that are stored (or will be, with `events`).
@@ -765,13 +809,19 @@ class _Batch:
         # The bus messages the changes made, in the order made (the relay sends them in it).
         self.outbox: list[OutboxRow] = []
 
+    async def connection(self) -> AsyncConnection:
+        """The transaction's connection, asked of the session once (each ask is a greenlet of its own)."""
+        if self._connection is None:
+            self._connection = await self.session.connection()
+        return self._connection
+
     async def load(self, ids: Sequence[str]) -> None:
         """Reads the records not read yet, in one statement: plain rows, not in the session, so that a
         write is one `UPDATE` and the record after it is built from the values written."""
         wanted = {deployment_id for deployment_id in ids if deployment_id not in self.rows}
         if not wanted:
             return
-        for values in await _fetch_in(self.session, _records_statement, sorted(wanted)):
+        for values in await _fetch_in(await self.connection(), _records_statement, sorted(wanted)):
             self.rows[values["id"]] = _plain(DeploymentRow, values)
         for deployment_id in wanted:
             self.rows.setdefault(deployment_id, None)
@@ -782,7 +832,8 @@ class _Batch:
         if not wanted:
             return
         self.seen.update(
-            found["event_id"] for found in await _fetch_in(self.session, _stored_events_statement, sorted(wanted))
+            found["event_id"]
+            for found in await _fetch_in(await self.connection(), _stored_events_statement, sorted(wanted))
         )
         self.checked.update(wanted)
 
@@ -821,13 +872,14 @@ class _Batch:
         releases, self.releases = self.releases, {}
         kept, self.kept = self.kept, {}
         outbox, self.outbox = self.outbox, []
-        await _insert_all(self.session, list(releases.values()))
+        connection = await self.connection()
+        await _insert_all(connection, list(releases.values()))
         if kept:
-            await self.session.execute(
-                _RELEASE_KEEPS,
+            await _release_keeps(connection.dialect).run(
+                connection,
                 [{"v_deployment_id": key, "v_number": number, "v_spec": spec} for (key, number), spec in kept.items()],
             )
-        await _insert_all(self.session, outbox)
+        await _insert_all(connection, outbox)
 
     async def flush(self) -> None:
         """Writes what the changes made: each record only if it is still at the revision the batch
@@ -836,7 +888,8 @@ class _Batch:
         written, self.written = self.written, {}
         healthy, self.healthy = self.healthy, []
         events, self.events = self.events, []
-        dialect = self.session.get_bind().dialect.name
+        connection = await self.connection()
+        dialect = connection.dialect
         # The records that set the same columns are written by one statement.
         shapes: dict[tuple[str, ...], list[str]] = {}
         for deployment_id, write in written.items():
@@ -844,7 +897,7 @@ class _Batch:
         for columns, ids in shapes.items():
             writes = [written[deployment_id] for deployment_id in ids]
             statement = _record_update(dialect, columns)
-            if dialect == "postgresql":
+            if dialect.name == "postgresql":
                 arrays: dict[str, list[Any]] = {
                     "v_id": ids,
                     "v_read_revision": [write.revision for write in writes],
@@ -852,7 +905,7 @@ class _Batch:
                     "v_history_grew": [write.history_grew for write in writes],
                 }
                 arrays.update({f"v_{name}": [write.values[name] for write in writes] for name in columns})
-                count = len((await self.session.execute(statement, arrays)).all())
+                count = len((await statement.run(connection, [arrays])).all())
             else:
                 rows = [
                     {
@@ -864,16 +917,16 @@ class _Batch:
                     | {f"v_{name}": write.values[name] for name in columns}
                     for deployment_id, write in zip(ids, writes, strict=True)
                 ]
-                count = (await self.session.execute(statement, rows)).rowcount  # type: ignore[attr-defined]
+                count = (await statement.run(connection, rows)).rowcount
             if count != len(ids):
                 raise _Raced
         # Before the healthy marks: a release this batch made may be one of them.
         await self.write_releases()
         if healthy:
-            await self.session.execute(
-                _RELEASE_HEALTHY, [{"v_deployment_id": key, "v_number": number} for key, number in healthy]
+            await _release_healthy(dialect).run(
+                connection, [{"v_deployment_id": key, "v_number": number} for key, number in healthy]
             )
-        await _insert_all(self.session, events)
+        await _insert_all(connection, events)
 
 
 def heavy_histories(keep_bytes: int) -> Select[str]:
@@ -1404,7 +1457,7 @@ class DeploymentStore:
         """Checks and writes a group in order, as one operation after another would be: each sees the
         records as those before it left them; its answer is its change or why it was refused."""
         batch = _Batch(session)
-        connection = await session.connection()
+        connection = await batch.connection()
         checking = any(member.checked for member in group)
         if checking and connection.dialect.name == "sqlite":
             # The database-wide write lock, before the reads (as _lock_users takes it).

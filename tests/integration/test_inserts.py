@@ -76,8 +76,9 @@ async def test_inserted_rows_read_back_as_given_with_their_columns_defaults(stor
     event.listen(engine, "before_cursor_execute", seen)
     try:
         async with store.transaction() as session:
+            connection = await session.connection()
             for rows in ([record], events, releases, outbox):
-                await _insert_all(session, rows)
+                await _insert_all(connection, rows)
     finally:
         event.remove(engine, "before_cursor_execute", seen)
     tables = ["deployments", "deployment_events", "deployment_releases", "outbox"]
