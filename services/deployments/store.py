@@ -8,12 +8,13 @@ import contextvars
 import dataclasses
 import itertools
 import json
+import re
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, TypeVar, cast
 
 import asyncpg
@@ -243,6 +244,31 @@ def _padded(ids: Sequence[str]) -> list[str]:
     """The ids padded to a power of two (with the first), so that a few statements serve every count."""
     size = 1 << (len(ids) - 1).bit_length()
     return [*ids, *[ids[0]] * (size - len(ids))]
+
+
+@lru_cache(maxsize=64)
+def _together(statements: tuple[str, ...]) -> str:
+    """PostgreSQL's statements (numbered parameters, each from $1) as one: all but the last in a WITH, their
+    parameters numbered on after those before them. One statement is atomic and sees one snapshot: its
+    parts must not read what the others write (foreign keys are checked when the whole of it has run)."""
+    parts: list[str] = []
+    offset = 0
+    for sql in statements:
+        numbers = [int(found) for found in _PARAMETER.findall(sql)]
+        parts.append(_PARAMETER.sub(partial(_shifted, by=offset), sql))
+        offset += max(numbers, default=0)
+    *first, last = parts
+    if not first:
+        return last
+    return "WITH " + ", ".join(f"w{index} AS ({sql})" for index, sql in enumerate(first)) + " " + last
+
+
+# A numbered parameter of PostgreSQL's ($1).
+_PARAMETER = re.compile(r"\$(\d+)")
+
+
+def _shifted(found: re.Match[str], by: int) -> str:
+    return f"${int(found.group(1)) + by}"
 
 
 @lru_cache(maxsize=64)
@@ -1310,8 +1336,9 @@ class DeploymentStore:
 
     async def _write_on_driver(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
         """Write statements, each run for each of its rows of parameters, in one transaction on the driver's
-        own connection: on SQLite one trip to aiosqlite's thread (behind the process's writer lock), on
-        PostgreSQL a lone statement of one row with no BEGIN or COMMIT around it."""
+        own connection: on SQLite one trip to aiosqlite's thread (behind the process's writer lock); on
+        PostgreSQL, when each has one row, one statement (`_together`) with no BEGIN or COMMIT around it,
+        one round trip where a transaction of them takes one per statement and two more."""
         async with contextlib.AsyncExitStack() as held:
             if self._writer is not None:
                 await held.enter_async_context(self._writer)
@@ -1320,9 +1347,9 @@ class DeploymentStore:
             try:
                 if self.engine.dialect.name == "sqlite":
                     await sqlite_driver.execute_committed(driver, statements)
-                elif len(statements) == 1 and len(statements[0][1]) == 1:
-                    sql, (args,) = statements[0]
-                    await driver.execute(sql, *args)
+                elif all(len(rows) == 1 for _, rows in statements):
+                    sql = _together(tuple(sql for sql, _ in statements))
+                    await driver.execute(sql, *(value for _, (args,) in statements for value in args))
                 else:
                     async with driver.transaction():
                         for sql, rows in statements:
