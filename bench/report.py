@@ -1013,6 +1013,28 @@ def _chart(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _cpu_table(runs: list[tuple[Any, ...]], cpus: int, item: str, key: str) -> list[str]:
+    """CPU per item of work by process (`runs`: the row's leading cells, then the cost by process), and
+    the rate the machine's cores allow at that cost; `key` names the first cells."""
+    if not runs:
+        return []
+    kinds = [kind for kind in runs[0][-1] if kind != "total"]
+    lines = [
+        "",
+        f"CPU time per {item}, in ms, by process (user and system time from /proc over "
+        "the stage; the database server's own is not counted). At full use of all "
+        f"{cpus} cores, the total allows at most {cpus} * 1000 / total per second.",
+        "",
+        _row(*key.split(","), *kinds, "total", "at most /s"),
+        _row(*["---"] * (len(kinds) + len(key.split(",")) + 2)),
+    ]
+    for *cells, cpu in runs:
+        total = cpu.get("total") or 0
+        ceiling = round(cpus * 1000 / total, 1) if total else None
+        lines.append(_row(*cells, *(cpu.get(name) for name in kinds), total, ceiling))
+    return lines
+
+
 def _pipeline_cpu(by_database: dict[str, Any], cpus: int) -> list[str]:
     """The pipeline's CPU per deployment by process, and the rate the machine's cores allow at that cost."""
     runs = [
@@ -1021,23 +1043,13 @@ def _pipeline_cpu(by_database: dict[str, Any], cpus: int) -> list[str]:
         for count, entry in (by_kind.get("by_provisioners") or {}).items()
         if entry.get("cpu_ms_per_deployment")
     ]
-    if not runs:
-        return []
-    kinds = [kind for kind in runs[0][2] if kind != "total"]
-    lines = [
-        "",
-        "CPU time per deployment brought to `running`, in ms, by process (user and system time from /proc over "
-        "the stage; the database server's own is not counted). At full use of all "
-        f"{cpus} cores, the total allows at most {cpus} * 1000 / total deployments/s.",
-        "",
-        _row("database", "provisioners", *kinds, "total", "at most /s"),
-        _row(*["---"] * (len(kinds) + 4)),
-    ]
-    for kind, count, cpu in runs:
-        total = cpu.get("total") or 0
-        ceiling = round(cpus * 1000 / total, 1) if total else None
-        lines.append(_row(kind, count, *(cpu.get(name) for name in kinds), total, ceiling))
-    return lines
+    return _cpu_table(runs, cpus, "deployment brought to `running`", "database,provisioners")
+
+
+def _update_cpu(by_database: dict[str, Any], cpus: int) -> list[str]:
+    """The updates' CPU per update that got healthy by process, and the rate the cores allow at that cost."""
+    runs = [(kind, entry["cpu_ms_per_update"]) for kind, entry in by_database.items() if entry.get("cpu_ms_per_update")]
+    return _cpu_table(runs, cpus, "update that got healthy", "database")
 
 
 def _row(*cells: Any) -> str:
@@ -1275,6 +1287,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
                     entry["update_call"]["p99_ms"],
                 )
             )
+        lines += _update_cpu(by_database, results["machine"]["cpus"])
         for note in _get(results, "update", "notes") or []:
             lines += ["", f"Note: {note}."]
         lines.append("")

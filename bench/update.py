@@ -17,7 +17,7 @@ from apphosting.v1 import deployments_pb2_grpc
 from bench.load import closed_loop
 from bench.pipeline import start_processes
 from bench.plan import Plan
-from bench.procs import Stack
+from bench.procs import Stack, cpu_ms_each
 from bench.requests import EXAMPLE, create_request
 from bench.stats import summary
 
@@ -161,6 +161,7 @@ async def run_one(stack: Stack, plan: Plan, database: str, log: Any) -> dict[str
             answer = await stub.UpdateDeployment(request, timeout=30)
             progress.aim(deployment_id, answer.release, asked)
 
+        cpu_before = stack.cpu_seconds()
         began = time.perf_counter()
         updates = await closed_loop(
             update,
@@ -173,6 +174,7 @@ async def run_one(stack: Stack, plan: Plan, database: str, log: Any) -> dict[str
             lambda: len(progress.healthy) + len(progress.rolled_back) >= len(progress.target),
             began + 2 * plan.update_seconds,
         )
+        cpu = cpu_ms_each(cpu_before, stack.cpu_seconds(), len(progress.healthy))
         peaks = stack.peaks()
     finally:
         watcher.cancel()
@@ -203,6 +205,8 @@ async def run_one(stack: Stack, plan: Plan, database: str, log: Any) -> dict[str
         "update_to_healthy": summary(latencies),
         "update_call": {key: value for key, value in updates.as_dict().items() if key != "concurrency"},
         "watch_reopened": len(drops),
+        # What the updates cost each process per update that got healthy (the database server not counted).
+        "cpu_ms_per_update": cpu,
         "peak_rss_mb": peaks,
     }
     for name, found in (
@@ -218,6 +222,6 @@ async def run_one(stack: Stack, plan: Plan, database: str, log: Any) -> dict[str
         f"update on {database}: {len(latencies)}/{len(running)} healthy, {per_second:.1f}/s "
         f"(goal {GOAL_PER_SECOND:.0f}/s, {result['ratio_to_goal']}x), update→healthy "
         f"p50 {result['update_to_healthy']['p50_ms']} ms p99 {result['update_to_healthy']['p99_ms']} ms, "
-        f"Update calls {updates.rps:.0f}/s"
+        f"Update calls {updates.rps:.0f}/s; CPU ms per update " + ", ".join(f"{kind} {ms}" for kind, ms in cpu.items())
     )
     return result

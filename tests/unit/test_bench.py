@@ -60,6 +60,9 @@ def test_quick_benchmark_writes_json_and_report(tmp_path: Path) -> None:
         assert entry["running"] > 0, (kind, entry)
         assert entry["healthy"] == entry["updates"] == entry["running"], (kind, entry)
         assert entry["all_healthy"], (kind, entry)
+        cpu = entry["cpu_ms_per_update"]
+        assert cpu["api"] > 0, (kind, cpu)
+        assert cpu["total"] >= cpu["api"] + cpu["provisioners"], (kind, cpu)
     for kind, entry in results["watch"]["by_database"].items():
         assert entry["streams"] > 0, (kind, entry)
         assert entry["p99_ms"] > 0, (kind, entry)
@@ -94,6 +97,7 @@ def test_quick_benchmark_writes_json_and_report(tmp_path: Path) -> None:
     assert "## Image updates" in text
     assert "## Telemetry overhead (issue 14)" in text
     assert "CPU time per deployment brought to `running`" in text
+    assert "CPU time per update that got healthy" in text
     assert report.with_suffix(".png").stat().st_size > 0
 
 
