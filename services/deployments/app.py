@@ -170,7 +170,7 @@ class ApiServer:
         self.port = 0
         # This replica's own registry: replicas and other processes in one interpreter never share series.
         self.registry = metrics.registry()
-        self.metrics = ApiMetrics(self.registry, self.engine, lambda: self.hub.open_watches)
+        self.metrics = ApiMetrics(self.registry, self.store, lambda: self.hub.open_watches)
         self._consumers = metrics.ConsumerGauges(self.registry)
         self._refresher = metrics.Refresher([self.metrics.refresh, self._refresh_consumers])
         self.metrics_server: metrics.MetricsServer | None = None

@@ -11,14 +11,13 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from apphosting import metrics, phases
 from apphosting.batching import Batcher
 from apphosting.v1 import bus_pb2
 from apphosting.v1 import deployments_pb2 as pb
 from services.deployments.convert import STATUS_NAMES
-from services.deployments.store import Change
+from services.deployments.store import Change, DeploymentStore
 from services.deployments.tables import DeploymentRow, EventRow, OutboxRow
 
 # Methods of the services this server registers: anything else (an unknown method) is one label value.
@@ -140,11 +139,16 @@ class MethodCounts:
             self._quota_refusals.labels(self._method[2]).inc()
 
 
+# The phases whose events time placement to vCluster ready.
+_PLACED_OR_READY = (phases.PLACEMENT, *phases.CREATE_FROM_VCLUSTER_READY)
+
+
 class ApiMetrics:
     """The API's own series; gauges read from the database are refreshed by `refresh`, not per request."""
 
-    def __init__(self, registry: CollectorRegistry, engine: AsyncEngine, open_watches: Callable[[], int]) -> None:
-        self._engine = engine
+    def __init__(self, registry: CollectorRegistry, store: DeploymentStore, open_watches: Callable[[], int]) -> None:
+        self._store = store
+        self._engine = store.engine
         self.grpc = GrpcMetrics(registry)
         self.deployments = Gauge(
             "apphosting_deployments",
@@ -240,19 +244,14 @@ class ApiMetrics:
         the placement and vCluster-ready events of all the deployments asked at once, a few rows each."""
         placed: dict[str, datetime] = {}
         ready_at: dict[str, int] = {}
-        async with self._engine.connect() as conn:
-            rows = await conn.execute(
-                select(EventRow.deployment_id, EventRow.phase, EventRow.revision, EventRow.time).where(
-                    EventRow.deployment_id.in_({deployment_id for deployment_id, _ in asked}),
-                    EventRow.phase.in_((phases.PLACEMENT, *phases.CREATE_FROM_VCLUSTER_READY)),
-                )
-            )
-            for deployment_id, phase, revision, at in rows:
-                if phase == phases.PLACEMENT:
-                    if deployment_id not in placed or at > placed[deployment_id]:
-                        placed[deployment_id] = at
-                elif revision < ready_at.get(deployment_id, revision + 1):
-                    ready_at[deployment_id] = revision
+        found = await self._store.phase_events([deployment_id for deployment_id, _ in asked], _PLACED_OR_READY)
+        for event in found:
+            deployment_id, revision, at = event["deployment_id"], event["revision"], event["time"]
+            if event["phase"] == phases.PLACEMENT:
+                if deployment_id not in placed or at > placed[deployment_id]:
+                    placed[deployment_id] = at
+            elif revision < ready_at.get(deployment_id, revision + 1):
+                ready_at[deployment_id] = revision
         return [
             None if ready_at.get(deployment_id, revision) < revision else placed.get(deployment_id)
             for deployment_id, revision in asked

@@ -215,6 +215,22 @@ def _stored_events_statement(dialect: Dialect, count: int) -> _DriverStatement:
     return _DriverStatement.compile(dialect, (cast(Table, EventRow.__table__).c.event_id,), shape)
 
 
+@lru_cache(maxsize=64)
+def _phase_events_statement(dialect: Dialect, count: int, phases: tuple[str, ...]) -> _DriverStatement:
+    """The events of `count` deployments (binds id_0 ... id_<count-1>) in these phases: deployment, phase,
+    revision and time."""
+    events = cast(Table, EventRow.__table__)
+
+    def shape(query: Select[Any]) -> Select[Any]:
+        return query.where(
+            events.c.deployment_id.in_([bindparam(f"id_{index}") for index in range(count)]),
+            events.c.phase.in_([bindparam(f"phase_{index}", phase) for index, phase in enumerate(phases)]),
+        )
+
+    columns = (events.c.deployment_id, events.c.phase, events.c.revision, events.c.time)
+    return _DriverStatement.compile(dialect, columns, shape)
+
+
 _ByKeyStatement = Callable[[Dialect, int], _DriverStatement]
 
 
@@ -1315,6 +1331,16 @@ class DeploymentStore:
         values.update({f"status_{index}": status for index, status in enumerate(statuses)})
         values["limit"] = limit
         return await self._fetch(statement, values)
+
+    async def phase_events(self, deployment_ids: Sequence[str], phases: tuple[str, ...]) -> list[dict[str, Any]]:
+        """The logged events of these deployments in these phases (deployment_id, phase, revision, time), in
+        one statement compiled once per padded count of ids, read on the driver's own connection."""
+
+        def statement(dialect: Dialect, count: int) -> _DriverStatement:
+            return _phase_events_statement(dialect, count, phases)
+
+        compiled, values = _by_keys(statement, self.engine.dialect, sorted(set(deployment_ids)))
+        return await self._fetch(compiled, values)
 
     async def _fetch(self, statement: _DriverStatement, values: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The statement's rows, read on the driver's own connection in one call, decoded."""

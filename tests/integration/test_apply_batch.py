@@ -201,3 +201,20 @@ async def test_a_record_another_writer_changed_after_the_batch_read_it_is_applie
     assert [(await record(store, deployment_id))["revision"] for deployment_id in ids] == [2, 3, 2]
     phases = [event[2] for event in (await history(store, ids[1]))[:-1]]
     assert phases == ["accepted", "preparing", "placement"]
+
+
+async def test_phase_events_reads_the_events_of_the_deployments_asked_in_the_phases_asked(store: Counting) -> None:
+    ids = [await created(store, f"phases-{index}") for index in range(3)]
+    await store.apply_batch([(ids[0], placed(ids[0])), (ids[1], placed(ids[1]))])
+    await store.apply_batch([(ids[0], ran(ids[0]))])
+
+    # Three ids and one nobody has: padded to four, each event read once.
+    found = await store.phase_events([*ids, "nobody"], ("placement",))
+    assert sorted((event["deployment_id"], event["phase"]) for event in found) == sorted(
+        [(ids[0], "placement"), (ids[1], "placement")]
+    )
+    for event in found:
+        assert event["revision"] == 2
+        assert event["time"].tzinfo is not None
+    both = await store.phase_events([ids[0]], ("placement", "running"))
+    assert sorted(event["phase"] for event in both) == ["placement", "running"]
