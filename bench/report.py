@@ -139,6 +139,16 @@ FINDINGS: dict[str, str] = {
         " The full run of f457b21 came on a middling hour (the echo at c=32 4,049/s and 3,951/s): 676 and "
         "583/s at c=32, 0.167x and 0.147x the echo, and at c=1 a p50 of 2.6 and 4.0 ms, 4.0x and 6.1x the "
         "echo's. Its product change since 0bdd212 (see watch) is off this stage's path."
+        " Since then a lone create on PostgreSQL is one statement: its four single-row inserts joined by "
+        "`_together` in services/deployments/store.py (all but the last in a WITH, their parameters numbered "
+        "on), atomic by itself and checked against the foreign keys once all of it has run, with no BEGIN or "
+        "COMMIT, where it was a transaction of four executemany (six round trips, each a wake-up of the "
+        "server's backend): asyncpg alone 557-613 -> 95-100 us per write (270 -> 38 us of CPU); the stage on "
+        "PostgreSQL, base and change alternating, two pairs: c=1 p50 3.15 and 3.18 -> 2.66 and 2.65 ms (5.8x "
+        "-> 5.1x the echo's), 305-311 -> 370/s; c=32 unchanged (its groups are written in a session). The "
+        "full run of 1099751 came on a fast hour (the echo at c=32 6,449/s and 5,918/s): 711 and 649/s at "
+        "c=32, 0.110x and 0.110x the echo, and at c=1 a p50 of 2.64 and 2.75 ms, 4.5x and 5.3x the echo's "
+        "(6.1x on PostgreSQL in the run of f457b21)."
     ),
     "pipeline": (
         "The API's event consumer is the limit; the scheduler and provisioners are idle in profiles. Done "
@@ -274,6 +284,17 @@ FINDINGS: dict[str, str] = {
         "no difference beyond their noise. The API's CPU per deployment on PostgreSQL (3.3-4.7 ms, against "
         "2.3-2.9 ms on SQLite) goes mostly to asyncpg's execution of the batch's statements and the "
         "transaction's BEGIN (py-spy under `_applier`: load 18 %, the flush 35 %, BEGIN 6 %)."
+        " Since then the metrics' look-up of placement and vCluster-ready events for a batch of `endpoint` "
+        "events is one statement compiled once per padded count of ids, run on the driver's own connection "
+        "(`DeploymentStore.phase_events`; it was a select built anew on a pooled SQLAlchemy connection, on "
+        "PostgreSQL with a BEGIN and a ROLLBACK around it): event loop CPU per look-up 482-521 -> 118-185 us on "
+        "SQLite, 817-822 -> 142-226 us on PostgreSQL; and a batch asks its session for its connection once and "
+        "runs its updates compiled once (see watch). Two alternating pairs of the stage against the commit "
+        "before (8b2d898), on a quiet hour: the API's CPU per deployment with 4 provisioners 3.33 and 3.00 -> "
+        "2.70 and 2.70 ms on PostgreSQL (219.0 and 242.6 -> 257.8 and 256.7/s), 2.17 and 2.10 -> 2.02 and "
+        "2.14 ms on SQLite. The full run of 1099751, on a fast hour: 337.0 and 246.6/s with 4 provisioners "
+        "(API 2.25 and 2.81 ms per deployment), 396.6 and 279.0/s with one; offered 100/s, p99 create->running "
+        "66 and 52 ms."
     ),
     "update": (
         "The API was the limit, as for the pipeline; the scheduler only forwards the job and the provisioners "
@@ -384,6 +405,14 @@ FINDINGS: dict[str, str] = {
         "pairs of this stage alone, before and after it, on a faster hour: SQLite 235.8 and 270.1/s before, "
         "233.7 and 283.6/s after; PostgreSQL 195.5 and 202.5/s before, 207.8 and 179.6/s after: on the "
         "goal's line, and within the noise."
+        " The stage now reports each process's CPU per update (the table above), which repeats where the rate "
+        "does not: three runs of one commit within minutes on a quiet hour gave 196.5, 247.6 and 239.2/s on "
+        "PostgreSQL, the API's CPU 2.66-2.75 ms per update each time (SQLite about 2.05 ms). Of the whole "
+        "stage's 6.4-6.7 ms per update on PostgreSQL the four simulated provisioners take 2.0 ms, the API 2.7, "
+        "nats-server 0.7 and the scheduler 0.6, besides the database server's own. Against the commit before "
+        "(8b2d898), two alternating pairs: the API's CPU per update on PostgreSQL 2.69 and 2.51 -> 2.39 and "
+        "2.79 ms, within the noise (operations are written in groups, whose fixed costs are shared). The full "
+        "run of 1099751, on a fast hour: 314.8 and 228.4/s."
     ),
     "watch": (
         "Memory, from tracemalloc of the API with 2,000 WatchDeployment streams open: 24 KiB per stream "
@@ -478,6 +507,18 @@ FINDINGS: dict[str, str] = {
         "The same stalls came in runs of the commit before it (39 of 900 applies over 20 ms in one, a p99 "
         "of 250 ms), so they are not this change's; they come with PostgreSQL's commits on this machine's "
         "shared disk and were not pursued further. 29.3 and 29.1 KiB per stream."
+        " Since then a batch asks its session for its connection once (each ask was a greenlet and a proxy "
+        "look-up in SQLAlchemy's asyncio layer, five per lone apply), and the records' update, the healthy "
+        "marks and the kept specs run as statements compiled once (`_Write`) instead of through "
+        "`session.execute`: event loop CPU per lone apply (in process, three alternating pairs) PostgreSQL "
+        "1,567-1,650 -> 1,386-1,436 us, SQLite 1,134-1,191 -> 969-988 us; in batches of 30, 151-158 -> 142-149 "
+        "and 135-140 -> 125-126 us per event. A native profile (py-spy --native) of the update stage on "
+        "PostgreSQL put a fifth of the API's samples in the `write` system call under asyncpg's sends, but the "
+        "API's system time per update is the same on both databases (0.52 and 0.55 ms, /proc): those samples "
+        "are the writer preempted as it wakes the server's backend, so a round trip costs more in wall time on "
+        "the loaded machine than in CPU. The full run of 1099751, on a fast hour: +7.9 ms (SQLite) and +7.2 ms "
+        "(PostgreSQL) over NATS at 10,000 streams, no stall this time (PostgreSQL p50 4.7 ms); 29.1 and 29.2 "
+        "KiB per stream (a bare grpc.aio server 23.2)."
     ),
     "placement": (
         "`Placer.place` scores every location of the region at once with numpy, over the arrays of a `Usage` "
@@ -573,6 +614,10 @@ FINDINGS: dict[str, str] = {
         "13.4 ms on PostgreSQL, with p99s of 7-26 ms at every size: the machine, not the size."
         " The full run of f457b21, on a middling hour: the worst p99 at 1,000,000 rows 8.2 ms on SQLite and "
         "7.2 ms on PostgreSQL (p99s of 4-14 ms at every size); this path did not change."
+        " The stage alone on a quiet hour (1099751's parent): the worst p99 at 1,000,000 rows 4.2 ms on SQLite "
+        "and 5.06 ms on PostgreSQL (`first_page`; the other three 2.9-4.1 ms). The full run of 1099751, on a "
+        "fast hour: 4.5 ms on SQLite (met) and 7.0 ms on PostgreSQL, for `middle_page` alone (the other three "
+        "3.2-3.9 ms); this path did not change."
     ),
     "telemetry": (
         "Metrics and tracing cost the same per Create as before, about 0.2 ms of the API's time (spans made, "
@@ -637,6 +682,8 @@ FINDINGS: dict[str, str] = {
         "2.660 and 2.668 ms on SQLite and 2.728 and 2.717 ms on PostgreSQL."
         " In the full run of f457b21 (a middling hour): -1.4 and -2.6 %, the API's CPU per Create off and on "
         "1.955 and 1.957 ms on SQLite and 1.682 and 1.624 ms on PostgreSQL."
+        " In the full run of 1099751 (a fast hour): 4.6 and 2.0 %, the API's CPU per Create off and on "
+        "1.499 and 1.571 ms on SQLite and 1.418 and 1.457 ms on PostgreSQL."
     ),
 }
 
