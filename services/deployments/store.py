@@ -792,26 +792,24 @@ def _record_update(dialect: Dialect, columns: tuple[str, ...]) -> _Write:
     return _Write.compile(dialect, statement.returning(_RECORDS.c.id) if dialect.name == "postgresql" else statement)
 
 
+# A release by its deployment and number, in a statement run for many releases at once (executemany).
+_ONE_RELEASE = (
+    _RELEASES.c.deployment_id == bindparam("v_deployment_id"),
+    _RELEASES.c.number == bindparam("v_number"),
+)
+
+
 @lru_cache(maxsize=8)
 def _release_healthy(dialect: Dialect) -> _Write:
-    """Marks a release healthy, for many at once (executemany)."""
-    return _Write.compile(
-        dialect,
-        update(_RELEASES)
-        .where(_RELEASES.c.deployment_id == bindparam("v_deployment_id"), _RELEASES.c.number == bindparam("v_number"))
-        .values(healthy=True),
-    )
+    """Marks releases healthy."""
+    return _Write.compile(dialect, update(_RELEASES).where(*_ONE_RELEASE).values(healthy=True))
 
 
 @lru_cache(maxsize=8)
 def _release_keeps(dialect: Dialect) -> _Write:
-    """Gives replaced releases the spec they keep from then on, for many at once (executemany)."""
-    return _Write.compile(
-        dialect,
-        update(_RELEASES)
-        .where(_RELEASES.c.deployment_id == bindparam("v_deployment_id"), _RELEASES.c.number == bindparam("v_number"))
-        .values(spec=bindparam("v_spec", type_=_RELEASES.c.spec.type)),
-    )
+    """Gives replaced releases the spec they keep from then on."""
+    spec = bindparam("v_spec", type_=_RELEASES.c.spec.type)
+    return _Write.compile(dialect, update(_RELEASES).where(*_ONE_RELEASE).values(spec=spec))
 
 
 @dataclass
