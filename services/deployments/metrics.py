@@ -148,7 +148,6 @@ class ApiMetrics:
 
     def __init__(self, registry: CollectorRegistry, store: DeploymentStore, open_watches: Callable[[], int]) -> None:
         self._store = store
-        self._engine = store.engine
         self.grpc = GrpcMetrics(registry)
         self.deployments = Gauge(
             "apphosting_deployments",
@@ -201,7 +200,7 @@ class ApiMetrics:
 
     async def refresh(self) -> None:
         """One GROUP BY over live deployments and one look at the outbox."""
-        async with self._engine.connect() as conn:
+        async with self._store.engine.connect() as conn:
             rows = (await conn.execute(LIVE_COUNTS)).all()
             backlog, oldest = (await conn.execute(select(func.count(), func.min(OutboxRow.created_at)))).one()
         counts: dict[tuple[str, str], float] = {}
@@ -259,7 +258,7 @@ class ApiMetrics:
 
     async def _time_of(self, deployment_id: str, condition: Any) -> datetime | None:
         """The time of the deployment's latest logged event that meets `condition`."""
-        async with self._engine.connect() as conn:
+        async with self._store.engine.connect() as conn:
             found: datetime | None = (
                 await conn.execute(
                     select(func.max(EventRow.time)).where(EventRow.deployment_id == deployment_id, condition)
