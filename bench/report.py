@@ -1060,9 +1060,9 @@ def _chart(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _cpu_table(runs: list[tuple[Any, ...]], cpus: int, item: str, key: str) -> list[str]:
+def _cpu_table(runs: list[tuple[Any, ...]], cpus: int, item: str, leading: tuple[str, ...]) -> list[str]:
     """CPU per item of work by process (`runs`: the row's leading cells, then the cost by process), and
-    the rate the machine's cores allow at that cost; `key` names the first cells."""
+    the rate the machine's cores allow at that cost; `leading` names the leading cells."""
     if not runs:
         return []
     kinds = [kind for kind in runs[0][-1] if kind != "total"]
@@ -1072,8 +1072,8 @@ def _cpu_table(runs: list[tuple[Any, ...]], cpus: int, item: str, key: str) -> l
         "the stage; the database server's own is not counted). At full use of all "
         f"{cpus} cores, the total allows at most {cpus} * 1000 / total per second.",
         "",
-        _row(*key.split(","), *kinds, "total", "at most /s"),
-        _row(*["---"] * (len(kinds) + len(key.split(",")) + 2)),
+        _row(*leading, *kinds, "total", "at most /s"),
+        _row(*["---"] * (len(leading) + len(kinds) + 2)),
     ]
     for *cells, cpu in runs:
         total = cpu.get("total") or 0
@@ -1090,13 +1090,13 @@ def _pipeline_cpu(by_database: dict[str, Any], cpus: int) -> list[str]:
         for count, entry in (by_kind.get("by_provisioners") or {}).items()
         if entry.get("cpu_ms_per_deployment")
     ]
-    return _cpu_table(runs, cpus, "deployment brought to `running`", "database,provisioners")
+    return _cpu_table(runs, cpus, "deployment brought to `running`", ("database", "provisioners"))
 
 
 def _update_cpu(by_database: dict[str, Any], cpus: int) -> list[str]:
     """The updates' CPU per update that got healthy by process, and the rate the cores allow at that cost."""
     runs = [(kind, entry["cpu_ms_per_update"]) for kind, entry in by_database.items() if entry.get("cpu_ms_per_update")]
-    return _cpu_table(runs, cpus, "update that got healthy", "database")
+    return _cpu_table(runs, cpus, "update that got healthy", ("database",))
 
 
 def _row(*cells: Any) -> str:
